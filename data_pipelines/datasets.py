@@ -1,0 +1,58 @@
+"""Finds a dataset's TFDS builder by name and makes sure it is prepared before anything compiles.
+
+Procedurally generated datasets are prepared on first use; real ones must be built by the user
+from their own download, and a missing one fails with a message saying how.
+"""
+
+import importlib
+
+import tensorflow_datasets as tfds
+
+# Project builders, imported on demand so that TFDS can find them by name.
+_BUILDER_MODULES = {
+    'fashion_synth': 'data_pipelines.fashion_synth.fashion_synth_dataset_builder',
+}
+# Generated from a seed, no download: safe to prepare automatically.
+_GENERATED = frozenset({'fashion_synth'})
+# Real datasets need the user's raw download (see README, "Datasets").
+_RAW_DATASETS = {
+    'street2shop': 'Exact Street2Shop (meta/json + downloaded photos)',
+    'deepfashion_consumer2shop': 'DeepFashion Consumer-to-shop (img/ + Anno/ + Eval/)',
+    'deepfashion_inshop': 'DeepFashion In-shop (img/ + Anno/ + Eval/)',
+}
+
+
+class DatasetMissingError(RuntimeError):
+  """The named dataset is unknown or not prepared in the data directory."""
+
+
+def _base_name(name: str) -> str:
+  return name.split('/')[0].split(':')[0]
+
+
+def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """The prepared builder for `name` ('fashion_synth/demo', 'street2shop', ...).
+
+  Raises DatasetMissingError with a one-line explanation and the command that prepares it.
+  """
+  base = _base_name(name)
+  if base in _BUILDER_MODULES:
+    importlib.import_module(_BUILDER_MODULES[base])
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    if base in _RAW_DATASETS:
+      raise DatasetMissingError(
+          f'dataset {name!r} ({_RAW_DATASETS[base]}) is not built: download it yourself, then '
+          f'`tfds build data_pipelines/{base} --manual_dir=<raw root>'
+          f'{" --data_dir=" + data_dir if data_dir else ""}` (README, "Datasets")') from e
+    raise DatasetMissingError(f'unknown dataset {name!r}: no TFDS builder has this name') from e
+  if not builder.is_prepared():
+    if base in _GENERATED:
+      builder.download_and_prepare()
+    else:
+      raise DatasetMissingError(
+          f'dataset {name!r} is not prepared in {builder.data_dir}: build it with '
+          f'`tfds build data_pipelines/{base} --manual_dir=<raw root> --data_dir=<dir>` '
+          f'and set config.dataset.data_dir (README, "Datasets")')
+  return builder

@@ -1,0 +1,170 @@
+"""tf.data pipelines: streamed P x K training batches with the strong baseline's augmentation,
+and deterministic evaluation batches. Images leave the pipeline as uint8; the model normalises.
+
+Every split holds one example per item (identity) with all its images, so a PK batch is P
+shuffled items with K of their images each, read in one pass with a bounded shuffle buffer.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# The ImageNet mean pixel in [0, 255]: random erasing fills with it, which becomes ~0 once
+# the model normalises, as erasing after normalisation with the mean does.
+MEAN_PIXEL = (124, 116, 104)
+_SKIP_IMAGES = {'images': {'image': tfds.decode.SkipDecoding()}}
+
+
+def _read(builder, split: str, *, shuffle: bool, seed: int | None = None) -> tf.data.Dataset:
+  read_config = tfds.ReadConfig(try_autocache=False, shuffle_seed=seed,
+                                shuffle_reshuffle_each_iteration=True if shuffle else None)
+  options = tf.data.Options()
+  options.deterministic = True
+  read_config.options = options
+  return builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config,
+                            decoders=_SKIP_IMAGES)
+
+
+def train_item_ids(builder, split: str = 'train') -> np.ndarray:
+  """Sorted item ids of the training identities that have at least 2 images.
+
+  Class index = position in this array; identities with one image are dropped (method.md 4).
+  Reads every process's items, so all processes agree on the labels.
+  """
+  ds = _read(builder, split, shuffle=False).map(
+      lambda ex: (ex['item_id'], tf.shape(ex['images']['image'])[0]))
+  ids = [int(item) for item, count in ds.as_numpy_iterator() if count >= 2]
+  if not ids:
+    raise ValueError(f'split {split!r} has no identity with 2 or more images')
+  return np.unique(np.asarray(ids, np.int64))
+
+
+def decode_resized(encoded: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+  """JPEG/PNG bytes -> float32 [H, W, 3] in [0, 255], stretched to image_size as in RST."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image = tf.image.resize(tf.cast(image, tf.float32), image_size, antialias=True)
+  return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def random_erasing(image: tf.Tensor, seed: tf.Tensor, *, prob: float, area: tuple[float, float],
+                   min_aspect: float, attempts: int = 100) -> tf.Tensor:
+  """Zhong et al.'s random erasing, stateless: image [H, W, 3] float32 -> same shape.
+
+  Like the reference it tries up to `attempts` rectangles and erases the first one that fits;
+  the tries are drawn at once and the first fitting one is chosen.
+  """
+  height, width = image.shape[0], image.shape[1]
+  seeds = tf.random.experimental.stateless_split(seed, 5)
+  apply = tf.random.stateless_uniform([], seeds[0]) < prob
+  target = tf.random.stateless_uniform([attempts], seeds[1], area[0], area[1]) * height * width
+  aspect = tf.random.stateless_uniform([attempts], seeds[2], min_aspect, 1.0 / min_aspect)
+  h = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
+  w = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
+  fits = (h < height) & (w < width)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  h, w = h[first], w[first]
+  top = tf.random.stateless_uniform([], seeds[3], 0, tf.maximum(height - h, 1), tf.int32)
+  left = tf.random.stateless_uniform([], seeds[4], 0, tf.maximum(width - w, 1), tf.int32)
+  rows = tf.range(height)[:, None]
+  cols = tf.range(width)[None, :]
+  box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+  erase = apply & tf.reduce_any(fits) & box
+  return tf.where(erase[..., None], tf.constant(MEAN_PIXEL, tf.float32), image)
+
+
+def train_augment(encoded: tf.Tensor, seed: tf.Tensor, input_config) -> tf.Tensor:
+  """RST order: resize -> flip -> zero-pad + random crop -> (normalise, in the model) -> erase."""
+  height, width = input_config.image_size
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  image = decode_resized(encoded, (height, width))
+  flip = tf.random.stateless_uniform([], seeds[0]) < input_config.flip_prob
+  image = tf.where(flip, tf.reverse(image, axis=[1]), image)
+  pad = input_config.pad
+  image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+  image = tf.image.stateless_random_crop(image, [height, width, 3], seeds[1])
+  image = random_erasing(image, seeds[2], prob=input_config.erasing_prob,
+                         area=tuple(input_config.erasing_area),
+                         min_aspect=input_config.erasing_aspect)
+  return tf.cast(tf.round(image), tf.uint8)
+
+
+def create_train_dataset(builder, config, *, item_ids: np.ndarray, local_p: int,
+                         start_step: int = 0, process_index: int = 0,
+                         process_count: int = 1) -> tf.data.Dataset:
+  """Endless PK batches for this process: {'images': [P_local*K, H, W, 3] uint8, 'labels': [.]}.
+
+  Identities are shuffled with a bounded buffer and visited once per epoch; an identity with
+  fewer than K images is sampled with replacement. Every random choice is a stateless function
+  of (seed, process, element index), so starting at `start_step` yields exactly the batches an
+  uninterrupted run would have seen from that step on.
+  """
+  k = config.train.k
+  seed = config.seed
+  split = tfds.split_for_jax_process(config.dataset.train_split, process_index=process_index,
+                                     process_count=process_count)
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(item_ids, tf.int64),
+                                          tf.range(len(item_ids), dtype=tf.int32)),
+      default_value=-1)
+  ds = _read(builder, split, shuffle=True, seed=seed)
+  ds = ds.map(lambda ex: {'encoded': ex['images']['image'],
+                          'label': table.lookup(tf.cast(ex['item_id'], tf.int64))})
+  ds = ds.filter(lambda ex: ex['label'] >= 0)
+  ds = ds.shuffle(config.input.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+  ds = ds.enumerate().skip(start_step * local_p)
+
+  def pick_k(index, ex):
+    element_seed = tf.stack([tf.constant(seed * 1009 + process_index, tf.int64), index])
+    pick_seed, image_seed = tf.unstack(tf.random.experimental.stateless_split(element_seed, 2))
+    count = tf.shape(ex['encoded'])[0]
+    chosen = tf.cond(
+        count >= k,
+        lambda: tf.random.experimental.stateless_shuffle(tf.range(count), pick_seed)[:k],
+        lambda: tf.random.stateless_uniform([k], pick_seed, 0, count, tf.int32))
+    return {'encoded': tf.gather(ex['encoded'], chosen),
+            'label': tf.fill([k], ex['label']),
+            'seed': tf.random.experimental.stateless_split(image_seed, k)}
+
+  ds = ds.map(pick_k).unbatch()
+  ds = ds.map(lambda ex: {'images': train_augment(ex['encoded'], ex['seed'], config.input),
+                          'labels': ex['label']},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(local_p * k, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def create_eval_dataset(builder, split: str, config, *, batch_size: int, process_index: int = 0,
+                        process_count: int = 1) -> tf.data.Dataset:
+  """One element per image, in a fixed order, batched (the last batch may be short).
+
+  Yields {'images': [B, H, W, 3] uint8, 'item_id', 'category', 'domain': [B] int64,
+  'image_id': [B] bytes}.
+  """
+  split = tfds.split_for_jax_process(split, process_index=process_index,
+                                     process_count=process_count)
+  ds = _read(builder, split, shuffle=False)
+
+  def per_image(ex):
+    n = tf.shape(ex['images']['image'])[0]
+    return {'encoded': ex['images']['image'],
+            'item_id': tf.fill([n], tf.cast(ex['item_id'], tf.int64)),
+            'category': tf.fill([n], tf.cast(ex['category'], tf.int64)),
+            'domain': tf.cast(ex['images']['domain'], tf.int64),
+            'image_id': ex['images']['image_id']}
+
+  ds = ds.map(per_image).unbatch()
+
+  def decode(ex):
+    ex = dict(ex)
+    image = decode_resized(ex.pop('encoded'), tuple(config.input.image_size))
+    ex['images'] = tf.cast(tf.round(image), tf.uint8)
+    return ex
+
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(num_identities: int, global_p: int) -> int:
+  """An epoch visits every identity about once: ceil(identities / P) steps."""
+  return max(1, math.ceil(num_identities / global_p))

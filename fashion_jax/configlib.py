@@ -1,0 +1,110 @@
+"""Defaults shared by every experiment config, and the checks that run before any compilation.
+
+Experiment files in `configs/` start from `base_config()` and change what differs.
+"""
+
+import ml_collections
+
+from fashion_jax import losses
+from fashion_jax.models import parse_backbone
+
+MODES = ('train_and_evaluate', 'train', 'evaluate')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The paper's settings (method.md): ResNet50-IBN-A, last stride 1, 320x320, RST schedule."""
+  c = ml_collections.ConfigDict()
+  c.mode = 'train_and_evaluate'
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = ''            # TFDS name, e.g. 'street2shop' or 'fashion_synth/demo'
+  c.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS's default
+  c.dataset.train_split = 'train'
+  c.dataset.query_split = 'query'
+  c.dataset.gallery_split = 'gallery'
+
+  c.input = ml_collections.ConfigDict()
+  c.input.image_size = (320, 320)  # (height, width); multiples of 16
+  c.input.flip_prob = 0.5
+  c.input.pad = 10
+  c.input.erasing_prob = 0.5
+  c.input.erasing_area = (0.02, 0.4)
+  c.input.erasing_aspect = 0.3      # aspect ratios in [0.3, 1 / 0.3]
+  c.input.shuffle_buffer = 2048     # identities
+  c.input.prefetch = 2              # batches kept on the device ahead of the step
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = 'resnet50_ibn_a'
+  c.model.last_stride = 1
+  c.model.width = 64
+  c.model.dtype = 'float32'         # computation dtype; parameters stay float32
+  c.model.sync_batch_norm = False   # per-device statistics, as a single-GPU PyTorch run
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.label_smoothing = 0.1
+  c.loss.metric = 'triplet'         # 'triplet' or 'quadruplet'
+  c.loss.triplet_margin = 0.3
+  c.loss.quadruplet_margins = (0.3, 0.15)
+  c.loss.center_weight = 5e-4       # beta
+  c.loss.center_lr = 0.5
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 3.5e-4
+  c.optim.weight_decay = 5e-4
+  c.optim.warmup_epochs = 10
+  c.optim.warmup_factor = 0.01
+  c.optim.milestones = (40, 70)
+  c.optim.gamma = 0.1
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64           # global P x K
+  c.train.k = 4                     # images per identity
+  c.train.num_epochs = 120
+  c.train.steps_per_epoch = ml_collections.config_dict.placeholder(int)  # None: identities / P
+  c.train.log_every_steps = 50
+  c.train.checkpoint_every_steps = 1000
+  c.train.keep_checkpoints = 3
+  c.train.eval_every_epochs = 40
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 128
+  c.eval.ks = (1, 5, 10, 20, 50)
+  c.eval.num_ranked_queries = 8     # rows in the ranked-list PNG
+  c.eval.top_k_shown = 10
+  return c
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
+                    num_processes: int = 1) -> None:
+  """Raises ValueError with a one-line message for a config that cannot run. No compilation."""
+  if config.mode not in MODES:
+    raise ValueError(f'unknown mode {config.mode!r}; choose one of {", ".join(MODES)}')
+  if not config.dataset.name:
+    raise ValueError('config.dataset.name is empty; name a TFDS dataset, e.g. fashion_synth/demo')
+  parse_backbone(config.model.backbone)
+  if config.model.last_stride not in (1, 2):
+    raise ValueError(f'model.last_stride must be 1 or 2, got {config.model.last_stride}')
+  if config.loss.metric not in losses.METRIC_LOSSES:
+    raise ValueError(f'unknown metric loss {config.loss.metric!r}; choose one of '
+                     f'{", ".join(losses.METRIC_LOSSES)}')
+  height, width = config.input.image_size
+  if height % 16 or width % 16 or height <= 0 or width <= 0:
+    raise ValueError(f'input.image_size must be positive multiples of 16, got {height}x{width}')
+  k, batch = config.train.k, config.train.batch_size
+  if k < 2:
+    raise ValueError(f'train.k must be >= 2 (batch-hard mining needs a positive), got {k}')
+  if batch % k:
+    raise ValueError(f'train.batch_size {batch} is not a multiple of train.k {k}')
+  p = batch // k
+  if p % num_devices:
+    raise ValueError(f'P = batch_size / k = {p} identities is not divisible by the '
+                     f'{num_devices} devices; each device needs whole identities')
+  if p // num_devices < 2:
+    raise ValueError(f'each device gets {p // num_devices} identity; batch-hard mining needs '
+                     f'at least 2 per device (raise train.batch_size)')
+  if num_devices % num_processes:
+    raise ValueError(f'{num_devices} devices do not split evenly over {num_processes} processes')
+  if config.eval.batch_size % num_devices:
+    raise ValueError(f'eval.batch_size {config.eval.batch_size} is not divisible by the '
+                     f'{num_devices} devices')

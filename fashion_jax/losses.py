@@ -1,0 +1,183 @@
+"""Training losses of the ReID strong baseline (method.md section 3), as pure jittable functions.
+
+Label-smoothed cross-entropy, batch-hard triplet and quadruplet, and center loss.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def pairwise_euclidean(x: jax.Array, y: jax.Array, min_squared: float = 1e-12) -> jax.Array:
+  """Euclidean (not squared) distances between two sets of vectors.
+
+  Args:
+    x: [N, D] float.
+    y: [M, D] float.
+    min_squared: floor on the squared distance. The derivative of sqrt at 0 is infinite, and
+      the diagonal of a self-distance matrix (or a duplicated embedding) sits exactly there;
+      the default keeps gradients finite. Evaluation, which takes no gradient, passes 0.
+
+  Returns:
+    [N, M] float32, entry (i, j) = ||x_i - y_j||.
+  """
+  x = x.astype(jnp.float32)
+  y = y.astype(jnp.float32)
+  # HIGHEST keeps the matmul in full float32 on accelerators that default to TF32/bf16 passes;
+  # the expansion below already loses precision to cancellation for nearby points.
+  cross = jnp.matmul(x, y.T, precision=jax.lax.Precision.HIGHEST)
+  squared = jnp.sum(x * x, axis=1)[:, None] + jnp.sum(y * y, axis=1)[None, :] - 2.0 * cross
+  return jnp.sqrt(jnp.maximum(squared, min_squared))
+
+
+def cross_entropy_label_smoothing(
+    logits: jax.Array, labels: jax.Array, epsilon: float = 0.1
+) -> jax.Array:
+  """Cross-entropy against the smoothed target q_i = (1 - eps) * 1[i == y] + eps / C.
+
+  Args:
+    logits: [B, C] float (bf16 is upcast: the log-softmax is computed in float32).
+    labels: [B] int, in [0, C).
+    epsilon: smoothing mass spread uniformly over the C classes.
+
+  Returns:
+    Scalar float32, mean over the batch.
+  """
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  true_class = jnp.take_along_axis(log_probs, labels[:, None], axis=1)[:, 0]
+  # sum_i q_i * log p_i splits into the one-hot part and the uniform part.
+  per_sample = -(1.0 - epsilon) * true_class - epsilon * jnp.mean(log_probs, axis=-1)
+  return jnp.mean(per_sample)
+
+
+def _hardest_positive_and_negative(
+    distances: jax.Array, same: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Per anchor: the largest same-label distance and the smallest other-label distance.
+
+  Args:
+    distances: [B, B] float32, non-negative.
+    same: [B, B] bool, labels equal (the diagonal included).
+
+  Returns:
+    ([B], [B]) float32. An anchor with no other-label sample gets +inf as its negative
+    distance, which turns every hinge built on it into 0.
+  """
+  # Distances are >= 0 and the anchor is its own positive, so 0 is a neutral fill for the max.
+  hardest_positive = jnp.max(jnp.where(same, distances, 0.0), axis=1)
+  hardest_negative = jnp.min(jnp.where(same, jnp.inf, distances), axis=1)
+  return hardest_positive, hardest_negative
+
+
+def batch_hard_triplet_loss(
+    embeddings: jax.Array, labels: jax.Array, margin: float
+) -> jax.Array:
+  """Batch-hard triplet loss (Hermans et al., 2017) on Euclidean distances.
+
+  For each anchor a: p = its farthest sample with the same label (a itself when it is alone),
+  n = its closest sample with another label; the anchor contributes
+  max(0, d(a, p) - d(a, n) + margin).
+
+  Args:
+    embeddings: [B, D] float, e.g. a P x K batch (P identities, K images each).
+    labels: [B] int.
+    margin: hinge margin (0.3 in RST).
+
+  Returns:
+    Scalar float32, mean over the B anchors.
+  """
+  distances = pairwise_euclidean(embeddings, embeddings)
+  same = labels[:, None] == labels[None, :]
+  hardest_positive, hardest_negative = _hardest_positive_and_negative(distances, same)
+  return jnp.mean(jax.nn.relu(hardest_positive - hardest_negative + margin))
+
+
+def _closest_pair_without_label(distances: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per anchor a: min d(i, j) over pairs with l_i != l_j, l_i != l_a and l_j != l_a.
+
+  For every row i the two closest samples of two distinct other labels are found once (the
+  closest other-label sample j1, then the closest sample whose label is neither l_i nor l_j1);
+  whichever of the two does not carry the anchor's label is the best partner of i for that
+  anchor. This takes O(B^2) memory instead of the O(B^3) of masking every (a, i, j) triple.
+
+  Args:
+    distances: [B, B] float32.
+    labels: [B] int.
+
+  Returns:
+    [B] float32; +inf for an anchor when no such pair exists (fewer than three labels).
+  """
+  other = labels[:, None] != labels[None, :]
+  other_distances = jnp.where(other, distances, jnp.inf)
+  first_index = jnp.argmin(other_distances, axis=1)
+  first = jnp.take_along_axis(other_distances, first_index[:, None], axis=1)[:, 0]
+  first_label = labels[first_index]
+  neither_label = other & (labels[None, :] != first_label[:, None])
+  second = jnp.min(jnp.where(neither_label, distances, jnp.inf), axis=1)
+  # [anchor, i]: the best partner of row i once the anchor's label is ruled out.
+  partner = jnp.where(first_label[None, :] != labels[:, None], first[None, :], second[None, :])
+  anchor_label_row = labels[:, None] == labels[None, :]
+  return jnp.min(jnp.where(anchor_label_row, jnp.inf, partner), axis=1)
+
+
+def batch_hard_quadruplet_loss(
+    embeddings: jax.Array, labels: jax.Array, margin1: float, margin2: float
+) -> jax.Array:
+  """Batch-hard quadruplet loss (Chen et al., CVPR 2017) on Euclidean distances.
+
+  For each anchor a, mined inside the batch:
+    p: the farthest sample with a's label (as in the triplet loss);
+    n: the closest sample with another label (as in the triplet loss);
+    (n1, n2): the closest pair of samples whose labels differ from each other and from a's
+      label (n1 need not be n).
+  The anchor contributes max(0, d(a, p) - d(a, n) + margin1)
+                      + max(0, d(a, p) - d(n1, n2) + margin2).
+  The second term is 0 for an anchor when the batch has fewer than three labels.
+
+  Args:
+    embeddings: [B, D] float, e.g. a P x K batch.
+    labels: [B] int.
+    margin1: margin of the anchor-negative term.
+    margin2: margin of the negative-pair term (the original uses margin2 < margin1).
+
+  Returns:
+    Scalar float32, mean over the B anchors of the sum of both terms.
+  """
+  distances = pairwise_euclidean(embeddings, embeddings)
+  same = labels[:, None] == labels[None, :]
+  hardest_positive, hardest_negative = _hardest_positive_and_negative(distances, same)
+  closest_pair = _closest_pair_without_label(distances, labels)
+  triplet_term = jax.nn.relu(hardest_positive - hardest_negative + margin1)
+  pair_term = jax.nn.relu(hardest_positive - closest_pair + margin2)
+  return jnp.mean(triplet_term + pair_term)
+
+
+def center_loss(features: jax.Array, labels: jax.Array, centers: jax.Array) -> jax.Array:
+  """Center loss (Wen et al., 2016): 0.5 * mean_i ||f_i - c_{y_i}||^2.
+
+  Args:
+    features: [B, D] float.
+    labels: [B] int, in [0, C).
+    centers: [C, D] float, one learned center per class.
+
+  Returns:
+    Scalar float32 (squared norm summed over D, averaged over B).
+  """
+  difference = features.astype(jnp.float32) - centers.astype(jnp.float32)[labels]
+  return 0.5 * jnp.mean(jnp.sum(difference * difference, axis=1))
+
+
+METRIC_LOSSES: dict[str, Callable[..., jax.Array]] = {
+    'triplet': batch_hard_triplet_loss,
+    'quadruplet': batch_hard_quadruplet_loss,
+}
+
+
+def get_metric_loss(name: str) -> Callable[..., jax.Array]:
+  """The metric-learning loss called `name` in a config ('triplet' or 'quadruplet')."""
+  if name not in METRIC_LOSSES:
+    raise ValueError(
+        f'Unknown metric loss {name!r}; valid names: {", ".join(sorted(METRIC_LOSSES))}.'
+    )
+  return METRIC_LOSSES[name]

@@ -1,0 +1,79 @@
+"""Normalisation layers with PyTorch semantics, so imported weights behave as in the reference.
+
+BatchNorm here follows torch.nn.BatchNorm (biased variance to normalise, unbiased to update the
+running estimate, momentum 0.1), which flax's BatchNorm does not; IBN is IBN-Net's mixed IN/BN layer.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class BatchNorm(nnx.Module):
+  """BatchNorm over all axes but the last: x [..., C].
+
+  Statistics are computed in float32 whatever the input dtype. With `axis_name` set, a training
+  call averages the batch statistics over that mapped axis (synchronised BatchNorm).
+  """
+
+  def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
+               use_bias: bool = True, axis_name: str | None = None):
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    # BNNeck freezes the shift at zero: no parameter at all is the same function.
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32)) if use_bias else None
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.axis_name = axis_name
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axes)
+      mean_sq = jnp.mean(jnp.square(x32), axes)
+      count = jnp.asarray(x.size // x.shape[-1], jnp.float32)
+      if self.axis_name is not None:
+        mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+        count = jax.lax.psum(count, self.axis_name)
+      var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+      unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
+      self.mean.value = (1 - self.momentum) * self.mean.value + self.momentum * jax.lax.stop_gradient(mean)
+      self.var.value = (1 - self.momentum) * self.var.value + self.momentum * jax.lax.stop_gradient(unbiased)
+    else:
+      mean, var = self.mean.value, self.var.value
+    inv = jax.lax.rsqrt(var + self.epsilon) * self.scale.value
+    shift = -mean * inv
+    if self.bias is not None:
+      shift = shift + self.bias.value
+    return (x * inv.astype(x.dtype) + shift.astype(x.dtype)).astype(x.dtype)
+
+
+class InstanceNorm(nnx.Module):
+  """Affine InstanceNorm over the spatial axes of x [B, H, W, C] (no running statistics)."""
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-5):
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.epsilon = epsilon
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
+    var = jnp.var(x32, axis=(1, 2), keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale.value + self.bias.value
+    return y.astype(x.dtype)
+
+
+class IBN(nnx.Module):
+  """IBN-a layer: InstanceNorm on the first int(C * ratio) channels, BatchNorm on the rest."""
+
+  def __init__(self, num_features: int, *, ratio: float = 0.5, axis_name: str | None = None):
+    self.half = int(num_features * ratio)
+    self.IN = InstanceNorm(self.half)
+    self.BN = BatchNorm(num_features - self.half, axis_name=axis_name)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    return jnp.concatenate(
+        [self.IN(x[..., :self.half]), self.BN(x[..., self.half:], train=train)], axis=-1)

@@ -1,0 +1,82 @@
+"""The ReID strong-baseline head on a backbone: GAP -> BNNeck -> bias-free classifier.
+
+Images enter as uint8 (or float pixel values in [0, 255]); ImageNet normalisation happens here,
+so the exported embedding function includes its preprocessing.
+"""
+
+import re
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fashion_jax.models.layers import BatchNorm
+from fashion_jax.models.resnet import RESNET_SPECS, ResNet
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_BACKBONE_RE = re.compile(r'^resnet(\d+)(_ibn_a)?$')
+
+
+def backbone_names() -> list[str]:
+  return [f'resnet{d}{s}' for d in RESNET_SPECS for s in ('', '_ibn_a')]
+
+
+def parse_backbone(name: str) -> tuple[int, bool]:
+  """'resnet50_ibn_a' -> (50, True). Raises ValueError naming the valid choices."""
+  match = _BACKBONE_RE.match(name)
+  if not match or int(match.group(1)) not in RESNET_SPECS:
+    raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(backbone_names())}')
+  return int(match.group(1)), match.group(2) is not None
+
+
+class ReIDOutput(NamedTuple):
+  global_feat: jax.Array  # [B, F] f_t, before the BNNeck: metric and center losses
+  neck_feat: jax.Array    # [B, F] f_i, after the BNNeck: the embedding
+  logits: jax.Array       # [B, num_classes]: cross-entropy
+
+
+class ReIDModel(nnx.Module):
+  """Backbone + global average pooling + BNNeck + classifier (method.md section 2)."""
+
+  def __init__(self, backbone: nnx.Module, num_classes: int, *, axis_name: str | None = None,
+               rngs: nnx.Rngs):
+    self.backbone = backbone
+    feat = backbone.out_features
+    self.bottleneck = BatchNorm(feat, use_bias=False, axis_name=axis_name)
+    self.classifier = nnx.Linear(feat, num_classes, use_bias=False,
+                                 kernel_init=nnx.initializers.normal(0.001), rngs=rngs)
+
+  def __call__(self, images: jax.Array, *, train: bool) -> ReIDOutput:
+    global_feat, neck_feat = self.features(images, train=train)
+    return ReIDOutput(global_feat, neck_feat, self.classifier(neck_feat))
+
+  def features(self, images: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
+    """images [B, H, W, 3] in [0, 255] -> (f_t, f_i), each [B, F] float32."""
+    fmap = self.backbone(normalize_images(images), train=train)
+    global_feat = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+    return global_feat, self.bottleneck(global_feat, train=train)
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """images [B, H, W, 3] in [0, 255] -> L2-normalised post-BNNeck embeddings [B, F] float32."""
+    _, neck_feat = self.features(images, train=False)
+    return neck_feat / jnp.maximum(jnp.linalg.norm(neck_feat, axis=-1, keepdims=True), 1e-12)
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
+def build_model(model_config, num_classes: int, *, seed: int = 0) -> ReIDModel:
+  """Builds the ReID model named by `model_config` (backbone, last_stride, width, dtype, sync_bn)."""
+  depth, ibn = parse_backbone(model_config.backbone)
+  rngs = nnx.Rngs(seed)
+  axis_name = 'data' if model_config.get('sync_batch_norm', False) else None
+  dtype = jnp.dtype(model_config.get('dtype', 'float32'))
+  backbone = ResNet(depth, ibn_stages=(ibn, ibn, ibn, False), last_stride=model_config.last_stride,
+                    width=model_config.get('width', 64), dtype=dtype, axis_name=axis_name,
+                    rngs=rngs)
+  return ReIDModel(backbone, num_classes, axis_name=axis_name, rngs=rngs)

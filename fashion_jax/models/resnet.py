@@ -1,0 +1,133 @@
+"""ResNet backbones with IBN-a normalisation (IBN-Net, Pan et al. 2018), NHWC, PyTorch layout.
+
+Module and parameter names mirror torchvision / IBN-Net (`conv1`, `bn1`, `layer1..4`, `downsample`)
+so that PyTorch checkpoints map onto them one to one.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fashion_jax.models.layers import IBN, BatchNorm
+
+# torchvision's init for ResNet convolutions: Kaiming normal, fan_out, ReLU gain.
+_CONV_INIT = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSpec:
+  block: str  # 'basic' or 'bottleneck'
+  layers: tuple[int, int, int, int]
+
+
+RESNET_SPECS = {
+    10: ResNetSpec('basic', (1, 1, 1, 1)),
+    18: ResNetSpec('basic', (2, 2, 2, 2)),
+    34: ResNetSpec('basic', (3, 4, 6, 3)),
+    50: ResNetSpec('bottleneck', (3, 4, 6, 3)),
+    101: ResNetSpec('bottleneck', (3, 4, 23, 3)),
+    152: ResNetSpec('bottleneck', (3, 8, 36, 3)),
+}
+
+
+def conv(in_ch: int, out_ch: int, kernel: int, stride: int, rngs: nnx.Rngs, dtype) -> nnx.Conv:
+  pad = kernel // 2
+  return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
+                  padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_CONV_INIT,
+                  dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class Downsample(nnx.Module):
+  """The projection shortcut: 1x1 conv with stride, then BatchNorm (torch `downsample.0/.1`)."""
+
+  def __init__(self, in_ch, out_ch, stride, *, rngs, dtype, axis_name):
+    self.conv = conv(in_ch, out_ch, 1, stride, rngs, dtype)
+    self.bn = BatchNorm(out_ch, axis_name=axis_name)
+
+  def __call__(self, x, *, train):
+    return self.bn(self.conv(x), train=train)
+
+
+class BasicBlock(nnx.Module):
+  expansion = 1
+
+  def __init__(self, in_ch, planes, stride, *, ibn: bool, rngs, dtype, axis_name):
+    self.conv1 = conv(in_ch, planes, 3, stride, rngs, dtype)
+    self.bn1 = IBN(planes, axis_name=axis_name) if ibn else BatchNorm(planes, axis_name=axis_name)
+    self.conv2 = conv(planes, planes, 3, 1, rngs, dtype)
+    self.bn2 = BatchNorm(planes, axis_name=axis_name)
+    needs_proj = stride != 1 or in_ch != planes
+    self.downsample = (Downsample(in_ch, planes, stride, rngs=rngs, dtype=dtype, axis_name=axis_name)
+                       if needs_proj else None)
+
+  def __call__(self, x, *, train):
+    out = jax.nn.relu(self.bn1(self.conv1(x), train=train))
+    out = self.bn2(self.conv2(out), train=train)
+    shortcut = x if self.downsample is None else self.downsample(x, train=train)
+    return jax.nn.relu(out + shortcut)
+
+
+class Bottleneck(nnx.Module):
+  """1x1 -> 3x3 (carries the stride, as in torchvision v1.5 and IBN-Net) -> 1x1, expansion 4."""
+  expansion = 4
+
+  def __init__(self, in_ch, planes, stride, *, ibn: bool, rngs, dtype, axis_name):
+    out_ch = planes * self.expansion
+    self.conv1 = conv(in_ch, planes, 1, 1, rngs, dtype)
+    self.bn1 = IBN(planes, axis_name=axis_name) if ibn else BatchNorm(planes, axis_name=axis_name)
+    self.conv2 = conv(planes, planes, 3, stride, rngs, dtype)
+    self.bn2 = BatchNorm(planes, axis_name=axis_name)
+    self.conv3 = conv(planes, out_ch, 1, 1, rngs, dtype)
+    self.bn3 = BatchNorm(out_ch, axis_name=axis_name)
+    needs_proj = stride != 1 or in_ch != out_ch
+    self.downsample = (Downsample(in_ch, out_ch, stride, rngs=rngs, dtype=dtype, axis_name=axis_name)
+                       if needs_proj else None)
+
+  def __call__(self, x, *, train):
+    out = jax.nn.relu(self.bn1(self.conv1(x), train=train))
+    out = jax.nn.relu(self.bn2(self.conv2(out), train=train))
+    out = self.bn3(self.conv3(out), train=train)
+    shortcut = x if self.downsample is None else self.downsample(x, train=train)
+    return jax.nn.relu(out + shortcut)
+
+
+class ResNet(nnx.Module):
+  """ResNet feature extractor: images [B, H, W, 3] -> feature map [B, H/s, W/s, out_features].
+
+  `ibn_stages` marks the stages (of 4) whose blocks use IBN-a in `bn1`; IBN-a is (T, T, T, F).
+  `last_stride` 1 keeps stage 4 at stride 1, so s = 16 instead of 32.
+  """
+
+  def __init__(self, depth: int, *, ibn_stages: Sequence[bool] = (False,) * 4,
+               last_stride: int = 2, width: int = 64, dtype=jnp.float32,
+               axis_name: str | None = None, rngs: nnx.Rngs):
+    spec = RESNET_SPECS[depth]
+    block_cls = BasicBlock if spec.block == 'basic' else Bottleneck
+    self.dtype = dtype
+    self.conv1 = nnx.Conv(3, width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+                          use_bias=False, kernel_init=_CONV_INIT, dtype=dtype,
+                          param_dtype=jnp.float32, rngs=rngs)
+    self.bn1 = BatchNorm(width, axis_name=axis_name)
+    in_ch = width
+    strides = (1, 2, 2, last_stride)
+    for stage, (num_blocks, stride, ibn) in enumerate(zip(spec.layers, strides, ibn_stages)):
+      planes = width * 2 ** stage
+      blocks = []
+      for b in range(num_blocks):
+        blocks.append(block_cls(in_ch, planes, stride if b == 0 else 1, ibn=ibn, rngs=rngs,
+                                dtype=dtype, axis_name=axis_name))
+        in_ch = planes * block_cls.expansion
+      setattr(self, f'layer{stage + 1}', nnx.List(blocks))
+    self.out_features = in_ch
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype)), train=train))
+    # torch's MaxPool2d(3, 2, padding=1) pads with -inf, as flax's max_pool does.
+    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+      for block in stage:
+        x = block(x, train=train)
+    return x

@@ -1,0 +1,141 @@
+"""The training loop: data-parallel steps, periodic logging, checkpoints and evaluation.
+
+`train_and_evaluate(config, workdir)` is the whole program behind `fashion_jax.main`.
+"""
+
+import collections
+import json
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from data_pipelines import datasets, input_pipeline
+from fashion_jax import checkpointing, configlib, evaluate, optim
+from fashion_jax import train_step as ts
+from fashion_jax.models import build_model
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or infinite loss."""
+
+
+def _device_batches(iterator, mesh, size: int):
+  """Global arrays built from this process's batches, `size` batches ahead of the consumer."""
+  sharding = NamedSharding(mesh, P(ts.DATA_AXIS))
+  queue = collections.deque()
+
+  def enqueue():
+    batch = next(iterator)
+    queue.append(tuple(jax.make_array_from_process_local_data(sharding, batch[key])
+                       for key in ('images', 'labels')))
+
+  for _ in range(size):
+    enqueue()
+  while True:
+    enqueue()
+    yield queue.popleft()
+
+
+def setup(config, workdir: str):
+  """Validates the config, finds the dataset and builds the model, optimizer and state.
+
+  Everything that can reject a config happens here, before any compilation.
+  """
+  configlib.validate_config(config, num_devices=jax.device_count(),
+                            num_processes=jax.process_count())
+  builder = datasets.get_builder(config.dataset.name, config.dataset.data_dir)
+  item_ids = input_pipeline.train_item_ids(builder, config.dataset.train_split)
+  global_p = config.train.batch_size // config.train.k
+  steps_per_epoch = (config.train.steps_per_epoch
+                     or input_pipeline.steps_per_epoch(len(item_ids), global_p))
+  model = build_model(config.model, len(item_ids), seed=config.seed)
+  tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch)
+  graphdef, state = ts.create_train_state(model, tx, len(item_ids), seed=config.seed)
+  mesh = ts.make_mesh()
+  state = ts.replicate(state, mesh)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                            keep=config.train.keep_checkpoints)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state)
+    logging.info('restored checkpoint at step %d from %s', int(state['step']),
+                 checkpointer.directory)
+  return dict(builder=builder, item_ids=item_ids, steps_per_epoch=steps_per_epoch,
+              tx=tx, schedule=schedule, graphdef=graphdef, state=state, mesh=mesh,
+              checkpointer=checkpointer)
+
+
+def train_and_evaluate(config, workdir: str) -> dict | None:
+  """Trains (resuming from the latest checkpoint in `workdir`) and evaluates, per config.mode.
+
+  Returns the last evaluation's metrics (None when mode is 'train').
+  """
+  os.makedirs(workdir, exist_ok=True)
+  s = setup(config, workdir)
+  state, mesh, checkpointer = s['state'], s['mesh'], s['checkpointer']
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  embed_fn = ts.make_embed_fn(s['graphdef'], mesh)
+  do_eval = config.mode in ('train_and_evaluate', 'evaluate')
+
+  def run_eval(state):
+    return evaluate.evaluate(embed_fn, state['params'], state['batch_stats'], s['builder'],
+                             config, mesh, workdir, int(state['step']), writer)
+
+  start_step = int(state['step'])
+  if config.mode == 'evaluate':
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f'mode=evaluate needs a checkpoint in {checkpointer.directory}')
+    return run_eval(state)
+
+  steps_per_epoch = s['steps_per_epoch']
+  total_steps = config.train.num_epochs * steps_per_epoch
+  if start_step >= total_steps:
+    logging.info('training already finished at step %d', start_step)
+    return run_eval(state) if do_eval else None
+  eval_every = config.train.eval_every_epochs * steps_per_epoch
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  logging.info('%d identities, %d steps per epoch, %d steps in all, starting at step %d',
+               len(s['item_ids']), steps_per_epoch, total_steps, start_step)
+
+  metrics = None
+  if do_eval and start_step == 0:
+    metrics = run_eval(state)  # the untrained model: the baseline the training must beat
+
+  global_p = config.train.batch_size // config.train.k
+  train_ds = input_pipeline.create_train_dataset(
+      s['builder'], config, item_ids=s['item_ids'], local_p=global_p // jax.process_count(),
+      start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  batches = _device_batches(train_ds.as_numpy_iterator(), mesh, config.input.prefetch)
+  step_fn = ts.make_train_step(s['graphdef'], s['tx'], mesh, config.loss, s['schedule'])
+  report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  last_checkpoint = checkpointer.latest_step()
+
+  for step in range(start_step + 1, total_steps + 1):
+    images, labels = next(batches)
+    state, train_metrics = step_fn(state, images, labels)
+    report_progress(step)
+    if step % config.train.log_every_steps == 0 or step == total_steps:
+      train_metrics = jax.device_get(train_metrics)
+      if not np.isfinite(train_metrics['loss']):
+        raise NonFiniteLossError(
+            f'non-finite loss {train_metrics["loss"]} at step {step}; the last good checkpoint '
+            f'is step {last_checkpoint} in {checkpointer.directory}')
+      writer.write_scalars(step, {f'train/{k}': v for k, v in train_metrics.items()})
+    if step % config.train.checkpoint_every_steps == 0 or step == total_steps:
+      checkpointer.save(step, state)
+      last_checkpoint = step
+    if do_eval and (step % eval_every == 0 or step == total_steps):
+      metrics = run_eval(state)
+  checkpointer.wait()
+  checkpointer.close()
+  writer.flush()
+  if metrics is not None:
+    logging.info('final metrics: %s', json.dumps(metrics))
+  return metrics

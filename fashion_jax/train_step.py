@@ -1,0 +1,138 @@
+"""The data-parallel training step: pmap's programming model written with `jax.shard_map`.
+
+Each device holds P/n whole identities of the P x K batch, so batch-hard mining sees complete
+identities; gradients are averaged with `pmean`. No TensorFlow here.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fashion_jax import losses
+
+DATA_AXIS = 'data'
+TrainState = dict[str, Any]  # step, params, batch_stats, opt_state, centers
+
+
+def make_mesh(devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, num_classes: int,
+                       *, seed: int = 0) -> tuple[nnx.GraphDef, TrainState]:
+  """Splits `model` once into its static graph and the pure-array state the step updates."""
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  # Plain arrays, not Variable objects: the state crosses jit/grad/shard_map boundaries.
+  params, batch_stats = nnx.as_pure((params, batch_stats))
+  feat = model.backbone.out_features
+  state = {
+      'step': jnp.zeros((), jnp.int32),
+      'params': params,
+      'batch_stats': batch_stats,
+      'opt_state': tx.init(params),
+      # N(0, 1), as the strong baseline initialises its center-loss centers.
+      'centers': jax.random.normal(jax.random.key(seed), (num_classes, feat), jnp.float32),
+  }
+  return graphdef, state
+
+
+def metric_loss(loss_config):
+  """The configured metric loss as fn(features [B, F], labels [B]) -> scalar."""
+  fn = losses.get_metric_loss(loss_config.metric)
+  if loss_config.metric == 'quadruplet':
+    return functools.partial(fn, margin1=loss_config.quadruplet_margins[0],
+                             margin2=loss_config.quadruplet_margins[1])
+  return functools.partial(fn, margin=loss_config.triplet_margin)
+
+
+def loss_and_grads(graphdef: nnx.GraphDef, state: TrainState, images: jax.Array,
+                   labels: jax.Array, loss_config):
+  """Loss of one (per-device) batch and its gradients w.r.t. parameters and centers.
+
+  Returns (grads, center_grads, new_batch_stats, metrics). This is the whole per-device
+  computation; the step only adds the cross-device averaging and the updates.
+  """
+  metric_fn = metric_loss(loss_config)
+
+  def loss_fn(params, centers, batch_stats):
+    model = nnx.merge(graphdef, params, batch_stats)
+    out = model(images, train=True)
+    id_loss = losses.cross_entropy_label_smoothing(out.logits, labels, loss_config.label_smoothing)
+    metric = metric_fn(out.global_feat, labels)
+    center = losses.center_loss(out.global_feat, labels, centers)
+    total = id_loss + metric + loss_config.center_weight * center
+    accuracy = jnp.mean(jnp.argmax(out.logits, -1) == labels)
+    metrics = {'loss': total, 'id_loss': id_loss, 'metric_loss': metric, 'center_loss': center,
+               'accuracy': accuracy}
+    return total, (metrics, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
+
+  grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
+  (grads, center_grads), (metrics, batch_stats) = grad_fn(
+      state['params'], state['centers'], state['batch_stats'])
+  return grads, center_grads, batch_stats, metrics
+
+
+def apply_gradients(state: TrainState, grads, center_grads, batch_stats,
+                    tx: optax.GradientTransformation, loss_config) -> TrainState:
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  # The centers have their own SGD; dividing by beta undoes the loss weight (method.md 3).
+  centers = state['centers'] - loss_config.center_lr * center_grads / loss_config.center_weight
+  return {
+      'step': state['step'] + 1,
+      'params': optax.apply_updates(state['params'], updates),
+      'batch_stats': batch_stats,
+      'opt_state': opt_state,
+      'centers': centers,
+  }
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh: Mesh,
+                    loss_config, schedule: optax.Schedule):
+  """Returns step(state, images, labels) -> (state, metrics), jitted, with the state donated.
+
+  `state` is replicated on `mesh`; `images` [B, H, W, 3] uint8 and `labels` [B] are sharded
+  along the batch, identity-contiguous (each identity's K images adjacent).
+  """
+
+  def per_device(state, images, labels):
+    grads, center_grads, batch_stats, metrics = loss_and_grads(
+        graphdef, state, images, labels, loss_config)
+    grads, center_grads = jax.lax.pmean((grads, center_grads), DATA_AXIS)
+    # Per-device (or synchronised) statistics are averaged so the replicated state is consistent.
+    batch_stats = jax.lax.pmean(batch_stats, DATA_AXIS)
+    new_state = apply_gradients(state, grads, center_grads, batch_stats, tx, loss_config)
+    metrics = jax.lax.pmean(metrics, DATA_AXIS)
+    metrics['learning_rate'] = schedule(state['step'])
+    return new_state, metrics
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
+                          out_specs=(P(), P()))
+  return jax.jit(sharded, donate_argnums=(0,))
+
+
+def replicate(tree, mesh: Mesh):
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def make_embed_fn(graphdef: nnx.GraphDef, mesh: Mesh):
+  """Returns embed(params, batch_stats, images [B, H, W, 3]) -> [B, F] unit vectors, jitted.
+
+  Images are sharded along the batch over `mesh`; the model runs in inference mode, so the
+  compiler partitions it without collectives.
+  """
+  batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+
+  @functools.partial(jax.jit, out_shardings=batch_sharding)
+  def embed(params, batch_stats, images):
+    model = nnx.merge(graphdef, params, batch_stats)
+    return model.embed(images)
+
+  return embed
