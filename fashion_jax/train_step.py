@@ -103,8 +103,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, me
   """
 
   def per_device(state, images, labels):
+    # Differentiating a replicated value inside shard_map sums its gradient over devices
+    # implicitly; marking the state per-device keeps pmap's semantics (local gradients,
+    # averaged explicitly below).
+    local_state = jax.lax.pcast(state, DATA_AXIS, to='varying')
     grads, center_grads, batch_stats, metrics = loss_and_grads(
-        graphdef, state, images, labels, loss_config)
+        graphdef, local_state, images, labels, loss_config)
     grads, center_grads = jax.lax.pmean((grads, center_grads), DATA_AXIS)
     # Per-device (or synchronised) statistics are averaged so the replicated state is consistent.
     batch_stats = jax.lax.pmean(batch_stats, DATA_AXIS)

@@ -8,3 +8,20 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def tiny_data_dir(tmp_path_factory):
+  """fashion_synth/tiny generated once per test session (per xdist worker)."""
+  from data_pipelines import datasets
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  datasets.get_builder('fashion_synth/tiny', data_dir)
+  return data_dir
+
+
+@pytest.fixture(scope='session')
+def tiny_builder(tiny_data_dir):
+  from data_pipelines import datasets
+  return datasets.get_builder('fashion_synth/tiny', tiny_data_dir)

@@ -39,14 +39,14 @@ class BatchNorm(nnx.Module):
         count = jax.lax.psum(count, self.axis_name)
       var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
       unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
-      self.mean.value = (1 - self.momentum) * self.mean.value + self.momentum * jax.lax.stop_gradient(mean)
-      self.var.value = (1 - self.momentum) * self.var.value + self.momentum * jax.lax.stop_gradient(unbiased)
+      self.mean[...] = (1 - self.momentum) * self.mean[...] + self.momentum * jax.lax.stop_gradient(mean)
+      self.var[...] = (1 - self.momentum) * self.var[...] + self.momentum * jax.lax.stop_gradient(unbiased)
     else:
-      mean, var = self.mean.value, self.var.value
-    inv = jax.lax.rsqrt(var + self.epsilon) * self.scale.value
+      mean, var = self.mean[...], self.var[...]
+    inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
     shift = -mean * inv
     if self.bias is not None:
-      shift = shift + self.bias.value
+      shift = shift + self.bias[...]
     return (x * inv.astype(x.dtype) + shift.astype(x.dtype)).astype(x.dtype)
 
 
@@ -62,7 +62,7 @@ class InstanceNorm(nnx.Module):
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
     var = jnp.var(x32, axis=(1, 2), keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale.value + self.bias.value
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...] + self.bias[...]
     return y.astype(x.dtype)
 
 

@@ -1,0 +1,118 @@
+"""The data-parallel step on 4 simulated CPU devices against per-shard work on one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fashion_jax import configlib, optim
+from fashion_jax import train_step as ts
+from fashion_jax.models import build_model
+
+NUM_CLASSES = 8
+
+
+def _config(metric='triplet', sync=False):
+  c = configlib.base_config()
+  c.model.backbone = 'resnet10_ibn_a'
+  c.model.width = 8
+  c.model.sync_batch_norm = sync
+  c.loss.metric = metric
+  c.optim.warmup_epochs = 0
+  c.optim.base_lr = 1e-3
+  return c
+
+
+def _batch():
+  # 8 identities x K = 2, identity-contiguous: each of 4 devices holds 2 whole identities.
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+  labels = np.repeat(rng.permutation(NUM_CLASSES), 2).astype(np.int32)
+  return images, labels
+
+
+def _fresh_state(config):
+  model = build_model(config.model, NUM_CLASSES, seed=0)
+  tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=10)
+  graphdef, state = ts.create_train_state(model, tx, NUM_CLASSES, seed=0)
+  return graphdef, state, tx, schedule
+
+
+@pytest.mark.parametrize('metric', ['triplet', 'quadruplet'])
+def test_sharded_step_equals_averaged_per_shard_gradients(metric):
+  assert jax.device_count() == 4, 'tests/conftest.py sets 4 simulated CPU devices'
+  config = _config(metric)
+  images, labels = _batch()
+  graphdef, state, tx, schedule = _fresh_state(config)
+
+  # Reference: the four shards one after another on one device, gradients averaged by hand.
+  shards = [(images[i * 4:(i + 1) * 4], labels[i * 4:(i + 1) * 4]) for i in range(4)]
+  results = [ts.loss_and_grads(graphdef, state, jnp.asarray(x), jnp.asarray(y), config.loss)
+             for x, y in shards]
+  mean = lambda trees: jax.tree.map(lambda *leaves: sum(leaves) / len(leaves), *trees)
+  expected = ts.apply_gradients(state, mean([r[0] for r in results]),
+                                mean([r[1] for r in results]), mean([r[2] for r in results]),
+                                tx, config.loss)
+  expected_loss = np.mean([float(r[3]['loss']) for r in results])
+
+  params_before = jax.device_get(state['params'])  # the step donates (deletes) its input state
+  mesh = ts.make_mesh()
+  step = ts.make_train_step(graphdef, tx, mesh, config.loss, schedule)
+  sharding = NamedSharding(mesh, P(ts.DATA_AXIS))
+  new_state, metrics = step(ts.replicate(state, mesh), jax.device_put(images, sharding),
+                            jax.device_put(labels, sharding))
+
+  np.testing.assert_allclose(metrics['loss'], expected_loss, rtol=1e-5)
+  assert int(new_state['step']) == 1
+  flat_new = jax.tree_util.tree_leaves_with_path(new_state)
+  flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected))
+  for path, value in flat_new:
+    np.testing.assert_allclose(value, flat_expected[path], atol=1e-5, rtol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
+  # The update must have moved the parameters, or the comparison above proves nothing.
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state['params'],
+                       params_before)
+  assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_synchronised_batch_norm_uses_global_statistics():
+  images, labels = _batch()
+  config = _config(sync=True)
+  graphdef, state, tx, schedule = _fresh_state(config)
+  mesh = ts.make_mesh()
+  step = ts.make_train_step(graphdef, tx, mesh, config.loss, schedule)
+  sharding = NamedSharding(mesh, P(ts.DATA_AXIS))
+  new_state, _ = step(ts.replicate(state, mesh), jax.device_put(images, sharding),
+                      jax.device_put(labels, sharding))
+  # Synchronised statistics equal those of the whole batch on one device.
+  local = build_model(_config().model, NUM_CLASSES, seed=0)
+  local(jnp.asarray(images), train=True)
+  expected = nnx.as_pure(nnx.state(local, nnx.BatchStat))
+  for path, value in jax.tree_util.tree_leaves_with_path(new_state['batch_stats']):
+    np.testing.assert_allclose(value, dict(jax.tree_util.tree_leaves_with_path(expected))[path],
+                               atol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_center_update_is_independent_of_the_loss_weight():
+  images, labels = _batch()
+  centers_after = []
+  for beta in (5e-4, 5e-2):
+    config = _config()
+    config.loss.center_weight = beta
+    graphdef, state, tx, _ = _fresh_state(config)
+    x, y = jnp.asarray(images[:4]), jnp.asarray(labels[:4])
+    grads, center_grads, stats, _ = ts.loss_and_grads(graphdef, state, x, y, config.loss)
+    new = ts.apply_gradients(state, grads, center_grads, stats, tx, config.loss)
+    centers_after.append(np.asarray(new['centers']))
+    # SGD with lr 0.5 on the center loss alone: c -= 0.5 * d(center_loss)/dc.
+    model = nnx.merge(graphdef, state['params'], state['batch_stats'])
+    feats = model(x, train=True).global_feat
+    c = np.asarray(state['centers'])
+    expected = c.copy()
+    for f, label in zip(np.asarray(feats), np.asarray(y)):
+      expected[label] -= 0.5 * (c[label] - f) / len(y)
+    np.testing.assert_allclose(centers_after[-1], expected, atol=1e-4)
+  np.testing.assert_allclose(centers_after[0], centers_after[1], atol=1e-4)
