@@ -26,6 +26,6 @@ def get_config():
   c.train.eval_every_epochs = 15
   c.optim.warmup_epochs = 3
   c.optim.milestones = (20, 26)
-  c.optim.base_lr = 3.5e-4
+  c.optim.base_lr = 2e-3          # from scratch (no ImageNet weights): a larger step than RST
   c.eval.batch_size = 128
   return c

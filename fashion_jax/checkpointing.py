@@ -25,11 +25,17 @@ class Checkpointer:
   def save(self, step: int, state) -> None:
     self._manager.save(step, args=ocp.args.StandardSave(state))
 
-  def restore(self, like, step: int | None = None):
-    """Restores `step` (default: the latest) with the shapes, dtypes and shardings of `like`."""
+  def restore(self, like=None, step: int | None = None):
+    """Restores `step` (default: the latest).
+
+    With `like`, arrays come back with its shapes, dtypes and shardings; without it, as saved
+    (numpy arrays on the host), e.g. for inspecting a checkpoint.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    if like is None:
+      return self._manager.restore(step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 

@@ -25,3 +25,11 @@ def tiny_data_dir(tmp_path_factory):
 def tiny_builder(tiny_data_dir):
   from data_pipelines import datasets
   return datasets.get_builder('fashion_synth/tiny', tiny_data_dir)
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _compilation_cache(tmp_path_factory):
+  """Compiled programs are shared between tests that build the same computation."""
+  import jax
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.getbasetemp() / 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

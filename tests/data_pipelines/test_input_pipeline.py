@@ -1,0 +1,137 @@
+"""Tests for the PK training pipeline and the evaluation pipeline on fashion_synth/tiny."""
+
+import itertools
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_pipelines import input_pipeline
+from fashion_jax import configlib
+
+
+def _config(batch_size=8, k=2, **input_overrides):
+  c = configlib.base_config()
+  c.dataset.name = 'fashion_synth/tiny'
+  c.input.image_size = (32, 32)
+  c.input.shuffle_buffer = 64
+  c.input.update(input_overrides)
+  c.train.batch_size = batch_size
+  c.train.k = k
+  return c
+
+
+def _batches(builder, config, count, **kwargs):
+  item_ids = input_pipeline.train_item_ids(builder)
+  ds = input_pipeline.create_train_dataset(
+      builder, config, item_ids=item_ids,
+      local_p=config.train.batch_size // config.train.k // kwargs.get('process_count', 1),
+      **kwargs)
+  return list(itertools.islice(ds.as_numpy_iterator(), count))
+
+
+def test_train_item_ids_are_the_sorted_train_identities(tiny_builder):
+  ids = input_pipeline.train_item_ids(tiny_builder)
+  assert len(ids) == 16 and np.all(np.diff(ids) > 0)
+  query_ids = {int(ex['item_id']) for ex in tiny_builder.as_dataset(
+      split='query', decoders=input_pipeline._SKIP_IMAGES).as_numpy_iterator()}
+  assert not query_ids & set(ids.tolist())
+
+
+def test_pk_batches_hold_whole_identities(tiny_builder):
+  config = _config(batch_size=8, k=2)
+  for batch in _batches(tiny_builder, config, 5):
+    assert batch['images'].shape == (8, 32, 32, 3) and batch['images'].dtype == np.uint8
+    labels = batch['labels'].reshape(4, 2)  # P x K, each identity's images adjacent
+    assert np.all(labels == labels[:, :1])
+    assert len(set(labels[:, 0])) == 4
+    assert labels.min() >= 0 and labels.max() < 16
+
+
+def test_an_epoch_visits_every_identity_once(tiny_builder):
+  config = _config(batch_size=8, k=2)
+  batches = _batches(tiny_builder, config, 8)  # 16 identities, P = 4: two epochs
+  for epoch in (batches[:4], batches[4:]):
+    seen = np.concatenate([b['labels'][::2] for b in epoch])
+    assert sorted(seen.tolist()) == list(range(16))
+  # Reshuffled between epochs.
+  assert not np.array_equal(np.concatenate([b['labels'] for b in batches[:4]]),
+                            np.concatenate([b['labels'] for b in batches[4:]]))
+
+
+def test_resuming_at_a_step_replays_the_uninterrupted_stream(tiny_builder):
+  config = _config(batch_size=8, k=2)
+  full = _batches(tiny_builder, config, 7)
+  resumed = _batches(tiny_builder, config, 2, start_step=5)
+  for a, b in zip(full[5:], resumed):
+    np.testing.assert_array_equal(a['labels'], b['labels'])
+    np.testing.assert_array_equal(a['images'], b['images'])
+  other_seed = _config(batch_size=8, k=2)
+  other_seed.seed = 1
+  assert not np.array_equal(full[0]['images'], _batches(tiny_builder, other_seed, 1)[0]['images'])
+
+
+@pytest.mark.parametrize('k,expect_repeats', [(4, False), (6, True)])
+def test_k_images_sampled_with_replacement_only_when_needed(tiny_builder, k, expect_repeats):
+  # No random augmentation, so equal images mean the same source image was drawn twice.
+  config = _config(batch_size=2 * k, k=k, flip_prob=0.0, pad=0, erasing_prob=0.0)
+  batch = _batches(tiny_builder, config, 1)[0]
+  for group in batch['images'].reshape(2, k, -1):
+    distinct = len({row.tobytes() for row in group})
+    assert (distinct < k) == expect_repeats
+    assert distinct <= 4  # tiny train items have 4 images
+
+
+def test_each_process_reads_its_own_identities(tiny_builder):
+  config = _config(batch_size=8, k=2)
+  seen = []
+  for process in (0, 1):
+    batches = _batches(tiny_builder, config, 4, process_index=process, process_count=2)
+    seen.append({int(label) for b in batches for label in b['labels']})
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == set(range(16))
+
+
+def test_train_augment_flip_and_crop_without_padding_is_a_mirror():
+  image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  encoded = tf.io.encode_png(image)
+  c = ml_collections.ConfigDict(dict(image_size=(16, 16), flip_prob=1.0, pad=0,
+                                     erasing_prob=0.0, erasing_area=(0.02, 0.4),
+                                     erasing_aspect=0.3))
+  out = input_pipeline.train_augment(encoded, tf.constant([1, 2], tf.int64), c).numpy()
+  np.testing.assert_array_equal(out, image[:, ::-1])
+
+
+def test_random_erasing_fills_one_rectangle_with_the_mean_pixel():
+  image = tf.fill([40, 60, 3], 7.0)
+  areas = []
+  for s in range(20):
+    out = input_pipeline.random_erasing(image, tf.constant([s, 3], tf.int64), prob=1.0,
+                                        area=(0.02, 0.4), min_aspect=0.3).numpy()
+    erased = np.all(out == np.asarray(input_pipeline.MEAN_PIXEL, np.float32), axis=-1)
+    rows, cols = np.flatnonzero(erased.any(1)), np.flatnonzero(erased.any(0))
+    assert erased.sum() == len(rows) * len(cols)  # a filled rectangle
+    assert np.all(out[~erased] == 7.0)
+    areas.append(erased.mean())
+  assert 0.015 < min(areas) and max(areas) < 0.42
+  untouched = input_pipeline.random_erasing(image, tf.constant([0, 3], tf.int64), prob=0.0,
+                                            area=(0.02, 0.4), min_aspect=0.3)
+  np.testing.assert_array_equal(untouched, image)
+
+
+def test_eval_dataset_yields_every_image_once_in_a_fixed_order(tiny_builder):
+  config = _config()
+  expected = []
+  for ex in tiny_builder.as_dataset(split='query',
+                                    decoders=input_pipeline._SKIP_IMAGES).as_numpy_iterator():
+    expected += [(int(ex['item_id']), image_id) for image_id in ex['images']['image_id']]
+  runs = []
+  for _ in range(2):
+    ds = input_pipeline.create_eval_dataset(tiny_builder, 'query', config, batch_size=5)
+    batches = list(ds.as_numpy_iterator())
+    assert all(b['images'].shape[1:] == (32, 32, 3) for b in batches)
+    assert np.all(np.concatenate([b['domain'] for b in batches]) == 0)  # street only
+    runs.append([(int(i), s) for b in batches for i, s in zip(b['item_id'], b['image_id'])])
+  assert runs[0] == runs[1]
+  assert sorted(runs[0]) == sorted(expected)

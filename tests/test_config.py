@@ -1,0 +1,71 @@
+"""Bad configs fail with one clear line before any compilation, from Python and from the CLI."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fashion_jax import configlib, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny(data_dir):
+  c = configlib.base_config()
+  c.dataset.name = 'fashion_synth/tiny'
+  c.dataset.data_dir = data_dir
+  c.input.image_size = (32, 32)
+  c.model.backbone = 'resnet10_ibn_a'
+  c.train.batch_size = 16
+  c.train.k = 2
+  return c
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('model.backbone', 'resnet51_ibn_a', "unknown backbone 'resnet51_ibn_a'"),
+    ('loss.metric', 'contrastive', "unknown metric loss 'contrastive'"),
+    ('train.batch_size', 12, 'P = batch_size / k = 6 identities is not divisible by the 4 devices'),
+    ('train.k', 1, 'train.k must be >= 2'),
+    ('input.image_size', (40, 32), 'input.image_size must be positive multiples of 16, got 40x32'),
+    ('mode', 'fit', "unknown mode 'fit'"),
+])
+def test_invalid_config_is_rejected_with_its_reason(field, value, message, tmp_path):
+  config = _tiny(str(tmp_path / 'tfds'))
+  section, _, key = field.rpartition('.')
+  (config[section] if section else config)[key] = value
+  with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  # Rejected before the dataset was generated or any state was created.
+  assert not (tmp_path / 'tfds').exists()
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_valid_config_passes():
+  c = _tiny(None)
+  configlib.validate_config(c, num_devices=4)
+  configlib.validate_config(c, num_devices=2, num_processes=2)
+
+
+def _cli(*args, tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run(
+      [sys.executable, '-m', 'fashion_jax.main', '--workdir', str(tmp_path / 'run'), *args],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_missing_real_dataset_names_it_and_how_to_build_it(tmp_path):
+  result = _cli('--config', 'configs/street2shop.py',
+                f'--config.dataset.data_dir={tmp_path / "tfds"}', tmp_path=tmp_path)
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: dataset 'street2shop'")
+  assert 'tfds build data_pipelines/street2shop --manual_dir=' in last
+  assert 'Traceback' not in result.stderr
+
+
+def test_cli_bad_override_is_one_line(tmp_path):
+  result = _cli('--config', 'configs/demo.py', '--config.train.k=1', tmp_path=tmp_path)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: train.k must be >= 2 (batch-hard mining needs a positive), got 1')
