@@ -82,8 +82,13 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
   do_eval = config.mode in ('train_and_evaluate', 'evaluate')
 
   def run_eval(state):
-    return evaluate.evaluate(embed_fn, state['params'], state['batch_stats'], s['builder'],
-                             config, mesh, workdir, int(state['step']), writer)
+    metrics = evaluate.evaluate(embed_fn, state['params'], state['batch_stats'], s['builder'],
+                                config, mesh, workdir, int(state['step']), writer)
+    if jax.process_index() == 0:
+      accs = '  '.join(f'Acc@{k} {metrics[f"acc@{k}"]:.3f}' for k in config.eval.ks)
+      print(f'step {metrics["step"]}: mAP {metrics["mAP"]:.4f}  {accs}  '
+            f'({metrics["num_queries"]} queries)', flush=True)
+    return metrics
 
   start_step = int(state['step'])
   if config.mode == 'evaluate':
