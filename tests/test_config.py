@@ -69,3 +69,30 @@ def test_cli_bad_override_is_one_line(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
       'error: train.k must be >= 2 (batch-hard mining needs a positive), got 1')
+
+
+@pytest.mark.parametrize('name', ['demo', 'street2shop', 'deepfashion'])
+def test_experiment_configs_are_valid_and_document_their_command(name):
+  import importlib.util
+  path = os.path.join(REPO, 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  configlib.validate_config(config, num_devices=4)
+  assert f'python -m fashion_jax.main --config configs/{name}.py' in module.__doc__
+
+
+def test_paper_defaults():
+  c = configlib.base_config()
+  assert c.model.backbone == 'resnet50_ibn_a' and c.model.last_stride == 1
+  assert tuple(c.input.image_size) == (320, 320)
+  assert (c.loss.label_smoothing, c.loss.center_weight, c.loss.center_lr) == (0.1, 5e-4, 0.5)
+  assert (c.optim.base_lr, c.optim.weight_decay, tuple(c.optim.milestones)) == (3.5e-4, 5e-4, (40, 70))
+
+
+def test_steps_per_epoch_visits_every_identity_once():
+  from data_pipelines import input_pipeline
+  assert input_pipeline.steps_per_epoch(16, 4) == 4
+  assert input_pipeline.steps_per_epoch(17, 4) == 5
+  assert input_pipeline.steps_per_epoch(3, 16) == 1
