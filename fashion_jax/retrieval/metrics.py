@@ -1,6 +1,6 @@
-"""Retrieval evaluation (method.md section 5): mAP and Acc@k (CMC) of queries against a gallery.
+"""Retrieval evaluation (method.md section 5): exact mAP and Acc@k (CMC), without sorting the gallery.
 
-Ranking is by exact float32 Euclidean distance with ties broken by gallery index.
+The rank of every positive is counted block by block, so memory stays O((Q + G) x D + Q x P).
 """
 
 import functools
@@ -10,99 +10,183 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fashion_jax.losses import pairwise_euclidean
+from fashion_jax.retrieval import search
+from fashion_jax.retrieval.search import Reranked
 
 
-def pairwise_distances(queries: jax.Array, gallery: jax.Array) -> jax.Array:
-  """Euclidean distances, queries: [Q, D] float, gallery: [G, D] float -> [Q, G] float32.
+def _codes(query_values, gallery_values, size_q: int, size_g: int):
+  """Dense int32 codes of labels of any dtype (equal labels, equal codes); zeros when None."""
+  if query_values is None:
+    return np.zeros(size_q, np.int32), np.zeros(size_g, np.int32)
+  query_values, gallery_values = np.asarray(query_values), np.asarray(gallery_values)
+  _, codes = np.unique(np.concatenate([query_values, gallery_values]), return_inverse=True)
+  return codes[:size_q].astype(np.int32), codes[size_q:].astype(np.int32)
 
-  The loss's implementation (full float32 matmul) without its gradient-safety floor, which
-  would otherwise merge every pair closer than 1e-6 into a tie.
+
+def positive_lists(query_ids, gallery_ids, query_cams=None, gallery_cams=None,
+                   query_groups=None, gallery_groups=None) -> np.ndarray:
+  """Gallery indices of every query's positives: [Q, P] int32, ascending, -1 padded (P >= 1).
+
+  A positive has the query's id and group, and not both its id and its camera (those are
+  dropped from the ranking altogether, the ReID rule). All arguments are [Q] or [G] arrays.
   """
-  return pairwise_euclidean(queries, gallery, min_squared=0.0)
+  order = np.argsort(gallery_ids, kind='stable')
+  sorted_ids = np.asarray(gallery_ids)[order]
+  low = np.searchsorted(sorted_ids, query_ids, side='left')
+  high = np.searchsorted(sorted_ids, query_ids, side='right')
+  width = max(int((high - low).max(initial=0)), 1)
+  slot = low[:, None] + np.arange(width)[None, :]
+  index = np.where(slot < high[:, None], order[np.minimum(slot, len(order) - 1)], -1)
+  keep = index >= 0
+  if query_groups is not None:
+    keep &= gallery_groups[index] == query_groups[:, None]
+  if query_cams is not None:
+    keep &= gallery_cams[index] != query_cams[:, None]
+  index = np.where(keep, index, np.iinfo(np.int32).max)
+  index = np.sort(index, axis=1)
+  width = max(int(keep.sum(axis=1).max(initial=0)), 1)
+  index = index[:, :width]
+  return np.where(index == np.iinfo(np.int32).max, -1, index).astype(np.int32)
 
 
-@jax.jit
-def per_query_metrics(
-    query_emb: jax.Array,
-    gallery_emb: jax.Array,
-    query_ids: jax.Array,
-    gallery_ids: jax.Array,
-    query_cams: jax.Array | None = None,
-    gallery_cams: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Average precision and first-positive rank of every query, all queries at once.
+@functools.partial(jax.jit, static_argnames='gallery_chunk')
+def _chunk_metrics(queries, query_ids, query_groups, positives, gallery, gallery_ids,
+                   gallery_groups, gallery_size, rerank, gallery_chunk):
+  """AP, first-positive rank and validity of one query chunk (see per_query_metrics)."""
+  is_positive = positives >= 0
+  # Ranking key of each positive: (distance, gallery index); counting the items whose key is
+  # smaller gives the positive's exact rank in the stable ascending order.
+  positive_d = search.gathered_distances(queries, gallery, positives, rerank)
 
-  The gallery is sorted by distance ascending, ties by gallery index. With cameras given,
-  gallery items sharing both the query's id and its camera are dropped from its ranking.
-  Memory is O(Q x G): `evaluate_retrieval` calls this on fixed-size query chunks.
+  def body(negatives_before, start):
+    block = jax.lax.dynamic_slice_in_dim(gallery, start, gallery_chunk)
+    block_ids = jax.lax.dynamic_slice_in_dim(gallery_ids, start, gallery_chunk)
+    block_groups = jax.lax.dynamic_slice_in_dim(gallery_groups, start, gallery_chunk)
+    index = start + jnp.arange(gallery_chunk, dtype=jnp.int32)
+    d = search.block_distances(queries, block, start, rerank)
+    # Items with the query's id are either positives (counted below) or dropped by the
+    # camera rule; other groups are outside a category-constrained ranking.
+    negative = ((block_ids[None] != query_ids[:, None])
+                & (block_groups[None] == query_groups[:, None]) & (index < gallery_size)[None])
+    d, p = d[:, :, None], positive_d[:, None, :]
+    before = (d < p) | ((d == p) & (index[None, :, None] < positives[:, None, :]))
+    return negatives_before + jnp.sum(negative[:, :, None] & before, axis=1, dtype=jnp.int32), None
+
+  starts = jnp.arange(0, gallery.shape[0], gallery_chunk, dtype=jnp.int32)
+  negatives_before, _ = jax.lax.scan(body, jnp.zeros(positives.shape, jnp.int32), starts)
+  pd, pi = positive_d[:, :, None], positives[:, :, None]
+  earlier = (positive_d[:, None, :] < pd) | ((positive_d[:, None, :] == pd)
+                                             & (positives[:, None, :] < pi))
+  positives_before = jnp.sum(earlier & is_positive[:, None, :], axis=2)
+  rank = negatives_before + positives_before
+  precision = (positives_before + 1) / (rank + 1).astype(jnp.float32)
+  num_positives = jnp.sum(is_positive, axis=1)
+  valid = num_positives > 0
+  ap = jnp.sum(jnp.where(is_positive, precision, 0.0), axis=1) / jnp.maximum(num_positives, 1)
+  first_rank = jnp.min(jnp.where(is_positive, rank, gallery_size), axis=1).astype(jnp.int32)
+  return ap, first_rank, valid
+
+
+def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams=None,
+                      gallery_cams=None, *, query_groups=None, gallery_groups=None,
+                      rerank: Reranked | None = None, chunk_size: int = 256,
+                      gallery_chunk_size: int = 4096,
+                      progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Average precision and first-positive rank of every query.
+
+  The gallery is ranked by distance ascending, ties by gallery index, exactly as a stable
+  argsort of each row would rank it; no row is sorted: for every positive the gallery items
+  ranked before it are counted. Gallery items sharing the query's id and camera are dropped
+  from its ranking; with groups (categories) given, only the query's group is ranked.
 
   Args:
-    query_emb: [Q, D] float.
-    gallery_emb: [G, D] float.
-    query_ids: [Q] int.
-    gallery_ids: [G] int.
-    query_cams: [Q] int or None.
-    gallery_cams: [G] int or None (given together with query_cams).
+    query_emb: [Q, D] float (float32, bfloat16 or float16).
+    gallery_emb: [G, D] of the same dtype.
+    query_ids, gallery_ids: [Q], [G] labels of any dtype.
+    query_cams, gallery_cams: [Q], [G] or None (given together).
+    query_groups, gallery_groups: [Q], [G] or None (given together).
+    rerank: rank by these re-ranked distances instead of the Euclidean ones.
+    chunk_size: queries per jitted call.
+    gallery_chunk_size: gallery items per block; memory grows as chunk x block x P, P the
+      largest number of positives of a query.
+    progress: optional callable(stage, num_done, total) called after each query chunk.
 
   Returns:
-    ap: [Q] float32, mean over the positives of the precision at their ranks (0 when invalid).
-    first_rank: [Q] int32, 0-based rank of the first positive; G when there is none.
+    ap: [Q] float32 (0 when invalid).
+    first_rank: [Q] int32, 0-based rank of the first positive (G when invalid).
     valid: [Q] bool, the query has at least one positive left in its ranking.
   """
-  distances = pairwise_distances(query_emb, gallery_emb)
-  match = query_ids[:, None] == gallery_ids[None, :]
+  query_emb, gallery_emb = np.asarray(query_emb), np.asarray(gallery_emb)
+  num_queries, gallery_size = len(query_emb), len(gallery_emb)
+  if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
+    raise ValueError(f'embeddings must be [Q, D] and [G, D], got {query_emb.shape} and '
+                     f'{gallery_emb.shape}')
+  if num_queries == 0 or gallery_size == 0:
+    raise ValueError(f'need at least one query and one gallery item, got Q={num_queries}, '
+                     f'G={gallery_size}')
+  for name, q, g in (('ids', query_ids, gallery_ids), ('cams', query_cams, gallery_cams),
+                     ('groups', query_groups, gallery_groups)):
+    if (q is None) != (g is None):
+      raise ValueError(f'query_{name} and gallery_{name} must be given together.')
+    if q is not None and (np.shape(q) != (num_queries,) or np.shape(g) != (gallery_size,)):
+      raise ValueError(f'query_{name} {np.shape(q)} and gallery_{name} {np.shape(g)} must be '
+                       f'[Q={num_queries}] and [G={gallery_size}]')
+  if rerank is not None and rerank.scale.shape != (num_queries,):
+    raise ValueError(f'rerank holds {rerank.scale.shape[0]} queries, not {num_queries}')
+  query_ids, gallery_ids = _codes(query_ids, gallery_ids, num_queries, gallery_size)
   if query_cams is not None:
-    dropped = match & (query_cams[:, None] == gallery_cams[None, :])
-    # +inf sends a dropped item behind every kept one, so the kept items keep their ranks.
-    distances = jnp.where(dropped, jnp.inf, distances)
-    match = match & ~dropped
-  # A stable sort keyed on distance alone carries the match flags along in gallery-index
-  # order within ties, without materialising a [Q, G] permutation and gathering through it.
-  _, ranked_match = jax.lax.sort(
-      (distances, match.astype(jnp.int32)), dimension=1, is_stable=True, num_keys=1
-  )
-  num_positives = jnp.sum(ranked_match, axis=1)
-  valid = num_positives > 0
-  hits = jnp.cumsum(ranked_match, axis=1)
-  ranks = jnp.arange(1, ranked_match.shape[1] + 1, dtype=jnp.float32)
-  precision_at_hits = jnp.where(ranked_match > 0, hits / ranks, 0.0)
-  ap = jnp.sum(precision_at_hits, axis=1) / jnp.maximum(num_positives, 1)
-  first_rank = jnp.where(valid, jnp.argmax(ranked_match, axis=1), ranked_match.shape[1])
-  return ap, first_rank.astype(jnp.int32), valid
+    query_cams, gallery_cams = _codes(query_cams, gallery_cams, num_queries, gallery_size)
+  query_groups, gallery_groups = _codes(query_groups, gallery_groups, num_queries, gallery_size)
+  positives = positive_lists(query_ids, gallery_ids, query_cams, gallery_cams, query_groups,
+                             gallery_groups)
+
+  q_chunk = search.chunk_length(num_queries, chunk_size)
+  g_chunk = search.chunk_length(gallery_size, gallery_chunk_size)
+  # Moved to the device once, not once per chunk.
+  gallery = jnp.asarray(search.pad_rows(gallery_emb, g_chunk))
+  gallery_ids = jnp.asarray(search.pad_rows(gallery_ids, g_chunk))
+  gallery_groups = jnp.asarray(search.pad_rows(gallery_groups, g_chunk))
+  queries = search.pad_rows(query_emb, q_chunk)
+  query_ids = search.pad_rows(query_ids, q_chunk)
+  query_groups = search.pad_rows(query_groups, q_chunk)
+  positives = search.pad_rows(positives, q_chunk, -1)
+  rerank = search.pad_rerank(rerank, q_chunk)
+  outputs = []
+  for start in range(0, len(queries), q_chunk):
+    rows = slice(start, start + q_chunk)
+    outputs.append(_chunk_metrics(queries[rows], query_ids[rows], query_groups[rows],
+                                  positives[rows], gallery, gallery_ids, gallery_groups,
+                                  gallery_size, search.slice_rerank(rerank, rows), g_chunk))
+    if progress is not None:
+      progress('metrics', min(start + q_chunk, num_queries), num_queries)
+  # Padded rows are cut off here, so they need no mask inside the jitted function.
+  ap, first_rank, valid = (
+      np.concatenate([np.asarray(o[i]) for o in outputs])[:num_queries] for i in range(3))
+  return ap, first_rank, valid
 
 
-@functools.partial(jax.jit, static_argnames='topk')
-def rank_gallery(
-    query_emb: jax.Array, gallery_emb: jax.Array, topk: int
-) -> tuple[jax.Array, jax.Array]:
-  """The `topk` nearest gallery items of each query, in the metrics' order (for visualisation).
+def summarize(ap: np.ndarray, first_rank: np.ndarray, valid: np.ndarray,
+              ks: Sequence[int]) -> dict[str, float | int]:
+  """{'mAP', 'acc@k' for k in ks, 'num_queries', 'num_skipped'} over the valid queries.
 
-  Args:
-    query_emb: [Q, D] float.
-    gallery_emb: [G, D] float.
-    topk: list length; clipped to G.
-
-  Returns:
-    indices: [Q, min(topk, G)] int32 gallery indices, nearest first, ties by gallery index.
-    distances: [Q, min(topk, G)] float32, ascending.
+  Acc@k is the fraction of evaluated queries with a positive among their first k results;
+  metrics are NaN when no query is evaluated.
   """
-  distances = pairwise_distances(query_emb, gallery_emb)
-  gallery_index = jnp.broadcast_to(
-      jnp.arange(distances.shape[1], dtype=jnp.int32), distances.shape)
-  # The same stable sort as per_query_metrics, so the list shown is the list scored.
-  distances, indices = jax.lax.sort(
-      (distances, gallery_index), dimension=1, is_stable=True, num_keys=1)
-  return indices[:, :topk], distances[:, :topk]
+  num_evaluated = int(valid.sum())
+  metrics = {'mAP': float(ap[valid].mean(dtype=np.float64)) if num_evaluated else float('nan')}
+  for k in ks:
+    metrics[f'acc@{k}'] = float((first_rank[valid] < k).mean()) if num_evaluated else float('nan')
+  metrics['num_queries'] = num_evaluated
+  metrics['num_skipped'] = len(valid) - num_evaluated
+  return metrics
 
 
-def _padded_chunk_size(num_queries: int, chunk_size: int) -> int:
-  """Chunk length: chunk_size, or the next power of two for fewer queries.
-
-  Every chunk has the same length, so one compilation serves the whole query set, and a small
-  query set (one category of a constrained evaluation) is not padded to a full chunk.
-  """
-  return min(chunk_size, 1 << max(num_queries - 1, 0).bit_length())
+def cmc(first_rank: np.ndarray, valid: np.ndarray, max_rank: int) -> np.ndarray:
+  """CMC curve: [max_rank] float64, entry r-1 = Acc@r over the valid queries (NaN if none)."""
+  if not valid.any():
+    return np.full(max_rank, np.nan)
+  counts = np.bincount(np.minimum(first_rank[valid], max_rank), minlength=max_rank + 1)
+  return np.cumsum(counts[:max_rank]) / valid.sum()
 
 
 def evaluate_retrieval(
@@ -113,60 +197,54 @@ def evaluate_retrieval(
     query_cams: np.ndarray | None = None,
     gallery_cams: np.ndarray | None = None,
     ks: Sequence[int] = (1, 5, 10, 20, 50),
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
+    **options,
 ) -> dict[str, float | int]:
-  """mAP and Acc@k of every query against the whole gallery.
+  """mAP and Acc@k of every query against the gallery (see per_query_metrics).
 
-  Queries without any positive in the gallery (after the same-id-same-camera rule, when
-  cameras are given) are skipped from every metric. Acc@k is the fraction of evaluated queries
-  with a positive among their first k results (k may exceed G).
-
-  Args:
-    query_emb: [Q, D] float.
-    gallery_emb: [G, D] float.
-    query_ids: [Q] int.
-    gallery_ids: [G] int.
-    query_cams: [Q] int or None (given together with gallery_cams).
-    gallery_cams: [G] int or None.
-    ks: the k of each Acc@k.
-    chunk_size: queries per jitted call; memory grows as chunk_size x G.
+  Queries without any positive in their ranking are skipped from every metric.
+  `options` are per_query_metrics' keyword arguments (groups, rerank, gallery_chunk_size,
+  progress).
 
   Returns:
     {'mAP': float, 'acc@k': float for k in ks, 'num_queries': evaluated queries,
-     'num_skipped': queries without a positive}. Metrics are NaN when no query is evaluated.
+     'num_skipped': queries without a positive}.
   """
-  if (query_cams is None) != (gallery_cams is None):
-    raise ValueError('query_cams and gallery_cams must be given together.')
-  num_queries = len(query_ids)
-  if num_queries == 0:
-    raise ValueError('evaluate_retrieval needs at least one query.')
-  chunk = _padded_chunk_size(num_queries, chunk_size)
-  padding = -num_queries % chunk
+  return summarize(*per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids,
+                                      query_cams, gallery_cams, chunk_size=chunk_size,
+                                      **options), ks)
 
-  def pad(array):
-    return np.pad(np.asarray(array), [(0, padding)] + [(0, 0)] * (np.ndim(array) - 1))
 
-  query_emb, query_ids = pad(query_emb), pad(query_ids)
-  query_cams = None if query_cams is None else pad(query_cams)
-  # Moved to the device once, not once per chunk.
-  gallery_emb, gallery_ids = jnp.asarray(gallery_emb), jnp.asarray(gallery_ids)
-  gallery_cams = None if gallery_cams is None else jnp.asarray(gallery_cams)
+def per_category(ap: np.ndarray, first_rank: np.ndarray, valid: np.ndarray,
+                 query_categories: np.ndarray, ks: Sequence[int]) -> tuple[dict, dict]:
+  """Per-category metrics and their unweighted average over categories (Street2Shop's protocol).
 
-  chunks = []
-  for start in range(0, num_queries + padding, chunk):
-    rows = slice(start, start + chunk)
-    chunk_cams = None if query_cams is None else query_cams[rows]
-    chunks.append(per_query_metrics(
-        query_emb[rows], gallery_emb, query_ids[rows], gallery_ids, chunk_cams, gallery_cams))
-  # Padded rows are cut off here, so they need no mask inside the jitted function.
-  ap, first_rank, valid = (
-      np.concatenate([np.asarray(c[i]) for c in chunks])[:num_queries] for i in range(3)
-  )
+  Use the per-query arrays of a category-constrained ranking (groups = categories).
 
-  num_evaluated = int(valid.sum())
-  metrics = {'mAP': float(ap[valid].mean(dtype=np.float64)) if num_evaluated else float('nan')}
-  for k in ks:
-    metrics[f'acc@{k}'] = float((first_rank[valid] < k).mean()) if num_evaluated else float('nan')
-  metrics['num_queries'] = num_evaluated
-  metrics['num_skipped'] = num_queries - num_evaluated
-  return metrics
+  Returns:
+    table: {category: summarize(...) of its queries}, categories in sorted order.
+    average: {'mAP', 'acc@k'} means over the categories with at least one evaluated query,
+      plus 'num_categories'.
+  """
+  query_categories = np.asarray(query_categories)
+  table = {}
+  for category in np.unique(query_categories):
+    rows = query_categories == category
+    table[category.item()] = summarize(ap[rows], first_rank[rows], valid[rows], ks)
+  scored = [m for m in table.values() if m['num_queries'] > 0]
+  average = {key: float(np.mean([m[key] for m in scored])) if scored else float('nan')
+             for key in ['mAP'] + [f'acc@{k}' for k in ks]}
+  average['num_categories'] = len(scored)
+  return table, average
+
+
+def rank_gallery(query_emb, gallery_emb, topk: int, *, rerank: Reranked | None = None,
+                 **options) -> tuple[np.ndarray, np.ndarray]:
+  """The `topk` first gallery items of each query, in the metrics' order (for ranked lists).
+
+  Returns:
+    indices: [Q, min(topk, G)] int32 gallery indices, best first, ties by gallery index.
+    distances: [Q, min(topk, G)] float32: Euclidean, or the re-ranked distances.
+  """
+  indices, distances, _ = search.top_k(query_emb, gallery_emb, topk, rerank=rerank, **options)
+  return indices, distances if rerank is not None else np.sqrt(distances)
