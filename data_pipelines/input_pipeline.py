@@ -90,33 +90,23 @@ def train_augment(encoded: tf.Tensor, seed: tf.Tensor, input_config) -> tf.Tenso
   return tf.cast(tf.round(image), tf.uint8)
 
 
-def create_train_dataset(builder, config, *, item_ids: np.ndarray, local_p: int,
-                         start_step: int = 0, process_index: int = 0,
-                         process_count: int = 1) -> tf.data.Dataset:
-  """Endless PK batches for this process: {'images': [P_local*K, H, W, 3] uint8, 'labels': [.]}.
-
-  Identities are shuffled with a bounded buffer and visited once per epoch; an identity with
-  fewer than K images is sampled with replacement. Every random choice is a stateless function
-  of (seed, process, element index), so starting at `start_step` yields exactly the batches an
-  uninterrupted run would have seen from that step on.
-  """
-  k = config.train.k
-  seed = config.seed
-  split = tfds.split_for_jax_process(config.dataset.train_split, process_index=process_index,
-                                     process_count=process_count)
-  table = tf.lookup.StaticHashTable(
-      tf.lookup.KeyValueTensorInitializer(tf.constant(item_ids, tf.int64),
-                                          tf.range(len(item_ids), dtype=tf.int32)),
-      default_value=-1)
-  ds = _read(builder, split, shuffle=True, seed=seed)
+def _identity_stream(builder, config, table, *, shard: int, num_shards: int, shard_p: int,
+                     start_step: int) -> tf.data.Dataset:
+  """Endless P x K batches of one input shard: shard_p identities per batch, K images each."""
+  k, seed = config.train.k, config.seed
+  split = tfds.split_for_jax_process(config.dataset.train_split, process_index=shard,
+                                     process_count=num_shards)
+  ds = _read(builder, split, shuffle=True, seed=seed * 7919 + shard)
   ds = ds.map(lambda ex: {'encoded': ex['images']['image'],
                           'label': table.lookup(tf.cast(ex['item_id'], tf.int64))})
   ds = ds.filter(lambda ex: ex['label'] >= 0)
-  ds = ds.shuffle(config.input.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-  ds = ds.enumerate().skip(start_step * local_p)
+  ds = ds.shuffle(config.input.shuffle_buffer, seed=seed * 7919 + shard,
+                  reshuffle_each_iteration=True).repeat()
+  # Images are decoded only after the skip, so fast-forwarding reads bytes but decodes nothing.
+  ds = ds.enumerate().skip(start_step * shard_p)
 
   def pick_k(index, ex):
-    element_seed = tf.stack([tf.constant(seed * 1009 + process_index, tf.int64), index])
+    element_seed = tf.stack([tf.constant(seed * 1009 + shard, tf.int64), index])
     pick_seed, image_seed = tf.unstack(tf.random.experimental.stateless_split(element_seed, 2))
     count = tf.shape(ex['encoded'])[0]
     chosen = tf.cond(
@@ -131,7 +121,44 @@ def create_train_dataset(builder, config, *, item_ids: np.ndarray, local_p: int,
   ds = ds.map(lambda ex: {'images': train_augment(ex['encoded'], ex['seed'], config.input),
                           'labels': ex['label']},
               num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.batch(local_p * k, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return ds.batch(shard_p * k, drop_remainder=True)
+
+
+def num_input_shards(config, process_count: int) -> int:
+  """Input shards: independent identity streams whose batches are concatenated in order.
+
+  The global batch depends on the number of shards, not on the number of processes reading
+  them, so a run on 2 processes sees the same batches as one process reading both shards.
+  `configlib.validate_config` checks that the shards split evenly over processes and P.
+  """
+  return config.input.get('num_shards') or process_count
+
+
+def create_train_dataset(builder, config, *, item_ids: np.ndarray, start_step: int = 0,
+                         process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+  """Endless PK batches for this process: {'images': [P_local*K, H, W, 3] uint8, 'labels': [.]}.
+
+  Identities are shuffled with a bounded buffer and visited once per epoch; an identity with
+  fewer than K images is sampled with replacement. Each process reads only its own input
+  shards. Every random choice is a stateless function of (seed, shard, element index), so
+  starting at `start_step` yields exactly the batches an uninterrupted run would have seen
+  from that step on.
+  """
+  num_shards = num_input_shards(config, process_count)
+  shard_p = config.train.batch_size // config.train.k // num_shards
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(item_ids, tf.int64),
+                                          tf.range(len(item_ids), dtype=tf.int32)),
+      default_value=-1)
+  per_process = num_shards // process_count
+  streams = tuple(
+      _identity_stream(builder, config, table, shard=shard, num_shards=num_shards,
+                       shard_p=shard_p, start_step=start_step)
+      for shard in range(process_index * per_process, (process_index + 1) * per_process))
+  ds = streams[0] if len(streams) == 1 else tf.data.Dataset.zip(streams).map(
+      lambda *batches: {key: tf.concat([b[key] for b in batches], axis=0)
+                        for key in ('images', 'labels')})
+  return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def create_eval_dataset(builder, split: str, config, *, batch_size: int, process_index: int = 0,

@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.erasing_area = (0.02, 0.4)
   c.input.erasing_aspect = 0.3      # aspect ratios in [0.3, 1 / 0.3]
   c.input.shuffle_buffer = 2048     # identities
+  # Independent identity streams concatenated into each batch; None: one per process. Fix it
+  # to get the same batches whatever the number of processes (e.g. when moving hosts).
+  c.input.num_shards = ml_collections.config_dict.placeholder(int)
   c.input.prefetch = 2              # batches kept on the device ahead of the step
 
   c.model = ml_collections.ConfigDict()
@@ -103,6 +106,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
   if p // num_devices < 2:
     raise ValueError(f'each device gets {p // num_devices} identity; batch-hard mining needs '
                      f'at least 2 per device (raise train.batch_size)')
+  shards = config.input.num_shards or num_processes
+  if shards % num_processes or p % shards:
+    raise ValueError(f'input.num_shards={shards} must be a multiple of the {num_processes} '
+                     f'processes and divide P = {p}')
   if num_devices % num_processes:
     raise ValueError(f'{num_devices} devices do not split evenly over {num_processes} processes')
   if config.eval.batch_size % num_devices:

@@ -112,10 +112,8 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
   if do_eval and start_step == 0:
     metrics = run_eval(state)  # the untrained model: the baseline the training must beat
 
-  global_p = config.train.batch_size // config.train.k
   train_ds = input_pipeline.create_train_dataset(
-      s['builder'], config, item_ids=s['item_ids'], local_p=global_p // jax.process_count(),
-      start_step=start_step, process_index=jax.process_index(),
+      s['builder'], config, item_ids=s['item_ids'], start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count())
   batches = _device_batches(train_ds.as_numpy_iterator(), mesh, config.input.prefetch)
   step_fn = ts.make_train_step(s['graphdef'], s['tx'], mesh, config.loss, s['schedule'])

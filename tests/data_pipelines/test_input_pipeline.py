@@ -24,10 +24,7 @@ def _config(batch_size=8, k=2, **input_overrides):
 
 def _batches(builder, config, count, **kwargs):
   item_ids = input_pipeline.train_item_ids(builder)
-  ds = input_pipeline.create_train_dataset(
-      builder, config, item_ids=item_ids,
-      local_p=config.train.batch_size // config.train.k // kwargs.get('process_count', 1),
-      **kwargs)
+  ds = input_pipeline.create_train_dataset(builder, config, item_ids=item_ids, **kwargs)
   return list(itertools.islice(ds.as_numpy_iterator(), count))
 
 
@@ -91,6 +88,20 @@ def test_each_process_reads_its_own_identities(tiny_builder):
     seen.append({int(label) for b in batches for label in b['labels']})
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == set(range(16))
+
+
+def test_batches_depend_on_input_shards_not_on_processes(tiny_builder):
+  config = _config(batch_size=8, k=2)
+  config.input.num_shards = 2
+  together = _batches(tiny_builder, config, 3)
+  apart = [_batches(tiny_builder, config, 3, process_index=p, process_count=2) for p in (0, 1)]
+  for step, batch in enumerate(together):
+    for key in ('images', 'labels'):
+      np.testing.assert_array_equal(
+          batch[key], np.concatenate([apart[0][step][key], apart[1][step][key]]))
+  config.input.num_shards = 3
+  with pytest.raises(ValueError, match='input.num_shards=3 must be a multiple of the 2'):
+    configlib.validate_config(config, num_devices=2, num_processes=2)
 
 
 def test_train_augment_flip_and_crop_without_padding_is_a_mirror():
