@@ -54,26 +54,45 @@ def _chunk_metrics(queries, query_ids, query_groups, positives, gallery, gallery
                    gallery_groups, gallery_size, rerank, gallery_chunk):
   """AP, first-positive rank and validity of one query chunk (see per_query_metrics)."""
   is_positive = positives >= 0
-  # Ranking key of each positive: (distance, gallery index); counting the items whose key is
-  # smaller gives the positive's exact rank in the stable ascending order.
-  positive_d = search.gathered_distances(queries, gallery, positives, rerank)
+  starts = jnp.arange(0, gallery.shape[0], gallery_chunk, dtype=jnp.int32)
 
-  def body(negatives_before, start):
-    block = jax.lax.dynamic_slice_in_dim(gallery, start, gallery_chunk)
+  def block(start):
+    index = start + jnp.arange(gallery_chunk, dtype=jnp.int32)
+    return index, search.block_distances(
+        queries, jax.lax.dynamic_slice_in_dim(gallery, start, gallery_chunk), start, rerank)
+
+  # The positives' distances are read from the same blocks the counting pass computes, so a
+  # tie is a tie in both: a separately gathered dot product may round differently.
+  def read_positives(positive_d, start):
+    index, d = block(start)
+    local = positives - start
+    inside = (local >= 0) & (local < gallery_chunk)
+    found = jnp.take_along_axis(d, jnp.clip(local, 0, gallery_chunk - 1), axis=1)
+    return jnp.where(inside, found, positive_d), None
+
+  positive_d, _ = jax.lax.scan(read_positives, jnp.zeros(positives.shape, jnp.float32), starts)
+  # An item ranks before a positive if it is closer, or equally close with a smaller index:
+  # d < next float above the positive's distance for smaller indices, d < distance otherwise.
+  # CPUs flush denormals to zero, so above 0 the next float that compares as larger is `tiny`.
+  above = jnp.where(positive_d == 0, jnp.finfo(jnp.float32).tiny,
+                    jnp.nextafter(positive_d, jnp.inf))
+
+  def count(negatives_before, start):
+    index, d = block(start)
     block_ids = jax.lax.dynamic_slice_in_dim(gallery_ids, start, gallery_chunk)
     block_groups = jax.lax.dynamic_slice_in_dim(gallery_groups, start, gallery_chunk)
-    index = start + jnp.arange(gallery_chunk, dtype=jnp.int32)
-    d = search.block_distances(queries, block, start, rerank)
     # Items with the query's id are either positives (counted below) or dropped by the
     # camera rule; other groups are outside a category-constrained ranking.
     negative = ((block_ids[None] != query_ids[:, None])
                 & (block_groups[None] == query_groups[:, None]) & (index < gallery_size)[None])
-    d, p = d[:, :, None], positive_d[:, None, :]
-    before = (d < p) | ((d == p) & (index[None, :, None] < positives[:, None, :]))
-    return negatives_before + jnp.sum(negative[:, :, None] & before, axis=1, dtype=jnp.int32), None
+    d = jnp.where(negative, d, jnp.inf)[:, None, :]
+    threshold = jnp.where(index[None, None, :] < positives[:, :, None], above[:, :, None],
+                          positive_d[:, :, None])
+    # A float sum vectorises better than an int one on CPU; it is exact below 2^24 per block.
+    in_block = jnp.sum((d < threshold).astype(jnp.float32), axis=2)
+    return negatives_before + in_block.astype(jnp.int32), None
 
-  starts = jnp.arange(0, gallery.shape[0], gallery_chunk, dtype=jnp.int32)
-  negatives_before, _ = jax.lax.scan(body, jnp.zeros(positives.shape, jnp.int32), starts)
+  negatives_before, _ = jax.lax.scan(count, jnp.zeros(positives.shape, jnp.int32), starts)
   pd, pi = positive_d[:, :, None], positives[:, :, None]
   earlier = (positive_d[:, None, :] < pd) | ((positive_d[:, None, :] == pd)
                                              & (positives[:, None, :] < pi))

@@ -81,18 +81,6 @@ def block_distances(queries: jax.Array, gallery: jax.Array, start: jax.Array,
   return rerank.scale[:, None] * squared + (1.0 - rerank.lam) * jaccard
 
 
-def gathered_distances(queries: jax.Array, gallery: jax.Array, index: jax.Array,
-                       rerank: Reranked | None) -> jax.Array:
-  """`block_distances` at chosen gallery items: index [Qc, P] -> [Qc, P] float32."""
-  squared = gathered_squared_distances(queries, gallery, index)
-  if rerank is None:
-    return squared
-  hit = (index[:, :, None] == rerank.jaccard_index[:, None, :]) & (index[:, :, None] >= 0)
-  jaccard = jnp.where(hit.any(axis=2),
-                      jnp.sum(jnp.where(hit, rerank.jaccard[:, None, :], 0.0), axis=2), 1.0)
-  return rerank.scale[:, None] * squared + (1.0 - rerank.lam) * jaccard
-
-
 def pad_rows(array: np.ndarray, multiple: int, value=0) -> np.ndarray:
   """Pads axis 0 up to a multiple of `multiple` with `value`."""
   array = np.asarray(array)

@@ -1,10 +1,11 @@
-"""Tests for fashion_jax/retrieval/metrics.py against hand-computed rankings and a per-query
+"""Tests for fashion_jax/retrieval/metrics.py against hand-computed rankings and the dense per-query
 
-NumPy reference, with many distance ties, cameras and chunk sizes that do not divide Q.
+NumPy reference, with many distance ties, cameras, categories and chunks that do not divide Q or G.
 """
 
 import numpy as np
 import pytest
+import retrieval_reference as reference
 
 from fashion_jax.retrieval import metrics
 
@@ -12,29 +13,12 @@ KS = (1, 2, 5, 10, 100)
 
 
 def _reference(query_emb, gallery_emb, query_ids, gallery_ids, query_cams=None,
-               gallery_cams=None, ks=KS):
-  """One query at a time: stable argsort, drop same id + camera, cumulative precision."""
-  aps, first_ranks, valid = [], [], []
-  for q in range(len(query_ids)):
-    distances = np.sqrt(((gallery_emb.astype(np.float64) - query_emb[q]) ** 2).sum(axis=1))
-    order = np.argsort(distances, kind='stable')
-    if query_cams is not None:
-      junk = (gallery_ids == query_ids[q]) & (gallery_cams == query_cams[q])
-      order = order[~junk[order]]
-    match = gallery_ids[order] == query_ids[q]
-    valid.append(match.any())
-    if not match.any():
-      aps.append(0.0)
-      first_ranks.append(len(gallery_ids))
-      continue
-    precision = np.cumsum(match) / np.arange(1, len(match) + 1)
-    aps.append(precision[match].mean())
-    first_ranks.append(np.flatnonzero(match)[0])
-  aps, first_ranks, valid = np.array(aps), np.array(first_ranks), np.array(valid)
-  summary = {'mAP': aps[valid].mean()}
-  summary.update({f'acc@{k}': (first_ranks[valid] < k).mean() for k in ks})
-  summary.update(num_queries=int(valid.sum()), num_skipped=int((~valid).sum()))
-  return summary, (aps, first_ranks, valid)
+               gallery_cams=None, query_groups=None, gallery_groups=None, ks=KS):
+  """Dense distances, then the per-query loop of retrieval_reference."""
+  distances = reference.squared_distances(query_emb, gallery_emb)
+  arrays = reference.per_query(distances, query_ids, gallery_ids, query_cams, gallery_cams,
+                               query_groups, gallery_groups)
+  return reference.summary(*arrays, ks), arrays
 
 
 def _tied_data(seed, num_queries, gallery_size, num_ids, num_cams=None):
@@ -159,3 +143,78 @@ def test_cameras_must_come_in_pairs():
   with pytest.raises(ValueError, match='together'):
     metrics.evaluate_retrieval(np.zeros((1, 2), np.float32), HAND_GALLERY, np.array([7]),
                                HAND_GALLERY_IDS, query_cams=np.array([0]))
+
+
+@pytest.mark.parametrize('seed,chunk_size,gallery_chunk_size', [
+    (0, 256, 4096), (1, 8, 16), (2, 16, 7), (3, 5, 64)])
+@pytest.mark.parametrize('num_cams', [None, 2])
+def test_clustered_embeddings_match_reference(seed, chunk_size, gallery_chunk_size, num_cams):
+  data = reference.clustered(seed, num_cams=num_cams)
+  expected, (expected_ap, expected_first, expected_valid) = _reference(**data)
+  ap, first_rank, valid = metrics.per_query_metrics(
+      **data, chunk_size=chunk_size, gallery_chunk_size=gallery_chunk_size)
+  assert 0 < expected_valid.sum() < len(expected_valid)
+  np.testing.assert_array_equal(valid, expected_valid)
+  np.testing.assert_array_equal(first_rank, expected_first)
+  np.testing.assert_allclose(ap, expected_ap, rtol=1e-6, atol=1e-7)
+  assert metrics.summarize(ap, first_rank, valid, KS) == pytest.approx(expected, rel=1e-6)
+
+
+def test_category_constrained_retrieval_and_table_match_reference():
+  data = reference.clustered(4, num_queries=60, num_cams=2, num_categories=3)
+  _, (expected_ap, expected_first, expected_valid) = _reference(**data)
+  ap, first_rank, valid = metrics.per_query_metrics(**data, gallery_chunk_size=32)
+  np.testing.assert_array_equal(first_rank, expected_first)
+  np.testing.assert_allclose(ap, expected_ap, rtol=1e-6, atol=1e-7)
+  # The constraint must matter, or this test would not tell it from unconstrained retrieval.
+  unconstrained = _reference(data['query_emb'], data['gallery_emb'], data['query_ids'],
+                             data['gallery_ids'], data['query_cams'], data['gallery_cams'])[1]
+  assert (unconstrained[1] != expected_first).any()
+
+  table, average = metrics.per_category(ap, first_rank, valid, data['query_groups'], KS)
+  assert sorted(table) == [0, 1, 2]
+  for category, row in table.items():
+    rows = data['query_groups'] == category
+    expected = reference.summary(expected_ap[rows], expected_first[rows], expected_valid[rows], KS)
+    assert row == pytest.approx(expected, rel=1e-6)
+  assert average['mAP'] == pytest.approx(np.mean([row['mAP'] for row in table.values()]))
+  assert average['acc@5'] == pytest.approx(np.mean([row['acc@5'] for row in table.values()]))
+  assert average['num_categories'] == 3
+
+
+def test_cmc_curve():
+  first_rank = np.array([0, 2, 2, 7, 99])
+  valid = np.array([True, True, True, False, True])
+  np.testing.assert_allclose(metrics.cmc(first_rank, valid, 4), [0.25, 0.25, 0.75, 0.75])
+
+
+def test_low_precision_embeddings_rank_like_their_float32_values():
+  import jax.numpy as jnp
+  data = reference.clustered(5)
+  rounded = {key: np.asarray(jnp.asarray(data[key], jnp.bfloat16))
+             for key in ('query_emb', 'gallery_emb')}
+  as_float32 = {key: value.astype(np.float32) for key, value in rounded.items()}
+  ids = dict(query_ids=data['query_ids'], gallery_ids=data['gallery_ids'])
+  low = metrics.evaluate_retrieval(**rounded, **ids, ks=KS)
+  assert low == pytest.approx(metrics.evaluate_retrieval(**as_float32, **ids, ks=KS), rel=1e-6)
+
+
+@pytest.mark.parametrize('change,message', [
+    (dict(gallery_emb=np.zeros((5, 3), np.float32)), 'must be'),
+    (dict(query_ids=np.array([7])), r'query_ids \(1,\)'),
+    (dict(query_groups=np.array([0, 0])), 'together'),
+])
+def test_bad_inputs_raise_one_line_errors(change, message):
+  arguments = dict(query_emb=np.zeros((2, 2), np.float32), gallery_emb=HAND_GALLERY,
+                   query_ids=np.array([7, 8]), gallery_ids=HAND_GALLERY_IDS)
+  arguments.update(change)
+  with pytest.raises(ValueError, match=message):
+    metrics.evaluate_retrieval(**arguments)
+
+
+def test_rank_gallery_merges_gallery_blocks_in_index_order():
+  data = _tied_data(6, num_queries=11, gallery_size=45, num_ids=3)
+  indices, _ = metrics.rank_gallery(data['query_emb'], data['gallery_emb'], topk=20,
+                                    chunk_size=4, gallery_chunk_size=8)
+  distances = reference.squared_distances(data['query_emb'], data['gallery_emb'])
+  np.testing.assert_array_equal(indices, np.argsort(distances, axis=1, kind='stable')[:, :20])
