@@ -54,31 +54,17 @@ def _chunk_metrics(queries, query_ids, query_groups, positives, gallery, gallery
                    gallery_groups, gallery_size, rerank, gallery_chunk):
   """AP, first-positive rank and validity of one query chunk (see per_query_metrics)."""
   is_positive = positives >= 0
-  starts = jnp.arange(0, gallery.shape[0], gallery_chunk, dtype=jnp.int32)
 
-  def block(start):
-    index = start + jnp.arange(gallery_chunk, dtype=jnp.int32)
-    return index, search.block_distances(
-        queries, jax.lax.dynamic_slice_in_dim(gallery, start, gallery_chunk), start, rerank)
+  num_blocks = gallery.shape[0] // gallery_chunk
 
-  # The positives' distances are read from the same blocks the counting pass computes, so a
-  # tie is a tie in both: a separately gathered dot product may round differently.
-  def read_positives(positive_d, start):
-    index, d = block(start)
+  def read_positives(positive_d, start, d):
     local = positives - start
     inside = (local >= 0) & (local < gallery_chunk)
     found = jnp.take_along_axis(d, jnp.clip(local, 0, gallery_chunk - 1), axis=1)
-    return jnp.where(inside, found, positive_d), None
+    return jnp.where(inside, found, positive_d)
 
-  positive_d, _ = jax.lax.scan(read_positives, jnp.zeros(positives.shape, jnp.float32), starts)
-  # An item ranks before a positive if it is closer, or equally close with a smaller index:
-  # d < next float above the positive's distance for smaller indices, d < distance otherwise.
-  # CPUs flush denormals to zero, so above 0 the next float that compares as larger is `tiny`.
-  above = jnp.where(positive_d == 0, jnp.finfo(jnp.float32).tiny,
-                    jnp.nextafter(positive_d, jnp.inf))
-
-  def count(negatives_before, start):
-    index, d = block(start)
+  def count(positive_d, negatives_before, start, d):
+    index = start + jnp.arange(gallery_chunk, dtype=jnp.int32)
     block_ids = jax.lax.dynamic_slice_in_dim(gallery_ids, start, gallery_chunk)
     block_groups = jax.lax.dynamic_slice_in_dim(gallery_groups, start, gallery_chunk)
     # Items with the query's id are either positives (counted below) or dropped by the
@@ -86,13 +72,33 @@ def _chunk_metrics(queries, query_ids, query_groups, positives, gallery, gallery
     negative = ((block_ids[None] != query_ids[:, None])
                 & (block_groups[None] == query_groups[:, None]) & (index < gallery_size)[None])
     d = jnp.where(negative, d, jnp.inf)[:, None, :]
+    # An item ranks before a positive if it is closer, or equally close with a smaller index:
+    # d < the next float above the positive's distance for smaller indices. CPUs flush
+    # denormals to zero, so above 0 the next float that compares as larger is `tiny`.
+    above = jnp.where(positive_d == 0, jnp.finfo(jnp.float32).tiny,
+                      jnp.nextafter(positive_d, jnp.inf))
     threshold = jnp.where(index[None, None, :] < positives[:, :, None], above[:, :, None],
                           positive_d[:, :, None])
     # A float sum vectorises better than an int one on CPU; it is exact below 2^24 per block.
     in_block = jnp.sum((d < threshold).astype(jnp.float32), axis=2)
-    return negatives_before + in_block.astype(jnp.int32), None
+    return negatives_before + in_block.astype(jnp.int32)
 
-  negatives_before, _ = jax.lax.scan(count, jnp.zeros(positives.shape, jnp.int32), starts)
+  # Two sweeps over the gallery in one loop body: the first reads the positives' distances,
+  # the second counts the items ranked before them. Both sweeps use the block computed by the
+  # same code, so a tie is a tie in both; distances computed in two places may round
+  # differently (fused multiply-adds, another dot product shape).
+  def body(carry, step):
+    positive_d, negatives_before = carry
+    start = (step % num_blocks) * gallery_chunk
+    d = search.block_distances(
+        queries, jax.lax.dynamic_slice_in_dim(gallery, start, gallery_chunk), start, rerank)
+    return jax.lax.cond(
+        step < num_blocks,
+        lambda: (read_positives(positive_d, start, d), negatives_before),
+        lambda: (positive_d, count(positive_d, negatives_before, start, d))), None
+
+  init = (jnp.zeros(positives.shape, jnp.float32), jnp.zeros(positives.shape, jnp.int32))
+  (positive_d, negatives_before), _ = jax.lax.scan(body, init, jnp.arange(2 * num_blocks))
   pd, pi = positive_d[:, :, None], positives[:, :, None]
   earlier = (positive_d[:, None, :] < pd) | ((positive_d[:, None, :] == pd)
                                              & (positives[:, None, :] < pi))

@@ -75,8 +75,10 @@ def block_distances(queries: jax.Array, gallery: jax.Array, start: jax.Array,
   if rerank is None:
     return squared
   rows = jnp.broadcast_to(jnp.arange(squared.shape[0])[:, None], rerank.jaccard_index.shape)
-  # Padding (-1) and indices outside this block land out of bounds and are dropped.
-  cols = jnp.where(rerank.jaccard_index < 0, squared.shape[1], rerank.jaccard_index - start)
+  # Padding (-1) and indices outside this block are sent past its end and dropped; a negative
+  # column would wrap around instead.
+  local = rerank.jaccard_index - start
+  cols = jnp.where((rerank.jaccard_index >= 0) & (local >= 0), local, squared.shape[1])
   jaccard = jnp.ones_like(squared).at[rows, cols].set(rerank.jaccard, mode='drop')
   return rerank.scale[:, None] * squared + (1.0 - rerank.lam) * jaccard
 

@@ -1,0 +1,62 @@
+"""Tests for fashion_jax/retrieval/rerank.py against the dense re-ranking of method.md section 6,
+
+written in retrieval_reference.py, on clustered embeddings with exact ties.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import retrieval_reference as reference
+
+from fashion_jax.retrieval import metrics, rerank, search
+
+KS = (1, 5, 10)
+
+
+def _dense(reranked, data):
+  """The [Q, G] final distances a Reranked stands for."""
+  return np.asarray(search.block_distances(jnp.asarray(data['query_emb']),
+                                           jnp.asarray(data['gallery_emb']), 0, reranked))
+
+
+@pytest.mark.parametrize('seed,k1,k2,lam', [(0, 20, 6, 0.3), (1, 7, 3, 0.5), (2, 5, 1, 0.1)])
+def test_matches_dense_rerank(seed, k1, k2, lam):
+  data = reference.clustered(seed, num_queries=30, gallery_size=90, num_ids=12)
+  expected = reference.k_reciprocal(data['query_emb'], data['gallery_emb'], k1, k2, lam,
+                                    dtype=np.float64)
+  reranked = rerank.k_reciprocal_rerank(data['query_emb'], data['gallery_emb'], k1, k2, lam,
+                                        chunk_size=8, gallery_chunk_size=16)
+  np.testing.assert_allclose(_dense(reranked, data), expected, atol=1e-5)
+
+
+def test_matches_float16_dense_rerank_to_1e3():
+  data = reference.clustered(3, num_queries=30, gallery_size=90, num_ids=12)
+  expected = reference.k_reciprocal(data['query_emb'], data['gallery_emb'], 20, 6, 0.3,
+                                    dtype=np.float16)
+  reranked = rerank.k_reciprocal_rerank(data['query_emb'], data['gallery_emb'])
+  np.testing.assert_allclose(_dense(reranked, data), expected, atol=1e-3)
+
+
+def test_metrics_and_top_k_on_reranked_distances_match_dense():
+  data = reference.clustered(4, num_queries=30, gallery_size=90, num_ids=12, num_cams=2)
+  dense = reference.k_reciprocal(data['query_emb'], data['gallery_emb'], 20, 6, 0.3,
+                                 dtype=np.float64)
+  reranked = rerank.k_reciprocal_rerank(data['query_emb'], data['gallery_emb'])
+  expected_arrays = reference.per_query(dense, data['query_ids'], data['gallery_ids'],
+                                        data['query_cams'], data['gallery_cams'])
+  result = metrics.evaluate_retrieval(**data, ks=KS, rerank=reranked, gallery_chunk_size=32)
+  assert result == pytest.approx(reference.summary(*expected_arrays, KS), abs=1e-6)
+  plain = metrics.evaluate_retrieval(**data, ks=KS)
+  assert plain['mAP'] != pytest.approx(result['mAP'], abs=1e-3)
+  indices, distances = metrics.rank_gallery(data['query_emb'], data['gallery_emb'], 10,
+                                            rerank=reranked, gallery_chunk_size=16)
+  np.testing.assert_array_equal(indices, np.argsort(dense, axis=1, kind='stable')[:, :10])
+  np.testing.assert_allclose(distances, np.sort(dense, axis=1)[:, :10], atol=1e-5)
+
+
+def test_rejects_bad_parameters():
+  data = reference.clustered(5)
+  with pytest.raises(ValueError, match='k1 >= 1'):
+    rerank.k_reciprocal_rerank(data['query_emb'], data['gallery_emb'], k1=0)
+  with pytest.raises(ValueError, match='must be'):
+    rerank.k_reciprocal_rerank(data['query_emb'], data['gallery_emb'][:, :3])
