@@ -75,6 +75,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.ks = (1, 5, 10, 20, 50)
   c.eval.num_ranked_queries = 8     # rows in the ranked-list PNG
   c.eval.top_k_shown = 10
+  c.eval.chunk_size = 256           # queries per jitted retrieval call
+  c.eval.gallery_chunk_size = 4096  # gallery items per block; memory ~ chunk x block
+  c.eval.dtype = 'float32'          # embeddings for retrieval: float32, bfloat16 or float16
+  c.eval.query_domain = ''          # domain filter by name, e.g. 'street'; '' keeps all
+  c.eval.gallery_domain = ''        # e.g. 'shop'
+  c.eval.per_category = False       # category-constrained retrieval, table + average
+  c.eval.rerank = False             # k-reciprocal re-ranking (method.md section 6)
+  c.eval.rerank_k1 = 20
+  c.eval.rerank_k2 = 6
+  c.eval.rerank_lambda = 0.3
+  c.eval.centroids = False          # gallery averaged per item (method.md section 8)
+  c.eval.recommendation = False     # gallery against itself (shop->shop), self excluded
+  c.eval.cmc_max_rank = 50          # CMC curve length
   return c
 
 

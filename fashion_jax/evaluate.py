@@ -1,15 +1,18 @@
-"""Evaluation: embed query and gallery, score them with the paper's protocol, write reports.
+"""Evaluation: embed query and gallery, score them with the retrieval engine, write reports.
 
-Writes `<workdir>/eval/metrics.json` (latest), appends to `eval/history.jsonl`, and draws the
-ranked lists of a few queries to `eval/ranked_lists.png`.
+Writes `<workdir>/eval/`: metrics.json (latest), history.jsonl, cmc.png, ranked_lists.png and,
+when switched on, per_category.csv / per_category.md.
 """
 
+import csv
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -17,7 +20,9 @@ from jax.sharding import PartitionSpec as P
 from data_pipelines import input_pipeline
 from fashion_jax import train_step as ts
 from fashion_jax import visualize
+from fashion_jax.retrieval import centroids as retrieval_centroids
 from fashion_jax.retrieval import metrics as retrieval_metrics
+from fashion_jax.retrieval import rerank as retrieval_rerank
 
 _META_KEYS = ('item_id', 'category', 'domain')
 
@@ -43,6 +48,7 @@ def embed_split(embed_fn, params, batch_stats, builder, split: str, config, mesh
   empty = {'images': np.zeros((0, height, width, 3), np.uint8),
            **{key: np.zeros((0,), np.int64) for key in _META_KEYS}}
   outputs, seen = [], 0
+  bar = tqdm(desc=f'embedding {split}', unit='img', disable=process > 0, leave=False)
   while True:
     batch = next(iterator, empty)
     count = len(batch['images'])
@@ -58,12 +64,14 @@ def embed_split(embed_fn, params, batch_stats, builder, split: str, config, mesh
     local['process'] = np.full(local_batch, process, np.int64)
     local['position'] = seen + np.arange(local_batch, dtype=np.int64)
     seen += count
+    bar.update(count)
     embeddings = embed_fn(params, batch_stats, images)
     if num_processes > 1:
       local = multihost_utils.process_allgather(local, tiled=True)
     outputs.append({'embeddings': np.asarray(multihost_utils.process_allgather(embeddings, tiled=True)
                                              if num_processes > 1 else embeddings),
                     **local})
+  bar.close()
   merged = {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}
   valid = merged.pop('valid')
   return {key: value[valid] for key, value in merged.items()}
@@ -85,18 +93,117 @@ def _load_images(builder, split: str, config, wanted: set[tuple[int, int]]) -> d
   return found
 
 
+class _Bars:
+  """tqdm bars keyed by stage, for the retrieval functions' progress(stage, done, total)."""
+
+  def __init__(self, prefix: str):
+    self.prefix, self.bars = prefix, {}
+
+  def __call__(self, stage: str, done: int, total: int) -> None:
+    if stage not in self.bars:
+      self.bars[stage] = tqdm(total=total, desc=f'{self.prefix}: {stage}', leave=False,
+                              disable=jax.process_index() > 0)
+    self.bars[stage].update(done - self.bars[stage].n)
+
+  def close(self) -> None:
+    for bar in self.bars.values():
+      bar.close()
+
+
+def _label_names(builder, *path: str) -> list[str] | None:
+  """The ClassLabel names of a feature (e.g. 'images', 'domain'), or None if it has none."""
+  feature = builder.info.features
+  try:
+    for key in path:
+      feature = feature[key]
+    return list(feature.names)
+  except (KeyError, AttributeError, TypeError):
+    return None
+
+
+def _domain_filter(split: dict, name: str, names: list[str] | None, which: str) -> dict:
+  """The rows of `split` whose domain is `name` ('' keeps every row)."""
+  if not name:
+    return split
+  if names is None or name not in names:
+    raise ValueError(f'eval.{which}_domain {name!r} is not a domain of this dataset '
+                     f'({names})')
+  rows = split['domain'] == names.index(name)
+  return {key: value[rows] for key, value in split.items()}
+
+
+def score(query: dict, gallery: dict, config, category_names: list[str] | None = None) -> tuple:
+  """Every metric the config switches on, from embeddings and labels (no dataset access).
+
+  Args:
+    query, gallery: {'embeddings': [N, F], 'item_id', 'category', 'domain': [N]}.
+    config: the experiment config (its `eval` block).
+    category_names: names for the per-category table keys.
+
+  Returns:
+    metrics: {'mAP', 'acc@k', 'num_queries', 'num_skipped', and per switch 'category_constrained',
+      'per_category', 'category_average', 'reranked', 'centroids', 'recommendation'}.
+    curves: {name: [cmc_max_rank] CMC curve} for the CMC plot.
+    per_query: (ap, first_rank, valid) of the unconstrained ranking, for the ranked lists.
+  """
+  e = config.eval
+  ks = tuple(e.ks)
+  dtype = jnp.dtype(e.dtype)
+  q_emb = np.asarray(jnp.asarray(query['embeddings'], dtype))
+  g_emb = np.asarray(jnp.asarray(gallery['embeddings'], dtype))
+  options = dict(chunk_size=e.chunk_size, gallery_chunk_size=e.gallery_chunk_size)
+  bars = _Bars('retrieval')
+
+  def evaluate_on(name, q, g, q_ids, g_ids, q_cams, g_cams, **extra):
+    arrays = retrieval_metrics.per_query_metrics(q, g, q_ids, g_ids, q_cams, g_cams,
+                                                 progress=bars, **options, **extra)
+    curves[name] = retrieval_metrics.cmc(arrays[1], arrays[2], e.cmc_max_rank)
+    return arrays, retrieval_metrics.summarize(*arrays, ks)
+
+  curves = {}
+  # Street and shop play the cameras of ReID: the same-id-same-camera rule then drops nothing
+  # for street queries against a shop gallery, as the protocol expects.
+  ids = (query['item_id'], gallery['item_id'], query['domain'], gallery['domain'])
+  per_query, metrics = evaluate_on('unconstrained', q_emb, g_emb, *ids)
+  if e.per_category:
+    arrays, metrics['category_constrained'] = evaluate_on(
+        'category constrained', q_emb, g_emb, *ids,
+        query_groups=query['category'], gallery_groups=gallery['category'])
+    table, metrics['category_average'] = retrieval_metrics.per_category(
+        *arrays, query['category'], ks)
+    name = lambda c: category_names[c] if category_names else str(c)
+    metrics['per_category'] = {name(c): row for c, row in table.items()}
+  if e.rerank:
+    reranked = retrieval_rerank.k_reciprocal_rerank(
+        q_emb, g_emb, e.rerank_k1, e.rerank_k2, e.rerank_lambda, progress=bars, **options)
+    metrics['reranked'] = evaluate_on('re-ranked', q_emb, g_emb, *ids, rerank=reranked)[1]
+  if e.centroids:
+    c = retrieval_centroids.gallery_centroids(gallery['embeddings'], gallery['item_id'],
+                                              gallery['domain'])
+    c_emb = np.asarray(jnp.asarray(c['embeddings'], dtype))
+    metrics['centroids'] = evaluate_on('centroids', q_emb, c_emb, query['item_id'], c['ids'],
+                                       query['domain'], c['cams'])[1]
+    metrics['centroids']['num_gallery'] = len(c['ids'])
+  if e.recommendation:
+    # Each gallery image is its own camera: the same-id-same-camera rule drops exactly the
+    # query image from its own ranking, and keeps the item's other images as positives.
+    own = np.arange(len(g_emb))
+    metrics['recommendation'] = evaluate_on('recommendation', g_emb, g_emb, gallery['item_id'],
+                                            gallery['item_id'], own, own)[1]
+  bars.close()
+  return metrics, curves, per_query
+
+
 def draw_ranked_lists(query: dict, gallery: dict, ap: np.ndarray, valid: np.ndarray, builder,
                       config, path: str) -> None:
   """Worst and best evaluated queries by AP, each with its top results."""
   order = np.argsort(ap[valid], kind='stable')
-  evaluated = np.flatnonzero(valid)[order]
+  chosen = np.flatnonzero(valid)[order]
   rows = config.eval.num_ranked_queries
-  if len(evaluated) > rows:
-    evaluated = np.concatenate([evaluated[:rows // 2], evaluated[len(evaluated) - (rows - rows // 2):]])
-  chosen = evaluated
+  if len(chosen) > rows:
+    chosen = np.concatenate([chosen[:rows // 2], chosen[len(chosen) - (rows - rows // 2):]])
   indices, _ = retrieval_metrics.rank_gallery(query['embeddings'][chosen], gallery['embeddings'],
                                               config.eval.top_k_shown)
-  indices = np.asarray(indices)
   key = lambda split, i: (int(split['process'][i]), int(split['position'][i]))
   query_images = _load_images(builder, config.dataset.query_split, config,
                               {key(query, i) for i in chosen})
@@ -111,19 +218,37 @@ def draw_ranked_lists(query: dict, gallery: dict, ap: np.ndarray, valid: np.ndar
   picture.save(path)
 
 
+def write_category_table(metrics: dict, ks, out_dir: str) -> None:
+  """per_category.csv and per_category.md: one row per category, then the average."""
+  columns = ['mAP'] + [f'acc@{k}' for k in ks]
+  rows = [(name, row) for name, row in metrics['per_category'].items()]
+  rows.append(('average over categories', metrics['category_average']))
+  with open(os.path.join(out_dir, 'per_category.csv'), 'w', newline='') as f:
+    out = csv.writer(f)
+    out.writerow(['category'] + columns + ['num_queries'])
+    for name, row in rows:
+      out.writerow([name] + [f'{row[c]:.4f}' for c in columns] + [row.get('num_queries', '')])
+  with open(os.path.join(out_dir, 'per_category.md'), 'w') as f:
+    f.write('| category | ' + ' | '.join(columns) + ' | queries |\n')
+    f.write('|---' * (len(columns) + 2) + '|\n')
+    for name, row in rows:
+      cells = [f'{100 * row[c]:.1f}' for c in columns] + [str(row.get('num_queries', ''))]
+      f.write(f'| {name} | ' + ' | '.join(cells) + ' |\n')
+
+
 def evaluate(embed_fn, params, batch_stats, builder, config, mesh, workdir: str, step: int,
              writer=None) -> dict:
-  """Embeds query and gallery, computes mAP and Acc@k, and writes the reports (process 0)."""
+  """Embeds query and gallery, scores them per config.eval, writes the reports (process 0)."""
   query = embed_split(embed_fn, params, batch_stats, builder, config.dataset.query_split,
                       config, mesh)
   gallery = embed_split(embed_fn, params, batch_stats, builder, config.dataset.gallery_split,
                         config, mesh)
-  # Street and shop play the cameras of ReID: the same-id-same-camera rule then drops nothing
-  # for street queries against a shop gallery, as the protocol expects.
-  metrics = retrieval_metrics.evaluate_retrieval(
-      query['embeddings'], gallery['embeddings'], query['item_id'], gallery['item_id'],
-      query['domain'], gallery['domain'], ks=tuple(config.eval.ks))
-  metrics = {'step': step, 'num_gallery': len(gallery['item_id']), **metrics}
+  domains = _label_names(builder, 'images', 'domain')
+  query = _domain_filter(query, config.eval.query_domain, domains, 'query')
+  gallery = _domain_filter(gallery, config.eval.gallery_domain, domains, 'gallery')
+  scores, curves, (ap, _, valid) = score(query, gallery, config,
+                                         _label_names(builder, 'category'))
+  metrics = {'step': step, 'num_gallery': len(gallery['item_id']), **scores}
   logging.info('evaluation at step %d: %s', step, json.dumps(metrics))
   if writer is not None:
     writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()
@@ -135,8 +260,9 @@ def evaluate(embed_fn, params, batch_stats, builder, config, mesh, workdir: str,
       json.dump(metrics, f, indent=2)
     with open(os.path.join(out_dir, 'history.jsonl'), 'a') as f:
       f.write(json.dumps(metrics) + '\n')
-    ap, _, valid = (np.asarray(a) for a in retrieval_metrics.per_query_metrics(
-        query['embeddings'], gallery['embeddings'], query['item_id'], gallery['item_id']))
+    if config.eval.per_category:
+      write_category_table(metrics, config.eval.ks, out_dir)
+    visualize.cmc_image(curves).save(os.path.join(out_dir, 'cmc.png'))
     if valid.any() and config.eval.num_ranked_queries > 0:
       draw_ranked_lists(query, gallery, ap, valid, builder, config,
                         os.path.join(out_dir, 'ranked_lists.png'))

@@ -1,4 +1,4 @@
-"""Ranked-list pictures: each query with its top gallery results, framed green when correct.
+"""Report pictures: ranked lists (each query with its top results, green when correct), CMC curves.
 
 Plain PIL on uint8 arrays, so it runs wherever the embeddings do.
 """
@@ -44,4 +44,45 @@ def ranked_list_image(queries: list[np.ndarray], results: list[list[np.ndarray]]
     for col, (image, ok) in enumerate(zip(row_results, row_correct)):
       sheet.paste(_framed(image, GREEN if ok else RED, border),
                   (cell_w * (col + 1) + gap, top + caption))
+  return sheet
+
+
+# Line colours of the CMC plot, one per curve in order.
+CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+                 (140, 86, 75))
+
+
+def cmc_image(curves: dict[str, np.ndarray], size: tuple[int, int] = (640, 420)) -> Image.Image:
+  """CMC curves (Acc@r against rank r = 1..R) on one set of axes, with a legend.
+
+  Args:
+    curves: {name: [R] accuracies in [0, 1]} (NaN curves, with no evaluated query, are skipped).
+    size: (width, height) in pixels.
+  """
+  width, height = size
+  left, right, top, bottom = 50, 20, 20, 40
+  sheet = Image.new('RGB', size, 'white')
+  draw = ImageDraw.Draw(sheet)
+  plot_w, plot_h = width - left - right, height - top - bottom
+  max_rank = max(len(c) for c in curves.values())
+  to_x = lambda rank: left + plot_w * (rank - 1) / max(max_rank - 1, 1)
+  to_y = lambda acc: top + plot_h * (1.0 - acc)
+  for tick in range(0, 11, 2):
+    y = to_y(tick / 10)
+    draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+    draw.text((8, y - 6), f'{tick * 10}%', fill=(0, 0, 0))
+  for rank in sorted({1, *range(10, max_rank + 1, 10), max_rank}):
+    draw.text((to_x(rank) - 6, height - bottom + 6), str(rank), fill=(0, 0, 0))
+  draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+  draw.text((left + plot_w // 2 - 15, height - 16), 'rank', fill=(0, 0, 0))
+  legend = 0
+  for (name, curve), colour in zip(curves.items(), CURVE_COLOURS * len(curves)):
+    if np.isnan(curve).any():
+      continue
+    points = [(to_x(r + 1), to_y(a)) for r, a in enumerate(curve)]
+    draw.line(points if len(points) > 1 else points * 2, fill=colour, width=2)
+    y = height - bottom - 16 - 14 * legend
+    draw.line([(width - right - 170, y + 6), (width - right - 150, y + 6)], fill=colour, width=2)
+    draw.text((width - right - 145, y), f'{name}: rank-1 {100 * curve[0]:.1f}%', fill=(0, 0, 0))
+    legend += 1
   return sheet

@@ -1,0 +1,64 @@
+"""Tests for the scoring and report writing of fashion_jax/evaluate.py on plain arrays (no model)."""
+
+import os
+
+import numpy as np
+import pytest
+import retrieval_reference as reference
+from PIL import Image
+
+from fashion_jax import configlib, evaluate, visualize
+from fashion_jax.retrieval import metrics
+
+
+@pytest.fixture(scope='module')
+def splits():
+  data = reference.clustered(7, num_queries=50, gallery_size=150, num_categories=3)
+  query = {'embeddings': data['query_emb'], 'item_id': data['query_ids'],
+           'category': data['query_groups'], 'domain': np.zeros(50, np.int64)}
+  gallery = {'embeddings': data['gallery_emb'], 'item_id': data['gallery_ids'],
+             'category': data['gallery_groups'], 'domain': np.ones(150, np.int64)}
+  return query, gallery
+
+
+def test_score_with_every_switch(splits, tmp_path):
+  query, gallery = splits
+  config = configlib.base_config()
+  config.eval.per_category = config.eval.rerank = config.eval.centroids = True
+  config.eval.recommendation = True
+  config.eval.gallery_chunk_size = 64
+  scores, curves, _ = evaluate.score(query, gallery, config, ['tops', 'skirts', 'bags'])
+  ks = tuple(config.eval.ks)
+  plain = metrics.evaluate_retrieval(query['embeddings'], gallery['embeddings'],
+                                     query['item_id'], gallery['item_id'], ks=ks)
+  assert {k: scores[k] for k in plain} == pytest.approx(plain)
+  assert sorted(scores['per_category']) == ['bags', 'skirts', 'tops']
+  assert scores['category_average']['mAP'] == pytest.approx(
+      np.mean([row['mAP'] for row in scores['per_category'].values()]))
+  # Every category holds an id's whole set of images, so constraining cannot lose a positive.
+  assert scores['category_constrained']['mAP'] >= plain['mAP']
+  assert scores['reranked']['mAP'] != pytest.approx(plain['mAP'])
+  assert scores['centroids']['num_gallery'] == len(np.unique(gallery['item_id']))
+  # A gallery image is never its own positive: ids with one image are skipped.
+  singles = np.sum(np.bincount(gallery['item_id']) == 1)
+  assert scores['recommendation']['num_skipped'] == singles
+  assert set(curves) == {'unconstrained', 'category constrained', 're-ranked', 'centroids',
+                         'recommendation'}
+  np.testing.assert_allclose(curves['unconstrained'][[0, 4]], [plain['acc@1'], plain['acc@5']])
+
+  evaluate.write_category_table(scores, ks, str(tmp_path))
+  table = (tmp_path / 'per_category.md').read_text().splitlines()
+  assert len(table) == 2 + 3 + 1 and table[-1].startswith('| average over categories |')
+  assert (tmp_path / 'per_category.csv').read_text().count('\n') == 5
+  visualize.cmc_image(curves).save(tmp_path / 'cmc.png')
+  assert Image.open(tmp_path / 'cmc.png').size == (640, 420)
+
+
+def test_domain_filter_keeps_named_rows(splits):
+  query, _ = splits
+  mixed = dict(query, domain=np.arange(50) % 2)
+  kept = evaluate._domain_filter(mixed, 'shop', ['street', 'shop'], 'query')
+  assert len(kept['item_id']) == 25 and (kept['domain'] == 1).all()
+  assert evaluate._domain_filter(mixed, '', ['street', 'shop'], 'query') is mixed
+  with pytest.raises(ValueError, match="eval.query_domain 'studio'"):
+    evaluate._domain_filter(mixed, 'studio', ['street', 'shop'], 'query')
