@@ -58,7 +58,10 @@ class InstanceNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
     self.epsilon = epsilon
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    # `train` is accepted so IN can stand where a BatchNorm would (IBN-b's stem); without running
+    # statistics, training and inference compute the same function.
+    del train
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
     var = jnp.var(x32, axis=(1, 2), keepdims=True)

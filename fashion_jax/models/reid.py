@@ -4,32 +4,17 @@ Images enter as uint8 (or float pixel values in [0, 255]); ImageNet normalisatio
 so the exported embedding function includes its preprocessing.
 """
 
-import re
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fashion_jax.models.backbones import build_backbone
 from fashion_jax.models.layers import BatchNorm
-from fashion_jax.models.resnet import RESNET_SPECS, ResNet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_BACKBONE_RE = re.compile(r'^resnet(\d+)(_ibn_a)?$')
-
-
-def backbone_names() -> list[str]:
-  return [f'resnet{d}{s}' for d in RESNET_SPECS for s in ('', '_ibn_a')]
-
-
-def parse_backbone(name: str) -> tuple[int, bool]:
-  """'resnet50_ibn_a' -> (50, True). Raises ValueError naming the valid choices."""
-  match = _BACKBONE_RE.match(name)
-  if not match or int(match.group(1)) not in RESNET_SPECS:
-    raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(backbone_names())}')
-  return int(match.group(1)), match.group(2) is not None
 
 
 class ReIDOutput(NamedTuple):
@@ -72,11 +57,10 @@ def normalize_images(images: jax.Array) -> jax.Array:
 
 def build_model(model_config, num_classes: int, *, seed: int = 0) -> ReIDModel:
   """Builds the ReID model named by `model_config` (backbone, last_stride, width, dtype, sync_bn)."""
-  depth, ibn = parse_backbone(model_config.backbone)
   rngs = nnx.Rngs(seed)
   axis_name = 'data' if model_config.get('sync_batch_norm', False) else None
   dtype = jnp.dtype(model_config.get('dtype', 'float32'))
-  backbone = ResNet(depth, ibn_stages=(ibn, ibn, ibn, False), last_stride=model_config.last_stride,
-                    width=model_config.get('width', 64), dtype=dtype, axis_name=axis_name,
-                    rngs=rngs)
+  backbone = build_backbone(model_config.backbone, last_stride=model_config.last_stride,
+                            width=model_config.get('width', 64), dtype=dtype, axis_name=axis_name,
+                            rngs=rngs)
   return ReIDModel(backbone, num_classes, axis_name=axis_name, rngs=rngs)

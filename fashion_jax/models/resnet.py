@@ -1,17 +1,16 @@
-"""ResNet backbones with IBN-a normalisation (IBN-Net, Pan et al. 2018), NHWC, PyTorch layout.
+"""ResNet backbones, plain or with IBN-a / IBN-b normalisation (IBN-Net, Pan et al. 2018), NHWC.
 
-Module and parameter names mirror torchvision / IBN-Net (`conv1`, `bn1`, `layer1..4`, `downsample`)
-so that PyTorch checkpoints map onto them one to one.
+Module names mirror torchvision / IBN-Net (`conv1`, `bn1`, `layer1..4`, `downsample`, `IN`) so that
+PyTorch checkpoints map onto them one to one (see `torch_name`).
 """
 
 import dataclasses
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fashion_jax.models.layers import IBN, BatchNorm
+from fashion_jax.models.layers import IBN, BatchNorm, InstanceNorm
 
 # torchvision's init for ResNet convolutions: Kaiming normal, fan_out, ReLU gain.
 _CONV_INIT = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -22,6 +21,13 @@ class ResNetSpec:
   block: str  # 'basic' or 'bottleneck'
   layers: tuple[int, int, int, int]
 
+
+# IBN-Net's ibn_cfg: which IBN type each of the 4 stages uses.
+IBN_CFGS = {
+    None: (None, None, None, None),
+    'a': ('a', 'a', 'a', None),
+    'b': ('b', 'b', None, None),
+}
 
 RESNET_SPECS = {
     10: ResNetSpec('basic', (1, 1, 1, 1)),
@@ -54,11 +60,13 @@ class Downsample(nnx.Module):
 class BasicBlock(nnx.Module):
   expansion = 1
 
-  def __init__(self, in_ch, planes, stride, *, ibn: bool, rngs, dtype, axis_name):
+  def __init__(self, in_ch, planes, stride, *, ibn: str | None, rngs, dtype, axis_name):
     self.conv1 = conv(in_ch, planes, 3, stride, rngs, dtype)
-    self.bn1 = IBN(planes, axis_name=axis_name) if ibn else BatchNorm(planes, axis_name=axis_name)
+    self.bn1 = (IBN(planes, axis_name=axis_name) if ibn == 'a'
+                else BatchNorm(planes, axis_name=axis_name))
     self.conv2 = conv(planes, planes, 3, 1, rngs, dtype)
     self.bn2 = BatchNorm(planes, axis_name=axis_name)
+    self.IN = InstanceNorm(planes) if ibn == 'b' else None
     needs_proj = stride != 1 or in_ch != planes
     self.downsample = (Downsample(in_ch, planes, stride, rngs=rngs, dtype=dtype, axis_name=axis_name)
                        if needs_proj else None)
@@ -67,21 +75,26 @@ class BasicBlock(nnx.Module):
     out = jax.nn.relu(self.bn1(self.conv1(x), train=train))
     out = self.bn2(self.conv2(out), train=train)
     shortcut = x if self.downsample is None else self.downsample(x, train=train)
-    return jax.nn.relu(out + shortcut)
+    return _finish(self, out + shortcut)
 
 
 class Bottleneck(nnx.Module):
-  """1x1 -> 3x3 (carries the stride, as in torchvision v1.5 and IBN-Net) -> 1x1, expansion 4."""
+  """1x1 -> 3x3 (carries the stride, as in torchvision v1.5 and IBN-Net) -> 1x1, expansion 4.
+
+  `ibn` 'a': `bn1` is an IBN layer; 'b': InstanceNorm (`IN`) on the residual sum, before the ReLU.
+  """
   expansion = 4
 
-  def __init__(self, in_ch, planes, stride, *, ibn: bool, rngs, dtype, axis_name):
+  def __init__(self, in_ch, planes, stride, *, ibn: str | None, rngs, dtype, axis_name):
     out_ch = planes * self.expansion
     self.conv1 = conv(in_ch, planes, 1, 1, rngs, dtype)
-    self.bn1 = IBN(planes, axis_name=axis_name) if ibn else BatchNorm(planes, axis_name=axis_name)
+    self.bn1 = (IBN(planes, axis_name=axis_name) if ibn == 'a'
+                else BatchNorm(planes, axis_name=axis_name))
     self.conv2 = conv(planes, planes, 3, stride, rngs, dtype)
     self.bn2 = BatchNorm(planes, axis_name=axis_name)
     self.conv3 = conv(planes, out_ch, 1, 1, rngs, dtype)
     self.bn3 = BatchNorm(out_ch, axis_name=axis_name)
+    self.IN = InstanceNorm(out_ch) if ibn == 'b' else None
     needs_proj = stride != 1 or in_ch != out_ch
     self.downsample = (Downsample(in_ch, out_ch, stride, rngs=rngs, dtype=dtype, axis_name=axis_name)
                        if needs_proj else None)
@@ -91,33 +104,43 @@ class Bottleneck(nnx.Module):
     out = jax.nn.relu(self.bn2(self.conv2(out), train=train))
     out = self.bn3(self.conv3(out), train=train)
     shortcut = x if self.downsample is None else self.downsample(x, train=train)
-    return jax.nn.relu(out + shortcut)
+    return _finish(self, out + shortcut)
+
+
+def _finish(block, x):
+  """A block's end: IBN-b's InstanceNorm on the residual sum (where present), then ReLU."""
+  if block.IN is not None:
+    x = block.IN(x)
+  return jax.nn.relu(x)
 
 
 class ResNet(nnx.Module):
   """ResNet feature extractor: images [B, H, W, 3] -> feature map [B, H/s, W/s, out_features].
 
-  `ibn_stages` marks the stages (of 4) whose blocks use IBN-a in `bn1`; IBN-a is (T, T, T, F).
-  `last_stride` 1 keeps stage 4 at stride 1, so s = 16 instead of 32.
+  `ibn` None, 'a' or 'b' selects IBN-Net's ibn_cfg (`IBN_CFGS`). IBN-b also swaps the stem's
+  BatchNorm for InstanceNorm. `last_stride` 1 keeps stage 4 at stride 1, so s = 16 instead of 32.
   """
 
-  def __init__(self, depth: int, *, ibn_stages: Sequence[bool] = (False,) * 4,
+  def __init__(self, depth: int, *, ibn: str | None = None,
                last_stride: int = 2, width: int = 64, dtype=jnp.float32,
                axis_name: str | None = None, rngs: nnx.Rngs):
     spec = RESNET_SPECS[depth]
+    ibn_cfg = IBN_CFGS[ibn]
     block_cls = BasicBlock if spec.block == 'basic' else Bottleneck
     self.dtype = dtype
     self.conv1 = nnx.Conv(3, width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
                           use_bias=False, kernel_init=_CONV_INIT, dtype=dtype,
                           param_dtype=jnp.float32, rngs=rngs)
-    self.bn1 = BatchNorm(width, axis_name=axis_name)
+    self.bn1 = (InstanceNorm(width) if ibn_cfg[0] == 'b'
+                else BatchNorm(width, axis_name=axis_name))
     in_ch = width
     strides = (1, 2, 2, last_stride)
-    for stage, (num_blocks, stride, ibn) in enumerate(zip(spec.layers, strides, ibn_stages)):
+    for stage, (num_blocks, stride, stage_ibn) in enumerate(zip(spec.layers, strides, ibn_cfg)):
       planes = width * 2 ** stage
       blocks = []
       for b in range(num_blocks):
-        blocks.append(block_cls(in_ch, planes, stride if b == 0 else 1, ibn=ibn, rngs=rngs,
+        blocks.append(block_cls(in_ch, planes, stride if b == 0 else 1,
+                                ibn=_block_ibn(stage_ibn, b, num_blocks), rngs=rngs,
                                 dtype=dtype, axis_name=axis_name))
         in_ch = planes * block_cls.expansion
       setattr(self, f'layer{stage + 1}', nnx.List(blocks))
@@ -131,3 +154,23 @@ class ResNet(nnx.Module):
       for block in stage:
         x = block(x, train=train)
     return x
+
+
+def _block_ibn(stage_ibn: str | None, index: int, num_blocks: int) -> str | None:
+  """IBN-Net's rule: IBN-b's IN only in the last block of a stage, and never in its first."""
+  if stage_ibn == 'b':
+    return 'b' if 0 < index == num_blocks - 1 else None
+  return stage_ibn
+
+
+def torch_name(path: str) -> str:
+  """Flax variable path -> its PyTorch state_dict key (torchvision / IBN-Net naming), e.g.
+  'layer1.0.downsample.conv.kernel' -> 'layer1.0.downsample.0.weight'."""
+  *modules, leaf = path.split('.')
+  if len(modules) >= 2 and modules[-2] == 'downsample':
+    modules[-1] = {'conv': '0', 'bn': '1'}[modules[-1]]
+  return '.'.join(modules + [_TORCH_LEAF[leaf]])
+
+
+_TORCH_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
+               'var': 'running_var'}

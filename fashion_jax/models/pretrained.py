@@ -1,0 +1,99 @@
+"""Converted backbone weights (e.g. ImageNet, from PyTorch): the file format and its loading.
+
+`fashion_jax.convert_weights` writes these files; training and notebooks load them into a model.
+"""
+
+import os
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+# The file is an uncompressed .npz: one float32 array per backbone variable, keyed by its dotted
+# path in the Flax backbone ('layer1.0.bn1.IN.scale'; conv kernels HWIO), plus the architecture
+# name under ARCH_KEY. Plain numpy keeps it readable anywhere, without Orbax or a model template.
+WEIGHTS_FILE = 'backbone.npz'
+ARCH_KEY = '__arch__'
+
+
+class LoadReport(NamedTuple):
+  arch: str
+  loaded: list[str]      # model variable paths set from the file, e.g. 'backbone.conv1.kernel'
+  not_loaded: list[str]  # model variable paths left at their fresh initialisation
+
+
+def variables(module: nnx.Module) -> dict[str, nnx.Variable]:
+  """Dotted path -> every nnx.Param and nnx.BatchStat of `module`."""
+  return {'.'.join(map(str, path)): node for path, node in nnx.iter_graph(module)
+          if isinstance(node, (nnx.Param, nnx.BatchStat))}
+
+
+def weights_path(path: str) -> str:
+  """A directory written by convert_weights, or the .npz file itself."""
+  return os.path.join(path, WEIGHTS_FILE) if os.path.isdir(path) else path
+
+
+def save_backbone_weights(path: str, arch: str, tensors: Mapping[str, np.ndarray]) -> str:
+  """Writes `tensors` (dotted Flax path -> array) for backbone `arch`; returns the file written."""
+  path = weights_path(path)
+  if ARCH_KEY in tensors:
+    raise ValueError(f'{ARCH_KEY} is reserved for the architecture name')
+  with open(path, 'wb') as f:
+    np.savez(f, **{ARCH_KEY: np.asarray(arch)},
+             **{k: np.asarray(v, np.float32) for k, v in tensors.items()})
+  return path
+
+
+def read_backbone_weights(path: str) -> tuple[str, dict[str, np.ndarray]]:
+  """-> (architecture name, dotted Flax path -> array). Never unpickles."""
+  path = weights_path(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no converted weights at {path} (see docs/models.md to create them)')
+  with np.load(path, allow_pickle=False) as data:
+    if ARCH_KEY not in data:
+      raise ValueError(f'{path} is not a converted backbone file (no {ARCH_KEY} entry)')
+    return str(data[ARCH_KEY]), {k: data[k] for k in data.files if k != ARCH_KEY}
+
+
+def load_pretrained(model: nnx.Module, path: str, *, arch: str | None = None) -> LoadReport:
+  """Sets every backbone variable of `model` (a ReIDModel) from a converted weights file.
+
+  The head (BNNeck, classifier) keeps its fresh initialisation. Fails, naming the tensors, if the
+  file's architecture differs from `arch` or any backbone variable would stay uninitialised.
+  """
+  file_arch, tensors = read_backbone_weights(path)
+  if arch is not None and arch != file_arch:
+    raise ValueError(f'{weights_path(path)} holds {file_arch} weights, but the model is {arch}')
+  targets = variables(model.backbone)
+  problems = []
+  unknown = sorted(set(tensors) - set(targets))
+  missing = sorted(set(targets) - set(tensors))
+  misshaped = [f'{k} {tuple(tensors[k].shape)} (model {tuple(targets[k].shape)})'
+               for k in sorted(set(tensors) & set(targets))
+               if tuple(tensors[k].shape) != tuple(targets[k].shape)]
+  for label, names in (('unknown', unknown), ('missing', missing), ('mis-shaped', misshaped)):
+    if names:
+      problems.append(f'{label} tensors: {", ".join(names)}')
+  if problems:
+    raise ValueError(f'cannot load {weights_path(path)} ({file_arch}) into the model: '
+                     + '; '.join(problems))
+  for key, var in targets.items():
+    var.set_value(jnp.asarray(tensors[key], var.dtype))
+  loaded = sorted(f'backbone.{k}' for k in targets)
+  not_loaded = sorted(k for k in variables(model) if not k.startswith('backbone.'))
+  return LoadReport(file_arch, loaded, not_loaded)
+
+
+def load_pretrained_from_config(model: nnx.Module, model_config) -> LoadReport | None:
+  """Loads `model_config.pretrained` (None or absent: nothing to load) and logs what was loaded."""
+  path = model_config.get('pretrained')
+  if not path:
+    return None
+  report = load_pretrained(model, path, arch=model_config.backbone)
+  logging.info('pretrained %s backbone from %s: loaded all %d backbone tensors; freshly '
+               'initialised: %s', report.arch, weights_path(path), len(report.loaded),
+               ', '.join(report.not_loaded))
+  return report
