@@ -88,8 +88,8 @@ class TorchResNet(nn.Module):
         downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False),
                                    nn.BatchNorm2d(out))
       # IBN-b: no IN in a stage's first block, IN only in its last block.
-      ibns = [None if cfg[stage] == 'b' and i < blocks - 1 or cfg[stage] == 'b' and i == 0
-              else cfg[stage] for i in range(blocks)]
+      ibns = [None if cfg[stage] == 'b' and (i == 0 or i < blocks - 1) else cfg[stage]
+              for i in range(blocks)]
       mods = [TorchBlock(kind, inplanes, planes, ibns[0], stride, downsample)]
       mods += [TorchBlock(kind, out, planes, ibns[i], 1, None) for i in range(1, blocks)]
       inplanes = out

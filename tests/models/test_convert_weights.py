@@ -1,0 +1,149 @@
+"""Weight conversion without PyTorch: name mapping, safetensors reading, and the errors.
+
+Each error test breaks a valid checkpoint in one way and checks the message names the tensor.
+"""
+
+import json
+import struct
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from fashion_jax import convert_weights
+from fashion_jax.models import build_backbone, build_model
+from fashion_jax.models.pretrained import (load_pretrained, read_backbone_weights,
+                                           save_backbone_weights, variables)
+from fashion_jax.models.resnet import torch_name
+
+ARCH = 'resnet18_ibn_a'
+
+
+def _torch_state_dict(arch):
+  """A complete, valid torchvision/IBN-Net-named state_dict of random values for `arch`."""
+  rng = np.random.default_rng(0)
+  abstract = nnx.eval_shape(lambda: build_backbone(arch, rngs=nnx.Rngs(0)))
+  tensors = {}
+  for key, var in variables(abstract).items():
+    shape = var.shape
+    if len(shape) == 4:  # HWIO -> OIHW
+      shape = (shape[3], shape[2], shape[0], shape[1])
+    tensors[torch_name(key)] = rng.normal(size=shape).astype(np.float32)
+  tensors['fc.weight'] = np.zeros((1000, 512), np.float32)
+  tensors['fc.bias'] = np.zeros((1000,), np.float32)
+  tensors['bn1.num_batches_tracked'] = np.asarray(7, np.int64)
+  return tensors
+
+
+def _write_safetensors(path, tensors, dtypes):
+  """Writes the format as specified: u64 header size, JSON header, concatenated raw data."""
+  header, blobs, offset = {'__metadata__': {'format': 'pt'}}, [], 0
+  for key, value in tensors.items():
+    dtype = dtypes.get(key, 'F32')
+    if dtype == 'BF16':
+      raw = (value.astype(np.float32).view(np.uint32) >> 16).astype('<u2').tobytes()
+    else:
+      raw = value.astype({'F32': '<f4', 'F16': '<f2', 'I64': '<i8'}[dtype]).tobytes()
+    header[key] = {'dtype': dtype, 'shape': list(value.shape),
+                   'data_offsets': [offset, offset + len(raw)]}
+    blobs.append(raw)
+    offset += len(raw)
+  text = json.dumps(header).encode()
+  with open(path, 'wb') as f:
+    f.write(struct.pack('<Q', len(text)) + text + b''.join(blobs))
+
+
+def test_torch_names_follow_ibn_net():
+  assert torch_name('layer1.0.downsample.conv.kernel') == 'layer1.0.downsample.0.weight'
+  assert torch_name('layer1.0.downsample.bn.var') == 'layer1.0.downsample.1.running_var'
+  assert torch_name('layer2.1.bn1.IN.scale') == 'layer2.1.bn1.IN.weight'
+  assert torch_name('layer1.2.IN.bias') == 'layer1.2.IN.bias'
+  assert torch_name('bn1.mean') == 'bn1.running_mean'
+
+
+def test_safetensors_conversion_round_trip(tmp_path):
+  tensors = _torch_state_dict(ARCH)
+  # Values exactly representable in half and bfloat16 precision, so the round trip is exact.
+  tensors['layer1.0.conv2.weight'] = np.round(tensors['layer1.0.conv2.weight'] * 8) / 8
+  tensors['layer1.0.bn2.weight'] = np.round(tensors['layer1.0.bn2.weight'] * 8) / 8
+  src = tmp_path / 'r18.safetensors'
+  _write_safetensors(src, tensors, {'layer1.0.conv2.weight': 'F16', 'layer1.0.bn2.weight': 'BF16',
+                                    'bn1.num_batches_tracked': 'I64'})
+  out = tmp_path / 'out'
+  assert convert_weights.main(['--arch', ARCH, '--src', str(src), '--out', str(out)]) == 0
+  arch, converted = read_backbone_weights(str(out))
+  assert arch == ARCH
+  np.testing.assert_array_equal(converted['layer1.0.conv2.kernel'],
+                                tensors['layer1.0.conv2.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(converted['layer1.0.bn2.scale'], tensors['layer1.0.bn2.weight'])
+  np.testing.assert_array_equal(converted['layer3.1.bn1.IN.bias'], tensors['layer3.1.bn1.IN.bias'])
+  np.testing.assert_array_equal(converted['bn1.var'], tensors['bn1.running_var'])
+  assert 'fc.weight' not in converted and len(converted) == len(tensors) - 3
+
+
+def test_conversion_names_every_bad_tensor():
+  tensors = _torch_state_dict(ARCH)
+  tensors['layer5.0.conv1.weight'] = np.zeros((3, 3, 1, 1), np.float32)
+  del tensors['layer2.1.bn1.IN.weight']
+  del tensors['layer4.0.downsample.1.running_mean']
+  tensors['layer3.0.conv2.weight'] = np.zeros((256, 128, 3, 3), np.float32)
+  with pytest.raises(convert_weights.ConversionError) as e:
+    convert_weights.convert_state_dict(ARCH, tensors)
+  message = str(e.value)
+  assert '\n' not in message
+  assert 'unknown tensors: layer5.0.conv1.weight' in message
+  assert 'missing tensors: layer2.1.bn1.IN.weight, layer4.0.downsample.1.running_mean' in message
+  assert 'mis-shaped tensors: layer3.0.conv2.weight (256, 128, 3, 3) (expected (256, 256, 3, 3))' \
+      in message
+
+
+def test_wrong_architecture_fails_naming_tensors():
+  # Plain ResNet-18 weights lack IBN-a's split bn1: the conversion must not half-load them.
+  with pytest.raises(convert_weights.ConversionError, match=r'missing tensors: layer1\.0\.bn1\.BN'):
+    convert_weights.convert_state_dict(ARCH, _torch_state_dict('resnet18'))
+
+
+def test_cli_reports_one_line_error(tmp_path, capsys):
+  tensors = _torch_state_dict(ARCH)
+  del tensors['conv1.weight']
+  _write_safetensors(tmp_path / 'bad.safetensors', tensors, {'bn1.num_batches_tracked': 'I64'})
+  assert convert_weights.main(['--arch', ARCH, '--src', str(tmp_path / 'bad.safetensors'),
+                               '--out', str(tmp_path / 'out')]) == 1
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'missing tensors: conv1.weight' in err
+  assert not (tmp_path / 'out').exists()
+  assert convert_weights.main(['--arch', 'resnet51', '--src', str(tmp_path / 'bad.safetensors'),
+                               '--out', str(tmp_path / 'out')]) == 1
+  assert "unknown backbone 'resnet51'" in capsys.readouterr().err
+
+
+def test_pth_without_torch_says_how_to_install(monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, 'torch', None)  # makes `import torch` raise ImportError
+  with pytest.raises(ImportError, match=r'needs PyTorch: pip install "fashion_jax\[torch\]"'):
+    convert_weights.read_torch(str(tmp_path / 'r50.pth'))
+
+
+def test_loading_checks_architecture_and_shapes(tmp_path):
+  config = ml_collections.ConfigDict(dict(backbone=ARCH, last_stride=1, width=64,
+                                          dtype='float32'))
+  model = nnx.eval_shape(lambda: build_model(config, num_classes=3))
+  converted, _ = convert_weights.convert_state_dict(ARCH, _torch_state_dict(ARCH))
+  save_backbone_weights(str(tmp_path), ARCH, converted)
+  with pytest.raises(ValueError, match=f'holds {ARCH} weights, but the model is resnet18'):
+    load_pretrained(model, str(tmp_path), arch='resnet18')
+  broken = dict(converted)
+  broken['layer1.0.conv1.kernel'] = np.zeros((3, 3, 64, 32), np.float32)
+  del broken['layer4.1.bn2.mean']
+  save_backbone_weights(str(tmp_path / 'broken.npz'), ARCH, broken)
+  with pytest.raises(ValueError, match=r'missing tensors: layer4\.1\.bn2\.mean; mis-shaped '
+                     r'tensors: layer1\.0\.conv1\.kernel \(3, 3, 64, 32\) \(model \(3, 3, 64, 64\)\)'):
+    load_pretrained(model, str(tmp_path / 'broken.npz'))
+  report = load_pretrained(model, str(tmp_path), arch=ARCH)
+  np.testing.assert_array_equal(model.backbone.layer2[1].bn1.IN.scale[...],
+                                converted['layer2.1.bn1.IN.scale'])
+  assert report.not_loaded == ['bottleneck.mean', 'bottleneck.scale', 'bottleneck.var',
+                               'classifier.kernel']
+  with pytest.raises(FileNotFoundError, match='no converted weights'):
+    load_pretrained(model, str(tmp_path / 'nope.npz'))
