@@ -85,7 +85,7 @@ class Item:
   """Everything that identifies one product; images of it differ only in how it is shot."""
   item_id: int
   category: int
-  shape: np.ndarray  # [4] float in [-1, 1]: silhouette proportions
+  shape: np.ndarray  # [4] float in [-1, 1] times shape_jitter: silhouette proportions
   base: np.ndarray  # [3] RGB in [0, 1]
   accent: np.ndarray  # [3] pattern colour
   trim: np.ndarray  # [3] collar/waistband/sole colour
@@ -100,15 +100,20 @@ class Item:
   logo_size: float
 
 
-def sample_item(seed: int, item_id: int, category: int, difficulty: Difficulty) -> Item:
-  """Draws a product's attributes; colours come from its category's few families."""
-  rng = rng_for(seed, Stream.ITEM, item_id)
-  families = rng_for(seed, Stream.PALETTE, category).choice(
+def colour_families(seed: int, category: int, difficulty: Difficulty) -> np.ndarray:
+  """Indices into PALETTE of the few colours that all items of a category are dyed in."""
+  return rng_for(seed, Stream.PALETTE, category).choice(
       len(PALETTE), size=difficulty.colour_families, replace=False)
+
+
+def sample_item(seed: int, item_id: int, category: int, difficulty: Difficulty) -> Item:
+  """Draws a product's attributes; base and pattern colours come from its category's families."""
+  rng = rng_for(seed, Stream.ITEM, item_id)
+  families = colour_families(seed, category, difficulty)
   base_family, accent_family = rng.choice(families, size=2, replace=False)
-  jitter = lambda: rng.normal(0.0, difficulty.colour_jitter, 3).astype(np.float32)
-  base = np.clip(PALETTE[base_family] + jitter(), 0.0, 1.0)
-  accent = np.clip(PALETTE[accent_family] + jitter(), 0.0, 1.0)
+  jitter = rng.normal(0.0, difficulty.colour_jitter, (2, 3)).astype(np.float32)
+  base = np.clip(PALETTE[base_family] + jitter[0], 0.0, 1.0)
+  accent = np.clip(PALETTE[accent_family] + jitter[1], 0.0, 1.0)
   trim = accent if rng.random() < 0.5 else base * 0.6
   x0, y0, x1, y1 = _PRINT_REGIONS[CATEGORIES[category]]
   return Item(
@@ -131,7 +136,7 @@ def sample_item(seed: int, item_id: int, category: int, difficulty: Difficulty) 
 
 
 def _mirror(left: list[tuple[float, float]]) -> list[tuple[float, float]]:
-  """Closes a left half-outline with its mirror image about x = 0.5."""
+  """Closes a left half-outline with its mirror image about x = 0.5 (points on it may repeat)."""
   return left + [(1.0 - x, y) for x, y in reversed(left)]
 
 
@@ -149,15 +154,15 @@ def _silhouette(category: str, s: np.ndarray) -> tuple[list, list]:
             ('rect', (0.0, hem - 0.045, 1.0, hem), 255)]
   elif category == 'dresses':
     hem, flare = 0.90 + 0.05 * a, 0.30 + 0.07 * b
-    left = [(0.37, 0.07), (0.43, 0.07), (0.5, 0.20 + 0.05 * c)]
-    outline = left + [(0.57, 0.07), (0.63, 0.07), (0.66, 0.28), (0.61, 0.42),
-                      (0.5 + flare, hem), (0.5 - flare, hem), (0.39, 0.42), (0.34, 0.28)]
-    body = [('poly', outline, 255)]
+    left = [(0.5, 0.20 + 0.05 * c), (0.43, 0.07), (0.37, 0.07), (0.34, 0.28), (0.39, 0.42),
+            (0.5 - flare, hem)]
+    body = [('poly', _mirror(left), 255)]
     trim = [('rect', (0.0, 0.40 + 0.02 * d, 1.0, 0.45 + 0.02 * d), 255)]
   elif category == 'pants':
     hip, cuff = 0.27 - 0.02 * a, 0.30 - 0.05 * b
-    left = [(0.30, 0.08), (hip, 0.40), (cuff, 0.92), (0.47 - 0.02 * c, 0.92)]
-    body = [('poly', left + [(0.5, 0.40 + 0.04 * d)] + [(1 - x, y) for x, y in reversed(left)], 255)]
+    inseam = (0.47 - 0.02 * c, 0.92)
+    left = [(0.30, 0.08), (hip, 0.40), (cuff, 0.92), inseam, (0.5, 0.40 + 0.04 * d)]
+    body = [('poly', _mirror(left), 255)]
     trim = [('rect', (0.0, 0.08, 1.0, 0.14), 255)]
   elif category == 'skirts':
     hem, flare = 0.78 + 0.06 * a, 0.32 + 0.07 * b
@@ -229,15 +234,15 @@ def _texture(item: Item, n: int) -> np.ndarray:
   if item.logo is not None:
     dx, dy = np.abs(u - item.logo_centre[0]), v - item.logo_centre[1]
     r, size = np.hypot(dx, dy), item.logo_size
+    far, near = np.maximum(dx, np.abs(dy)), np.minimum(dx, np.abs(dy))
     logo = {
-        'circle': lambda: r < size,
-        'ring': lambda: (r < size) & (r > 0.55 * size),
-        'square': lambda: np.maximum(dx, np.abs(dy)) < 0.85 * size,
-        'diamond': lambda: dx + np.abs(dy) < 1.1 * size,
-        'cross': lambda: ((np.maximum(dx, np.abs(dy)) < size)
-                          & (np.minimum(dx, np.abs(dy)) < 0.3 * size)),
-        'triangle': lambda: (dy < 0.7 * size) & (2.0 * dx < dy + size),
-    }[item.logo]()
+        'circle': r < size,
+        'ring': (r < size) & (r > 0.55 * size),
+        'square': far < 0.85 * size,
+        'diamond': dx + np.abs(dy) < 1.1 * size,
+        'cross': (far < size) & (near < 0.3 * size),
+        'triangle': (dy < 0.7 * size) & (2.0 * dx < dy + size),
+    }[item.logo]
     rgb = np.where(logo[..., None], item.logo_colour, rgb)
   # Soft folds and a top-left key light make flat colour read as fabric.
   shade = 1.05 - 0.12 * (u + v) + 0.04 * np.sin(2 * np.pi * (3.0 * u + item.phase))
