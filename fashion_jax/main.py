@@ -15,12 +15,28 @@ from fashion_jax import train
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and evaluation reports.')
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize() (multi-host: TPU pod slices, GPU clusters). '
+                  'On TPU VMs and SLURM/Kubernetes GPU jobs the arguments below are detected.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with --distributed).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --distributed).')
+flags.DEFINE_integer('process_id', None, 'This process (with --distributed).')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _initialize_distributed():
+  if FLAGS.num_processes and FLAGS.num_processes > 1:
+    # Cross-process collectives on CPU devices need an implementation; GPU/TPU ignore this.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.distributed:
+    _initialize_distributed()
   logging.info('JAX %s: process %d of %d, %d local and %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
@@ -30,6 +46,12 @@ def main(argv):
     # Config and data problems are the user's to fix: one line, no traceback.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except train.NonFiniteLossError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(3)
+  except train.Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(128 + 15)  # the conventional status of a process ended by SIGTERM
 
 
 if __name__ == '__main__':

@@ -6,11 +6,13 @@
 import collections
 import json
 import os
+import signal
 
 import jax
-import numpy as np
+import ml_collections
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -19,9 +21,20 @@ from fashion_jax import checkpointing, configlib, evaluate, optim
 from fashion_jax import train_step as ts
 from fashion_jax.models import build_model
 
+# Fields a resumed run may change: how long, how often, where the data lives, how to evaluate.
+# Anything else would silently change the experiment the checkpoints belong to.
+RESUMABLE_CHANGES = ('mode', 'dataset.data_dir', 'input.prefetch', 'train.num_epochs',
+                     'train.log_every_steps', 'train.checkpoint_every_steps',
+                     'train.keep_checkpoints', 'train.eval_every_epochs',
+                     'train.allow_config_change', 'eval')
+
 
 class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN or infinite loss."""
+  """Training produced a NaN or infinite loss, gradient or update."""
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; the state was checkpointed and training stopped."""
 
 
 def _device_batches(iterator, mesh, size: int):
@@ -41,6 +54,38 @@ def _device_batches(iterator, mesh, size: int):
     yield queue.popleft()
 
 
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def check_workdir_config(config, workdir: str) -> None:
+  """Refuses to resume a workdir whose checkpoints were trained with a different config.
+
+  The config is saved as `<workdir>/config.json` when a run starts; fields outside
+  RESUMABLE_CHANGES must match it unless `train.allow_config_change` is set.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path) or config.train.get('allow_config_change', False):
+    return
+  with open(path) as f:
+    saved = _flatten(json.load(f))
+  current = _flatten(json.loads(config.to_json_best_effort()))
+  differing = sorted(
+      key for key in saved.keys() | current.keys()
+      if saved.get(key) != current.get(key)
+      and not any(key == field or key.startswith(field + '.') for field in RESUMABLE_CHANGES))
+  if differing:
+    details = ', '.join(f'{k} ({saved.get(k)!r} -> {current.get(k)!r})' for k in differing[:6])
+    raise ValueError(f'{workdir} holds checkpoints of a different config: {details}; use '
+                     f'another workdir or --config.train.allow_config_change=True')
+
+
 def setup(config, workdir: str):
   """Validates the config, finds the dataset and builds the model, optimizer and state.
 
@@ -48,6 +93,10 @@ def setup(config, workdir: str):
   """
   configlib.validate_config(config, num_devices=jax.device_count(),
                             num_processes=jax.process_count())
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                            keep=config.train.keep_checkpoints)
+  if checkpointer.latest_step() is not None:
+    check_workdir_config(config, workdir)
   builder = datasets.get_builder(config.dataset.name, config.dataset.data_dir)
   item_ids = input_pipeline.train_item_ids(builder, config.dataset.train_split)
   global_p = config.train.batch_size // config.train.k
@@ -58,8 +107,6 @@ def setup(config, workdir: str):
   graphdef, state = ts.create_train_state(model, tx, len(item_ids), seed=config.seed)
   mesh = ts.make_mesh()
   state = ts.replicate(state, mesh)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                            keep=config.train.keep_checkpoints)
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state)
     logging.info('restored checkpoint at step %d from %s', int(state['step']),
@@ -69,10 +116,34 @@ def setup(config, workdir: str):
               checkpointer=checkpointer)
 
 
-def train_and_evaluate(config, workdir: str) -> dict | None:
+class _SigtermFlag:
+  """Records SIGTERM (the usual preemption notice) so the loop can checkpoint and stop."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals to the caller
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates, per config.mode.
 
-  Returns the last evaluation's metrics (None when mode is 'train').
+  Returns the last evaluation's metrics (None when mode is 'train'). Raises Preempted after
+  checkpointing when SIGTERM arrives, NonFiniteLossError when the loss stops being finite.
   """
   os.makedirs(workdir, exist_ok=True)
   s = setup(config, workdir)
@@ -102,7 +173,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     logging.info('training already finished at step %d', start_step)
     return run_eval(state) if do_eval else None
   eval_every = config.train.eval_every_epochs * steps_per_epoch
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and (start_step == 0 or config.train.allow_config_change):
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   logging.info('%d identities, %d steps per epoch, %d steps in all, starting at step %d',
@@ -113,29 +184,50 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     metrics = run_eval(state)  # the untrained model: the baseline the training must beat
 
   train_ds = input_pipeline.create_train_dataset(
-      s['builder'], config, item_ids=s['item_ids'], start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      s['builder'], config, item_ids=s['item_ids'], start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
   batches = _device_batches(train_ds.as_numpy_iterator(), mesh, config.input.prefetch)
   step_fn = ts.make_train_step(s['graphdef'], s['tx'], mesh, config.loss, s['schedule'])
   report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   last_checkpoint = checkpointer.latest_step()
 
-  for step in range(start_step + 1, total_steps + 1):
-    images, labels = next(batches)
-    state, train_metrics = step_fn(state, images, labels)
-    report_progress(step)
-    if step % config.train.log_every_steps == 0 or step == total_steps:
-      train_metrics = jax.device_get(train_metrics)
-      if not np.isfinite(train_metrics['loss']):
-        raise NonFiniteLossError(
-            f'non-finite loss {train_metrics["loss"]} at step {step}; the last good checkpoint '
-            f'is step {last_checkpoint} in {checkpointer.directory}')
-      writer.write_scalars(step, {f'train/{k}': v for k, v in train_metrics.items()})
-    if step % config.train.checkpoint_every_steps == 0 or step == total_steps:
-      checkpointer.save(step, state)
-      last_checkpoint = step
-    if do_eval and (step % eval_every == 0 or step == total_steps):
-      metrics = run_eval(state)
+  def check_finite(state):
+    bad_step = int(state['nonfinite_step'])
+    if bad_step >= 0:
+      checkpointer.wait()
+      raise NonFiniteLossError(
+          f'non-finite loss or gradient at step {bad_step}; training stopped, the last good '
+          f'checkpoint is step {last_checkpoint} in {checkpointer.directory}')
+
+  with _SigtermFlag() as sigterm:
+    for step in range(start_step + 1, total_steps + 1):
+      images, labels = next(batches)
+      state, train_metrics = step_fn(state, images, labels)
+      report_progress(step)
+      is_last = step == total_steps
+      is_log_step = step % config.train.log_every_steps == 0 or is_last
+      stop = sigterm.raised
+      if jax.process_count() > 1:
+        # All processes must stop at the same step, or the next collective hangs; agreeing costs
+        # a host synchronisation, so it is done on logging steps only.
+        stop = is_log_step and bool(multihost_utils.process_allgather(stop).any())
+      if is_log_step:
+        check_finite(state)
+        writer.write_scalars(step, {f'train/{k}': v
+                                    for k, v in jax.device_get(train_metrics).items()})
+      if step % config.train.checkpoint_every_steps == 0 or is_last or stop:
+        check_finite(state)  # a non-finite state is never saved
+        checkpointer.save(step, state)
+        last_checkpoint = step
+      if stop:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.flush()
+        raise Preempted(f'SIGTERM at step {step}: checkpoint saved in {checkpointer.directory}; '
+                        f'run the same command to resume')
+      if do_eval and (step % eval_every == 0 or is_last):
+        metrics = run_eval(state)
+
   checkpointer.wait()
   checkpointer.close()
   writer.flush()

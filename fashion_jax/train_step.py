@@ -40,6 +40,8 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, num_
       'opt_state': tx.init(params),
       # N(0, 1), as the strong baseline initialises its center-loss centers.
       'centers': jax.random.normal(jax.random.key(seed), (num_classes, feat), jnp.float32),
+      # The first step whose loss, gradients or update were not finite; -1 while all were.
+      'nonfinite_step': jnp.full((), -1, jnp.int32),
   }
   return graphdef, state
 
@@ -86,12 +88,32 @@ def apply_gradients(state: TrainState, grads, center_grads, batch_stats,
   # The centers have their own SGD; dividing by beta undoes the loss weight (method.md 3).
   centers = state['centers'] - loss_config.center_lr * center_grads / loss_config.center_weight
   return {
+      **state,
       'step': state['step'] + 1,
       'params': optax.apply_updates(state['params'], updates),
       'batch_stats': batch_stats,
       'opt_state': opt_state,
       'centers': centers,
   }
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def guard_nonfinite(state: TrainState, new_state: TrainState, computed) -> TrainState:
+  """Keeps `state` instead of `new_state` when anything computed or updated is not finite.
+
+  A NaN therefore never reaches the parameters, and so never a checkpoint; the step at which it
+  appeared is recorded for the host, which stops training when it next looks.
+  """
+  finite = _all_finite((computed, new_state['params'], new_state['centers'],
+                        new_state['batch_stats']))
+  kept = {key: jax.tree.map(lambda new, old: jnp.where(finite, new, old), value, state[key])
+          for key, value in new_state.items()}
+  kept['nonfinite_step'] = jnp.where((state['nonfinite_step'] < 0) & ~finite,
+                                     state['step'] + 1, state['nonfinite_step'])
+  return kept
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh: Mesh,
@@ -115,7 +137,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, me
     new_state = apply_gradients(state, grads, center_grads, batch_stats, tx, loss_config)
     metrics = jax.lax.pmean(metrics, DATA_AXIS)
     metrics['learning_rate'] = schedule(state['step'])
-    return new_state, metrics
+    return guard_nonfinite(state, new_state, (metrics['loss'], grads, center_grads)), metrics
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
                           out_specs=(P(), P()))

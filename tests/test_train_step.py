@@ -58,19 +58,20 @@ def test_sharded_step_equals_averaged_per_shard_gradients(metric):
                                 tx, config.loss)
   expected_loss = np.mean([float(r[3]['loss']) for r in results])
 
-  params_before = jax.device_get(state['params'])  # the step donates (deletes) its input state
+  params_before = state['params']
   mesh = ts.make_mesh()
   step = ts.make_train_step(graphdef, tx, mesh, config.loss, schedule)
   sharding = NamedSharding(mesh, P(ts.DATA_AXIS))
-  new_state, metrics = step(ts.replicate(state, mesh), jax.device_put(images, sharding),
-                            jax.device_put(labels, sharding))
+  # A host copy goes in: the step donates (deletes) its input state.
+  new_state, metrics = step(ts.replicate(jax.device_get(state), mesh),
+                            jax.device_put(images, sharding), jax.device_put(labels, sharding))
 
   np.testing.assert_allclose(metrics['loss'], expected_loss, rtol=1e-5)
   assert int(new_state['step']) == 1
-  flat_new = jax.tree_util.tree_leaves_with_path(new_state)
-  flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected))
-  for path, value in flat_new:
-    np.testing.assert_allclose(value, flat_expected[path], atol=1e-5, rtol=1e-5,
+  assert int(new_state['nonfinite_step']) == -1
+  flat_new = dict(jax.tree_util.tree_leaves_with_path(new_state))
+  for path, value in jax.tree_util.tree_leaves_with_path(expected):
+    np.testing.assert_allclose(flat_new[path], value, atol=1e-5, rtol=1e-5,
                                err_msg=jax.tree_util.keystr(path))
   # The update must have moved the parameters, or the comparison above proves nothing.
   moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state['params'],
@@ -116,3 +117,22 @@ def test_center_update_is_independent_of_the_loss_weight():
       expected[label] -= 0.5 * (c[label] - f) / len(y)
     np.testing.assert_allclose(centers_after[-1], expected, atol=1e-4)
   np.testing.assert_allclose(centers_after[0], centers_after[1], atol=1e-4)
+
+
+def test_nonfinite_step_keeps_the_state_and_records_the_step():
+  images, labels = _batch()
+  config = _config()
+  graphdef, state, tx, schedule = _fresh_state(config)
+  kernel = state['params']['classifier']['kernel']
+  state['params']['classifier']['kernel'] = kernel.at[0, 0].set(jnp.inf)
+  before = jax.device_get(state)
+  mesh = ts.make_mesh()
+  step = ts.make_train_step(graphdef, tx, mesh, config.loss, schedule)
+  sharding = NamedSharding(mesh, P(ts.DATA_AXIS))
+  new_state, metrics = step(ts.replicate(state, mesh), jax.device_put(images, sharding),
+                            jax.device_put(labels, sharding))
+  assert not np.isfinite(metrics['loss'])
+  assert int(new_state['nonfinite_step']) == 1
+  assert int(new_state['step']) == 0
+  for a, b in zip(jax.tree.leaves(new_state['params']), jax.tree.leaves(before['params'])):
+    np.testing.assert_array_equal(a, b)
