@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 1000
   c.train.keep_checkpoints = 3
   c.train.eval_every_epochs = 40
+  c.train.allow_config_change = False  # resume a workdir whose config.json differs
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128
@@ -107,6 +108,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
   height, width = config.input.image_size
   if height % 16 or width % 16 or height <= 0 or width <= 0:
     raise ValueError(f'input.image_size must be positive multiples of 16, got {height}x{width}')
+  if config.loss.center_weight <= 0:
+    raise ValueError(f'loss.center_weight must be > 0 (the centers step divides by it), got '
+                     f'{config.loss.center_weight}')
   k, batch = config.train.k, config.train.batch_size
   if k < 2:
     raise ValueError(f'train.k must be >= 2 (batch-hard mining needs a positive), got {k}')
