@@ -1,6 +1,6 @@
 """Retrieval evaluation (method.md section 5): exact mAP and Acc@k (CMC), without sorting the gallery.
 
-The rank of every positive is counted block by block, so memory stays O((Q + G) x D + Q x P).
+The rank of every positive is counted per query chunk: memory O((Q + G) x D + Q x P + chunk x G).
 """
 
 import functools
@@ -54,16 +54,28 @@ def _chunk_metrics(queries, query_ids, query_groups, positives, gallery, gallery
                    gallery_groups, gallery_size, rerank, gallery_chunk):
   """AP, first-positive rank and validity of one query chunk (see per_query_metrics)."""
   is_positive = positives >= 0
+  starts = jnp.arange(0, gallery.shape[0], gallery_chunk, dtype=jnp.int32)
 
-  num_blocks = gallery.shape[0] // gallery_chunk
+  def distances(_, start):
+    block = jax.lax.dynamic_slice_in_dim(gallery, start, gallery_chunk)
+    return None, search.block_distances(queries, block, start, rerank)
 
-  def read_positives(positive_d, start, d):
-    local = positives - start
-    inside = (local >= 0) & (local < gallery_chunk)
-    found = jnp.take_along_axis(d, jnp.clip(local, 0, gallery_chunk - 1), axis=1)
-    return jnp.where(inside, found, positive_d)
+  # The chunk's distances to the whole gallery are stored once ([blocks, Qc, block], chunk x G
+  # floats) and both the positives' distances and the counts are read from that one array, so
+  # a tie is a tie in both: the same distance computed twice may round differently (fused
+  # multiply-adds, another dot-product shape).
+  _, strip = jax.lax.scan(distances, None, starts)
+  safe = jnp.maximum(positives, 0)
+  positive_d = strip[safe // gallery_chunk, jnp.arange(positives.shape[0])[:, None],
+                     safe % gallery_chunk]
+  # An item ranks before a positive if it is closer, or equally close with a smaller index:
+  # d < the next float above the positive's distance for smaller indices. CPUs flush
+  # denormals to zero, so above 0 the next float that compares as larger is `tiny`.
+  above = jnp.where(positive_d == 0, jnp.finfo(jnp.float32).tiny,
+                    jnp.nextafter(positive_d, jnp.inf))
 
-  def count(positive_d, negatives_before, start, d):
+  def count(negatives_before, block):
+    start, d = block
     index = start + jnp.arange(gallery_chunk, dtype=jnp.int32)
     block_ids = jax.lax.dynamic_slice_in_dim(gallery_ids, start, gallery_chunk)
     block_groups = jax.lax.dynamic_slice_in_dim(gallery_groups, start, gallery_chunk)
@@ -72,33 +84,14 @@ def _chunk_metrics(queries, query_ids, query_groups, positives, gallery, gallery
     negative = ((block_ids[None] != query_ids[:, None])
                 & (block_groups[None] == query_groups[:, None]) & (index < gallery_size)[None])
     d = jnp.where(negative, d, jnp.inf)[:, None, :]
-    # An item ranks before a positive if it is closer, or equally close with a smaller index:
-    # d < the next float above the positive's distance for smaller indices. CPUs flush
-    # denormals to zero, so above 0 the next float that compares as larger is `tiny`.
-    above = jnp.where(positive_d == 0, jnp.finfo(jnp.float32).tiny,
-                      jnp.nextafter(positive_d, jnp.inf))
     threshold = jnp.where(index[None, None, :] < positives[:, :, None], above[:, :, None],
                           positive_d[:, :, None])
     # A float sum vectorises better than an int one on CPU; it is exact below 2^24 per block.
     in_block = jnp.sum((d < threshold).astype(jnp.float32), axis=2)
-    return negatives_before + in_block.astype(jnp.int32)
+    return negatives_before + in_block.astype(jnp.int32), None
 
-  # Two sweeps over the gallery in one loop body: the first reads the positives' distances,
-  # the second counts the items ranked before them. Both sweeps use the block computed by the
-  # same code, so a tie is a tie in both; distances computed in two places may round
-  # differently (fused multiply-adds, another dot product shape).
-  def body(carry, step):
-    positive_d, negatives_before = carry
-    start = (step % num_blocks) * gallery_chunk
-    d = search.block_distances(
-        queries, jax.lax.dynamic_slice_in_dim(gallery, start, gallery_chunk), start, rerank)
-    return jax.lax.cond(
-        step < num_blocks,
-        lambda: (read_positives(positive_d, start, d), negatives_before),
-        lambda: (positive_d, count(positive_d, negatives_before, start, d))), None
-
-  init = (jnp.zeros(positives.shape, jnp.float32), jnp.zeros(positives.shape, jnp.int32))
-  (positive_d, negatives_before), _ = jax.lax.scan(body, init, jnp.arange(2 * num_blocks))
+  negatives_before, _ = jax.lax.scan(count, jnp.zeros(positives.shape, jnp.int32),
+                                     (starts, strip))
   pd, pi = positive_d[:, :, None], positives[:, :, None]
   earlier = (positive_d[:, None, :] < pd) | ((positive_d[:, None, :] == pd)
                                              & (positives[:, None, :] < pi))
@@ -131,9 +124,9 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
     query_cams, gallery_cams: [Q], [G] or None (given together).
     query_groups, gallery_groups: [Q], [G] or None (given together).
     rerank: rank by these re-ranked distances instead of the Euclidean ones.
-    chunk_size: queries per jitted call.
-    gallery_chunk_size: gallery items per block; memory grows as chunk x block x P, P the
-      largest number of positives of a query.
+    chunk_size: queries per jitted call; working memory holds chunk_size x G distances.
+    gallery_chunk_size: gallery items per block of the counting loop (its temporaries are
+      chunk x block x P, P the largest number of positives of a query).
     progress: optional callable(stage, num_done, total) called after each query chunk.
 
   Returns:
