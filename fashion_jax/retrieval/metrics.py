@@ -172,14 +172,15 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
   outputs = []
   for start in range(0, len(queries), q_chunk):
     rows = slice(start, start + q_chunk)
-    outputs.append(_chunk_metrics(queries[rows], query_ids[rows], query_groups[rows],
-                                  positives[rows], gallery, gallery_ids, gallery_groups,
-                                  gallery_size, search.slice_rerank(rerank, rows), g_chunk))
+    # Read back per chunk: progress then reports finished work, not queued work.
+    outputs.append([np.asarray(a) for a in _chunk_metrics(
+        queries[rows], query_ids[rows], query_groups[rows], positives[rows], gallery,
+        gallery_ids, gallery_groups, gallery_size, search.slice_rerank(rerank, rows), g_chunk)])
     if progress is not None:
       progress('metrics', min(start + q_chunk, num_queries), num_queries)
   # Padded rows are cut off here, so they need no mask inside the jitted function.
   ap, first_rank, valid = (
-      np.concatenate([np.asarray(o[i]) for o in outputs])[:num_queries] for i in range(3))
+      np.concatenate([o[i] for o in outputs])[:num_queries] for i in range(3))
   return ap, first_rank, valid
 
 

@@ -29,14 +29,11 @@ def _reciprocal(neighbours: np.ndarray, k: int) -> np.ndarray:
   return out
 
 
-def _compact(index: np.ndarray, values: np.ndarray | None = None):
+def _compact(index: np.ndarray) -> np.ndarray:
   """Sorts each row's valid (>= 0) entries first and trims the padding columns shared by all rows."""
   order = np.argsort(np.where(index < 0, np.iinfo(index.dtype).max, index), axis=1, kind='stable')
   index = np.take_along_axis(index, order, axis=1)
-  width = max(int((index >= 0).sum(axis=1).max(initial=0)), 1)
-  if values is None:
-    return index[:, :width]
-  return index[:, :width], np.take_along_axis(values, order, axis=1)[:, :width]
+  return index[:, :max(int((index >= 0).sum(axis=1).max(initial=0)), 1)]
 
 
 def _expanded_sets(neighbours: np.ndarray, k1: int) -> np.ndarray:
@@ -75,94 +72,105 @@ def _weights(points, everything, index, row_max):
   return w / jnp.sum(w, axis=1, keepdims=True)
 
 
-def _rows_from_entries(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, num_rows: int,
-                       num_cols: int) -> tuple[np.ndarray, np.ndarray]:
-  """Sums duplicate (row, col) entries into padded sparse rows: index [R, W] (-1 pad), values."""
-  keys, inverse = np.unique(rows.astype(np.int64) * num_cols + cols, return_inverse=True)
-  sums = np.bincount(inverse, weights=values).astype(np.float32)
-  key_rows = keys // num_cols
-  counts = np.bincount(key_rows, minlength=num_rows)
-  width = max(int(counts.max(initial=0)), 1)
-  # Keys are sorted, so each row's entries are contiguous: their slot is the offset in the run.
-  slot = np.arange(len(keys)) - np.searchsorted(key_rows, key_rows, side='left')
-  index = np.full((num_rows, width), -1, np.int64)
-  out = np.zeros((num_rows, width), np.float32)
-  index[key_rows, slot] = keys % num_cols
-  out[key_rows, slot] = sums
+def _query_expansion(index: np.ndarray, values: np.ndarray, neighbours: np.ndarray, k2: int,
+                     max_cells: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+  """V[i] <- mean of V[n] over the top-k2 neighbours n of i (i itself first), sparsely.
+
+  Rows are summed densely in batches of at most `max_cells` (row, point) cells.
+  """
+  num_points = len(index)
+  rows_per_batch = max(max_cells // num_points, 1)
+  parts_index, parts_values = [], []
+  for start in range(0, num_points, rows_per_batch):
+    near = neighbours[start:start + rows_per_batch, :k2]
+    stacked_index = index[near].reshape(len(near), -1)
+    keep = stacked_index >= 0
+    cell = (np.broadcast_to(np.arange(len(near))[:, None], keep.shape)[keep] * num_points
+            + stacked_index[keep])
+    sums = np.bincount(cell, weights=values[near].reshape(len(near), -1)[keep] / k2,
+                       minlength=len(near) * num_points).reshape(len(near), num_points)
+    present = np.bincount(cell, minlength=sums.size).reshape(sums.shape) > 0
+    parts = _nonzero_rows(present, sums)
+    parts_index.append(parts[0])
+    parts_values.append(parts[1])
+  return _stack(parts_index, -1), _stack(parts_values, 0.0)
+
+
+def _nonzero_rows(present: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Dense [R, C] rows to sparse padded rows: column index [R, W] (-1 padded, ascending), values."""
+  rows, cols = np.nonzero(present)
+  counts = present.sum(axis=1)
+  slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+  index = np.full((len(present), max(int(counts.max(initial=0)), 1)), -1, np.int64)
+  out = np.zeros(index.shape, np.float32)
+  index[rows, slot] = cols
+  out[rows, slot] = values[rows, cols]
   return index, out
 
 
-def _query_expansion(index: np.ndarray, values: np.ndarray, neighbours: np.ndarray,
-                     k2: int) -> tuple[np.ndarray, np.ndarray]:
-  """V[i] <- mean of V[n] over the top-k2 neighbours n of i (i itself first), sparsely."""
-  num_points = len(index)
-  chunks_index, chunks_values = [], []
-  for start in range(0, num_points, _ROWS):
-    near = neighbours[start:start + _ROWS, :k2]
-    stacked_index = index[near].reshape(len(near), -1)
-    stacked_values = values[near].reshape(len(near), -1) / k2
-    rows = np.broadcast_to(np.arange(len(near))[:, None], stacked_index.shape)
-    keep = stacked_index >= 0
-    chunks = _rows_from_entries(rows[keep], stacked_index[keep], stacked_values[keep],
-                                len(near), num_points)
-    chunks_index.append(chunks[0])
-    chunks_values.append(chunks[1])
-  width = max(c.shape[1] for c in chunks_index)
-  pad = lambda a, v: np.pad(a, [(0, 0), (0, width - a.shape[1])], constant_values=v)
-  return (np.concatenate([pad(c, -1) for c in chunks_index]),
-          np.concatenate([pad(c, 0.0) for c in chunks_values]))
+def _stack(parts: list[np.ndarray], fill) -> np.ndarray:
+  """Row blocks of different widths, padded with `fill` to the widest and stacked."""
+  width = max(p.shape[1] for p in parts)
+  return np.concatenate([np.pad(p, [(0, 0), (0, width - p.shape[1])], constant_values=fill)
+                         for p in parts])
 
 
 def _jaccard(index: np.ndarray, values: np.ndarray, num_queries: int,
-             max_pairs: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+             max_pairs: int = 1 << 22, max_cells: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
   """Jaccard distances of query rows to the gallery rows sharing support with them.
 
   sum_k min(V[i,k], V[j,k]) is gathered through an inverted index (support column -> gallery
-  rows), `max_pairs` (query entry, gallery entry) pairs at a time.
+  rows), for batches of query rows holding about `max_pairs` (query entry, gallery entry)
+  pairs and at most `max_cells` (row, gallery item) sums.
 
   Returns:
     index: [Q, W] int64 gallery indices (0-based in the gallery), -1 padded.
     jaccard: [Q, W] float32, 1 - m / (2 - m) with m the sum of minima.
   """
   num_points, num_gallery = len(index), len(index) - num_queries
-  gallery_rows = np.broadcast_to(np.arange(num_queries, num_points)[:, None],
-                                 index[num_queries:].shape)
-  keep = index[num_queries:] >= 0
-  by_col = np.argsort(index[num_queries:][keep], kind='stable')
-  col_rows = gallery_rows[keep][by_col] - num_queries
+  gallery_index = index[num_queries:]
+  keep = gallery_index >= 0
+  by_col = np.argsort(gallery_index[keep], kind='stable')
+  col_rows = np.nonzero(keep)[0][by_col]
   col_values = values[num_queries:][keep][by_col]
-  col_start = np.searchsorted(index[num_queries:][keep][by_col], np.arange(num_points + 1))
+  col_start = np.searchsorted(gallery_index[keep][by_col], np.arange(num_points + 1))
   col_count = np.diff(col_start)
 
   q_keep = index[:num_queries] >= 0
-  q_rows = np.broadcast_to(np.arange(num_queries)[:, None], index[:num_queries].shape)[q_keep]
+  q_rows = np.nonzero(q_keep)[0]
   q_cols = index[:num_queries][q_keep]
   q_values = values[:num_queries][q_keep]
   pairs = col_count[q_cols]
-  # Batches of whole query rows, each with about max_pairs pairs (one row may exceed it).
+  # Batch boundaries: every max_pairs pairs (a single row may exceed it), and every
+  # max_cells // G rows.
   row_pairs = np.cumsum(np.bincount(q_rows, weights=pairs, minlength=num_queries))
-  row_cuts = np.searchsorted(row_pairs, np.arange(max_pairs, row_pairs[-1], max_pairs))
-  row_bounds = np.unique(np.concatenate([[0], row_cuts + 1, [num_queries]]).clip(0, num_queries))
-  parts = []
-  for first_row, end_row in zip(row_bounds[:-1], row_bounds[1:]):
+  by_pairs = np.searchsorted(row_pairs, np.arange(max_pairs, row_pairs[-1], max_pairs)) + 1
+  by_cells = np.arange(0, num_queries, max(max_cells // max(num_gallery, 1), 1))
+  bounds = np.unique(np.concatenate([by_pairs, by_cells, [num_queries]]).clip(0, num_queries))
+  parts_index, parts_minima = [], []
+  for first_row, end_row in zip(bounds[:-1], bounds[1:]):
     lo, hi = np.searchsorted(q_rows, [first_row, end_row])
     count = pairs[lo:hi]
     owner = np.repeat(np.arange(lo, hi), count)
-    offset = np.arange(len(owner)) - np.repeat(np.cumsum(count) - count, count)
-    position = col_start[q_cols[owner]] + offset
-    minima = np.minimum(q_values[owner], col_values[position])
-    parts.append(_rows_from_entries(q_rows[owner] - first_row, col_rows[position], minima,
-                                    end_row - first_row, num_gallery))
-  width = max(p[0].shape[1] for p in parts)
-  pad = lambda a, v: np.pad(a, [(0, 0), (0, width - a.shape[1])], constant_values=v)
-  index_out = np.concatenate([pad(p[0], -1) for p in parts])
-  minima_sum = np.concatenate([pad(p[1], 0.0) for p in parts])
+    position = col_start[q_cols[owner]] + (
+        np.arange(len(owner)) - np.repeat(np.cumsum(count) - count, count))
+    # Dense sums over this batch's rows x the gallery: a bincount, no sort of the pairs.
+    cell = (q_rows[owner] - first_row) * num_gallery + col_rows[position]
+    sums = np.bincount(cell, weights=np.minimum(q_values[owner], col_values[position]),
+                       minlength=(end_row - first_row) * num_gallery)
+    shared = np.bincount(cell, minlength=(end_row - first_row) * num_gallery) > 0
+    sums = sums.reshape(end_row - first_row, num_gallery)
+    shared = shared.reshape(sums.shape)
+    parts = _nonzero_rows(shared, sums)
+    parts_index.append(parts[0])
+    parts_minima.append(parts[1])
+  index_out, minima_sum = _stack(parts_index, -1), _stack(parts_minima, 0.0)
   jaccard = np.where(index_out >= 0, 1.0 - minima_sum / (2.0 - minima_sum), 1.0)
   return index_out, jaccard.astype(np.float32)
 
 
 def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: float = 0.3, *,
-                        chunk_size: int = 256, gallery_chunk_size: int = 8192,
+                        chunk_size: int = 1024, gallery_chunk_size: int = 1024,
                         progress=None) -> Reranked:
   """Re-ranked query-gallery distances, as the dense algorithm of method.md section 6 gives them.
 
@@ -200,10 +208,14 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
   report('expansion', len(everything), len(everything))
 
   device_points = jnp.asarray(everything)
+  # Padded to whole chunks, so one compilation serves every chunk.
+  points = search.pad_rows(everything, _ROWS)
+  lists = search.pad_rows(expanded, _ROWS, -1)
+  scales = search.pad_rows(row_max, _ROWS, 1.0)
   values = np.concatenate([
-      np.asarray(_weights(device_points[start:start + _ROWS], device_points,
-                          expanded[start:start + _ROWS], row_max[start:start + _ROWS]))
-      for start in range(0, len(everything), _ROWS)])
+      np.asarray(_weights(points[start:start + _ROWS], device_points,
+                          lists[start:start + _ROWS], scales[start:start + _ROWS]))
+      for start in range(0, len(points), _ROWS)])[:len(everything)]
   index = expanded
   if k2 > 1:
     index, values = _query_expansion(index, values, neighbours, k2)

@@ -128,7 +128,7 @@ def _top_k_chunk(queries, gallery, gallery_size, rerank, k, gallery_chunk):
 
 
 def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked | None = None,
-          chunk_size: int = 256, gallery_chunk_size: int = 8192,
+          chunk_size: int = 1024, gallery_chunk_size: int = 1024,
           progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The k nearest gallery items of every query, exact, ties by gallery index.
 
@@ -165,12 +165,14 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked 
   outputs = []
   for start in range(0, len(padded_queries), q_chunk):
     rows = slice(start, start + q_chunk)
-    outputs.append(_top_k_chunk(padded_queries[rows], padded_gallery, gallery_size,
-                                slice_rerank(padded_rerank, rows), k, g_chunk))
+    # Read back per chunk: progress then reports finished work, not queued work.
+    outputs.append([np.asarray(a) for a in _top_k_chunk(
+        padded_queries[rows], padded_gallery, gallery_size, slice_rerank(padded_rerank, rows),
+        k, g_chunk)])
     if progress is not None:
       progress('top-k', min(start + q_chunk, num_queries), num_queries)
   distances, index, row_max = (
-      np.concatenate([np.asarray(o[i]) for o in outputs])[:num_queries] for i in range(3))
+      np.concatenate([o[i] for o in outputs])[:num_queries] for i in range(3))
   return index, distances, row_max
 
 
