@@ -1,9 +1,7 @@
 """k-reciprocal re-ranking (Zhong et al., CVPR 2017; method.md section 6) on neighbour lists.
 
-Only top-k lists and sparse rows are built, never an N x N matrix: memory O(N x k1^2 + N x D).
+Only top-k lists and sparse rows are built, never an N x N matrix (memory: k_reciprocal_rerank).
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +28,7 @@ def _reciprocal(neighbours: np.ndarray, k: int) -> np.ndarray:
 
 
 def _compact(index: np.ndarray) -> np.ndarray:
-  """Sorts each row's valid (>= 0) entries first and trims the padding columns shared by all rows."""
+  """Sorts the valid (>= 0) entries of each row first; trims the padding columns all rows share."""
   order = np.argsort(np.where(index < 0, np.iinfo(index.dtype).max, index), axis=1, kind='stable')
   index = np.take_along_axis(index, order, axis=1)
   return index[:, :max(int((index >= 0).sum(axis=1).max(initial=0)), 1)]
@@ -59,9 +57,7 @@ def _expanded_sets(neighbours: np.ndarray, k1: int) -> np.ndarray:
     repeated = np.zeros_like(union, dtype=bool)
     repeated[:, 1:] = union[:, 1:] == union[:, :-1]
     out.append(np.where(repeated, -1, union))
-  width = max(o.shape[1] for o in out)
-  return _compact(np.concatenate([np.pad(o, [(0, 0), (0, width - o.shape[1])],
-                                         constant_values=-1) for o in out]))
+  return _compact(np.concatenate(out))
 
 
 @jax.jit
@@ -177,7 +173,8 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
   Distances among all N = Q + G points are squared Euclidean, each row divided by its maximum
   over all N points (the common implementation divides columns, then transposes), and
   final = (1 - lam) * Jaccard + lam * that distance. Neighbour lists are ordered by distance,
-  ties by index.
+  ties by index. Memory O(N x (D + k1^2) + Q x J), J the most gallery items sharing a
+  neighbour with one query (a few thousand at N = 10,000 on random data).
 
   Args:
     query_emb: [Q, D] float.

@@ -1,4 +1,4 @@
-"""Tests for the scoring and report writing of fashion_jax/evaluate.py on plain arrays (no model)."""
+"""Tests for the scoring and report writing of fashion_jax/evaluate.py on plain arrays, no model."""
 
 import os
 
