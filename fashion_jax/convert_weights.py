@@ -1,4 +1,4 @@
-"""Converts a PyTorch ResNet / IBN-Net checkpoint (.pth or .safetensors) into backbone weights.
+"""Converts a PyTorch ResNet / IBN-Net / SE-ResNeXt checkpoint (.pth, .safetensors) to our weights.
 
   python -m fashion_jax.convert_weights --arch resnet50_ibn_a --src r50_ibn_a.pth --out <dir>
 """
@@ -23,8 +23,9 @@ class ConversionError(ValueError):
 
 
 def _is_dropped(key: str) -> bool:
-  # The ImageNet classifier is replaced by the ReID head; BatchNorm's step counter is unused.
-  return key.startswith('fc.') or key.endswith('num_batches_tracked')
+  # The ImageNet classifier (torchvision/IBN-Net `fc`, Cadene's `last_linear`) is replaced by the
+  # ReID head; BatchNorm's step counter is unused.
+  return key.startswith(('fc.', 'last_linear.')) or key.endswith('num_batches_tracked')
 
 
 def read_torch(path: str) -> dict[str, np.ndarray]:
@@ -116,7 +117,7 @@ def convert_state_dict(arch: str, tensors: Mapping[str, np.ndarray], *, width: i
 
 
 def convert(arch: str, src: str, out: str) -> str:
-  """Reads `src`, converts it for backbone `arch` and writes `out`/backbone.npz; returns that path."""
+  """Converts `src` for backbone `arch` into `out`/backbone.npz; returns that path."""
   converted, dropped = convert_state_dict(arch, read_checkpoint(src), source=src)
   os.makedirs(out, exist_ok=True)
   path = save_backbone_weights(out, arch, converted)

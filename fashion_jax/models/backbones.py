@@ -10,32 +10,44 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fashion_jax.models.resnet import IBN_CFGS, RESNET_SPECS, ResNet
+from fashion_jax.models.senet import SE_RESNEXT_LAYERS, SEResNeXt
 
 _RESNET_RE = re.compile(r'^resnet(\d+)(?:_ibn_([ab]))?$')
+_SE_RESNEXT_RE = re.compile(r'^se_resnext(\d+)_32x4d$')
 
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
   name: str
   depth: int
-  ibn: str | None  # IBN-Net's variant: None, 'a' or 'b'
+  ibn: str | None           # IBN-Net's variant: None, 'a' or 'b'
+  family: str = 'resnet'    # 'resnet' or 'se_resnext'
 
 
 def backbone_names() -> list[str]:
-  return [f'resnet{d}{"" if v is None else "_ibn_" + v}' for d in RESNET_SPECS for v in IBN_CFGS]
+  resnets = [f'resnet{d}{"" if v is None else "_ibn_" + v}' for d in RESNET_SPECS for v in IBN_CFGS]
+  return resnets + [f'se_resnext{d}_32x4d' for d in SE_RESNEXT_LAYERS]
 
 
 def parse_backbone(name: str) -> BackboneSpec:
   """'resnet50_ibn_a' -> BackboneSpec('resnet50_ibn_a', 50, 'a'). ValueError names the choices."""
   match = _RESNET_RE.match(name)
-  if not match or int(match.group(1)) not in RESNET_SPECS:
-    raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(backbone_names())}')
-  return BackboneSpec(name, int(match.group(1)), match.group(2))
+  if match and int(match.group(1)) in RESNET_SPECS:
+    return BackboneSpec(name, int(match.group(1)), match.group(2))
+  match = _SE_RESNEXT_RE.match(name)
+  if match and int(match.group(1)) in SE_RESNEXT_LAYERS:
+    return BackboneSpec(name, int(match.group(1)), None, 'se_resnext')
+  raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(backbone_names())}')
 
 
 def build_backbone(name: str, *, last_stride: int = 2, width: int = 64, dtype=jnp.float32,
                    axis_name: str | None = None, rngs: nnx.Rngs) -> nnx.Module:
-  """The backbone `name`: images [B, H, W, 3] (normalised) -> feature map [B, h, w, out_features]."""
+  """The backbone `name`: normalised images [B, H, W, 3] -> feature map [B, h, w, out_features]."""
   spec = parse_backbone(name)
+  if spec.family == 'se_resnext':
+    if width != 64:  # 32 groups x 4 channels is the architecture; there is no width knob
+      raise ValueError(f'model.width must be 64 for {name}, got {width}')
+    return SEResNeXt(spec.depth, last_stride=last_stride, dtype=dtype, axis_name=axis_name,
+                     rngs=rngs)
   return ResNet(spec.depth, ibn=spec.ibn, last_stride=last_stride, width=width, dtype=dtype,
                 axis_name=axis_name, rngs=rngs)

@@ -13,7 +13,7 @@ from flax import nnx
 from fashion_jax.models.layers import IBN, BatchNorm, InstanceNorm
 
 # torchvision's init for ResNet convolutions: Kaiming normal, fan_out, ReLU gain.
-_CONV_INIT = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+CONV_INIT = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ RESNET_SPECS = {
 def conv(in_ch: int, out_ch: int, kernel: int, stride: int, rngs: nnx.Rngs, dtype) -> nnx.Conv:
   pad = kernel // 2
   return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
-                  padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_CONV_INIT,
+                  padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=CONV_INIT,
                   dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
@@ -129,7 +129,7 @@ class ResNet(nnx.Module):
     block_cls = BasicBlock if spec.block == 'basic' else Bottleneck
     self.dtype = dtype
     self.conv1 = nnx.Conv(3, width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
-                          use_bias=False, kernel_init=_CONV_INIT, dtype=dtype,
+                          use_bias=False, kernel_init=CONV_INIT, dtype=dtype,
                           param_dtype=jnp.float32, rngs=rngs)
     self.bn1 = (InstanceNorm(width) if ibn_cfg[0] == 'b'
                 else BatchNorm(width, axis_name=axis_name))

@@ -138,7 +138,8 @@ def test_loading_checks_architecture_and_shapes(tmp_path):
   del broken['layer4.1.bn2.mean']
   save_backbone_weights(str(tmp_path / 'broken.npz'), ARCH, broken)
   with pytest.raises(ValueError, match=r'missing tensors: layer4\.1\.bn2\.mean; mis-shaped '
-                     r'tensors: layer1\.0\.conv1\.kernel \(3, 3, 64, 32\) \(model \(3, 3, 64, 64\)\)'):
+                     r'tensors: layer1\.0\.conv1\.kernel \(3, 3, 64, 32\) '
+                     r'\(model \(3, 3, 64, 64\)\)'):
     load_pretrained(model, str(tmp_path / 'broken.npz'))
   report = load_pretrained(model, str(tmp_path), arch=ARCH)
   np.testing.assert_array_equal(model.backbone.layer2[1].bn1.IN.scale[...],

@@ -14,7 +14,8 @@ from flax import nnx
 
 from fashion_jax import configlib
 from fashion_jax import train_step as ts
-from fashion_jax.models import BackboneSpec, backbone_names, build_backbone, build_model, parse_backbone
+from fashion_jax.models import (BackboneSpec, backbone_names, build_backbone, build_model,
+                                parse_backbone)
 from fashion_jax.models.layers import IBN, BatchNorm, InstanceNorm
 
 
@@ -52,6 +53,7 @@ _FC = 2048 * 1000 + 1000  # the ImageNet classifier of the reference counts, abs
     ('resnet101', 44_549_160, _FC),
     ('resnet101_ibn_a', 44_549_160, _FC),
     ('resnet152', 60_192_808, _FC),
+    ('se_resnext50_32x4d', 27_559_896, _FC),  # Cadene's pretrainedmodels, with last_linear
 ])
 def test_parameter_counts_match_published(name, count, fc):
   assert _count(nnx.state(_abstract(name), nnx.Param)) == count - fc
@@ -66,6 +68,11 @@ def test_ibn_a_layout():
   assert all(b.IN is None for s in (ibn.layer1, ibn.layer2, ibn.layer3, ibn.layer4) for b in s)
 
 
+def test_se_resnext_has_no_width_knob():
+  with pytest.raises(ValueError, match='model.width must be 64 for se_resnext50_32x4d, got 8'):
+    build_backbone('se_resnext50_32x4d', width=8, rngs=nnx.Rngs(0))
+
+
 def test_ibn_b_layout():
   ibn = _abstract('resnet50_ibn_b')
   assert isinstance(ibn.bn1, InstanceNorm)  # the stem
@@ -78,7 +85,7 @@ def test_ibn_b_layout():
 
 # The paper's backbones, plus one basic-block ResNet; both input sizes of the paper per case.
 @pytest.mark.parametrize('name', ['resnet18_ibn_b', 'resnet50', 'resnet50_ibn_a', 'resnet50_ibn_b',
-                                  'resnet101_ibn_a'])
+                                  'resnet101_ibn_a', 'se_resnext50_32x4d'])
 @pytest.mark.parametrize('last_stride', [1, 2])
 def test_feature_map_shapes(name, last_stride):
   backbone = _abstract(name, last_stride=last_stride)
@@ -182,8 +189,12 @@ def test_parse_backbone_rejects_unknown_names():
   assert parse_backbone('resnet50_ibn_b') == BackboneSpec('resnet50_ibn_b', 50, 'b')
   assert parse_backbone('resnet101_ibn_a') == BackboneSpec('resnet101_ibn_a', 101, 'a')
   assert parse_backbone('resnet18') == BackboneSpec('resnet18', 18, None)
+  assert parse_backbone('se_resnext50_32x4d') == BackboneSpec('se_resnext50_32x4d', 50, None,
+                                                              'se_resnext')
+  assert all(parse_backbone(name).name == name for name in backbone_names())
   with pytest.raises(ValueError, match="unknown backbone 'resnet51'"):
     parse_backbone('resnet51')
-  for bad in ('vit_b16', 'resnet50_ibn_c', 'resnet50_ibn_'):
+  for bad in ('vit_b16', 'resnet50_ibn_c', 'resnet50_ibn_', 'se_resnext50',
+              'se_resnext34_32x4d'):
     with pytest.raises(ValueError, match='unknown backbone'):
       parse_backbone(bad)

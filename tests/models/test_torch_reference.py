@@ -1,8 +1,9 @@
-"""Numerical equivalence with PyTorch: a reference ResNet / IBN-Net written here, converted.
+"""Numerical equivalence with PyTorch: reference ResNet / IBN-Net / SE-ResNeXt written here.
 
-The reference follows the published IBN-Net definition (ibnnet/resnet_ibn.py); torch is optional.
+The references follow the published definitions (IBN-Net's resnet_ibn.py, Cadene's senet.py).
 """
 
+import collections
 import functools
 
 import jax
@@ -100,10 +101,74 @@ class TorchResNet(nn.Module):
     return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-def _randomised(depth, ibn, seed):
-  """A reference with random weights and random (but activation-scaled) BatchNorm statistics."""
-  torch.manual_seed(seed)
-  model = TorchResNet(depth, ibn, last_stride=2)
+class TorchSEModule(nn.Module):
+  def __init__(self, channels, reduction):
+    super().__init__()
+    self.fc1 = nn.Conv2d(channels, channels // reduction, 1)
+    self.fc2 = nn.Conv2d(channels // reduction, channels, 1)
+
+  def forward(self, x):
+    gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+    return x * gate
+
+
+class TorchSEResNeXtBlock(nn.Module):
+  """Cadene's SEResNeXtBottleneck, 32 groups x 4 channels, reduction 16."""
+
+  def __init__(self, inplanes, planes, stride, downsample):
+    super().__init__()
+    width = planes * 4 // 64 * 32
+    self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=32, bias=False)
+    self.bn2 = nn.BatchNorm2d(width)
+    self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.se_module = TorchSEModule(planes * 4, 16)
+    self.downsample = downsample
+
+  def forward(self, x):
+    y = torch.relu(self.bn1(self.conv1(x)))
+    y = torch.relu(self.bn2(self.conv2(y)))
+    y = self.se_module(self.bn3(self.conv3(y)))
+    return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchSEResNeXt50(nn.Module):
+  """Cadene's se_resnext50_32x4d without its pooling / last_linear head."""
+
+  def __init__(self, last_stride):
+    super().__init__()
+    self.layer0 = nn.Sequential(collections.OrderedDict([
+        ('conv1', nn.Conv2d(3, 64, 7, 2, 3, bias=False)), ('bn1', nn.BatchNorm2d(64)),
+        ('relu1', nn.ReLU()), ('pool', nn.MaxPool2d(3, 2, ceil_mode=True))]))
+    inplanes = 64
+    for stage, (blocks, stride) in enumerate(zip((3, 4, 6, 3), (1, 2, 2, last_stride))):
+      planes = 64 * 2 ** stage
+      downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
+                                 nn.BatchNorm2d(planes * 4))
+      mods = [TorchSEResNeXtBlock(inplanes, planes, stride, downsample)]
+      mods += [TorchSEResNeXtBlock(planes * 4, planes, 1, None) for _ in range(1, blocks)]
+      inplanes = planes * 4
+      setattr(self, f'layer{stage + 1}', nn.Sequential(*mods))
+
+  def forward(self, x):
+    return self.layer4(self.layer3(self.layer2(self.layer1(self.layer0(x)))))
+
+
+def _torch_model(name, last_stride):
+  if name == 'se_resnext50_32x4d':
+    return TorchSEResNeXt50(last_stride)
+  depth = int(name.split('_')[0].removeprefix('resnet'))
+  ibn = name.split('_')[2] if '_ibn_' in name else None
+  return TorchResNet(depth, ibn, last_stride)
+
+
+@functools.cache
+def _reference(name):
+  """`name` with random weights and random (but activation-scaled) BatchNorm statistics."""
+  torch.manual_seed(len(name))
+  model = _torch_model(name, last_stride=2)
   norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d))]
   with torch.no_grad():
     for m in norms:
@@ -126,19 +191,10 @@ def _randomised(depth, ibn, seed):
   return model.eval()
 
 
-@functools.cache
-def _reference(name):
-  depth = int(name.split('_')[0].removeprefix('resnet'))
-  ibn = name.split('_')[2] if '_ibn_' in name else None
-  return _randomised(depth, ibn, seed=depth + len(name))
-
-
 def _with_last_stride(model, name, last_stride):
   if last_stride == 2:
     return model
-  depth = int(name.split('_')[0].removeprefix('resnet'))
-  ibn = name.split('_')[2] if '_ibn_' in name else None
-  copy = TorchResNet(depth, ibn, last_stride)
+  copy = _torch_model(name, last_stride)
   copy.load_state_dict(model.state_dict())
   return copy.eval()
 
@@ -152,7 +208,8 @@ def _torch_pooled(model, images_nchw):
     return model(images_nchw).mean((2, 3)).numpy()
 
 
-@pytest.mark.parametrize('name', ['resnet50', 'resnet50_ibn_a', 'resnet50_ibn_b'])
+@pytest.mark.parametrize('name', ['resnet50', 'resnet50_ibn_a', 'resnet50_ibn_b',
+                                  'se_resnext50_32x4d'])
 @pytest.mark.parametrize('last_stride', [1, 2])
 def test_backbone_matches_pytorch_reference(name, last_stride):
   reference = _with_last_stride(_reference(name), name, last_stride)
