@@ -17,7 +17,9 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # A registered handler lets a new manager read metadata before any save or restore.
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -36,11 +38,44 @@ class Checkpointer:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
     if like is None:
       return self._manager.restore(step)
+    self._check_fits(step, like)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def _check_fits(self, step: int, like) -> None:
+    """Names every array that the checkpoint lacks, adds, or holds with another shape."""
+    saved = _shapes(self._manager.item_metadata(step))
+    wanted = _shapes(like)
+    # Parameters first: the optimizer state only repeats their shapes.
+    order = lambda name: (not name.startswith('params/'), name.startswith('opt_state/'), name)
+    problems = [f'{name}: saved {saved[name]}, model {wanted[name]}'
+                for name in sorted(saved.keys() & wanted.keys(), key=order)
+                if saved[name] != wanted[name]]
+    problems += [f'{name}: not in the checkpoint'
+                 for name in sorted(wanted.keys() - saved.keys(), key=order)]
+    problems += [f'{name}: not in the model'
+                 for name in sorted(saved.keys() - wanted.keys(), key=order)]
+    if problems:
+      shown = '; '.join(problems[:8]) + (f'; and {len(problems) - 8} more' if len(problems) > 8
+                                         else '')
+      raise ValueError(f'checkpoint step {step} in {self.directory} does not fit this model '
+                       f'(another architecture or class count?): {shown}')
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _key_name(entry) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """'params/backbone/conv1/kernel' -> shape, for every array of a state or its metadata."""
+  return {'/'.join(_key_name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}

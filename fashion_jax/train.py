@@ -195,9 +195,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     bad_step = int(state['nonfinite_step'])
     if bad_step >= 0:
       checkpointer.wait()
+      good = (f'the last good checkpoint is step {last_checkpoint} in {checkpointer.directory}'
+              if last_checkpoint is not None else 'no checkpoint was saved before it')
       raise NonFiniteLossError(
-          f'non-finite loss or gradient at step {bad_step}; training stopped, the last good '
-          f'checkpoint is step {last_checkpoint} in {checkpointer.directory}')
+          f'non-finite loss or gradient at step {bad_step}; training stopped, {good}')
 
   with _SigtermFlag() as sigterm:
     for step in range(start_step + 1, total_steps + 1):

@@ -7,28 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from fashion_jax import checkpointing, configlib, train
+import tiny_config
+from fashion_jax import checkpointing, train
 
 
 def _config(data_dir, num_epochs):
-  c = configlib.base_config()
-  c.dataset.name = 'fashion_synth/tiny'
+  c = tiny_config.get_config()
   c.dataset.data_dir = data_dir
-  c.input.image_size = (32, 32)
-  c.input.pad = 2
-  c.input.shuffle_buffer = 32
-  c.model.backbone = 'resnet10_ibn_a'
-  c.model.width = 8
-  c.train.batch_size = 16           # P = 8: two whole identities on each of 4 devices
-  c.train.k = 2
-  c.train.num_epochs = num_epochs   # 16 identities / P = 2 steps per epoch
-  c.train.log_every_steps = 1
-  c.train.checkpoint_every_steps = 2
-  c.train.eval_every_epochs = 2
-  c.optim.warmup_epochs = 1
-  c.eval.batch_size = 16
-  c.eval.num_ranked_queries = 4
-  c.eval.top_k_shown = 5
+  c.train.num_epochs = num_epochs
   return c
 
 

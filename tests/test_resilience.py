@@ -1,0 +1,185 @@
+"""Preemption, multi-process training and the guards against bad state (tiny runs).
+
+Runs are started as real processes (`python -m fashion_jax.main`) and killed with SIGKILL or
+SIGTERM at random moments; their results are compared with uninterrupted in-process runs.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import tiny_config
+from fashion_jax import checkpointing, configlib, optim, train
+from fashion_jax import train_step as ts
+from fashion_jax.models import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data_dir, overrides: dict):
+  """The tiny config with `{'section.field': value}` overrides, as the CLI would apply them."""
+  c = tiny_config.get_config()
+  c.dataset.data_dir = data_dir
+  for field, value in overrides.items():
+    section, _, key = field.rpartition('.')
+    (c[section] if section else c)[key] = value
+  return c
+
+
+def _cli_args(config_overrides: dict) -> list[str]:
+  return [f'--config.{k}={v}' for k, v in config_overrides.items()]
+
+
+def _env(devices: int, cache_dir: str) -> dict:
+  return dict(os.environ, PYTHONPATH=REPO,
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              JAX_COMPILATION_CACHE_DIR=cache_dir,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
+
+
+def _start(workdir, overrides: dict, env: dict, *extra) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, '-m', 'fashion_jax.main', '--config', 'tests/tiny_config.py',
+       '--workdir', str(workdir), *_cli_args(overrides), *extra],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _saved_steps(workdir) -> list[int]:
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _final(workdir):
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  state = ckpt.restore()
+  ckpt.close()
+  return state
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return jax.config.jax_compilation_cache_dir or str(tmp_path_factory.mktemp('jax_cache'))
+
+
+def test_killed_runs_resume_to_the_uninterrupted_result(tiny_data_dir, tmp_path, cache_dir):
+  overrides = {'mode': 'train', 'train.num_epochs': 10, 'train.checkpoint_every_steps': 1}
+  reference = tmp_path / 'reference'
+  train.train_and_evaluate(_config(tiny_data_dir, overrides), str(reference))
+  overrides['dataset.data_dir'] = tiny_data_dir
+  workdir = tmp_path / 'killed'
+  env = _env(4, cache_dir)
+  rng = np.random.default_rng(0)
+  for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+    proc = _start(workdir, overrides, env)
+    already = len(_saved_steps(workdir))
+    deadline = time.time() + 240
+    while len(_saved_steps(workdir)) <= already and proc.poll() is None:
+      assert time.time() < deadline, 'the run saved no checkpoint in time'
+      time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.0))  # mid-step or mid-checkpoint-write
+    if proc.poll() is None:
+      proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=240)
+    if sig == signal.SIGTERM and proc.returncode == 128 + 15:
+      assert 'checkpoint saved' in stderr.strip().splitlines()[-1]
+  proc = _start(workdir, overrides, env)
+  _, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr[-2000:]
+  resumed, straight = _final(workdir), _final(reference)
+  assert int(resumed['step']) == int(straight['step']) == 20
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tiny_data_dir, tmp_path, cache_dir):
+  overrides = {'input.num_shards': 2}
+  reference = tmp_path / 'one_process'
+  expected = train.train_and_evaluate(_config(tiny_data_dir, overrides), str(reference))
+  overrides['dataset.data_dir'] = tiny_data_dir
+  workdir = tmp_path / 'two_processes'
+  port = _free_port()
+  procs = [_start(workdir, overrides, _env(2, cache_dir), '--distributed',
+                  f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                  f'--process_id={i}') for i in range(2)]
+  for proc in procs:
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+  with open(workdir / 'eval' / 'metrics.json') as f:
+    got = json.load(f)
+  for key in ('mAP', 'acc@1', 'acc@5', 'acc@10'):
+    assert abs(got[key] - expected[key]) <= 1e-5, key
+  for a, b in zip(jax.tree.leaves(_final(workdir)['params']),
+                  jax.tree.leaves(_final(reference)['params'])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+  # Evaluation from the checkpoint on a different number of devices (1 instead of 2 x 2).
+  proc = _start(workdir, {**overrides, 'mode': 'evaluate'}, _env(1, cache_dir))
+  _, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr[-3000:]
+  with open(workdir / 'eval' / 'metrics.json') as f:
+    again = json.load(f)
+  assert abs(again['mAP'] - expected['mAP']) <= 1e-5
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(tiny_data_dir, {'mode': 'train', 'train.num_epochs': 1}),
+                           workdir)
+  bad = _config(tiny_data_dir, {'mode': 'train', 'train.num_epochs': 2,
+                                'train.allow_config_change': True})
+  bad.optim.base_lr = float('nan')
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'non-finite loss or gradient at step 3; training stopped, the last '
+                           r'good checkpoint is step 2 in .*checkpoints'):
+    train.train_and_evaluate(bad, workdir)
+  assert _saved_steps(workdir) == [2]
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_final(workdir)['params']))
+
+
+def test_workdir_of_another_config_is_refused(tiny_data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(tiny_data_dir, {'mode': 'train', 'train.num_epochs': 1}),
+                           workdir)
+  other = _config(tiny_data_dir, {'mode': 'train', 'train.num_epochs': 2})
+  other.loss.metric = 'quadruplet'
+  with pytest.raises(ValueError, match=r"holds checkpoints of a different config: loss.metric "
+                                       r"\('triplet' -> 'quadruplet'\)"):
+    train.train_and_evaluate(other, workdir)
+  # Longer training of the same experiment is a resume, not a different config.
+  longer = _config(tiny_data_dir, {'mode': 'train', 'train.num_epochs': 2})
+  train.train_and_evaluate(longer, workdir)
+  assert _saved_steps(workdir)[-1] == 4
+
+
+def test_restoring_another_architecture_names_the_mismatching_arrays(tmp_path):
+  def state_for(width, classes):
+    c = configlib.base_config()
+    c.model.backbone, c.model.width = 'resnet10_ibn_a', width
+    tx, _ = optim.make_optimizer(c.optim, 1)
+    return ts.create_train_state(build_model(c.model, classes), tx, classes)[1]
+
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'ckpt'))
+  ckpt.save(1, state_for(8, 5))
+  ckpt.wait()
+  with pytest.raises(ValueError, match=r'does not fit this model .*params/classifier/kernel: '
+                                       r'saved \(64, 5\), model \(64, 7\)'):
+    ckpt.restore(state_for(8, 7))
+  with pytest.raises(ValueError, match=r'params/backbone/conv1/kernel: saved \(7, 7, 3, 8\), '
+                                       r'model \(7, 7, 3, 16\)'):
+    ckpt.restore(state_for(16, 5))
