@@ -1,4 +1,4 @@
-"""Converts a PyTorch ResNet / IBN-Net / SE-ResNeXt checkpoint (.pth, .safetensors) to our weights.
+"""Converts a PyTorch ResNet / IBN-Net / SE-ResNeXt / OSNet-AIN checkpoint into backbone weights.
 
   python -m fashion_jax.convert_weights --arch resnet50_ibn_a --src r50_ibn_a.pth --out <dir>
 """
@@ -13,9 +13,9 @@ from collections.abc import Mapping
 import numpy as np
 from flax import nnx
 
-from fashion_jax.models import build_backbone, parse_backbone
+from fashion_jax.models import build_backbone
+from fashion_jax.models.backbones import torch_name_fn
 from fashion_jax.models.pretrained import save_backbone_weights, variables
-from fashion_jax.models.resnet import torch_name
 
 
 class ConversionError(ValueError):
@@ -23,9 +23,10 @@ class ConversionError(ValueError):
 
 
 def _is_dropped(key: str) -> bool:
-  # The ImageNet classifier (torchvision/IBN-Net `fc`, Cadene's `last_linear`) is replaced by the
-  # ReID head; BatchNorm's step counter is unused.
-  return key.startswith(('fc.', 'last_linear.')) or key.endswith('num_batches_tracked')
+  # The ImageNet head (torchvision/IBN-Net `fc`, Cadene's `last_linear`, torchreid's `fc` and
+  # `classifier`) is replaced by the ReID head; BatchNorm's step counter is unused.
+  return (key.startswith(('fc.', 'last_linear.', 'classifier.'))
+          or key.endswith('num_batches_tracked'))
 
 
 def read_torch(path: str) -> dict[str, np.ndarray]:
@@ -93,7 +94,7 @@ def convert_state_dict(arch: str, tensors: Mapping[str, np.ndarray], *, width: i
 
   Raises ConversionError naming every unknown, missing and mis-shaped tensor.
   """
-  parse_backbone(arch)
+  torch_name = torch_name_fn(arch)
   abstract = nnx.eval_shape(lambda: build_backbone(arch, width=width, rngs=nnx.Rngs(0)))
   expected = {torch_name(k): (k, tuple(v.shape)) for k, v in variables(abstract).items()}
   dropped = sorted(k for k in tensors if _is_dropped(k))

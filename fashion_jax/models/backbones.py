@@ -5,10 +5,13 @@ A name parses into a `BackboneSpec`; `build_backbone` turns it into a module wit
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from flax import nnx
 
+from fashion_jax.models import osnet, resnet
+from fashion_jax.models.osnet import OSNetAIN
 from fashion_jax.models.resnet import IBN_CFGS, RESNET_SPECS, ResNet
 from fashion_jax.models.senet import SE_RESNEXT_LAYERS, SEResNeXt
 
@@ -19,14 +22,14 @@ _SE_RESNEXT_RE = re.compile(r'^se_resnext(\d+)_32x4d$')
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
   name: str
-  depth: int
+  depth: int | None         # None for OSNet
   ibn: str | None           # IBN-Net's variant: None, 'a' or 'b'
-  family: str = 'resnet'    # 'resnet' or 'se_resnext'
+  family: str = 'resnet'    # 'resnet', 'se_resnext' or 'osnet_ain'
 
 
 def backbone_names() -> list[str]:
   resnets = [f'resnet{d}{"" if v is None else "_ibn_" + v}' for d in RESNET_SPECS for v in IBN_CFGS]
-  return resnets + [f'se_resnext{d}_32x4d' for d in SE_RESNEXT_LAYERS]
+  return resnets + [f'se_resnext{d}_32x4d' for d in SE_RESNEXT_LAYERS] + ['osnet_ain_x1_0']
 
 
 def parse_backbone(name: str) -> BackboneSpec:
@@ -37,17 +40,30 @@ def parse_backbone(name: str) -> BackboneSpec:
   match = _SE_RESNEXT_RE.match(name)
   if match and int(match.group(1)) in SE_RESNEXT_LAYERS:
     return BackboneSpec(name, int(match.group(1)), None, 'se_resnext')
+  if name == 'osnet_ain_x1_0':
+    return BackboneSpec(name, None, None, 'osnet_ain')
   raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(backbone_names())}')
 
 
 def build_backbone(name: str, *, last_stride: int = 2, width: int = 64, dtype=jnp.float32,
                    axis_name: str | None = None, rngs: nnx.Rngs) -> nnx.Module:
-  """The backbone `name`: normalised images [B, H, W, 3] -> feature map [B, h, w, out_features]."""
+  """The backbone `name`: normalised images [B, H, W, 3] -> feature map [B, h, w, out_features].
+
+  OSNet-AIN has no strided last stage: `last_stride` does not apply to it (always 1/16).
+  """
   spec = parse_backbone(name)
+  if spec.family != 'resnet' and width != 64:
+    # The published architectures fix their widths (e.g. 32 groups x 4 channels); no knob.
+    raise ValueError(f'model.width must be 64 for {name}, got {width}')
+  if spec.family == 'osnet_ain':
+    return OSNetAIN(dtype=dtype, axis_name=axis_name, rngs=rngs)
   if spec.family == 'se_resnext':
-    if width != 64:  # 32 groups x 4 channels is the architecture; there is no width knob
-      raise ValueError(f'model.width must be 64 for {name}, got {width}')
     return SEResNeXt(spec.depth, last_stride=last_stride, dtype=dtype, axis_name=axis_name,
                      rngs=rngs)
   return ResNet(spec.depth, ibn=spec.ibn, last_stride=last_stride, width=width, dtype=dtype,
                 axis_name=axis_name, rngs=rngs)
+
+
+def torch_name_fn(name: str) -> Callable[[str], str]:
+  """Flax variable path -> PyTorch state_dict key, in the naming of `name`'s reference code."""
+  return osnet.torch_name if parse_backbone(name).family == 'osnet_ain' else resnet.torch_name

@@ -169,8 +169,8 @@ def torch_name(path: str) -> str:
   *modules, leaf = path.split('.')
   if len(modules) >= 2 and modules[-2] == 'downsample':
     modules[-1] = {'conv': '0', 'bn': '1'}[modules[-1]]
-  return '.'.join(modules + [_TORCH_LEAF[leaf]])
+  return '.'.join(modules + [TORCH_LEAF[leaf]])
 
 
-_TORCH_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
+TORCH_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
                'var': 'running_var'}

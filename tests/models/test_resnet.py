@@ -54,6 +54,9 @@ _FC = 2048 * 1000 + 1000  # the ImageNet classifier of the reference counts, abs
     ('resnet101_ibn_a', 44_549_160, _FC),
     ('resnet152', 60_192_808, _FC),
     ('se_resnext50_32x4d', 27_559_896, _FC),  # Cadene's pretrainedmodels, with last_linear
+    # torchreid's osnet_ain_x1_0 without classifier: 2,169,508 ("2.2M" in the OSNet papers),
+    # of which its 512-d fc layer (Linear 512x512 + BatchNorm1d) holds 263,680; we end at conv5.
+    ('osnet_ain_x1_0', 2_169_508, 512 * 512 + 512 + 2 * 512),
 ])
 def test_parameter_counts_match_published(name, count, fc):
   assert _count(nnx.state(_abstract(name), nnx.Param)) == count - fc
@@ -68,9 +71,10 @@ def test_ibn_a_layout():
   assert all(b.IN is None for s in (ibn.layer1, ibn.layer2, ibn.layer3, ibn.layer4) for b in s)
 
 
-def test_se_resnext_has_no_width_knob():
-  with pytest.raises(ValueError, match='model.width must be 64 for se_resnext50_32x4d, got 8'):
-    build_backbone('se_resnext50_32x4d', width=8, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize('name', ['se_resnext50_32x4d', 'osnet_ain_x1_0'])
+def test_fixed_width_architectures_reject_width(name):
+  with pytest.raises(ValueError, match=f'model.width must be 64 for {name}, got 8'):
+    build_backbone(name, width=8, rngs=nnx.Rngs(0))
 
 
 def test_ibn_b_layout():
@@ -85,13 +89,15 @@ def test_ibn_b_layout():
 
 # The paper's backbones, plus one basic-block ResNet; both input sizes of the paper per case.
 @pytest.mark.parametrize('name', ['resnet18_ibn_b', 'resnet50', 'resnet50_ibn_a', 'resnet50_ibn_b',
-                                  'resnet101_ibn_a', 'se_resnext50_32x4d'])
+                                  'resnet101_ibn_a', 'se_resnext50_32x4d', 'osnet_ain_x1_0'])
 @pytest.mark.parametrize('last_stride', [1, 2])
 def test_feature_map_shapes(name, last_stride):
   backbone = _abstract(name, last_stride=last_stride)
   graphdef, state = nnx.split(backbone)
-  stride = 16 if last_stride == 1 else 32
-  channels = 512 if parse_backbone(name).depth < 50 else 2048
+  spec = parse_backbone(name)
+  # OSNet has no strided last stage: always 1/16.
+  stride = 16 if last_stride == 1 or spec.family == 'osnet_ain' else 32
+  channels = 512 if spec.family == 'osnet_ain' or spec.depth < 50 else 2048
   assert backbone.out_features == channels
   for size in ((256, 128), (320, 320)):
     out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, train=False), state,
@@ -191,6 +197,8 @@ def test_parse_backbone_rejects_unknown_names():
   assert parse_backbone('resnet18') == BackboneSpec('resnet18', 18, None)
   assert parse_backbone('se_resnext50_32x4d') == BackboneSpec('se_resnext50_32x4d', 50, None,
                                                               'se_resnext')
+  assert parse_backbone('osnet_ain_x1_0') == BackboneSpec('osnet_ain_x1_0', None, None,
+                                                          'osnet_ain')
   assert all(parse_backbone(name).name == name for name in backbone_names())
   with pytest.raises(ValueError, match="unknown backbone 'resnet51'"):
     parse_backbone('resnet51')

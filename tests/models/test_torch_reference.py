@@ -1,6 +1,6 @@
-"""Numerical equivalence with PyTorch: reference ResNet / IBN-Net / SE-ResNeXt written here.
+"""Numerical equivalence with PyTorch: reference ResNet, IBN-Net, SE-ResNeXt, OSNet-AIN here.
 
-The references follow the published definitions (IBN-Net's resnet_ibn.py, Cadene's senet.py).
+Written from the published definitions (IBN-Net resnet_ibn.py, Cadene senet.py, torchreid).
 """
 
 import collections
@@ -156,7 +156,86 @@ class TorchSEResNeXt50(nn.Module):
     return self.layer4(self.layer3(self.layer2(self.layer1(self.layer0(x)))))
 
 
+class TorchConvLayer(nn.Module):
+  """torchreid's ConvLayer / Conv1x1 / Conv1x1Linear: conv, optional BN or IN, optional ReLU."""
+
+  def __init__(self, cin, cout, k=1, stride=1, norm='bn', relu=True):
+    super().__init__()
+    self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+    self.bn = {'bn': nn.BatchNorm2d(cout), 'in': nn.InstanceNorm2d(cout, affine=True),
+               None: None}[norm]
+    self.relu = relu
+
+  def forward(self, x):
+    x = self.conv(x)
+    x = x if self.bn is None else self.bn(x)
+    return torch.relu(x) if self.relu else x
+
+
+class TorchLightConv(nn.Module):
+  def __init__(self, c):
+    super().__init__()
+    self.conv1 = nn.Conv2d(c, c, 1, bias=False)
+    self.conv2 = nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False)
+    self.bn = nn.BatchNorm2d(c)
+
+  def forward(self, x):
+    return torch.relu(self.bn(self.conv2(self.conv1(x))))
+
+
+class TorchStream(nn.Module):
+  def __init__(self, c, depth):
+    super().__init__()
+    self.layers = nn.Sequential(*[TorchLightConv(c) for _ in range(depth)])
+
+  def forward(self, x):
+    return self.layers(x)
+
+
+class TorchOSBlock(nn.Module):
+  """OSBlock, or OSBlockINin with `use_in` (IN replaces conv3's BN)."""
+
+  def __init__(self, cin, cout, use_in):
+    super().__init__()
+    mid = cout // 4
+    self.conv1 = TorchConvLayer(cin, mid)
+    self.conv2 = nn.ModuleList([TorchStream(mid, t) for t in range(1, 5)])
+    self.gate = TorchSEModule(mid, 16)  # the same function as torchreid's ChannelGate
+    self.conv3 = TorchConvLayer(mid, cout, norm=None if use_in else 'bn', relu=False)
+    self.IN = nn.InstanceNorm2d(cout, affine=True) if use_in else None
+    self.downsample = TorchConvLayer(cin, cout, relu=False) if cin != cout else None
+
+  def forward(self, x):
+    x1 = self.conv1(x)
+    x3 = self.conv3(sum(self.gate(stream(x1)) for stream in self.conv2))
+    x3 = x3 if self.IN is None else self.IN(x3)
+    return torch.relu(x3 + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchOSNetAIN(nn.Module):
+  """torchreid's osnet_ain_x1_0 up to conv5 (its featuremaps)."""
+
+  def __init__(self):
+    super().__init__()
+    c = (64, 256, 384, 512)
+    self.conv1 = TorchConvLayer(3, 64, 7, 2, norm='in')
+    self.maxpool = nn.MaxPool2d(3, 2, 1)
+    for stage, uses in enumerate(((True, True), (False, True), (True, False))):
+      setattr(self, f'conv{stage + 2}', nn.Sequential(
+          TorchOSBlock(c[stage], c[stage + 1], uses[0]),
+          TorchOSBlock(c[stage + 1], c[stage + 1], uses[1])))
+    self.pool2 = nn.Sequential(TorchConvLayer(256, 256), nn.AvgPool2d(2, 2))
+    self.pool3 = nn.Sequential(TorchConvLayer(384, 384), nn.AvgPool2d(2, 2))
+    self.conv5 = TorchConvLayer(512, 512)
+
+  def forward(self, x):
+    x = self.pool2(self.conv2(self.maxpool(self.conv1(x))))
+    return self.conv5(self.conv4(self.pool3(self.conv3(x))))
+
+
 def _torch_model(name, last_stride):
+  if name == 'osnet_ain_x1_0':
+    return TorchOSNetAIN()  # no strided last stage
   if name == 'se_resnext50_32x4d':
     return TorchSEResNeXt50(last_stride)
   depth = int(name.split('_')[0].removeprefix('resnet'))
@@ -208,9 +287,10 @@ def _torch_pooled(model, images_nchw):
     return model(images_nchw).mean((2, 3)).numpy()
 
 
-@pytest.mark.parametrize('name', ['resnet50', 'resnet50_ibn_a', 'resnet50_ibn_b',
-                                  'se_resnext50_32x4d'])
-@pytest.mark.parametrize('last_stride', [1, 2])
+@pytest.mark.parametrize('name,last_stride', [
+    (name, last_stride) for name in ('resnet50', 'resnet50_ibn_a', 'resnet50_ibn_b',
+                                     'se_resnext50_32x4d') for last_stride in (1, 2)
+] + [('osnet_ain_x1_0', 1)])
 def test_backbone_matches_pytorch_reference(name, last_stride):
   reference = _with_last_stride(_reference(name), name, last_stride)
   converted, dropped = convert_weights.convert_state_dict(name, _state_dict(reference))
