@@ -94,7 +94,7 @@ def _load_images(builder, split: str, config, wanted: set[tuple[int, int]]) -> d
 
 
 class _Bars:
-  """tqdm bars keyed by stage, for the retrieval functions' progress(stage, done, total)."""
+  """tqdm bars of one retrieval call, one per stage, fed by its progress(stage, done, total)."""
 
   def __init__(self, prefix: str):
     self.prefix, self.bars = prefix, {}
@@ -152,11 +152,12 @@ def score(query: dict, gallery: dict, config, category_names: list[str] | None =
   q_emb = np.asarray(jnp.asarray(query['embeddings'], dtype))
   g_emb = np.asarray(jnp.asarray(gallery['embeddings'], dtype))
   options = dict(chunk_size=e.chunk_size, gallery_chunk_size=e.gallery_chunk_size)
-  bars = _Bars('retrieval')
 
   def evaluate_on(name, q, g, q_ids, g_ids, q_cams, g_cams, **extra):
+    bars = _Bars(name)
     arrays = retrieval_metrics.per_query_metrics(q, g, q_ids, g_ids, q_cams, g_cams,
                                                  progress=bars, **options, **extra)
+    bars.close()
     curves[name] = retrieval_metrics.cmc(arrays[1], arrays[2], e.cmc_max_rank)
     return arrays, retrieval_metrics.summarize(*arrays, ks)
 
@@ -174,8 +175,10 @@ def score(query: dict, gallery: dict, config, category_names: list[str] | None =
     name = lambda c: category_names[c] if category_names else str(c)
     metrics['per_category'] = {name(c): row for c, row in table.items()}
   if e.rerank:
+    bars = _Bars('re-ranking')
     reranked = retrieval_rerank.k_reciprocal_rerank(
-        q_emb, g_emb, e.rerank_k1, e.rerank_k2, e.rerank_lambda, progress=bars, **options)
+        q_emb, g_emb, e.rerank_k1, e.rerank_k2, e.rerank_lambda, progress=bars)
+    bars.close()
     metrics['reranked'] = evaluate_on('re-ranked', q_emb, g_emb, *ids, rerank=reranked)[1]
   if e.centroids:
     c = retrieval_centroids.gallery_centroids(gallery['embeddings'], gallery['item_id'],
@@ -190,7 +193,6 @@ def score(query: dict, gallery: dict, config, category_names: list[str] | None =
     own = np.arange(len(g_emb))
     metrics['recommendation'] = evaluate_on('recommendation', g_emb, g_emb, gallery['item_id'],
                                             gallery['item_id'], own, own)[1]
-  bars.close()
   return metrics, curves, per_query
 
 
