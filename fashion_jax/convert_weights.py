@@ -6,6 +6,7 @@
 import argparse
 import json
 import os
+import pickle
 import struct
 import sys
 from collections.abc import Mapping
@@ -37,7 +38,11 @@ def read_torch(path: str) -> dict[str, np.ndarray]:
     raise ImportError(f'reading {path} needs PyTorch: pip install "fashion_jax[torch]" '
                       '(or convert the file to .safetensors)') from e
   # weights_only: tensors and plain containers only, so a checkpoint cannot run code on load.
-  obj = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConversionError(f'{path} holds more than tensors and is not loaded: {reason}') from e
   if isinstance(obj, Mapping) and 'state_dict' in obj:
     obj = obj['state_dict']
   if not isinstance(obj, Mapping):
@@ -88,14 +93,14 @@ def _torch_layout(shape: tuple) -> tuple:
   return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape
 
 
-def convert_state_dict(arch: str, tensors: Mapping[str, np.ndarray], *, width: int = 64,
+def convert_state_dict(arch: str, tensors: Mapping[str, np.ndarray], *,
                        source: str = 'checkpoint') -> tuple[dict[str, np.ndarray], list[str]]:
   """PyTorch state_dict arrays -> (dotted Flax path -> array, dropped torch keys).
 
   Raises ConversionError naming every unknown, missing and mis-shaped tensor.
   """
   torch_name = torch_name_fn(arch)
-  abstract = nnx.eval_shape(lambda: build_backbone(arch, width=width, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: build_backbone(arch, rngs=nnx.Rngs(0)))
   expected = {torch_name(k): (k, tuple(v.shape)) for k, v in variables(abstract).items()}
   dropped = sorted(k for k in tensors if _is_dropped(k))
   unknown = sorted(k for k in tensors if k not in expected and not _is_dropped(k))
@@ -122,8 +127,9 @@ def convert(arch: str, src: str, out: str) -> str:
   converted, dropped = convert_state_dict(arch, read_checkpoint(src), source=src)
   os.makedirs(out, exist_ok=True)
   path = save_backbone_weights(out, arch, converted)
-  print(f'wrote {len(converted)} tensors of {arch} to {path}; dropped {len(dropped)}: '
-        f'{", ".join(dropped)}')
+  head = [k for k in dropped if not k.endswith('num_batches_tracked')]
+  print(f'wrote {len(converted)} tensors of {arch} to {path}; dropped the ImageNet head '
+        f'({", ".join(head) or "none"}) and {len(dropped) - len(head)} BatchNorm step counters')
   return path
 
 

@@ -347,3 +347,15 @@ def test_pth_file_to_reid_model(tmp_path):
   # Without the field nothing is loaded.
   del config['pretrained']
   assert load_pretrained_from_config(model, config) is None
+
+
+class Payload:
+  """Any class outside torch's allowlist: unpickling it could run arbitrary code."""
+
+
+def test_pth_with_pickled_code_is_refused(tmp_path, capsys):
+  torch.save({'conv1.weight': torch.zeros(1), 'hook': Payload()}, tmp_path / 'unsafe.pth')
+  assert convert_weights.main(['--arch', 'resnet18', '--src', str(tmp_path / 'unsafe.pth'),
+                               '--out', str(tmp_path / 'out')]) == 1
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'holds more than tensors and is not loaded' in err
