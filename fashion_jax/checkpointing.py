@@ -30,16 +30,20 @@ class Checkpointer:
   def restore(self, like=None, step: int | None = None):
     """Restores `step` (default: the latest).
 
-    With `like`, arrays come back with its shapes, dtypes and shardings; without it, as saved
-    (numpy arrays on the host), e.g. for inspecting a checkpoint.
+    With `like`, arrays come back with its shapes, dtypes and shardings (any device count);
+    without it, as saved, on one local device, e.g. for inspecting a checkpoint.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
     if like is None:
-      return self._manager.restore(step)
-    self._check_fits(step, like)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+      # Onto this process's first device, whatever devices wrote it.
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              self._manager.item_metadata(step).tree)
+    else:
+      self._check_fits(step, like)
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def _check_fits(self, step: int, like) -> None:
