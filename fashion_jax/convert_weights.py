@@ -16,7 +16,7 @@ from flax import nnx
 
 from fashion_jax.models import build_backbone
 from fashion_jax.models.backbones import torch_name_fn
-from fashion_jax.models.pretrained import save_backbone_weights, variables
+from fashion_jax.models.pretrained import mismatch_problems, save_backbone_weights, variables
 
 
 class ConversionError(ValueError):
@@ -115,8 +115,7 @@ def convert_state_dict(arch: str, tensors: Mapping[str, np.ndarray], *,
     if value.shape != shape:
       misshaped.append(f'{key} {tuple(tensors[key].shape)} (expected {_torch_layout(shape)})')
     converted[flax_key] = value
-  problems = [f'{label} tensors: {", ".join(names)}' for label, names in
-              (('unknown', unknown), ('missing', missing), ('mis-shaped', misshaped)) if names]
+  problems = mismatch_problems(unknown, missing, misshaped)
   if problems:
     raise ConversionError(f'{source} does not match {arch}: ' + '; '.join(problems))
   return converted, dropped

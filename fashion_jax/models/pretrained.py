@@ -31,6 +31,12 @@ def variables(module: nnx.Module) -> dict[str, nnx.Variable]:
           if isinstance(node, (nnx.Param, nnx.BatchStat))}
 
 
+def mismatch_problems(unknown: list[str], missing: list[str], misshaped: list[str]) -> list[str]:
+  """One clause per non-empty kind of mismatch, each naming its tensors (for one-line errors)."""
+  return [f'{label} tensors: {", ".join(names)}' for label, names in
+          (('unknown', unknown), ('missing', missing), ('mis-shaped', misshaped)) if names]
+
+
 def weights_path(path: str) -> str:
   """A directory written by convert_weights, or the .npz file itself."""
   return os.path.join(path, WEIGHTS_FILE) if os.path.isdir(path) else path
@@ -68,15 +74,11 @@ def load_pretrained(model: nnx.Module, path: str, *, arch: str | None = None) ->
   if arch is not None and arch != file_arch:
     raise ValueError(f'{weights_path(path)} holds {file_arch} weights, but the model is {arch}')
   targets = variables(model.backbone)
-  problems = []
-  unknown = sorted(set(tensors) - set(targets))
-  missing = sorted(set(targets) - set(tensors))
   misshaped = [f'{k} {tuple(tensors[k].shape)} (model {tuple(targets[k].shape)})'
                for k in sorted(set(tensors) & set(targets))
                if tuple(tensors[k].shape) != tuple(targets[k].shape)]
-  for label, names in (('unknown', unknown), ('missing', missing), ('mis-shaped', misshaped)):
-    if names:
-      problems.append(f'{label} tensors: {", ".join(names)}')
+  problems = mismatch_problems(sorted(set(tensors) - set(targets)),
+                               sorted(set(targets) - set(tensors)), misshaped)
   if problems:
     raise ValueError(f'cannot load {weights_path(path)} ({file_arch}) into the model: '
                      + '; '.join(problems))
