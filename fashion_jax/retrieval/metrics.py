@@ -9,6 +9,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fashion_jax.retrieval import search
 from fashion_jax.retrieval.search import Reranked
@@ -49,49 +51,72 @@ def positive_lists(query_ids, gallery_ids, query_cams=None, gallery_cams=None,
   return np.where(index == np.iinfo(np.int32).max, -1, index).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames='gallery_chunk')
+# The mesh axis the gallery is sharded over, one shard per device.
+GALLERY_AXIS = 'gallery'
+
+
+@functools.partial(jax.jit, static_argnames=('gallery_chunk', 'mesh'))
 def _chunk_metrics(queries, query_ids, query_groups, positives, gallery, gallery_ids,
-                   gallery_groups, gallery_size, rerank, gallery_chunk):
+                   gallery_groups, gallery_size, rerank, gallery_chunk, mesh):
   """AP, first-positive rank and validity of one query chunk (see per_query_metrics)."""
   is_positive = positives >= 0
-  starts = jnp.arange(0, gallery.shape[0], gallery_chunk, dtype=jnp.int32)
 
-  def distances(_, start):
-    block = jax.lax.dynamic_slice_in_dim(gallery, start, gallery_chunk)
-    return None, search.block_distances(queries, block, start, rerank)
+  def shard(queries, query_ids, query_groups, gallery, gallery_ids, gallery_groups,
+            gallery_size, rerank):
+    """This device's gallery shard: its positives' distances and counts, summed over devices."""
+    shard_size = gallery.shape[0]
+    offset = jax.lax.axis_index(GALLERY_AXIS) * shard_size
+    starts = offset + jnp.arange(0, shard_size, gallery_chunk, dtype=jnp.int32)
 
-  # The chunk's distances to the whole gallery are stored once ([blocks, Qc, block], chunk x G
-  # floats) and both the positives' distances and the counts are read from that one array, so
-  # a tie is a tie in both: the same distance computed twice may round differently (fused
-  # multiply-adds, another dot-product shape).
-  _, strip = jax.lax.scan(distances, None, starts)
-  safe = jnp.maximum(positives, 0)
-  positive_d = strip[safe // gallery_chunk, jnp.arange(positives.shape[0])[:, None],
-                     safe % gallery_chunk]
-  # An item ranks before a positive if it is closer, or equally close with a smaller index:
-  # d < the next float above the positive's distance for smaller indices. CPUs flush
-  # denormals to zero, so above 0 the next float that compares as larger is `tiny`.
-  above = jnp.where(positive_d == 0, jnp.finfo(jnp.float32).tiny,
-                    jnp.nextafter(positive_d, jnp.inf))
+    def distances(_, start):
+      block = jax.lax.dynamic_slice_in_dim(gallery, start - offset, gallery_chunk)
+      return None, search.block_distances(queries, block, start, rerank)
 
-  def count(negatives_before, block):
-    start, d = block
-    index = start + jnp.arange(gallery_chunk, dtype=jnp.int32)
-    block_ids = jax.lax.dynamic_slice_in_dim(gallery_ids, start, gallery_chunk)
-    block_groups = jax.lax.dynamic_slice_in_dim(gallery_groups, start, gallery_chunk)
-    # Items with the query's id are either positives (counted below) or dropped by the
-    # camera rule; other groups are outside a category-constrained ranking.
-    negative = ((block_ids[None] != query_ids[:, None])
-                & (block_groups[None] == query_groups[:, None]) & (index < gallery_size)[None])
-    d = jnp.where(negative, d, jnp.inf)[:, None, :]
-    threshold = jnp.where(index[None, None, :] < positives[:, :, None], above[:, :, None],
-                          positive_d[:, :, None])
-    # A float sum vectorises better than an int one on CPU; it is exact below 2^24 per block.
-    in_block = jnp.sum((d < threshold).astype(jnp.float32), axis=2)
-    return negatives_before + in_block.astype(jnp.int32), None
+    # The chunk's distances to the shard are stored once ([blocks, Qc, block], chunk x G / devices
+    # floats) and both the positives' distances and the counts are read from that one array, so
+    # a tie is a tie in both: the same distance computed twice may round differently (fused
+    # multiply-adds, another dot-product shape).
+    _, strip = jax.lax.scan(distances, None, starts)
+    local = positives - offset
+    owned = is_positive & (local >= 0) & (local < shard_size)
+    safe = jnp.clip(local, 0, shard_size - 1)
+    found = strip[safe // gallery_chunk, jnp.arange(positives.shape[0])[:, None],
+                  safe % gallery_chunk]
+    # One device owns each positive and the others add exact zeros.
+    positive_d = jax.lax.psum(jnp.where(owned, found, 0.0), GALLERY_AXIS)
+    # An item ranks before a positive if it is closer, or equally close with a smaller index:
+    # d < the next float above the positive's distance for smaller indices. CPUs flush
+    # denormals to zero, so above 0 the next float that compares as larger is `tiny`.
+    above = jnp.where(positive_d == 0, jnp.finfo(jnp.float32).tiny,
+                      jnp.nextafter(positive_d, jnp.inf))
 
-  negatives_before, _ = jax.lax.scan(count, jnp.zeros(positives.shape, jnp.int32),
-                                     (starts, strip))
+    def count(negatives_before, block):
+      start, d = block
+      index = start + jnp.arange(gallery_chunk, dtype=jnp.int32)
+      block_ids = jax.lax.dynamic_slice_in_dim(gallery_ids, start - offset, gallery_chunk)
+      block_groups = jax.lax.dynamic_slice_in_dim(gallery_groups, start - offset, gallery_chunk)
+      # Items with the query's id are either positives (counted below) or dropped by the
+      # camera rule; other groups are outside a category-constrained ranking.
+      negative = ((block_ids[None] != query_ids[:, None])
+                  & (block_groups[None] == query_groups[:, None]) & (index < gallery_size)[None])
+      d = jnp.where(negative, d, jnp.inf)[:, None, :]
+      threshold = jnp.where(index[None, None, :] < positives[:, :, None], above[:, :, None],
+                            positive_d[:, :, None])
+      # A float sum vectorises better than an int one on CPU; exact below 2^24 per block.
+      in_block = jnp.sum((d < threshold).astype(jnp.float32), axis=2)
+      return negatives_before + in_block.astype(jnp.int32), None
+
+    # The counts differ between shards until summed: the carry is marked as varying.
+    zeros = jax.lax.pcast(jnp.zeros(positives.shape, jnp.int32), (GALLERY_AXIS,), to='varying')
+    negatives_before, _ = jax.lax.scan(count, zeros, (starts, strip))
+    return positive_d, jax.lax.psum(negatives_before, GALLERY_AXIS)
+
+  replicated, sharded = P(), P(GALLERY_AXIS)
+  positive_d, negatives_before = jax.shard_map(
+      shard, mesh=mesh, out_specs=(replicated, replicated),
+      in_specs=(replicated,) * 3 + (sharded,) * 3 + (replicated,) * 2)(
+          queries, query_ids, query_groups, gallery, gallery_ids, gallery_groups, gallery_size,
+          rerank)
   pd, pi = positive_d[:, :, None], positives[:, :, None]
   earlier = (positive_d[:, None, :] < pd) | ((positive_d[:, None, :] == pd)
                                              & (positives[:, None, :] < pi))
@@ -159,11 +184,16 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
                              gallery_groups)
 
   q_chunk = search.chunk_length(num_queries, chunk_size)
-  g_chunk = search.chunk_length(gallery_size, gallery_chunk_size)
-  # Moved to the device once, not once per chunk.
-  gallery = jnp.asarray(search.pad_rows(gallery_emb, g_chunk))
-  gallery_ids = jnp.asarray(search.pad_rows(gallery_ids, g_chunk))
-  gallery_groups = jnp.asarray(search.pad_rows(gallery_groups, g_chunk))
+  # The gallery is split evenly over all devices, each shard a whole number of blocks.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), (GALLERY_AXIS,))
+  per_device = -(-gallery_size // len(jax.devices()))
+  g_chunk = search.chunk_length(per_device, gallery_chunk_size)
+  padded_size = -(-per_device // g_chunk) * g_chunk * len(jax.devices())
+  on_shards = NamedSharding(mesh, P(GALLERY_AXIS))
+  # Moved to the devices once, not once per chunk.
+  gallery, gallery_ids, gallery_groups = (
+      jax.device_put(search.pad_rows(a, padded_size), on_shards)
+      for a in (gallery_emb, gallery_ids, gallery_groups))
   queries = search.pad_rows(query_emb, q_chunk)
   query_ids = search.pad_rows(query_ids, q_chunk)
   query_groups = search.pad_rows(query_groups, q_chunk)
@@ -175,7 +205,8 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
     # Read back per chunk: progress then reports finished work, not queued work.
     outputs.append([np.asarray(a) for a in _chunk_metrics(
         queries[rows], query_ids[rows], query_groups[rows], positives[rows], gallery,
-        gallery_ids, gallery_groups, gallery_size, search.slice_rerank(rerank, rows), g_chunk)])
+        gallery_ids, gallery_groups, gallery_size, search.slice_rerank(rerank, rows), g_chunk,
+        mesh)])
     if progress is not None:
       progress('metrics', min(start + q_chunk, num_queries), num_queries)
   # Padded rows are cut off here, so they need no mask inside the jitted function.

@@ -218,3 +218,13 @@ def test_rank_gallery_merges_gallery_blocks_in_index_order():
                                     chunk_size=4, gallery_chunk_size=8)
   distances = reference.squared_distances(data['query_emb'], data['gallery_emb'])
   np.testing.assert_array_equal(indices, np.argsort(distances, axis=1, kind='stable')[:, :20])
+
+
+def test_gallery_sharded_over_devices_with_empty_padding():
+  import jax
+  # conftest simulates 4 devices: 9 items give shards of 3, 3, 3 and padding only.
+  assert jax.device_count() == 4
+  data = _tied_data(8, num_queries=12, gallery_size=9, num_ids=3, num_cams=2)
+  expected, _ = _reference(**data)
+  assert metrics.evaluate_retrieval(**data, ks=KS, gallery_chunk_size=2) == pytest.approx(
+      expected, rel=1e-6)
