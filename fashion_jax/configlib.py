@@ -43,10 +43,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 64
   c.model.dtype = 'float32'         # computation dtype; parameters stay float32
   c.model.sync_batch_norm = False   # per-device statistics, as a single-GPU PyTorch run
+  # Converted ImageNet weights for the backbone (`python -m fashion_jax.convert_weights`);
+  # None trains from scratch. A resumed run restores its checkpoint over them.
+  c.model.pretrained = ml_collections.config_dict.placeholder(str)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.label_smoothing = 0.1
-  c.loss.metric = 'triplet'         # 'triplet' or 'quadruplet'
+  c.loss.metric = 'triplet'         # 'triplet', 'quadruplet' or 'none' (classification only)
   c.loss.triplet_margin = 0.3
   c.loss.quadruplet_margins = (0.3, 0.15)
   c.loss.center_weight = 5e-4       # beta
@@ -102,14 +105,14 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
   parse_backbone(config.model.backbone)
   if config.model.last_stride not in (1, 2):
     raise ValueError(f'model.last_stride must be 1 or 2, got {config.model.last_stride}')
-  if config.loss.metric not in losses.METRIC_LOSSES:
+  if config.loss.metric not in (*losses.METRIC_LOSSES, 'none'):
     raise ValueError(f'unknown metric loss {config.loss.metric!r}; choose one of '
-                     f'{", ".join(losses.METRIC_LOSSES)}')
+                     f'{", ".join(losses.METRIC_LOSSES)}, none')
   height, width = config.input.image_size
   if height % 16 or width % 16 or height <= 0 or width <= 0:
     raise ValueError(f'input.image_size must be positive multiples of 16, got {height}x{width}')
-  if config.loss.center_weight <= 0:
-    raise ValueError(f'loss.center_weight must be > 0 (the centers step divides by it), got '
+  if config.loss.center_weight < 0:
+    raise ValueError(f'loss.center_weight must be >= 0 (0 switches the center loss off), got '
                      f'{config.loss.center_weight}')
   k, batch = config.train.k, config.train.batch_size
   if k < 2:

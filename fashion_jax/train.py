@@ -20,11 +20,12 @@ from data_pipelines import datasets, input_pipeline
 from fashion_jax import checkpointing, configlib, evaluate, optim
 from fashion_jax import train_step as ts
 from fashion_jax.models import build_model
+from fashion_jax.models.pretrained import load_pretrained_from_config
 
 # Fields a resumed run may change: how long, how often, where the data lives, how to evaluate.
 # Anything else would silently change the experiment the checkpoints belong to.
-RESUMABLE_CHANGES = ('mode', 'dataset.data_dir', 'input.prefetch', 'train.num_epochs',
-                     'train.log_every_steps', 'train.checkpoint_every_steps',
+RESUMABLE_CHANGES = ('mode', 'dataset.data_dir', 'model.pretrained', 'input.prefetch',
+                     'train.num_epochs', 'train.log_every_steps', 'train.checkpoint_every_steps',
                      'train.keep_checkpoints', 'train.eval_every_epochs',
                      'train.allow_config_change', 'eval')
 
@@ -103,6 +104,7 @@ def setup(config, workdir: str):
   steps_per_epoch = (config.train.steps_per_epoch
                      or input_pipeline.steps_per_epoch(len(item_ids), global_p))
   model = build_model(config.model, len(item_ids), seed=config.seed)
+  load_pretrained_from_config(model, config.model)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch)
   graphdef, state = ts.create_train_state(model, tx, len(item_ids), seed=config.seed)
   mesh = ts.make_mesh()

@@ -47,7 +47,12 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, num_
 
 
 def metric_loss(loss_config):
-  """The configured metric loss as fn(features [B, F], labels [B]) -> scalar."""
+  """The configured metric loss as fn(features [B, F], labels [B]) -> scalar.
+
+  'none' trains with the classification loss alone (as the paper trains OSNet-AIN).
+  """
+  if loss_config.metric == 'none':
+    return lambda features, labels: jnp.zeros((), jnp.float32)
   fn = losses.get_metric_loss(loss_config.metric)
   if loss_config.metric == 'quadruplet':
     return functools.partial(fn, margin1=loss_config.quadruplet_margins[0],
@@ -70,6 +75,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, state: TrainState, images: jax.Array,
     id_loss = losses.cross_entropy_label_smoothing(out.logits, labels, loss_config.label_smoothing)
     metric = metric_fn(out.global_feat, labels)
     center = losses.center_loss(out.global_feat, labels, centers)
+    # A zero weight switches the center loss off (and, below, the centers' updates).
     total = id_loss + metric + loss_config.center_weight * center
     accuracy = jnp.mean(jnp.argmax(out.logits, -1) == labels)
     metrics = {'loss': total, 'id_loss': id_loss, 'metric_loss': metric, 'center_loss': center,
@@ -86,7 +92,9 @@ def apply_gradients(state: TrainState, grads, center_grads, batch_stats,
                     tx: optax.GradientTransformation, loss_config) -> TrainState:
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   # The centers have their own SGD; dividing by beta undoes the loss weight (method.md 3).
-  centers = state['centers'] - loss_config.center_lr * center_grads / loss_config.center_weight
+  centers = state['centers']
+  if loss_config.center_weight > 0:
+    centers = centers - loss_config.center_lr * center_grads / loss_config.center_weight
   return {
       **state,
       'step': state['step'] + 1,

@@ -71,7 +71,7 @@ def test_cli_bad_override_is_one_line(tmp_path):
       'error: train.k must be >= 2 (batch-hard mining needs a positive), got 1')
 
 
-@pytest.mark.parametrize('name', ['demo', 'street2shop', 'deepfashion'])
+@pytest.mark.parametrize('name', ['demo', 'street2shop', 'deepfashion', 'osnet_ain'])
 def test_experiment_configs_are_valid_and_document_their_command(name):
   import importlib.util
   path = os.path.join(REPO, 'configs', f'{name}.py')

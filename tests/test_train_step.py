@@ -136,3 +136,17 @@ def test_nonfinite_step_keeps_the_state_and_records_the_step():
   assert int(new_state['step']) == 0
   for a, b in zip(jax.tree.leaves(new_state['params']), jax.tree.leaves(before['params'])):
     np.testing.assert_array_equal(a, b)
+
+
+def test_classification_only_leaves_metric_and_centers_out():
+  images, labels = _batch()
+  config = _config()
+  config.loss.metric = 'none'
+  config.loss.center_weight = 0.0
+  graphdef, state, tx, _ = _fresh_state(config)
+  x, y = jnp.asarray(images[:4]), jnp.asarray(labels[:4])
+  grads, center_grads, stats, metrics = ts.loss_and_grads(graphdef, state, x, y, config.loss)
+  assert float(metrics['metric_loss']) == 0.0
+  np.testing.assert_allclose(metrics['loss'], metrics['id_loss'], rtol=1e-6)
+  new = ts.apply_gradients(state, grads, center_grads, stats, tx, config.loss)
+  np.testing.assert_array_equal(new['centers'], state['centers'])
