@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 # Project builders, imported on demand so that TFDS can find them by name.
 _BUILDER_MODULES = {
     'fashion_synth': 'data_pipelines.fashion_synth.fashion_synth_dataset_builder',
+    'street2shop': 'data_pipelines.street2shop.street2shop_dataset_builder',
 }
 # Generated from a seed, no download: safe to prepare automatically.
 _GENERATED = frozenset({'fashion_synth'})

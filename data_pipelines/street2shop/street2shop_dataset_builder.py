@@ -1,0 +1,298 @@
+"""TFDS builder for Exact Street2Shop, built from the user's raw download (meta/json + photos)
+into train / query / gallery with one example per (category, product), as centroids-reid does.
+"""
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from data_pipelines.street2shop import raw_images
+
+# centroids-reid's order; the index is the category label and part of the item id.
+CATEGORIES = ('bags', 'belts', 'dresses', 'eyewear', 'footwear', 'hats', 'leggings',
+              'outerwear', 'pants', 'skirts', 'tops')
+DOMAINS = ('street', 'shop')
+# Product ids repeat across categories, so the item id folds the category in.
+ITEM_ID_STRIDE = 10**7
+# Preferred first: centroids-reid's converted copy, then the raw downloads.
+IMAGE_DIRS = ('images_jpg', 'images')
+REPORT_FILE = 'build_report.json'
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+Download Exact Street2Shop yourself (http://www.tamaraberg.com/street2shop/): unzip meta.zip
+and download the photos listed in photos/photos.txt, then pass the root as --manual_dir:
+  <manual_dir>/meta/json/{train_pairs,test_pairs,retrieval}_<category>.json  (33 files)
+  <manual_dir>/images/<9-digit photo id>.<any extension>   (or images_jpg/)
+Missing or broken photos are skipped and counted in build_report.json.
+"""
+
+
+def item_id(category: int, product: int) -> int:
+  """One id per (category, product): Street2Shop product ids are per category."""
+  return category * ITEM_ID_STRIDE + product
+
+
+@dataclasses.dataclass(eq=False)
+class Street2ShopConfig(tfds.core.BuilderConfig):
+  """How stored images are bounded."""
+  max_side: int = 640  # longest side of a stored image; enough for 480x480 training
+
+
+@dataclasses.dataclass(frozen=True)
+class _Image:
+  """One image of an item: a shop photo (box None) or a street crop (left, top, width, height)."""
+  photo: int
+  box: tuple[int, int, int, int] | None = None
+
+
+@dataclasses.dataclass
+class _Plan:
+  """Images per item, per split, before any photo is opened: {split: {(cat, product): [...]}}."""
+  splits: dict[str, dict[tuple[int, int], list[_Image]]]
+
+
+def _read_json(path: str) -> list[dict]:
+  with open(path) as f:
+    try:
+      records = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON: {e}') from e
+  if not isinstance(records, list):
+    raise ValueError(f'{path} must hold a JSON array of records, got {type(records).__name__}')
+  return records
+
+
+def _meta_dir(manual_dir: str) -> str:
+  meta = os.path.join(manual_dir, 'meta', 'json')
+  if not os.path.isdir(meta):
+    raise FileNotFoundError(f'Street2Shop manual_dir {manual_dir} has no meta/json/ folder '
+                            '(unzip meta.zip there)')
+  missing = [f'{kind}_{c}.json' for c in CATEGORIES
+             for kind in ('train_pairs', 'test_pairs', 'retrieval')
+             if not os.path.isfile(os.path.join(meta, f'{kind}_{c}.json'))]
+  if missing:
+    raise FileNotFoundError(f'Street2Shop {meta} lacks {len(missing)} of the 33 annotation '
+                            f'files: {", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}')
+  return meta
+
+
+def _parse_box(bbox, faults: raw_images.FaultCounter) -> tuple[int, int, int, int] | None:
+  """(left, top, width, height) in whole pixels, or None for a box that cannot be cropped.
+
+  Rules: non-integral values are rounded (`box_float_rounded`); missing or non-numeric fields
+  (`box_malformed`) and zero or negative width/height (`box_empty`) drop the annotation.
+  """
+  try:
+    values = [bbox[key] for key in ('left', 'top', 'width', 'height')]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+      raise TypeError
+    if not all(np.isfinite(values)):
+      raise ValueError
+  except (KeyError, TypeError, ValueError):
+    faults['box_malformed'] += 1
+    return None
+  if any(v != int(v) for v in values):
+    faults['box_float_rounded'] += 1
+  left, top, width, height = (int(round(v)) for v in values)
+  if width <= 0 or height <= 0:
+    faults['box_empty'] += 1
+    return None
+  return left, top, width, height
+
+
+def _parse_id(record: dict, key: str) -> int | None:
+  value = record.get(key) if isinstance(record, dict) else None
+  if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    return None
+  try:
+    number = int(value)
+  except ValueError:
+    return None
+  return number if number >= 0 and number == float(value) else None
+
+
+def plan_splits(meta: str, faults: raw_images.FaultCounter) -> _Plan:
+  """Reads the 33 JSON files into the protocol's splits (dataset_formats.md 4.2).
+
+  train: street crops of train_pairs products plus their retrieval shop photos; query: street
+  crops of test_pairs products; gallery: retrieval shop photos of every product of the category
+  that is not a train product (test products and distractors). Exact duplicate annotations
+  are kept once (`duplicate_annotation`); records without a valid photo or product id are
+  dropped (`record_malformed`).
+  """
+  splits = {'train': {}, 'query': {}, 'gallery': {}}
+  for cat, name in enumerate(CATEGORIES):
+    def street(kind: str) -> dict[tuple[int, int], list[_Image]]:
+      items, seen = {}, set()
+      for record in _read_json(os.path.join(meta, f'{kind}_{name}.json')):
+        photo, product = _parse_id(record, 'photo'), _parse_id(record, 'product')
+        if photo is None or product is None:
+          faults['record_malformed'] += 1
+          continue
+        box = _parse_box(record.get('bbox'), faults)
+        if box is None:
+          continue
+        if (photo, product, box) in seen:
+          faults['duplicate_annotation'] += 1
+          continue
+        seen.add((photo, product, box))
+        items.setdefault((cat, product), []).append(_Image(photo, box))
+      return items
+
+    train, test = street('train_pairs'), street('test_pairs')
+    shop, seen = {}, set()
+    for record in _read_json(os.path.join(meta, f'retrieval_{name}.json')):
+      photo, product = _parse_id(record, 'photo'), _parse_id(record, 'product')
+      if photo is None or product is None:
+        faults['record_malformed'] += 1
+        continue
+      if (photo, product) in seen:
+        faults['duplicate_annotation'] += 1
+        continue
+      seen.add((photo, product))
+      shop.setdefault((cat, product), []).append(_Image(photo))
+    for key, images in train.items():
+      splits['train'][key] = images + shop.get(key, [])
+    splits['query'].update(test)
+    for key, images in shop.items():
+      if key not in train:
+        splits['gallery'][key] = images
+  return _Plan(splits)
+
+
+def index_images(manual_dir: str, faults: raw_images.FaultCounter) -> dict[int, str]:
+  """Photo id -> file path, from file names `<9-digit id>.<any extension>`.
+
+  A photo with several files (two extensions, or both folders) uses the first of images_jpg/
+  then images/, in name order (`duplicate_image_file`).
+  """
+  paths = {}
+  dirs = [os.path.join(manual_dir, d) for d in IMAGE_DIRS]
+  if not any(os.path.isdir(d) for d in dirs):
+    raise FileNotFoundError(f'Street2Shop manual_dir {manual_dir} has neither images/ nor '
+                            'images_jpg/ (download the photos of photos/photos.txt there)')
+  for directory in dirs:
+    if not os.path.isdir(directory):
+      continue
+    for name in sorted(os.listdir(directory)):
+      stem = os.path.splitext(name)[0]
+      if not stem.isdigit():
+        continue
+      if int(stem) in paths:
+        faults['duplicate_image_file'] += 1
+        continue
+      paths[int(stem)] = os.path.join(directory, name)
+  return paths
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """Exact Street2Shop (Kiapour et al., 2015) in the centroids-reid protocol."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+  BUILDER_CONFIGS = [
+      Street2ShopConfig(name='default', description='Images bounded to 640 px.'),
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=(
+            'Exact Street2Shop. One example per (category, product). train: street crops and '
+            'shop photos of train products; query: street crops of test products; gallery: '
+            'shop photos of every non-train product (test products and distractors). Street '
+            'photos are cropped to their boxes (bbox = the box in the photo), shop photos are '
+            'whole (bbox = [0, 0, 1, 1]).'),
+        features=tfds.features.FeaturesDict({
+            'item_id': tf.int64,
+            'product_id': tf.int64,
+            'category': tfds.features.ClassLabel(names=CATEGORIES),
+            'images': tfds.features.Sequence({
+                'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+                'domain': tfds.features.ClassLabel(names=DOMAINS),
+                'image_id': tf.string,
+                'bbox': tfds.features.BBoxFeature(),
+            }),
+        }),
+        metadata=tfds.core.MetadataDict(),
+        homepage='http://www.tamaraberg.com/street2shop/',
+    )
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    self._faults = raw_images.FaultCounter()
+    self._photos_seen = set()
+    super()._download_and_prepare(dl_manager, download_config)
+    report = self._faults.report()
+    self.info.metadata['build_report'] = report
+    # self.data_dir is the build's temporary folder here; TFDS renames it when done.
+    with tf.io.gfile.GFile(os.path.join(self.data_dir, REPORT_FILE), 'w') as f:
+      json.dump(report, f, indent=1, sort_keys=True)
+    print(f'street2shop build report (skipped or repaired records by reason): {report}')
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    manual_dir = os.fspath(dl_manager.manual_dir)
+    plan = plan_splits(_meta_dir(manual_dir), self._faults)
+    paths = index_images(manual_dir, self._faults)
+    return {split: self._generate_examples(split, items, paths)
+            for split, items in plan.splits.items()}
+
+  def _generate_examples(self, split: str, items: dict[tuple[int, int], list[_Image]],
+                         paths: dict[int, str]) -> Iterator[tuple[str, dict]]:
+    """Yields one example per item with at least one usable image.
+
+    Items left with no image are dropped (`<split>_item_without_images`); train items with a
+    single image are kept and counted (`train_item_single_image`): the input pipeline leaves
+    them out of training, as centroids-reid does. Faults of a photo file (missing, corrupt,
+    converted) are counted once per photo, however many annotations use it.
+    """
+    faults, max_side = self._faults, self.builder_config.max_side
+    for (cat, product), planned in sorted(items.items()):
+      images, last = [], (None, None)
+      for entry in sorted(planned, key=lambda e: (e.photo, e.box is not None, e.box or ())):
+        first_use = entry.photo not in self._photos_seen
+        self._photos_seen.add(entry.photo)
+        if entry.photo not in paths:
+          faults['missing_image'] += first_use
+          continue
+        # One photo can give several crops (boxes) of an item: decode it once.
+        if last[0] != entry.photo:
+          photo_faults = faults if first_use else raw_images.FaultCounter()
+          last = (entry.photo, raw_images.load_rgb(paths[entry.photo], photo_faults))
+        photo = last[1]
+        if photo is None:
+          continue
+        images.append(self._image(entry, photo, faults, max_side))
+      images = [image for image in images if image is not None]
+      if not images:
+        faults[f'{split}_item_without_images'] += 1
+        continue
+      if split == 'train' and len(images) == 1:
+        faults['train_item_single_image'] += 1
+      key = item_id(cat, product)
+      yield str(key), {'item_id': key, 'product_id': product, 'category': cat,
+                       'images': images}
+
+  @staticmethod
+  def _image(entry: _Image, photo, faults, max_side: int) -> dict | None:
+    width, height = photo.size
+    if entry.box is None:
+      return {'image': raw_images.encode_bounded(photo, max_side), 'domain': 'shop',
+              'image_id': f'{entry.photo:09d}',
+              'bbox': np.array([0.0, 0.0, 1.0, 1.0], np.float32)}
+    left, top, w, h = entry.box
+    box = raw_images.clip_box(left, top, left + w, top + h, width, height)
+    if box is None:
+      faults['box_outside_image'] += 1
+      return None
+    if box != (left, top, left + w, top + h):
+      faults['box_clipped'] += 1
+    crop = photo.crop(box)
+    return {'image': raw_images.encode_bounded(crop, max_side), 'domain': 'street',
+            'image_id': f'{entry.photo:09d}@{box[0]},{box[1]},{box[2]},{box[3]}',
+            'bbox': raw_images.normalized_box(box, width, height)}

@@ -1,0 +1,233 @@
+"""Tests for the Street2Shop builder: a fake raw download in the real format, with each known
+fault of the real data, is built with TFDS and checked record by record against the protocol.
+"""
+
+import io
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from data_pipelines import datasets
+from data_pipelines.street2shop import street2shop_dataset_builder as s2s
+
+BAGS, TOPS = s2s.CATEGORIES.index('bags'), s2s.CATEGORIES.index('tops')
+STREET_SIZE = (80, 60)  # width, height of every fake street photo
+
+
+def _pixels(width: int, height: int, seed: int) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)
+
+
+def _save(path: str, image: Image.Image, fmt: str, **kwargs) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  image.save(path, format=fmt, **kwargs)
+
+
+def _box(left, top, width, height) -> dict:
+  return {'left': left, 'top': top, 'width': width, 'height': height}
+
+
+# Street annotations (train_pairs / test_pairs) of bags, with the faults of the real files.
+TRAIN_BAGS = [
+    {'photo': 1, 'product': 10, 'bbox': _box(10, 5, 30, 40)},
+    {'photo': 1, 'product': 10, 'bbox': _box(10, 5, 30, 40)},  # exact duplicate
+    {'photo': 1, 'product': 10, 'bbox': _box(2, 3, 20, -5)},  # negative height: dropped
+    {'product': 10, 'photo': 2, 'bbox': _box(710.0, 0.0, 20.0, 10.0)},  # outside: dropped
+    {'photo': 2, 'product': 10, 'bbox': _box(60.4, 20.0, 40.0, 30.6)},  # rounded then clipped
+    {'photo': 3, 'product': 11, 'bbox': _box(0, 0, 40, 60)},  # photo 3 is CMYK
+    {'photo': 3, 'product': 12, 'bbox': _box(40, 0, 40, 60)},
+    {'photo': 4, 'product': 11, 'bbox': _box(1, 2, 10, 20)},  # two boxes of one product
+    {'photo': 4, 'product': 11, 'bbox': _box(30, 10, 25, 15)},
+    {'photo': 5, 'product': 13, 'bbox': _box(114.0, 10.0, 0.0, 0.0)},  # zero size: dropped
+    {'photo': 99, 'product': 14, 'bbox': _box(1, 1, 5, 5)},  # no such file: item dropped
+    {'photo': 2, 'product': 15, 'bbox': {'left': 1, 'top': 1, 'width': 'x', 'height': 4}},
+]
+TEST_BAGS = [
+    {'photo': 6, 'product': 20, 'bbox': _box(5, 5, 50, 50)},
+    {'photo': 7, 'product': 21, 'bbox': _box(0, 0, 80, 60)},  # product 21 has no shop photo
+]
+RETRIEVAL_BAGS = [
+    {'photo': 100001, 'product': 10},  # a PNG named .jpg
+    {'photo': 100002, 'product': 10},  # 900 x 300: stored at 640 x 213
+    {'photo': 100002, 'product': 10},  # duplicate
+    {'photo': 100011, 'product': 11},  # missing file
+    {'photo': 100012, 'product': 11},  # .JPEG
+    {'photo': 100021, 'product': 12},  # truncated JPEG
+    {'photo': 100031, 'product': 20},  # greyscale .jpeg
+    {'photo': 100032, 'product': 20},  # a real PNG
+    {'photo': 100041, 'product': 30},  # distractor, a GIF
+    {'photo': 100042, 'product': 30},
+    {'photo': 100051, 'product': 31},  # distractor whose only photo is garbage
+]
+TRAIN_TOPS = [{'photo': 8, 'product': 10, 'bbox': _box(0, 0, 80, 60)},
+              {'photo': 9, 'product': 10, 'bbox': _box(20, 10, 30, 30)}]
+RETRIEVAL_TOPS = [{'photo': 200001, 'product': 10}, {'photo': 200002, 'product': 10}]
+
+
+def write_raw_tree(root: str) -> None:
+  """A Street2Shop download in the real layout: meta/json/*.json and images/<%09d>.<ext>."""
+  meta = os.path.join(root, 'meta', 'json')
+  os.makedirs(meta)
+  files = {('train_pairs', 'bags'): TRAIN_BAGS, ('test_pairs', 'bags'): TEST_BAGS,
+           ('retrieval', 'bags'): RETRIEVAL_BAGS, ('train_pairs', 'tops'): TRAIN_TOPS,
+           ('retrieval', 'tops'): RETRIEVAL_TOPS}
+  for category in s2s.CATEGORIES:
+    for kind in ('train_pairs', 'test_pairs', 'retrieval'):
+      with open(os.path.join(meta, f'{kind}_{category}.json'), 'w') as f:
+        json.dump(files.get((kind, category), []), f)
+  with open(os.path.join(root, 'photos.txt'), 'w') as f:
+    f.writelines(f'{i:09d},http://example.com/{i}.jpg\n' for i in range(1, 10))
+
+  images = os.path.join(root, 'images')
+  path = lambda photo, ext: os.path.join(images, f'{photo:09d}{ext}')
+  rgb = lambda w, h, seed: Image.fromarray(_pixels(w, h, seed))
+  for photo in (1, 2, 4, 5, 6, 7, 8, 9):
+    _save(path(photo, '.jpg'), rgb(*STREET_SIZE, photo), 'JPEG')
+  _save(path(3, '.jpg'), rgb(*STREET_SIZE, 3).convert('CMYK'), 'JPEG')
+  _save(path(100001, '.jpg'), rgb(40, 50, 11), 'PNG')
+  _save(path(100002, '.jpeg'), rgb(900, 300, 12), 'JPEG')
+  _save(path(100012, '.JPEG'), rgb(30, 40, 13), 'JPEG')
+  full = io.BytesIO()
+  rgb(64, 64, 14).save(full, format='JPEG')
+  with open(path(100021, '.jpg'), 'wb') as f:
+    f.write(full.getvalue()[:len(full.getvalue()) // 2])
+  _save(path(100031, '.jpeg'), rgb(30, 30, 15).convert('L'), 'JPEG')
+  _save(path(100032, '.png'), rgb(20, 30, 16), 'PNG')
+  _save(path(100041, '.gif'), rgb(24, 24, 17).convert('P'), 'GIF')
+  _save(path(100042, '.jpg'), rgb(24, 24, 18), 'JPEG')
+  with open(path(100051, '.jpg'), 'wb') as f:
+    f.write(b'<html>404 Not Found</html>')
+  for photo in (200001, 200002):
+    _save(path(photo, '.jpg'), rgb(32, 32, photo), 'JPEG')
+
+
+def _build(tmp_path) -> tuple[tfds.core.DatasetBuilder, dict]:
+  raw = str(tmp_path / 'raw')
+  write_raw_tree(raw)
+  builder = s2s.Builder(data_dir=str(tmp_path / 'tfds'))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=raw))
+  examples = {}
+  for split in ('train', 'query', 'gallery'):
+    ds = builder.as_dataset(split=split, decoders={'images': {'image': tfds.decode.SkipDecoding()}})
+    examples[split] = {int(ex['item_id']): ex for ex in tfds.as_numpy(ds)}
+  return builder, examples
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+  return _build(tmp_path_factory.mktemp('s2s'))
+
+
+def _size(jpeg: bytes) -> tuple[int, int]:
+  with Image.open(io.BytesIO(jpeg)) as image:
+    assert image.format == 'JPEG' and image.mode == 'RGB'
+    return image.size
+
+
+def _images(example) -> dict[str, tuple[str, tuple[int, int]]]:
+  """image_id -> (domain, (width, height)) of one stored item."""
+  images = example['images']
+  return {image_id.decode(): (s2s.DOMAINS[domain], _size(jpeg))
+          for image_id, domain, jpeg in zip(images['image_id'], images['domain'], images['image'])}
+
+
+def test_split_membership(built):
+  _, examples = built
+  assert set(examples['train']) == {s2s.item_id(BAGS, p) for p in (10, 11, 12)} | {
+      s2s.item_id(TOPS, 10)}
+  assert set(examples['query']) == {s2s.item_id(BAGS, 20), s2s.item_id(BAGS, 21)}
+  assert set(examples['gallery']) == {s2s.item_id(BAGS, 20), s2s.item_id(BAGS, 30)}
+
+
+def test_product_ids_are_per_category(built):
+  _, examples = built
+  bags10, tops10 = examples['train'][10], examples['train'][TOPS * s2s.ITEM_ID_STRIDE + 10]
+  assert (int(bags10['product_id']), int(bags10['category'])) == (10, BAGS)
+  assert (int(tops10['product_id']), int(tops10['category'])) == (10, TOPS)
+  assert set(_images(tops10)) == {'000000008@0,0,80,60', '000000009@20,10,50,40',
+                                  '000200001', '000200002'}
+
+
+def test_train_images_crops_and_repairs(built):
+  _, examples = built
+  train = {item: _images(ex) for item, ex in examples['train'].items()}
+  assert train[s2s.item_id(BAGS, 10)] == {
+      '000000001@10,5,40,45': ('street', (30, 40)),
+      '000000002@60,20,80,51': ('street', (20, 31)),  # 60.4 -> 60, 30.6 -> 31, clipped at 80
+      '000100001': ('shop', (40, 50)),  # the PNG named .jpg
+      '000100002': ('shop', (640, 213)),  # bounded longest side
+  }
+  assert train[s2s.item_id(BAGS, 11)] == {
+      '000000003@0,0,40,60': ('street', (40, 60)),  # CMYK converted
+      '000000004@1,2,11,22': ('street', (10, 20)),
+      '000000004@30,10,55,25': ('street', (25, 15)),
+      '000100012': ('shop', (30, 40)),
+  }
+  assert train[s2s.item_id(BAGS, 12)] == {'000000003@40,0,80,60': ('street', (40, 60))}
+
+
+def test_query_and_gallery_images(built):
+  _, examples = built
+  assert _images(examples['query'][s2s.item_id(BAGS, 20)]) == {
+      '000000006@5,5,55,55': ('street', (50, 50))}
+  assert _images(examples['query'][s2s.item_id(BAGS, 21)]) == {
+      '000000007@0,0,80,60': ('street', (80, 60))}
+  assert _images(examples['gallery'][s2s.item_id(BAGS, 20)]) == {
+      '000100031': ('shop', (30, 30)), '000100032': ('shop', (20, 30))}
+  assert _images(examples['gallery'][s2s.item_id(BAGS, 30)]) == {
+      '000100041': ('shop', (24, 24)), '000100042': ('shop', (24, 24))}
+
+
+def test_boxes_and_pixels(built):
+  _, examples = built
+  query = examples['query'][s2s.item_id(BAGS, 20)]['images']
+  np.testing.assert_allclose(query['bbox'][0], [5 / 60, 5 / 80, 55 / 60, 55 / 80], atol=1e-6)
+  shop = examples['gallery'][s2s.item_id(BAGS, 30)]['images']
+  np.testing.assert_allclose(shop['bbox'], [[0, 0, 1, 1]] * 2)
+  # The crop holds the photo's pixels inside the box (up to JPEG loss, twice).
+  source = _pixels(*STREET_SIZE, 6)[5:55, 5:55].astype(np.float32)
+  stored = np.asarray(Image.open(io.BytesIO(query['image'][0])), np.float32)
+  assert np.abs(stored.mean(axis=(0, 1)) - source.mean(axis=(0, 1))).max() < 8
+
+
+def test_fault_counts(built):
+  builder, _ = built
+  expected = {
+      'box_empty': 2, 'box_float_rounded': 1, 'box_malformed': 1, 'box_outside_image': 1,
+      'box_clipped': 1, 'duplicate_annotation': 2, 'missing_image': 2, 'corrupt_image': 2,
+      'wrong_extension': 1, 'converted_CMYK': 1, 'converted_L': 1, 'converted_P': 1,
+      'train_item_single_image': 1, 'train_item_without_images': 1,
+      'gallery_item_without_images': 1,
+  }
+  assert builder.info.metadata['build_report'] == expected
+  with open(os.path.join(builder.data_dir, s2s.REPORT_FILE)) as f:
+    assert json.load(f) == expected
+  reloaded = s2s.Builder(data_dir=str(pathlib.Path(builder.data_dir).parents[2]))
+  assert reloaded.info.metadata['build_report'] == expected
+
+
+def test_bad_manual_dir_fails_in_one_line(tmp_path):
+  raw = tmp_path / 'raw'
+  (raw / 'images').mkdir(parents=True)
+  builder = s2s.Builder(data_dir=str(tmp_path / 'tfds'))
+  config = tfds.download.DownloadConfig(manual_dir=str(raw))
+  with pytest.raises(FileNotFoundError, match='has no meta/json/ folder'):
+    builder.download_and_prepare(download_config=config)
+  (raw / 'meta' / 'json').mkdir(parents=True)
+  (raw / 'meta' / 'json' / 'train_pairs_bags.json').write_text('[]')
+  with pytest.raises(FileNotFoundError, match='lacks 32 of the 33 annotation files'):
+    builder.download_and_prepare(download_config=config)
+
+
+def test_registry_loads_built_and_refuses_unbuilt(built, tmp_path):
+  builder, examples = built
+  root = str(pathlib.Path(builder.data_dir).parents[2])
+  loaded = datasets.get_builder('street2shop', root)
+  assert loaded.info.splits['gallery'].num_examples == len(examples['gallery'])
+  with pytest.raises(datasets.DatasetMissingError, match='tfds build data_pipelines/street2shop'):
+    datasets.get_builder('street2shop', str(tmp_path))
