@@ -12,6 +12,8 @@ import tensorflow_datasets as tfds
 _BUILDER_MODULES = {
     'fashion_synth': 'data_pipelines.fashion_synth.fashion_synth_dataset_builder',
     'street2shop': 'data_pipelines.street2shop.street2shop_dataset_builder',
+    'deepfashion_consumer2shop':
+        'data_pipelines.deepfashion_consumer2shop.deepfashion_consumer2shop_dataset_builder',
 }
 # Generated from a seed, no download: safe to prepare automatically.
 _GENERATED = frozenset({'fashion_synth'})

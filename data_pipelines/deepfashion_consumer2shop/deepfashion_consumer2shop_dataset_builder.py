@@ -1,0 +1,221 @@
+"""TFDS builder for DeepFashion Consumer-to-shop, built from the user's download (img/, Anno/,
+Eval/) into train / query / gallery with one example per item, per the official protocol.
+"""
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from data_pipelines.street2shop import raw_images
+
+# clothes_type codes 1, 2, 3 of list_bbox_consumer2shop.txt.
+CATEGORIES = ('upper_body', 'lower_body', 'full_body')
+DOMAINS = ('street', 'shop')  # consumer photos play the street role
+BBOX_FILE = os.path.join('Anno', 'list_bbox_consumer2shop.txt')
+PARTITION_FILE = os.path.join('Eval', 'list_eval_partition.txt')
+REPORT_FILE = 'build_report.json'
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+Download DeepFashion Consumer-to-shop (https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion.html),
+unpack the image archive so that img/ sits next to Anno/ and Eval/, and pass that root:
+  <manual_dir>/Anno/list_bbox_consumer2shop.txt
+  <manual_dir>/Eval/list_eval_partition.txt
+  <manual_dir>/img/<CATEGORY>/<Subcategory>/id_XXXXXXXX/{comsumer,shop}_NN.jpg  (300-px images)
+Missing or broken images are skipped and counted in build_report.json.
+"""
+
+
+@dataclasses.dataclass(eq=False)
+class ConsumerToShopConfig(tfds.core.BuilderConfig):
+  """How stored images are bounded."""
+  max_side: int = 640  # the 300-px images are never enlarged
+
+
+@dataclasses.dataclass
+class _Item:
+  status: str
+  folder: str  # img/<CATEGORY>/<Subcategory>, kept as a string feature
+  images: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> domain
+
+
+def _data_rows(path: str, what: str) -> Iterator[list[str]]:
+  """Whitespace-split records of a DeepFashion list file (line 1 a count, line 2 a header)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'DeepFashion consumer-to-shop {what} file {path} is missing')
+  with open(path) as f:
+    for number, line in enumerate(f):
+      if number >= 2 and line.strip():
+        yield line.split()
+
+
+def read_boxes(path: str, faults: raw_images.FaultCounter) -> dict[str, tuple]:
+  """image name -> (clothes_type, (x1, y1, x2, y2)) corner box in the 300-px image.
+
+  Rules: rows with too few tokens or non-numeric values are skipped (`box_row_malformed`);
+  non-integral coordinates are rounded (`box_float_rounded`); a repeated image keeps its
+  first row (`duplicate_annotation`).
+  """
+  boxes = {}
+  for tokens in _data_rows(path, 'bbox'):
+    try:
+      clothes_type = int(tokens[1])
+      values = [float(v) for v in tokens[-4:]]
+      if len(tokens) < 7 or not 1 <= clothes_type <= len(CATEGORIES):
+        raise ValueError
+      if not all(np.isfinite(values)):
+        raise ValueError
+    except (ValueError, IndexError):
+      faults['box_row_malformed'] += 1
+      continue
+    if tokens[0] in boxes:
+      faults['duplicate_annotation'] += 1
+      continue
+    if any(v != int(v) for v in values):
+      faults['box_float_rounded'] += 1
+    boxes[tokens[0]] = (clothes_type - 1, tuple(int(round(v)) for v in values))
+  return boxes
+
+
+def read_items(path: str, faults: raw_images.FaultCounter) -> dict[str, _Item]:
+  """item_id -> its status and images, from the consumer/shop pair rows.
+
+  Rules: malformed rows are skipped (`pair_row_malformed`); an item listed under several
+  statuses keeps its first (`item_status_conflict`), as items are disjoint across splits.
+  """
+  items = {}
+  for tokens in _data_rows(path, 'partition'):
+    if len(tokens) != 4 or tokens[3] not in ('train', 'val', 'test'):
+      faults['pair_row_malformed'] += 1
+      continue
+    consumer, shop, item, status = tokens
+    entry = items.setdefault(item, _Item(status, os.path.dirname(os.path.dirname(consumer))))
+    if entry.status != status:
+      faults['item_status_conflict'] += 1
+    entry.images.setdefault(consumer, 'street')
+    entry.images.setdefault(shop, 'shop')
+  return items
+
+
+def _item_number(item: str) -> int | None:
+  digits = item.removeprefix('id_')
+  return int(digits) if digits.isdigit() else None
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """DeepFashion Consumer-to-shop Clothes Retrieval (Liu et al., 2016)."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+  BUILDER_CONFIGS = [ConsumerToShopConfig(name='default', description='Images bounded to 640 px.')]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=(
+            'DeepFashion Consumer-to-shop. One example per item. train: consumer and shop '
+            'images of train items; query: consumer images of test items; gallery: shop images '
+            'of val and test items. Images are cropped to their boxes (bbox = the box in the '
+            '300-px image).'),
+        features=tfds.features.FeaturesDict({
+            'item_id': tf.int64,
+            'category': tfds.features.ClassLabel(names=CATEGORIES),
+            'folder': tf.string,
+            'images': tfds.features.Sequence({
+                'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+                'domain': tfds.features.ClassLabel(names=DOMAINS),
+                'image_id': tf.string,
+                'bbox': tfds.features.BBoxFeature(),
+            }),
+        }),
+        metadata=tfds.core.MetadataDict(),
+        homepage='https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/Consumer2ShopRetrieval.html',
+    )
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    self._faults = raw_images.FaultCounter()
+    super()._download_and_prepare(dl_manager, download_config)
+    report = self._faults.report()
+    self.info.metadata['build_report'] = report
+    # self.data_dir is the build's temporary folder here; TFDS renames it when done.
+    with tf.io.gfile.GFile(os.path.join(self.data_dir, REPORT_FILE), 'w') as f:
+      json.dump(report, f, indent=1, sort_keys=True)
+    print(f'deepfashion_consumer2shop build report (skipped or repaired records): {report}')
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = os.fspath(dl_manager.manual_dir)
+    if not os.path.isdir(os.path.join(root, 'img')):
+      raise FileNotFoundError(f'DeepFashion consumer-to-shop manual_dir {root} has no img/ '
+                              'folder (unpack the image archive next to Anno/ and Eval/)')
+    boxes = read_boxes(os.path.join(root, BBOX_FILE), self._faults)
+    items = read_items(os.path.join(root, PARTITION_FILE), self._faults)
+    by_status = {status: {k: v for k, v in items.items() if v.status == status}
+                 for status in ('train', 'val', 'test')}
+    gallery = {**by_status['val'], **by_status['test']}
+    return {
+        'train': self._generate_examples(root, 'train', by_status['train'], boxes,
+                                         ('street', 'shop')),
+        'query': self._generate_examples(root, 'query', by_status['test'], boxes, ('street',)),
+        'gallery': self._generate_examples(root, 'gallery', gallery, boxes, ('shop',)),
+    }
+
+  def _generate_examples(self, root: str, split: str, items: dict[str, _Item], boxes: dict,
+                         domains: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
+    """Yields one example per item with at least one usable image of the given domains.
+
+    Rules: an item id that is not `id_<digits>` is skipped (`item_id_malformed`); an image
+    without a bbox row is kept whole (`box_missing_whole_image`); an empty box, or one with
+    nothing inside the image, drops the image (`box_empty`, `box_outside_image`); a box
+    reaching outside is clipped (`box_clipped`); items left with no image are dropped
+    (`<split>_item_without_images`); train items with one image are kept and counted.
+    """
+    faults, max_side = self._faults, self.builder_config.max_side
+    for item, entry in sorted(items.items()):
+      number = _item_number(item)
+      if number is None:
+        faults['item_id_malformed'] += 1
+        continue
+      images, categories = [], []
+      for name, domain in sorted(entry.images.items()):
+        if domain not in domains:
+          continue
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
+          faults['missing_image'] += 1
+          continue
+        photo = raw_images.load_rgb(path, faults)
+        if photo is None:
+          continue
+        clothes_type, corners = boxes.get(name, (None, None))
+        if corners is None:
+          faults['box_missing_whole_image'] += 1
+          corners = (0, 0, photo.width, photo.height)
+        else:
+          categories.append(clothes_type)
+        x1, y1, x2, y2 = corners
+        if x2 <= x1 or y2 <= y1:
+          faults['box_empty'] += 1
+          continue
+        box = raw_images.clip_box(x1, y1, x2, y2, photo.width, photo.height)
+        if box is None:
+          faults['box_outside_image'] += 1
+          continue
+        if box != corners:
+          faults['box_clipped'] += 1
+        images.append({'image': raw_images.encode_bounded(photo.crop(box), max_side),
+                       'domain': domain, 'image_id': name,
+                       'bbox': raw_images.normalized_box(box, photo.width, photo.height)})
+      if not images:
+        faults[f'{split}_item_without_images'] += 1
+        continue
+      if split == 'train' and len(images) == 1:
+        faults['train_item_single_image'] += 1
+      # The item's clothes type is its images' most common one (they agree in the real data).
+      category = int(np.bincount(categories).argmax()) if categories else 0
+      yield item, {'item_id': number, 'category': category, 'folder': entry.folder,
+                   'images': images}
