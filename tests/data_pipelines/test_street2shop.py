@@ -260,22 +260,19 @@ def write_clean_tree(root: str, num_train: int, num_test: int, num_distractors: 
         json.dump(records.get((kind, category), []), f)
 
 
-def test_street2shop_config_trains_and_evaluates_end_to_end(tmp_path):
+def train_tiny(config_name: str, dataset: str, data_dir: str, workdir: str) -> dict:
+  """Trains configs/<config_name>.py for one epoch with the tiny model; returns its metrics."""
   import importlib.util
 
   import tiny_config
   from fashion_jax import train
 
-  write_clean_tree(str(tmp_path / 'raw'), num_train=16, num_test=6, num_distractors=2)
-  data_dir = str(tmp_path / 'tfds')
-  s2s.Builder(data_dir=data_dir).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'raw')))
   spec = importlib.util.spec_from_file_location(
-      'street2shop_config', pathlib.Path(__file__).parents[2] / 'configs' / 'street2shop.py')
+      config_name, pathlib.Path(__file__).parents[2] / 'configs' / f'{config_name}.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  assert config.dataset.name == 'street2shop'
+  assert config.dataset.name == dataset
   # The paper's run is far too big for a test: shrink it to the tiny model and images.
   tiny = tiny_config.get_config()
   for section, key in [('input', 'image_size'), ('input', 'pad'), ('input', 'shuffle_buffer'),
@@ -287,7 +284,15 @@ def test_street2shop_config_trains_and_evaluates_end_to_end(tmp_path):
     config[section][key] = tiny[section][key]
   config.train.num_epochs = 1
   config.dataset.data_dir = data_dir
-  metrics = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  return train.train_and_evaluate(config, workdir)
+
+
+def test_street2shop_config_trains_and_evaluates_end_to_end(tmp_path):
+  write_clean_tree(str(tmp_path / 'raw'), num_train=16, num_test=6, num_distractors=2)
+  data_dir = str(tmp_path / 'tfds')
+  s2s.Builder(data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'raw')))
+  metrics = train_tiny('street2shop', 'street2shop', data_dir, str(tmp_path / 'run'))
   assert metrics['step'] == 2  # 16 identities / P = 8
   assert metrics['num_queries'] == 6 * 2  # every test street crop has its shop photos
   for key in ('mAP', 'acc@1', 'acc@20'):
