@@ -134,6 +134,9 @@ def plan_splits(meta: str, faults: raw_images.FaultCounter) -> _Plan:
         if photo is None or product is None:
           faults['record_malformed'] += 1
           continue
+        # The product belongs to this split even if its box is unusable, so its shop photos
+        # stay in train rather than leaking into the gallery as a distractor.
+        images = items.setdefault((cat, product), [])
         box = _parse_box(record.get('bbox'), faults)
         if box is None:
           continue
@@ -141,7 +144,7 @@ def plan_splits(meta: str, faults: raw_images.FaultCounter) -> _Plan:
           faults['duplicate_annotation'] += 1
           continue
         seen.add((photo, product, box))
-        items.setdefault((cat, product), []).append(_Image(photo, box))
+        images.append(_Image(photo, box))
       return items
 
     train, test = street('train_pairs'), street('test_pairs')

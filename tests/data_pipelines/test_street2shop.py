@@ -63,6 +63,7 @@ RETRIEVAL_BAGS = [
     {'photo': 100041, 'product': 30},  # distractor, a GIF
     {'photo': 100042, 'product': 30},
     {'photo': 100051, 'product': 31},  # distractor whose only photo is garbage
+    {'photo': 100061, 'product': 13},  # train product whose only box is empty: stays in train
 ]
 TRAIN_TOPS = [{'photo': 8, 'product': 10, 'bbox': _box(0, 0, 80, 60)},
               {'photo': 9, 'product': 10, 'bbox': _box(20, 10, 30, 30)}]
@@ -100,6 +101,7 @@ def write_raw_tree(root: str) -> None:
   _save(path(100032, '.png'), rgb(20, 30, 16), 'PNG')
   _save(path(100041, '.gif'), rgb(24, 24, 17).convert('P'), 'GIF')
   _save(path(100042, '.jpg'), rgb(24, 24, 18), 'JPEG')
+  _save(path(100061, '.jpg'), rgb(24, 24, 19), 'JPEG')
   with open(path(100051, '.jpg'), 'wb') as f:
     f.write(b'<html>404 Not Found</html>')
   for photo in (200001, 200002):
@@ -138,7 +140,7 @@ def _images(example) -> dict[str, tuple[str, tuple[int, int]]]:
 
 def test_split_membership(built):
   _, examples = built
-  assert set(examples['train']) == {s2s.item_id(BAGS, p) for p in (10, 11, 12)} | {
+  assert set(examples['train']) == {s2s.item_id(BAGS, p) for p in (10, 11, 12, 13)} | {
       s2s.item_id(TOPS, 10)}
   assert set(examples['query']) == {s2s.item_id(BAGS, 20), s2s.item_id(BAGS, 21)}
   assert set(examples['gallery']) == {s2s.item_id(BAGS, 20), s2s.item_id(BAGS, 30)}
@@ -169,6 +171,7 @@ def test_train_images_crops_and_repairs(built):
       '000100012': ('shop', (30, 40)),
   }
   assert train[s2s.item_id(BAGS, 12)] == {'000000003@40,0,80,60': ('street', (40, 60))}
+  assert train[s2s.item_id(BAGS, 13)] == {'000100061': ('shop', (24, 24))}
 
 
 def test_query_and_gallery_images(built):
@@ -201,7 +204,7 @@ def test_fault_counts(built):
       'box_empty': 2, 'box_float_rounded': 1, 'box_malformed': 1, 'box_outside_image': 1,
       'box_clipped': 1, 'duplicate_annotation': 2, 'missing_image': 2, 'corrupt_image': 2,
       'wrong_extension': 1, 'converted_CMYK': 1, 'converted_L': 1, 'converted_P': 1,
-      'train_item_single_image': 1, 'train_item_without_images': 1,
+      'train_item_single_image': 2, 'train_item_without_images': 2,
       'gallery_item_without_images': 1,
   }
   assert builder.info.metadata['build_report'] == expected
