@@ -172,7 +172,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     without a bbox row is kept whole (`box_missing_whole_image`); an empty box, or one with
     nothing inside the image, drops the image (`box_empty`, `box_outside_image`); a box
     reaching outside is clipped (`box_clipped`); items left with no image are dropped
-    (`<split>_item_without_images`); train items with one image are kept and counted.
+    (`<split>_item_without_images`); train items with one image, or with no shop image, are
+    kept and counted (`train_item_single_image`, `train_item_without_shop_image`).
     """
     faults, max_side = self._faults, self.builder_config.max_side
     for item, entry in sorted(items.items()):
@@ -215,6 +216,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         continue
       if split == 'train' and len(images) == 1:
         faults['train_item_single_image'] += 1
+      if split == 'train' and all(image['domain'] == 'street' for image in images):
+        # Kept: a consumer-only identity still trains the metric, it has no shop anchor.
+        faults['train_item_without_shop_image'] += 1
       # The item's clothes type is its images' most common one (they agree in the real data).
       category = int(np.bincount(categories).argmax()) if categories else 0
       yield item, {'item_id': number, 'category': category, 'folder': entry.folder,

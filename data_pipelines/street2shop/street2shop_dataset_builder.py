@@ -251,7 +251,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     Items left with no image are dropped (`<split>_item_without_images`); train items with a
     single image are kept and counted (`train_item_single_image`): the input pipeline leaves
-    them out of training, as centroids-reid does. Faults of a photo file (missing, corrupt,
+    them out of training, as centroids-reid does. Train items with street crops only are kept
+    and counted (`train_item_without_shop_image`). Faults of a photo file (missing, corrupt,
     converted) are counted once per photo, however many annotations use it.
     """
     faults, max_side = self._faults, self.builder_config.max_side
@@ -277,6 +278,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         continue
       if split == 'train' and len(images) == 1:
         faults['train_item_single_image'] += 1
+      if split == 'train' and all(image['domain'] == 'street' for image in images):
+        # Kept: a street-only identity still trains the metric, it just has no shop anchor.
+        faults['train_item_without_shop_image'] += 1
       key = item_id(cat, product)
       yield str(key), {'item_id': key, 'product_id': product, 'category': cat,
                        'images': images}

@@ -205,6 +205,7 @@ def test_fault_counts(built):
       'box_clipped': 1, 'duplicate_annotation': 2, 'missing_image': 2, 'corrupt_image': 2,
       'wrong_extension': 1, 'converted_CMYK': 1, 'converted_L': 1, 'converted_P': 1,
       'train_item_single_image': 2, 'train_item_without_images': 2,
+      'train_item_without_shop_image': 1,
       'gallery_item_without_images': 1,
   }
   assert builder.info.metadata['build_report'] == expected
