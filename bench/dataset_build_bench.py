@@ -1,5 +1,5 @@
-"""Dataset build benchmark: Street2Shop builder speed (images/s per core) and peak memory on
-generated raw trees of growing size, to show the build streams rather than holding images.
+"""Dataset benchmark: Street2Shop build speed and peak memory on generated raw trees of growing
+size, then the input pipeline's augmented PK-batch throughput (images/s per core) on one build.
 
   PYTHONPATH=. .venv/bin/python bench/dataset_build_bench.py                # 100 and 800 products
   PYTHONPATH=. .venv/bin/python bench/dataset_build_bench.py --products=50,200 --side=1000
@@ -73,12 +73,52 @@ def run_case(num_products: int, side: int) -> dict:
           'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def run_pipeline(num_products: int, side: int, num_batches: int) -> dict:
+  """Builds a tree, then times train batches of the paper's input config (320x320, P x K)."""
+  import tensorflow_datasets as tfds
+
+  from data_pipelines import input_pipeline
+  from data_pipelines.street2shop import street2shop_dataset_builder as s2s
+  from fashion_jax import configlib
+  with tempfile.TemporaryDirectory() as tmp:
+    write_tree(os.path.join(tmp, 'raw'), num_products, side)
+    builder = s2s.Builder(data_dir=os.path.join(tmp, 'tfds'))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.path.join(tmp, 'raw')))
+    config = configlib.base_config()
+    config.dataset.name = 'street2shop'
+    ds = input_pipeline.create_train_dataset(
+        builder, config, item_ids=input_pipeline.train_item_ids(builder))
+    batches = iter(ds)
+    next(batches)  # tracing and the first fill of the buffers are not throughput
+    cpu_start, start = time.process_time(), time.perf_counter()
+    for _ in range(num_batches):
+      images = next(batches)['images']
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    count = num_batches * int(images.shape[0])
+  return {'images': count, 'shape': list(images.shape), 'seconds': seconds,
+          'images_per_s': count / seconds, 'images_per_cpu_s': count / cpu}
+
+
+def _subprocess(*flags: str) -> dict:
+  # A fresh process per case, so its peak memory and thread pools are its own.
+  out = subprocess.run([sys.executable, __file__, *flags], check=True, capture_output=True,
+                       text=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--products', default='100,800', help='comma-separated tree sizes')
   parser.add_argument('--side', type=int, default=800, help='raw photo width in pixels')
+  parser.add_argument('--pipeline_products', type=int, default=200,
+                      help='tree size for the input pipeline case (0 skips it)')
+  parser.add_argument('--batches', type=int, default=20, help='timed PK batches')
   parser.add_argument('--case', help=argparse.SUPPRESS)  # internal: one case per process
   args = parser.parse_args()
+  if args.case == 'pipeline':
+    print(json.dumps(run_pipeline(args.pipeline_products, args.side, args.batches)))
+    return
   if args.case:
     print(json.dumps(run_case(int(args.case), args.side)))
     return
@@ -87,12 +127,18 @@ def main():
   print('| products | images | seconds | images/s | images per CPU-second | peak RSS MB |')
   print('|---|---|---|---|---|---|')
   for products in args.products.split(','):
-    # A fresh process per case, so the peak memory is that build's own.
-    out = subprocess.run([sys.executable, __file__, f'--case={products}', f'--side={args.side}'],
-                         check=True, capture_output=True, text=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
+    r = _subprocess(f'--case={products}', f'--side={args.side}')
     print(f'| {r["products"]} | {r["images"]} | {r["seconds"]:.1f} | {r["images_per_s"]:.1f} '
           f'| {r["images_per_cpu_s"]:.1f} | {r["peak_rss_mb"]:.0f} |', flush=True)
+  if args.pipeline_products:
+    r = _subprocess('--case=pipeline', f'--side={args.side}',
+                    f'--pipeline_products={args.pipeline_products}', f'--batches={args.batches}')
+    print(f'\n# Input pipeline: augmented training batches {r["shape"]} uint8 '
+          f'(decode, resize, flip, pad-crop, erasing), {os.cpu_count()} cores')
+    print('| images | seconds | images/s | images/s per core | images per CPU-second |')
+    print('|---|---|---|---|---|')
+    print(f'| {r["images"]} | {r["seconds"]:.1f} | {r["images_per_s"]:.0f} '
+          f'| {r["images_per_s"] / os.cpu_count():.0f} | {r["images_per_cpu_s"]:.0f} |')
 
 
 if __name__ == '__main__':
