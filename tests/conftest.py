@@ -5,8 +5,9 @@ XLA reads the flag once, when JAX initialises, so it is set before anything impo
 
 import os
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=4').strip()
+# Backend optimisation level 0: the tiny test models compile in less time than they save.
+TEST_XLA_FLAGS = '--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS.format(4)}".strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import pytest  # noqa: E402

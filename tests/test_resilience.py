@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 import tiny_config
 from fashion_jax import checkpointing, configlib, optim, train
 from fashion_jax import train_step as ts
@@ -39,8 +40,9 @@ def _cli_args(config_overrides: dict) -> list[str]:
 
 
 def _env(devices: int, cache_dir: str) -> dict:
+  # The same compiler flags as this process (tests/conftest.py), so results compare bitwise.
   return dict(os.environ, PYTHONPATH=REPO,
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              XLA_FLAGS=conftest.TEST_XLA_FLAGS.format(devices),
               JAX_COMPILATION_CACHE_DIR=cache_dir,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
 

@@ -50,8 +50,8 @@ def test_sharded_step_equals_averaged_per_shard_gradients(metric):
 
   # Reference: the four shards one after another on one device, gradients averaged by hand.
   shards = [(images[i * 4:(i + 1) * 4], labels[i * 4:(i + 1) * 4]) for i in range(4)]
-  results = [ts.loss_and_grads(graphdef, state, jnp.asarray(x), jnp.asarray(y), config.loss)
-             for x, y in shards]
+  per_shard = jax.jit(lambda s, x, y: ts.loss_and_grads(graphdef, s, x, y, config.loss))
+  results = [per_shard(state, jnp.asarray(x), jnp.asarray(y)) for x, y in shards]
   mean = lambda trees: jax.tree.map(lambda *leaves: sum(leaves) / len(leaves), *trees)
   expected = ts.apply_gradients(state, mean([r[0] for r in results]),
                                 mean([r[1] for r in results]), mean([r[2] for r in results]),
