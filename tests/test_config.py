@@ -96,3 +96,20 @@ def test_steps_per_epoch_visits_every_identity_once():
   assert input_pipeline.steps_per_epoch(16, 4) == 4
   assert input_pipeline.steps_per_epoch(17, 4) == 5
   assert input_pipeline.steps_per_epoch(3, 16) == 1
+
+
+@pytest.mark.parametrize('overrides,devices,processes,message', [
+    ({'train.batch_size': 30, 'train.k': 4}, 1, 1, 'batch_size 30 is not a multiple of train.k 4'),
+    ({'train.batch_size': 16, 'train.k': 4}, 4, 1, 'each device gets 1 identity'),
+    ({}, 4, 8, '4 devices do not split evenly over 8 processes'),
+    ({'eval.batch_size': 10}, 4, 1, 'eval.batch_size 10 is not divisible by the 4 devices'),
+    ({'loss.center_weight': -1.0}, 4, 1, 'loss.center_weight must be >= 0'),
+])
+def test_batch_device_and_process_layout_is_checked(overrides, devices, processes, message):
+  config = configlib.base_config()
+  config.dataset.name = 'fashion_synth/demo'
+  for field, value in overrides.items():
+    section, key = field.split('.')
+    config[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    configlib.validate_config(config, num_devices=devices, num_processes=processes)
