@@ -9,7 +9,7 @@ import importlib
 import tensorflow_datasets as tfds
 
 # Project builders, imported on demand so that TFDS can find them by name.
-_BUILDER_MODULES = {
+BUILDER_MODULES = {
     'fashion_synth': 'data_pipelines.fashion_synth.fashion_synth_dataset_builder',
     'street2shop': 'data_pipelines.street2shop.street2shop_dataset_builder',
     'deepfashion_consumer2shop':
@@ -39,23 +39,27 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
   Raises DatasetMissingError with a one-line explanation and the command that prepares it.
   """
   base = _base_name(name)
-  if base in _BUILDER_MODULES:
-    importlib.import_module(_BUILDER_MODULES[base])
+  if base in BUILDER_MODULES:
+    importlib.import_module(BUILDER_MODULES[base])
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     if base in _RAW_DATASETS:
       raise DatasetMissingError(
-          f'dataset {name!r} ({_RAW_DATASETS[base]}) is not built: download it yourself, then '
-          f'`tfds build data_pipelines/{base} --manual_dir=<raw root>'
-          f'{" --data_dir=" + data_dir if data_dir else ""}` (README, "Datasets")') from e
+          f'dataset {name!r} ({_RAW_DATASETS[base]}) has no builder in this release') from e
     raise DatasetMissingError(f'unknown dataset {name!r}: no TFDS builder has this name') from e
   if not builder.is_prepared():
     if base in _GENERATED:
       builder.download_and_prepare()
     else:
       raise DatasetMissingError(
-          f'dataset {name!r} is not prepared in {builder.data_dir}: build it with '
-          f'`tfds build data_pipelines/{base} --manual_dir=<raw root> --data_dir=<dir>` '
-          f'and set config.dataset.data_dir (README, "Datasets")')
+          f'dataset {name!r} ({_RAW_DATASETS.get(base, "a real dataset")}) is not built in '
+          f'{builder.data_dir}: download it yourself, then `{build_command(base, data_dir)}` '
+          f'(docs/datasets.md)')
   return builder
+
+
+def build_command(base: str, data_dir: str | None) -> str:
+  """The command that builds `base` from the user's raw download."""
+  target = f' --data_dir={data_dir}' if data_dir else ''
+  return f'python -m data_pipelines.build {base} --manual_dir=<raw root>{target}'

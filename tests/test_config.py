@@ -60,7 +60,7 @@ def test_cli_missing_real_dataset_names_it_and_how_to_build_it(tmp_path):
   assert result.returncode == 2
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: dataset 'street2shop'")
-  assert 'tfds build data_pipelines/street2shop --manual_dir=' in last
+  assert 'python -m data_pipelines.build street2shop --manual_dir=<raw root>' in last
   assert 'Traceback' not in result.stderr
 
 

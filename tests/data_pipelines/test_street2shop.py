@@ -233,7 +233,7 @@ def test_registry_loads_built_and_refuses_unbuilt(built, tmp_path):
   root = str(pathlib.Path(builder.data_dir).parents[2])
   loaded = datasets.get_builder('street2shop', root)
   assert loaded.info.splits['gallery'].num_examples == len(examples['gallery'])
-  with pytest.raises(datasets.DatasetMissingError, match='tfds build data_pipelines/street2shop'):
+  with pytest.raises(datasets.DatasetMissingError, match='python -m data_pipelines.build street2shop'):
     datasets.get_builder('street2shop', str(tmp_path))
 
 
