@@ -81,7 +81,8 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tiny_data_dir, tmp_path,
   workdir = tmp_path / 'killed'
   env = _env(4, cache_dir)
   rng = np.random.default_rng(0)
-  for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+  # Three SIGKILLs at random moments, and a SIGTERM (preemption notice) between them.
+  for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):
     proc = _start(workdir, overrides, env)
     already = len(_saved_steps(workdir))
     deadline = time.time() + 240
