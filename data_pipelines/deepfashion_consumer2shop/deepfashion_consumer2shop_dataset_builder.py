@@ -3,7 +3,6 @@ Eval/) into train / query / gallery with one example per item, per the official 
 """
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterator
 
@@ -11,11 +10,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from data_pipelines import features
 from data_pipelines.street2shop import raw_images
 
 # clothes_type codes 1, 2, 3 of list_bbox_consumer2shop.txt.
 CATEGORIES = ('upper_body', 'lower_body', 'full_body')
-DOMAINS = ('street', 'shop')  # consumer photos play the street role
+DOMAINS = features.DOMAINS  # consumer photos play the street role
 BBOX_FILE = os.path.join('Anno', 'list_bbox_consumer2shop.txt')
 PARTITION_FILE = os.path.join('Eval', 'list_eval_partition.txt')
 REPORT_FILE = 'build_report.json'
@@ -126,12 +126,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             'item_id': tf.int64,
             'category': tfds.features.ClassLabel(names=CATEGORIES),
             'folder': tf.string,
-            'images': tfds.features.Sequence({
-                'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-                'domain': tfds.features.ClassLabel(names=DOMAINS),
-                'image_id': tf.string,
-                'bbox': tfds.features.BBoxFeature(),
-            }),
+            'images': features.item_images(),
         }),
         metadata=tfds.core.MetadataDict(),
         homepage='https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/Consumer2ShopRetrieval.html',
@@ -140,12 +135,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _download_and_prepare(self, dl_manager, download_config=None):
     self._faults = raw_images.FaultCounter()
     super()._download_and_prepare(dl_manager, download_config)
-    report = self._faults.report()
-    self.info.metadata['build_report'] = report
-    # self.data_dir is the build's temporary folder here; TFDS renames it when done.
-    with tf.io.gfile.GFile(os.path.join(self.data_dir, REPORT_FILE), 'w') as f:
-      json.dump(report, f, indent=1, sort_keys=True)
-    print(f'deepfashion_consumer2shop build report (skipped or repaired records): {report}')
+    self._faults.write(self, REPORT_FILE)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = os.fspath(dl_manager.manual_dir)

@@ -9,9 +9,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from data_pipelines import features
 from data_pipelines.fashion_synth import render
 
-DOMAINS = ('street', 'shop')
+DOMAINS = features.DOMAINS
 
 # Street crops differ in size, and a Sequence decodes its images into one stacked tensor,
 # so examples holding several street crops fail to decode by default. Pass this as
@@ -107,12 +108,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             'item_id': tf.int64,
             'category': tfds.features.ClassLabel(
                 names=render.CATEGORIES[:config.num_categories]),
-            'images': tfds.features.Sequence({
-                'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-                'domain': tfds.features.ClassLabel(names=DOMAINS),
-                'image_id': tf.string,
-                'bbox': tfds.features.BBoxFeature(),
-            }),
+            'images': features.item_images(),
         }),
         homepage=None,
     )

@@ -4,10 +4,12 @@ conversion, box clipping and bounded re-encoding, with every fault counted by re
 
 import collections
 import io
+import json
 import os
 import warnings
 
 import numpy as np
+import tensorflow as tf
 from PIL import Image
 
 # The format each extension promises; the content decides what the file really is.
@@ -23,6 +25,16 @@ class FaultCounter(collections.Counter):
 
   def report(self) -> dict[str, int]:
     return {reason: int(count) for reason, count in sorted(self.items()) if count}
+
+  def write(self, builder, file_name: str) -> dict[str, int]:
+    """Stores the report in the builder's metadata and in `file_name` beside its data; prints it."""
+    report = self.report()
+    builder.info.metadata['build_report'] = report
+    # builder.data_dir is the build's temporary folder here; TFDS renames it when done.
+    with tf.io.gfile.GFile(os.path.join(builder.data_dir, file_name), 'w') as f:
+      json.dump(report, f, indent=1, sort_keys=True)
+    print(f'{builder.name} build report (skipped or repaired records by reason): {report}')
+    return report
 
 
 def load_rgb(path: str, faults: FaultCounter) -> Image.Image | None:

@@ -11,12 +11,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from data_pipelines import features
 from data_pipelines.street2shop import raw_images
 
 # centroids-reid's order; the index is the category label and part of the item id.
 CATEGORIES = ('bags', 'belts', 'dresses', 'eyewear', 'footwear', 'hats', 'leggings',
               'outerwear', 'pants', 'skirts', 'tops')
-DOMAINS = ('street', 'shop')
+DOMAINS = features.DOMAINS
 # Product ids repeat across categories, so the item id folds the category in.
 ITEM_ID_STRIDE = 10**7
 # Preferred first: centroids-reid's converted copy, then the raw downloads.
@@ -216,12 +217,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             'item_id': tf.int64,
             'product_id': tf.int64,
             'category': tfds.features.ClassLabel(names=CATEGORIES),
-            'images': tfds.features.Sequence({
-                'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-                'domain': tfds.features.ClassLabel(names=DOMAINS),
-                'image_id': tf.string,
-                'bbox': tfds.features.BBoxFeature(),
-            }),
+            'images': features.item_images(),
         }),
         metadata=tfds.core.MetadataDict(),
         homepage='http://www.tamaraberg.com/street2shop/',
@@ -231,12 +227,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self._faults = raw_images.FaultCounter()
     self._photos_seen = set()
     super()._download_and_prepare(dl_manager, download_config)
-    report = self._faults.report()
-    self.info.metadata['build_report'] = report
-    # self.data_dir is the build's temporary folder here; TFDS renames it when done.
-    with tf.io.gfile.GFile(os.path.join(self.data_dir, REPORT_FILE), 'w') as f:
-      json.dump(report, f, indent=1, sort_keys=True)
-    print(f'street2shop build report (skipped or repaired records by reason): {report}')
+    self._faults.write(self, REPORT_FILE)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = os.fspath(dl_manager.manual_dir)
