@@ -1,6 +1,5 @@
 """Tests for the scoring and report writing of fashion_jax/evaluate.py on plain arrays, no model."""
 
-import os
 
 import numpy as np
 import pytest
