@@ -201,14 +201,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         images.append({'image': raw_images.encode_bounded(photo.crop(box), max_side),
                        'domain': domain, 'image_id': name,
                        'bbox': raw_images.normalized_box(box, photo.width, photo.height)})
-      if not images:
-        faults[f'{split}_item_without_images'] += 1
+      if not raw_images.keep_item(split, images, faults):
         continue
-      if split == 'train' and len(images) == 1:
-        faults['train_item_single_image'] += 1
-      if split == 'train' and all(image['domain'] == 'street' for image in images):
-        # Kept: a consumer-only identity still trains the metric, it has no shop anchor.
-        faults['train_item_without_shop_image'] += 1
       # The item's clothes type is its images' most common one (they agree in the real data).
       category = int(np.bincount(categories).argmax()) if categories else 0
       yield item, {'item_id': number, 'category': category, 'folder': entry.folder,

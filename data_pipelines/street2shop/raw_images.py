@@ -37,6 +37,22 @@ class FaultCounter(collections.Counter):
     return report
 
 
+def keep_item(split: str, images: list[dict], faults: FaultCounter) -> bool:
+  """Whether an item with these images is written; counts the item-level faults either way.
+
+  Items without images are dropped. Train items with one image, or with no shop image, are
+  kept: the input pipeline drops single-image identities, and street-only ones still train.
+  """
+  if not images:
+    faults[f'{split}_item_without_images'] += 1
+    return False
+  if split == 'train' and len(images) == 1:
+    faults['train_item_single_image'] += 1
+  if split == 'train' and all(image['domain'] == 'street' for image in images):
+    faults['train_item_without_shop_image'] += 1
+  return True
+
+
 def load_rgb(path: str, faults: FaultCounter) -> Image.Image | None:
   """The photo at `path` as a fully decoded RGB image, or None (counted) if it is unusable.
 

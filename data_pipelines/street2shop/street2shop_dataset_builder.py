@@ -264,14 +264,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           continue
         images.append(self._image(entry, photo, faults, max_side))
       images = [image for image in images if image is not None]
-      if not images:
-        faults[f'{split}_item_without_images'] += 1
+      if not raw_images.keep_item(split, images, faults):
         continue
-      if split == 'train' and len(images) == 1:
-        faults['train_item_single_image'] += 1
-      if split == 'train' and all(image['domain'] == 'street' for image in images):
-        # Kept: a street-only identity still trains the metric, it just has no shop anchor.
-        faults['train_item_without_shop_image'] += 1
       key = item_id(cat, product)
       yield str(key), {'item_id': key, 'product_id': product, 'category': cat,
                        'images': images}
