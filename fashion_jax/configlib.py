@@ -92,6 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.centroids = False          # gallery averaged per item (method.md section 8)
   c.eval.recommendation = False     # gallery against itself (shop->shop), self excluded
   c.eval.cmc_max_rank = 50          # CMC curve length
+  # Cross-domain evaluation (method.md section 5): test on another dataset's query and gallery
+  # splits, e.g. 'street2shop' for a model trained on DeepFashion. '' tests on the training
+  # dataset. Reports go to <workdir>/eval/<dataset>/.
+  c.eval.dataset = ''
+  c.eval.data_dir = ml_collections.config_dict.placeholder(str)  # None: dataset.data_dir
   return c
 
 
@@ -132,6 +137,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
                      f'processes and divide P = {p}')
   if num_devices % num_processes:
     raise ValueError(f'{num_devices} devices do not split evenly over {num_processes} processes')
+  if config.eval.data_dir and not config.eval.dataset:
+    raise ValueError('eval.data_dir is set but eval.dataset is empty; name the dataset to '
+                     'evaluate on, e.g. --config.eval.dataset=street2shop')
   if config.eval.batch_size % num_devices:
     raise ValueError(f'eval.batch_size {config.eval.batch_size} is not divisible by the '
                      f'{num_devices} devices')
