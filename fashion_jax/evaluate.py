@@ -1,7 +1,10 @@
 """Evaluation: embed query and gallery, score them with the retrieval engine, write reports.
 
 Writes `<workdir>/eval/`: metrics.json (latest), history.jsonl, cmc.png, ranked_lists.png and,
-when switched on, per_category.csv / per_category.md.
+when switched on, per_category.csv / per_category.md. With `eval.dataset` naming another
+dataset (cross-domain evaluation, e.g. trained on DeepFashion, tested on Street2Shop), the
+query and gallery come from that dataset and the same reports go to
+`<workdir>/eval/<dataset>/`, one folder per evaluation dataset.
 """
 
 import csv
@@ -17,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from data_pipelines import input_pipeline
+from data_pipelines import datasets, input_pipeline
 from fashion_jax import train_step as ts
 from fashion_jax import visualize
 from fashion_jax.retrieval import centroids as retrieval_centroids
@@ -238,9 +241,39 @@ def write_category_table(metrics: dict, ks, out_dir: str) -> None:
       f.write(f'| {name} | ' + ' | '.join(cells) + ' |\n')
 
 
+def is_cross_dataset(config) -> bool:
+  """Whether config.eval names a dataset (or a build of it) other than the training one."""
+  name = config.eval.get('dataset', '')
+  if not name:
+    return False
+  return (name != config.dataset.name
+          or (config.eval.data_dir or config.dataset.data_dir) != config.dataset.data_dir)
+
+
+def report_folder(config) -> str:
+  """The reports' folder under the workdir: 'eval', or 'eval/<dataset>' for another dataset."""
+  if not is_cross_dataset(config):
+    return 'eval'
+  # 'fashion_synth/tiny:1.0.0' -> 'fashion_synth_tiny_1.0.0': one folder level per dataset.
+  return os.path.join('eval', config.eval.dataset.replace('/', '_').replace(':', '_'))
+
+
+def eval_builder(config, train_builder):
+  """The dataset whose query and gallery splits are evaluated (config.eval.dataset or the
+  training one). Category and domain names are read from it, so per-category tables use the
+  evaluation dataset's categories."""
+  if not is_cross_dataset(config):
+    return train_builder
+  return datasets.get_builder(config.eval.dataset, config.eval.data_dir or config.dataset.data_dir)
+
+
 def evaluate(embed_fn, params, batch_stats, builder, config, mesh, workdir: str, step: int,
              writer=None) -> dict:
-  """Embeds query and gallery, scores them per config.eval, writes the reports (process 0)."""
+  """Embeds query and gallery, scores them per config.eval, writes the reports (process 0).
+
+  `builder` is the training dataset's; config.eval.dataset may name another one to test on.
+  """
+  builder = eval_builder(config, builder)
   query = embed_split(embed_fn, params, batch_stats, builder, config.dataset.query_split,
                       config, mesh)
   gallery = embed_split(embed_fn, params, batch_stats, builder, config.dataset.gallery_split,
@@ -251,12 +284,16 @@ def evaluate(embed_fn, params, batch_stats, builder, config, mesh, workdir: str,
   scores, curves, (ap, _, valid) = score(query, gallery, config,
                                          _label_names(builder, 'category'))
   metrics = {'step': step, 'num_gallery': len(gallery['item_id']), **scores}
-  logging.info('evaluation at step %d: %s', step, json.dumps(metrics))
+  folder = report_folder(config)
+  if is_cross_dataset(config):
+    metrics['dataset'] = config.eval.dataset
+  logging.info('evaluation at step %d on %s: %s', step, builder.info.full_name,
+               json.dumps(metrics))
   if writer is not None:
-    writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()
+    writer.write_scalars(step, {f'{folder}/{k}': v for k, v in metrics.items()
                                 if k.startswith(('mAP', 'acc@'))})
   if jax.process_index() == 0:
-    out_dir = os.path.join(workdir, 'eval')
+    out_dir = os.path.join(workdir, folder)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
       json.dump(metrics, f, indent=2)

@@ -1,6 +1,12 @@
 """Command line: `python -m fashion_jax.main --config configs/demo.py --workdir runs/demo`.
 
 Override any config field with `--config.<field>=<value>`, e.g. `--config.train.batch_size=128`.
+Evaluate the latest checkpoint of a workdir on another dataset (cross-domain evaluation):
+
+  python -m fashion_jax.main --config configs/deepfashion.py --workdir runs/df --mode=evaluate \
+      --config.eval.dataset=street2shop --config.eval.data_dir=/data/tfds
+
+The reports then go to runs/df/eval/street2shop/.
 """
 
 import sys
@@ -10,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_pipelines.datasets import DatasetMissingError
-from fashion_jax import train
+from fashion_jax import configlib, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and evaluation reports.')
@@ -21,6 +27,9 @@ flags.DEFINE_bool('distributed', False,
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with --distributed).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (with --distributed).')
 flags.DEFINE_integer('process_id', None, 'This process (with --distributed).')
+flags.DEFINE_enum('mode', None, configlib.MODES,
+                  'Overrides config.mode: evaluate runs no training step, only an evaluation of the '
+                  "workdir's latest checkpoint.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -40,8 +49,11 @@ def main(argv):
   logging.info('JAX %s: process %d of %d, %d local and %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
+  config = FLAGS.config
+  if FLAGS.mode:
+    config.mode = FLAGS.mode
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir)
   except (ValueError, DatasetMissingError, FileNotFoundError) as e:
     # Config and data problems are the user's to fix: one line, no traceback.
     print(f'error: {e}', file=sys.stderr)

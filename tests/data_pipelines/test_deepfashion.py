@@ -181,15 +181,30 @@ def write_clean_tree(root: str, statuses: list[str]) -> None:
 
 
 def test_deepfashion_config_trains_and_evaluates_end_to_end(tmp_path):
-  from test_street2shop import train_tiny
+  from test_street2shop import _category_column, cross_evaluate, train_tiny
+  from test_street2shop import write_clean_tree as write_s2s_tree
+
+  from data_pipelines.street2shop import street2shop_dataset_builder as s2s
 
   write_clean_tree(str(tmp_path / 'raw'), ['train'] * 16 + ['val'] * 2 + ['test'] * 4)
   data_dir = str(tmp_path / 'tfds')
   c2s.Builder(data_dir=data_dir).download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'raw')))
-  metrics = train_tiny('deepfashion', 'deepfashion_consumer2shop', data_dir,
-                       str(tmp_path / 'run'))
+  workdir = str(tmp_path / 'run')
+  metrics = train_tiny('deepfashion', 'deepfashion_consumer2shop', data_dir, workdir)
   assert metrics['step'] == 2  # 16 identities / P = 8
   assert metrics['num_queries'] == 4 * 2
   for key in ('mAP', 'acc@1', 'acc@20'):
     assert 0.0 <= metrics[key] <= 1.0
+
+  # Cross-domain: the DeepFashion model tested on Street2Shop's query and gallery.
+  write_s2s_tree(str(tmp_path / 's2s_raw'), num_train=2, num_test=4, num_distractors=3)
+  s2s_dir = str(tmp_path / 's2s_tfds')
+  s2s.Builder(data_dir=s2s_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 's2s_raw')))
+  cross = cross_evaluate('deepfashion', 'deepfashion_consumer2shop', data_dir, workdir,
+                         'street2shop', s2s_dir)
+  assert cross['num_queries'] == 4 * 2 and cross['num_gallery'] == (4 + 3) * 2
+  # Per-category tables name Street2Shop's categories, not DeepFashion's clothes types.
+  table = os.path.join(workdir, 'eval', 'street2shop', 'per_category.csv')
+  assert _category_column(table) == ['bags', 'tops', 'average over categories']
