@@ -264,12 +264,11 @@ def write_clean_tree(root: str, num_train: int, num_test: int, num_distractors: 
         json.dump(records.get((kind, category), []), f)
 
 
-def train_tiny(config_name: str, dataset: str, data_dir: str, workdir: str) -> dict:
-  """Trains configs/<config_name>.py for one epoch with the tiny model; returns its metrics."""
+def tiny_config(config_name: str, dataset: str, data_dir: str):
+  """configs/<config_name>.py shrunk to the tiny model and images, one epoch."""
   import importlib.util
 
-  import tiny_config
-  from fashion_jax import train
+  import tiny_config as tiny_module
 
   spec = importlib.util.spec_from_file_location(
       config_name, pathlib.Path(__file__).parents[2] / 'configs' / f'{config_name}.py')
@@ -278,7 +277,7 @@ def train_tiny(config_name: str, dataset: str, data_dir: str, workdir: str) -> d
   config = module.get_config()
   assert config.dataset.name == dataset
   # The paper's run is far too big for a test: shrink it to the tiny model and images.
-  tiny = tiny_config.get_config()
+  tiny = tiny_module.get_config()
   for section, key in [('input', 'image_size'), ('input', 'pad'), ('input', 'shuffle_buffer'),
                        ('model', 'backbone'), ('model', 'width'), ('train', 'batch_size'),
                        ('train', 'k'), ('train', 'log_every_steps'),
@@ -288,7 +287,46 @@ def train_tiny(config_name: str, dataset: str, data_dir: str, workdir: str) -> d
     config[section][key] = tiny[section][key]
   config.train.num_epochs = 1
   config.dataset.data_dir = data_dir
-  return train.train_and_evaluate(config, workdir)
+  return config
+
+
+def train_tiny(config_name: str, dataset: str, data_dir: str, workdir: str) -> dict:
+  """Trains configs/<config_name>.py for one epoch with the tiny model; returns its metrics."""
+  from fashion_jax import train
+
+  return train.train_and_evaluate(tiny_config(config_name, dataset, data_dir), workdir)
+
+
+def cross_evaluate(config_name: str, dataset: str, data_dir: str, workdir: str,
+                   eval_dataset: str, eval_data_dir: str) -> dict:
+  """Evaluates the trained workdir of train_tiny on another dataset (mode=evaluate), with
+  per-category tables; checks that no training step ran; returns the metrics."""
+  from fashion_jax import train
+
+  checkpoints = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+    own = json.load(f)
+  config = tiny_config(config_name, dataset, data_dir)
+  config.mode = 'evaluate'
+  config.eval.dataset = eval_dataset
+  config.eval.data_dir = eval_data_dir
+  config.eval.per_category = True
+  metrics = train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == checkpoints
+  with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+    assert json.load(f) == own  # the training dataset's report is untouched
+  out = os.path.join(workdir, 'eval', eval_dataset)
+  with open(os.path.join(out, 'metrics.json')) as f:
+    assert json.load(f) == metrics
+  assert {'cmc.png', 'history.jsonl', 'per_category.csv', 'per_category.md'} <= set(
+      os.listdir(out))
+  assert metrics['step'] == own['step'] and metrics['dataset'] == eval_dataset
+  return metrics
+
+
+def _category_column(path: str) -> list[str]:
+  with open(path) as f:
+    return [line.split(',')[0] for line in f.read().splitlines()[1:]]
 
 
 def test_street2shop_config_trains_and_evaluates_end_to_end(tmp_path):
@@ -296,8 +334,25 @@ def test_street2shop_config_trains_and_evaluates_end_to_end(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   s2s.Builder(data_dir=data_dir).download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'raw')))
-  metrics = train_tiny('street2shop', 'street2shop', data_dir, str(tmp_path / 'run'))
+  workdir = str(tmp_path / 'run')
+  metrics = train_tiny('street2shop', 'street2shop', data_dir, workdir)
   assert metrics['step'] == 2  # 16 identities / P = 8
   assert metrics['num_queries'] == 6 * 2  # every test street crop has its shop photos
   for key in ('mAP', 'acc@1', 'acc@20'):
     assert 0.0 <= metrics[key] <= 1.0
+
+  # Cross-domain: the Street2Shop model tested on DeepFashion's query and gallery.
+  from test_deepfashion import write_clean_tree as write_c2s_tree
+
+  from data_pipelines.deepfashion_consumer2shop import (
+      deepfashion_consumer2shop_dataset_builder as c2s)
+  write_c2s_tree(str(tmp_path / 'c2s_raw'), ['train'] * 2 + ['val'] * 2 + ['test'] * 3)
+  c2s_dir = str(tmp_path / 'c2s_tfds')
+  c2s.Builder(data_dir=c2s_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'c2s_raw')))
+  cross = cross_evaluate('street2shop', 'street2shop', data_dir, workdir,
+                         'deepfashion_consumer2shop', c2s_dir)
+  assert cross['num_queries'] == 3 * 2 and cross['num_gallery'] == 5 * 2
+  # Per-category tables name DeepFashion's clothes types, not Street2Shop's categories.
+  table = os.path.join(workdir, 'eval', 'deepfashion_consumer2shop', 'per_category.csv')
+  assert _category_column(table) == ['upper_body', 'lower_body', 'average over categories']
