@@ -14,6 +14,7 @@ BUILDER_MODULES = {
     'street2shop': 'data_pipelines.street2shop.street2shop_dataset_builder',
     'deepfashion_consumer2shop':
         'data_pipelines.deepfashion_consumer2shop.deepfashion_consumer2shop_dataset_builder',
+    'deepfashion_inshop': 'data_pipelines.deepfashion_inshop.deepfashion_inshop_dataset_builder',
 }
 # Generated from a seed, no download: safe to prepare automatically.
 _GENERATED = frozenset({'fashion_synth'})

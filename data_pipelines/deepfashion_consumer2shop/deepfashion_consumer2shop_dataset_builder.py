@@ -101,6 +101,42 @@ def read_items(path: str, faults: raw_images.FaultCounter) -> dict[str, _Item]:
   return items
 
 
+def cropped_image(root: str, name: str, domain: str, boxes: dict, faults: raw_images.FaultCounter,
+                  max_side: int) -> tuple[dict | None, int | None]:
+  """The image feature of `name` cropped to its corner box, and the clothes type of its box row.
+
+  Rules: a missing or unreadable file is skipped (`missing_image`, `corrupt_image`, see
+  raw_images.load_rgb); an image without a bbox row is kept whole (`box_missing_whole_image`);
+  an empty box, or one with nothing inside the image, drops the image (`box_empty`,
+  `box_outside_image`); a box reaching outside is clipped (`box_clipped`). The clothes type
+  is returned whenever the image is readable and has a box row.
+  """
+  path = os.path.join(root, name)
+  if not os.path.isfile(path):
+    faults['missing_image'] += 1
+    return None, None
+  photo = raw_images.load_rgb(path, faults)
+  if photo is None:
+    return None, None
+  clothes_type, corners = boxes.get(name, (None, None))
+  if corners is None:
+    faults['box_missing_whole_image'] += 1
+    corners = (0, 0, photo.width, photo.height)
+  x1, y1, x2, y2 = corners
+  if x2 <= x1 or y2 <= y1:
+    faults['box_empty'] += 1
+    return None, clothes_type
+  box = raw_images.clip_box(x1, y1, x2, y2, photo.width, photo.height)
+  if box is None:
+    faults['box_outside_image'] += 1
+    return None, clothes_type
+  if box != corners:
+    faults['box_clipped'] += 1
+  return ({'image': raw_images.encode_bounded(photo.crop(box), max_side), 'domain': domain,
+           'image_id': name, 'bbox': raw_images.normalized_box(box, photo.width, photo.height)},
+          clothes_type)
+
+
 def _item_number(item: str) -> int | None:
   digits = item.removeprefix('id_')
   return int(digits) if digits.isdigit() else None
@@ -158,10 +194,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                          domains: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
     """Yields one example per item with at least one usable image of the given domains.
 
-    Rules: an item id that is not `id_<digits>` is skipped (`item_id_malformed`); an image
-    without a bbox row is kept whole (`box_missing_whole_image`); an empty box, or one with
-    nothing inside the image, drops the image (`box_empty`, `box_outside_image`); a box
-    reaching outside is clipped (`box_clipped`); items left with no image are dropped
+    Rules: an item id that is not `id_<digits>` is skipped (`item_id_malformed`); images are
+    cropped by `cropped_image`'s rules; items left with no image are dropped
     (`<split>_item_without_images`); train items with one image, or with no shop image, are
     kept and counted (`train_item_single_image`, `train_item_without_shop_image`).
     """
@@ -175,32 +209,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       for name, domain in sorted(entry.images.items()):
         if domain not in domains:
           continue
-        path = os.path.join(root, name)
-        if not os.path.isfile(path):
-          faults['missing_image'] += 1
-          continue
-        photo = raw_images.load_rgb(path, faults)
-        if photo is None:
-          continue
-        clothes_type, corners = boxes.get(name, (None, None))
-        if corners is None:
-          faults['box_missing_whole_image'] += 1
-          corners = (0, 0, photo.width, photo.height)
-        else:
+        image, clothes_type = cropped_image(root, name, domain, boxes, faults, max_side)
+        if clothes_type is not None:
           categories.append(clothes_type)
-        x1, y1, x2, y2 = corners
-        if x2 <= x1 or y2 <= y1:
-          faults['box_empty'] += 1
-          continue
-        box = raw_images.clip_box(x1, y1, x2, y2, photo.width, photo.height)
-        if box is None:
-          faults['box_outside_image'] += 1
-          continue
-        if box != corners:
-          faults['box_clipped'] += 1
-        images.append({'image': raw_images.encode_bounded(photo.crop(box), max_side),
-                       'domain': domain, 'image_id': name,
-                       'bbox': raw_images.normalized_box(box, photo.width, photo.height)})
+        if image is not None:
+          images.append(image)
       if not raw_images.keep_item(split, images, faults):
         continue
       # The item's clothes type is its images' most common one (they agree in the real data).
