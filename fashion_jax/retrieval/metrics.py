@@ -9,7 +9,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fashion_jax.retrieval import search
@@ -51,8 +50,7 @@ def positive_lists(query_ids, gallery_ids, query_cams=None, gallery_cams=None,
   return np.where(index == np.iinfo(np.int32).max, -1, index).astype(np.int32)
 
 
-# The mesh axis the gallery is sharded over, one shard per device.
-GALLERY_AXIS = 'gallery'
+GALLERY_AXIS = search.GALLERY_AXIS
 
 
 @functools.partial(jax.jit, static_argnames=('gallery_chunk', 'mesh'))
@@ -184,16 +182,11 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
                              gallery_groups)
 
   q_chunk = search.chunk_length(num_queries, chunk_size)
-  # The gallery is split evenly over all devices, each shard a whole number of blocks.
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), (GALLERY_AXIS,))
-  per_device = -(-gallery_size // len(jax.devices()))
-  g_chunk = search.chunk_length(per_device, gallery_chunk_size)
-  padded_size = -(-per_device // g_chunk) * g_chunk * len(jax.devices())
-  on_shards = NamedSharding(mesh, P(GALLERY_AXIS))
-  # Moved to the devices once, not once per chunk.
-  gallery, gallery_ids, gallery_groups = (
-      jax.device_put(search.pad_rows(a, padded_size), on_shards)
-      for a in (gallery_emb, gallery_ids, gallery_groups))
+  # The gallery is split evenly over all devices, each shard a whole number of blocks, and moved
+  # to the devices once, not once per chunk.
+  mesh = search.gallery_mesh()
+  g_chunk, (gallery, gallery_ids, gallery_groups) = search.shard_gallery(
+      mesh, gallery_size, gallery_chunk_size, gallery_emb, gallery_ids, gallery_groups)
   queries = search.pad_rows(query_emb, q_chunk)
   query_ids = search.pad_rows(query_ids, q_chunk)
   query_groups = search.pad_rows(query_groups, q_chunk)

@@ -68,40 +68,56 @@ def _weights(points, everything, index, row_max):
   return w / jnp.sum(w, axis=1, keepdims=True)
 
 
-def _query_expansion(index: np.ndarray, values: np.ndarray, neighbours: np.ndarray, k2: int,
-                     max_cells: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
-  """V[i] <- mean of V[n] over the top-k2 neighbours n of i (i itself first), sparsely.
+def _query_expansion(index: np.ndarray, values: np.ndarray, neighbours: np.ndarray,
+                     k2: int) -> tuple[np.ndarray, np.ndarray]:
+  """V[i] <- mean of V[n] over the top-k2 neighbours n of i (i itself first), on sparse rows.
 
-  Rows are summed densely in batches of at most `max_cells` (row, point) cells.
+  Each row's k2 neighbour rows are stacked and sorted by column; a stable sort keeps equal
+  columns in neighbour order, so each run sums in the order of the dense mean. Work and memory
+  O(N x k2 x W), W the widest sparse row.
+
+  Returns:
+    index: [N, W'] int64 columns, ascending, -1 padded; values: [N, W'] float32.
   """
-  num_points = len(index)
-  rows_per_batch = max(max_cells // num_points, 1)
   parts_index, parts_values = [], []
-  for start in range(0, num_points, rows_per_batch):
-    near = neighbours[start:start + rows_per_batch, :k2]
-    stacked_index = index[near].reshape(len(near), -1)
-    keep = stacked_index >= 0
-    cell = (np.broadcast_to(np.arange(len(near))[:, None], keep.shape)[keep] * num_points
-            + stacked_index[keep])
-    sums = np.bincount(cell, weights=values[near].reshape(len(near), -1)[keep] / k2,
-                       minlength=len(near) * num_points).reshape(len(near), num_points)
-    present = np.bincount(cell, minlength=sums.size).reshape(sums.shape) > 0
-    parts = _nonzero_rows(present, sums)
-    parts_index.append(parts[0])
-    parts_values.append(parts[1])
+  for start in range(0, len(index), _ROWS):
+    near = neighbours[start:start + _ROWS, :k2]
+    columns = index[near].reshape(len(near), -1)
+    order = np.argsort(np.where(columns < 0, len(index), columns), axis=1, kind='stable')
+    columns = np.take_along_axis(columns, order, axis=1)
+    weights = np.take_along_axis(values[near].reshape(len(near), -1), order, axis=1)
+    valid = columns >= 0
+    first = valid.copy()
+    first[:, 1:] &= columns[:, 1:] != columns[:, :-1]
+    # Run number of every entry; padding (at the end of its row) adds zeros to the last run.
+    run = np.maximum(np.cumsum(first.ravel()) - 1, 0)
+    sums = np.bincount(run, weights=np.where(valid, weights / k2, 0.0).ravel(),
+                       minlength=int(first.sum()))
+    counts = first.sum(axis=1)
+    rows = np.repeat(np.arange(len(near)), counts)
+    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    part_index = np.full((len(near), max(int(counts.max(initial=0)), 1)), -1, np.int64)
+    part_values = np.zeros(part_index.shape, np.float32)
+    part_index[rows, slot] = columns[first]
+    part_values[rows, slot] = sums[:len(rows)]
+    parts_index.append(part_index)
+    parts_values.append(part_values)
   return _stack(parts_index, -1), _stack(parts_values, 0.0)
 
 
 def _nonzero_rows(present: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Dense [R, C] rows to sparse padded rows: column index [R, W] (-1 padded, ascending), values."""
-  rows, cols = np.nonzero(present)
-  counts = present.sum(axis=1)
-  slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
-  index = np.full((len(present), max(int(counts.max(initial=0)), 1)), -1, np.int64)
-  out = np.zeros(index.shape, np.float32)
-  index[rows, slot] = cols
-  out[rows, slot] = values[rows, cols]
-  return index, out
+  flat = np.flatnonzero(present)
+  counts = np.count_nonzero(present, axis=1)
+  width = max(int(counts.max(initial=0)), 1)
+  # Entry n of row r goes to slot n - (entries before row r) of that row.
+  target = np.arange(len(flat)) + np.repeat(np.arange(len(present)) * width
+                                            - (np.cumsum(counts) - counts), counts)
+  index = np.full(len(present) * width, -1, np.int64)
+  out = np.zeros(len(present) * width, np.float32)
+  index[target] = flat - np.repeat(np.arange(len(present)) * present.shape[1], counts)
+  out[target] = values.ravel()[flat]
+  return index.reshape(-1, width), out.reshape(-1, width)
 
 
 def _stack(parts: list[np.ndarray], fill) -> np.ndarray:
@@ -147,17 +163,19 @@ def _jaccard(index: np.ndarray, values: np.ndarray, num_queries: int,
   for first_row, end_row in zip(bounds[:-1], bounds[1:]):
     lo, hi = np.searchsorted(q_rows, [first_row, end_row])
     count = pairs[lo:hi]
-    owner = np.repeat(np.arange(lo, hi), count)
-    position = col_start[q_cols[owner]] + (
-        np.arange(len(owner)) - np.repeat(np.cumsum(count) - count, count))
+    # Pair p of query entry e reads the inverted list of e's column at col_start + (p's rank
+    # among e's pairs); every per-entry quantity is repeated once per pair.
+    position = np.arange(count.sum()) + np.repeat(col_start[q_cols[lo:hi]] - (np.cumsum(count)
+                                                                              - count), count)
     # Dense sums over this batch's rows x the gallery: a bincount, no sort of the pairs.
-    cell = (q_rows[owner] - first_row) * num_gallery + col_rows[position]
-    sums = np.bincount(cell, weights=np.minimum(q_values[owner], col_values[position]),
+    cell = np.repeat((q_rows[lo:hi] - first_row) * num_gallery, count) + col_rows[position]
+    sums = np.bincount(cell, weights=np.minimum(np.repeat(q_values[lo:hi], count),
+                                                col_values[position]),
                        minlength=(end_row - first_row) * num_gallery)
-    shared = np.bincount(cell, minlength=(end_row - first_row) * num_gallery) > 0
     sums = sums.reshape(end_row - first_row, num_gallery)
-    shared = shared.reshape(sums.shape)
-    parts = _nonzero_rows(shared, sums)
+    # V's entries are positive (exp of a bounded distance, then means of them), so a sum of
+    # minima is positive exactly where the rows share a column.
+    parts = _nonzero_rows(sums > 0, sums)
     parts_index.append(parts[0])
     parts_minima.append(parts[1])
   index_out, minima_sum = _stack(parts_index, -1), _stack(parts_minima, 0.0)
@@ -195,8 +213,8 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
   report = progress or (lambda *args: None)
   num_queries = len(query_emb)
   everything = np.concatenate([query_emb, gallery_emb])
-  neighbours, _, row_max = search.top_k(everything, everything, k1 + 1, chunk_size=chunk_size,
-                                        gallery_chunk_size=gallery_chunk_size, progress=progress)
+  neighbours, _, row_max = search.all_pairs_top_k(everything, k1 + 1, block_size=chunk_size,
+                                                  progress=progress)
   neighbours = neighbours.astype(np.int64)
   if neighbours.shape[1] < k2:
     raise ValueError(f'k2={k2} exceeds the {neighbours.shape[1]} neighbour lists of N points')

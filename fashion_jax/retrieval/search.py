@@ -1,6 +1,8 @@
 """Query-gallery distance blocks and chunked exact top-k: the kernels every retrieval step shares.
 
 Distances are squared Euclidean in float32, computed block by block so no [Q, G] array exists.
+Galleries are sharded over all local devices (mesh axis GALLERY_AXIS); results do not depend on
+the number of devices.
 """
 
 import functools
@@ -9,6 +11,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# The mesh axis the gallery is sharded over, one shard per device.
+GALLERY_AXIS = 'gallery'
 
 
 class Reranked(NamedTuple):
@@ -26,6 +33,19 @@ class Reranked(NamedTuple):
   jaccard_index: np.ndarray
   jaccard: np.ndarray
   lam: float
+
+  def select(self, rows) -> 'Reranked':
+    """The re-ranked rows of some queries (a slice, index or boolean array over Q).
+
+    Pass it with the same queries' embeddings, e.g. to draw the ranked lists of a few queries:
+    `rank_gallery(query_emb[rows], gallery_emb, k, rerank=reranked.select(rows))`.
+    """
+    return Reranked(self.scale[rows], self.jaccard_index[rows], self.jaccard[rows], self.lam)
+
+
+def gallery_mesh() -> jax.sharding.Mesh:
+  """All local devices on the GALLERY_AXIS mesh axis."""
+  return jax.sharding.Mesh(np.array(jax.local_devices()), (GALLERY_AXIS,))
 
 
 def squared_distances(queries: jax.Array, gallery: jax.Array) -> jax.Array:
@@ -83,6 +103,47 @@ def block_distances(queries: jax.Array, gallery: jax.Array, start: jax.Array,
   return rerank.scale[:, None] * squared + (1.0 - rerank.lam) * jaccard
 
 
+# Blocks at least this wide are merged through group minima (see _merge_top_k).
+_GROUPED_MERGE_COLUMNS = 2048
+
+
+def _merge_top_k(best_d: jax.Array, best_i: jax.Array, d: jax.Array, start: jax.Array,
+                 k: int) -> tuple[jax.Array, jax.Array]:
+  """Running top-k lists merged with a block of columns, ties by index.
+
+  Args:
+    best_d, best_i: [R, k] distances and indices held so far, sorted (distance, index).
+    d: [R, C] distances to columns start .. start + C - 1, all after the held indices.
+    start: int32 scalar.
+    k: list length.
+
+  Returns:
+    The merged [R, k] lists.
+  """
+  rows, cols = d.shape
+  # Groups of about sqrt(C / k) columns balance the two top-k's below.
+  group = 1 << max(round(np.log2(max(cols / k, 1)) / 2), 0)
+  if cols >= _GROUPED_MERGE_COLUMNS and cols % group == 0 and k * group < cols:
+    # The k smallest entries lie in the k groups with the smallest minima (ordered by minimum,
+    # then position): a top-k of C / group minima and one of k x group candidates replace a
+    # top-k over all C columns. XLA's CPU top-k costs a few microseconds per row plus a few
+    # nanoseconds per column, so this pays off from about 2,000 columns.
+    grouped = d.reshape(rows, cols // group, group)
+    _, chosen = jax.lax.top_k(-jnp.min(grouped, axis=2), k)
+    chosen = jnp.sort(chosen, axis=1)
+    d = jnp.take_along_axis(grouped, chosen[:, :, None], axis=1).reshape(rows, k * group)
+    index = (start + chosen[:, :, None] * group
+             + jnp.arange(group, dtype=jnp.int32)).reshape(rows, k * group)
+  else:
+    index = jnp.broadcast_to(start + jnp.arange(cols, dtype=jnp.int32), d.shape)
+  # lax.top_k keeps the lower position among equal values, and the held lists come first, with
+  # smaller indices: ties stay ordered by index.
+  both_d = jnp.concatenate([best_d, d], axis=1)
+  both_i = jnp.concatenate([best_i, index], axis=1)
+  neg_d, pos = jax.lax.top_k(-both_d, k)
+  return -neg_d, jnp.take_along_axis(both_i, pos, axis=1)
+
+
 def pad_rows(array: np.ndarray, multiple: int, value=0) -> np.ndarray:
   """Pads axis 0 up to a multiple of `multiple` with `value`."""
   array = np.asarray(array)
@@ -99,32 +160,57 @@ def chunk_length(count: int, chunk_size: int) -> int:
   return min(chunk_size, 1 << max(count - 1, 0).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'gallery_chunk'))
-def _top_k_chunk(queries, gallery, gallery_size, rerank, k, gallery_chunk):
-  """Top-k of one query chunk over a padded gallery: scan over gallery blocks, merge."""
+def shard_gallery(mesh: jax.sharding.Mesh, gallery_size: int, gallery_chunk_size: int,
+                  *arrays: np.ndarray) -> tuple[int, list[jax.Array]]:
+  """Pads [G, ...] arrays to equal shards of whole blocks, one per device, and places them.
+
+  Returns the block length and the sharded arrays (padding rows are zeros).
+  """
+  devices = mesh.devices.size
+  per_device = -(-gallery_size // devices)
+  block = chunk_length(per_device, gallery_chunk_size)
+  padded_size = -(-per_device // block) * block * devices
+  on_shards = NamedSharding(mesh, P(GALLERY_AXIS))
+  return block, [jax.device_put(pad_rows(a, padded_size), on_shards) for a in arrays]
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'gallery_chunk', 'mesh'))
+def _top_k_chunk(queries, gallery, gallery_size, rerank, k, gallery_chunk, mesh):
+  """Top-k of one query chunk over a sharded padded gallery: per device, then merged."""
   num_queries = queries.shape[0]
 
-  def body(carry, start):
-    best_d, best_i, row_max = carry
-    block = jax.lax.dynamic_slice_in_dim(gallery, start, gallery_chunk)
-    d = block_distances(queries, block, start, rerank)
-    index = start + jnp.arange(gallery_chunk, dtype=jnp.int32)
-    real = index < gallery_size
-    row_max = jnp.maximum(row_max, jnp.max(jnp.where(real[None], d, -jnp.inf), axis=1))
-    d = jnp.where(real[None], d, jnp.inf)
-    # Earlier blocks come first in the concatenation and lax.top_k keeps the lower position
-    # among equal values, so ties stay ordered by gallery index across blocks.
-    both_d = jnp.concatenate([best_d, d], axis=1)
-    both_i = jnp.concatenate([best_i, jnp.broadcast_to(index, d.shape)], axis=1)
-    neg_d, pos = jax.lax.top_k(-both_d, k)
-    return (-neg_d, jnp.take_along_axis(both_i, pos, axis=1), row_max), None
+  def shard(queries, gallery, gallery_size, rerank):
+    shard_size = gallery.shape[0]
+    offset = jax.lax.axis_index(GALLERY_AXIS) * shard_size
 
-  init = (jnp.full((num_queries, k), jnp.inf, jnp.float32),
-          jnp.full((num_queries, k), -1, jnp.int32),
-          jnp.full((num_queries,), -jnp.inf, jnp.float32))
-  starts = jnp.arange(0, gallery.shape[0], gallery_chunk, dtype=jnp.int32)
-  (best_d, best_i, row_max), _ = jax.lax.scan(body, init, starts)
-  return best_d, best_i, row_max
+    def body(carry, start):
+      best_d, best_i, row_max = carry
+      block = jax.lax.dynamic_slice_in_dim(gallery, start - offset, gallery_chunk)
+      d = block_distances(queries, block, start, rerank)
+      real = start + jnp.arange(gallery_chunk, dtype=jnp.int32) < gallery_size
+      row_max = jnp.maximum(row_max, jnp.max(jnp.where(real[None], d, -jnp.inf), axis=1))
+      best_d, best_i = _merge_top_k(best_d, best_i, jnp.where(real[None], d, jnp.inf), start, k)
+      return (best_d, best_i, row_max), None
+
+    init = (jnp.full((num_queries, k), jnp.inf, jnp.float32),
+            jnp.full((num_queries, k), -1, jnp.int32),
+            jnp.full((num_queries,), -jnp.inf, jnp.float32))
+    # The lists differ between devices: the carry is marked as varying.
+    init = jax.lax.pcast(init, (GALLERY_AXIS,), to='varying')
+    starts = offset + jnp.arange(0, shard_size, gallery_chunk, dtype=jnp.int32)
+    (best_d, best_i, row_max), _ = jax.lax.scan(body, init, starts)
+    return best_d[None], best_i[None], row_max[None]
+
+  best_d, best_i, row_max = jax.shard_map(
+      shard, mesh=mesh, in_specs=(P(), P(GALLERY_AXIS), P(), P()),
+      out_specs=P(GALLERY_AXIS))(queries, gallery, gallery_size, rerank)
+  # Shards hold consecutive index ranges in device order, so concatenating the per-device lists
+  # in that order keeps ties ordered by index.
+  devices = best_d.shape[0]
+  best_d = jnp.transpose(best_d, (1, 0, 2)).reshape(num_queries, devices * k)
+  best_i = jnp.transpose(best_i, (1, 0, 2)).reshape(num_queries, devices * k)
+  neg_d, pos = jax.lax.top_k(-best_d, k)
+  return -neg_d, jnp.take_along_axis(best_i, pos, axis=1), jnp.max(row_max, axis=0)
 
 
 def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked | None = None,
@@ -132,8 +218,9 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked 
           progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The k nearest gallery items of every query, exact, ties by gallery index.
 
-  Memory O((Q + G) x D + Q x k): queries in chunks of `chunk_size`, each scanned over gallery
-  blocks of `gallery_chunk_size` whose top-k are merged into a running list.
+  Memory O((Q + G) x D + Q x k): queries in chunks of `chunk_size`; the gallery is sharded
+  over all local devices, each scanning its shard in blocks of `gallery_chunk_size` and
+  merging their top-k into a running list; the devices' lists are merged at the end.
 
   Args:
     queries: [Q, D] float (float32, bfloat16 or float16).
@@ -156,10 +243,12 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked 
   if num_queries == 0 or gallery_size == 0 or k < 1:
     raise ValueError(f'top_k needs queries, a gallery and k >= 1, got Q={num_queries}, '
                      f'G={gallery_size}, k={k}')
+  if rerank is not None and rerank.scale.shape != (num_queries,):
+    raise ValueError(f'rerank holds {rerank.scale.shape[0]} queries, not {num_queries}')
   k = min(k, gallery_size)
   q_chunk = chunk_length(num_queries, chunk_size)
-  g_chunk = chunk_length(gallery_size, gallery_chunk_size)
-  padded_gallery = jnp.asarray(pad_rows(gallery, g_chunk))
+  mesh = gallery_mesh()
+  g_chunk, (padded_gallery,) = shard_gallery(mesh, gallery_size, gallery_chunk_size, gallery)
   padded_queries = pad_rows(queries, q_chunk)
   padded_rerank = pad_rerank(rerank, q_chunk)
   outputs = []
@@ -168,11 +257,128 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked 
     # Read back per chunk: progress then reports finished work, not queued work.
     outputs.append([np.asarray(a) for a in _top_k_chunk(
         padded_queries[rows], padded_gallery, gallery_size, slice_rerank(padded_rerank, rows),
-        k, g_chunk)])
+        k, g_chunk, mesh)])
     if progress is not None:
       progress('top-k', min(start + q_chunk, num_queries), num_queries)
   distances, index, row_max = (
       np.concatenate([o[i] for o in outputs])[:num_queries] for i in range(3))
+  return index, distances, row_max
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'block', 'num_points', 'mesh'),
+                   donate_argnums=(0,))
+def _all_pairs_step(state, points, pairs, k, block, num_points, mesh):
+  """Folds the distance blocks of some block pairs into every device's neighbour lists.
+
+  state: (best_d [devices x Np, k] float32, best_i [devices x Np, k] int32, row_max
+    [devices x Np] float32), sharded on axis 0: each device's lists over the pairs it computed.
+    (A [devices, Np, k] layout, indexed [0] inside shard_map, made XLA's CPU backend return
+    wrong indices after two updates of the same rows in one step.)
+  points: [Np, D] padded points, replicated.
+  pairs: [devices x steps, 3] int32 rows (a, b, valid) with b >= a, sharded: block a of the
+    points against block b.
+  """
+
+  def fold(state, rows_start, d, cols_start, real_cols):
+    """Merges d ([block, block], rows from rows_start, columns from cols_start) into state."""
+    best_d, best_i, row_max = state
+    held_d = jax.lax.dynamic_slice_in_dim(best_d, rows_start, block)
+    held_i = jax.lax.dynamic_slice_in_dim(best_i, rows_start, block)
+    held_max = jax.lax.dynamic_slice_in_dim(row_max, rows_start, block)
+    held_max = jnp.maximum(held_max, jnp.max(jnp.where(real_cols[None], d, -jnp.inf), axis=1))
+    held_d, held_i = _merge_top_k(held_d, held_i, jnp.where(real_cols[None], d, jnp.inf),
+                                  cols_start, k)
+    return (jax.lax.dynamic_update_slice_in_dim(best_d, held_d, rows_start, 0),
+            jax.lax.dynamic_update_slice_in_dim(best_i, held_i, rows_start, 0),
+            jax.lax.dynamic_update_slice_in_dim(row_max, held_max, rows_start, 0))
+
+  def shard(state, points, pairs):
+
+    def body(state, pair):
+      a_start, b_start, valid = pair[0] * block, pair[1] * block, pair[2] > 0
+      d = squared_distances(jax.lax.dynamic_slice_in_dim(points, a_start, block),
+                            jax.lax.dynamic_slice_in_dim(points, b_start, block))
+      positions = jnp.arange(block, dtype=jnp.int32)
+      # d(i, j) is computed once and serves both rows: the matrix is exactly symmetric, and half
+      # of it is computed. Rows of block b see the columns of block a before those of blocks
+      # >= b, so every row meets its columns in increasing index order.
+      state = fold(state, a_start, d, b_start, valid & (b_start + positions < num_points))
+      return fold(state, b_start, d.T, a_start,
+                  valid & (pair[0] != pair[1]) & (a_start + positions < num_points)), None
+
+    state, _ = jax.lax.scan(body, state, pairs)
+    return state
+
+  sharded = P(GALLERY_AXIS)
+  return jax.shard_map(shard, mesh=mesh, in_specs=(sharded, P(), sharded),
+                       out_specs=sharded)(state, points, pairs)
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'devices'))
+def _merge_devices(best_d, best_i, row_max, k, devices):
+  """The per-device lists [devices x N, k] merged into one [N, k], sorted by (distance, index)."""
+  num_points = best_d.shape[0] // devices
+  best_d, best_i = (x.reshape(devices, num_points, k) for x in (best_d, best_i))
+  best_d = jnp.transpose(best_d, (1, 0, 2)).reshape(num_points, devices * k)
+  best_i = jnp.transpose(best_i, (1, 0, 2)).reshape(num_points, devices * k)
+  # Devices hold interleaved index sets, so the merge sorts by (distance, index) explicitly.
+  best_d, best_i = jax.lax.sort((best_d, best_i), dimension=1, num_keys=2)
+  return best_d[:, :k], best_i[:, :k], jnp.max(row_max.reshape(devices, num_points), axis=0)
+
+
+def all_pairs_top_k(points: np.ndarray, k: int, *, block_size: int = 1024,
+                    progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """top_k(points, points, k) computing each distance once: the kNN step of re-ranking.
+
+  The points are cut into blocks of `block_size`; every pair of blocks (a, b), b >= a, gives one
+  [block, block] distance matrix that updates the lists of the rows of a and, transposed,
+  those of b. The pairs are dealt out over all local devices (each holds all points and its
+  own lists, merged at the end). Memory O(N x (D + k x devices) + block^2).
+
+  Args:
+    points: [N, D] float.
+    k: list length; clipped to N.
+    block_size: block side; the working memory holds a few block x block matrices.
+    progress: optional callable(stage, num_done, total) over the block pairs.
+
+  Returns:
+    index, distances ([N, min(k, N)], nearest first, ties by index) and row_max ([N]), as
+    top_k(points, points, k) returns them.
+  """
+  points = np.asarray(points)
+  if points.ndim != 2 or len(points) == 0 or k < 1:
+    raise ValueError(f'all_pairs_top_k needs [N, D] points, N >= 1 and k >= 1, got '
+                     f'{points.shape} and k={k}')
+  num_points = len(points)
+  k = min(k, num_points)
+  block = chunk_length(num_points, block_size)
+  num_blocks = -(-num_points // block)
+  mesh = gallery_mesh()
+  devices = mesh.devices.size
+  a, b = np.triu_indices(num_blocks)
+  # Pair p goes to device p % devices; every device gets the same number of steps, padded with
+  # invalid pairs, and the steps are cut into calls so progress can be reported.
+  per_device = -(-len(a) // devices)
+  calls = min(per_device, 20)
+  steps = -(-per_device // calls)
+  pairs = np.zeros((steps * calls * devices, 3), np.int32)
+  pairs[:len(a)] = np.stack([a, b, np.ones_like(a)], axis=1)
+  pairs = pairs.reshape(steps * calls, devices, 3).transpose(1, 0, 2)
+  sharded = NamedSharding(mesh, P(GALLERY_AXIS))
+  padded = num_blocks * block
+  state = jax.device_put((np.full((devices * padded, k), np.inf, np.float32),
+                          np.full((devices * padded, k), -1, np.int32),
+                          np.full(devices * padded, -np.inf, np.float32)), sharded)
+  device_points = jax.device_put(pad_rows(points, block), NamedSharding(mesh, P()))
+  for call in range(calls):
+    chunk = pairs[:, call * steps:(call + 1) * steps].reshape(devices * steps, 3)
+    state = _all_pairs_step(state, device_points, jax.device_put(chunk, sharded), k, block,
+                            num_points, mesh)
+    if progress is not None:
+      # Waiting makes progress report finished work, not queued work.
+      jax.block_until_ready(state)
+      progress('kNN', min((call + 1) * steps * devices, len(a)), len(a))
+  distances, index, row_max = (np.asarray(x)[:num_points] for x in _merge_devices(*state, k, devices))
   return index, distances, row_max
 
 
@@ -186,7 +392,4 @@ def pad_rerank(rerank: Reranked | None, multiple: int) -> Reranked | None:
 
 def slice_rerank(rerank: Reranked | None, rows: slice) -> Reranked | None:
   """The Reranked rows of one query chunk."""
-  if rerank is None:
-    return None
-  return Reranked(rerank.scale[rows], rerank.jaccard_index[rows], rerank.jaccard[rows],
-                  rerank.lam)
+  return None if rerank is None else rerank.select(rows)
