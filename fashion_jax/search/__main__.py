@@ -1,0 +1,219 @@
+"""Visual search from a trained workdir, without writing code.
+
+  python -m fashion_jax.search index  --workdir runs/demo --index runs/demo_index --catalogue shop.csv
+  python -m fashion_jax.search query  --index runs/demo_index street.jpg [--category dress] [-k 10]
+  python -m fashion_jax.search serve  --index runs/demo_index [--port 8080]
+  python -m fashion_jax.search export --workdir runs/demo --out runs/demo_export
+
+Bad input ends the command with one line on stderr and exit status 2.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+from fashion_jax.search import images as image_io
+from fashion_jax.search.images import InputError
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog='python -m fashion_jax.search', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest='command', required=True)
+
+  index = commands.add_parser('index', help='embed a catalogue into an index (or add to one)')
+  index.add_argument('--workdir', required=True, help='training workdir (config.json, checkpoints/)')
+  index.add_argument('--step', type=int, help='checkpoint step (default: the latest)')
+  index.add_argument('--index', required=True, help='index directory, created or extended')
+  source = index.add_mutually_exclusive_group(required=True)
+  source.add_argument('--catalogue', help='CSV (image,product_id,category[,x,y,w,h]) or JSON')
+  source.add_argument('--tfds', help='TFDS dataset name, e.g. fashion_synth/demo')
+  index.add_argument('--images-root', help='folder that relative image paths start from '
+                     '(default: the catalogue file\'s folder)')
+  index.add_argument('--split', default='gallery', help='TFDS split (with --tfds)')
+  index.add_argument('--domain', default='', help='only images of this TFDS domain, e.g. shop')
+  index.add_argument('--data-dir', help='TFDS data_dir')
+  index.add_argument('--dtype', default='float16', choices=('float16', 'float32'))
+  index.add_argument('--centroids', action='store_true', help='also store one vector per product')
+  index.add_argument('--batch-size', type=int, default=64)
+  index.add_argument('--max-pixels', type=int, default=image_io.DEFAULT_MAX_PIXELS)
+
+  query = commands.add_parser('query', help='search the index with street photos')
+  query.add_argument('--index', required=True)
+  query.add_argument('inputs', nargs='+', help='image files, folders of images, or CSV files '
+                     '(image[,x,y,w,h][,category])')
+  query.add_argument('--box', help='x,y,w,h crop of a single image query')
+  query.add_argument('--category', help='only products of this category')
+  query.add_argument('-k', type=int, default=10, help='products per query')
+  query.add_argument('--out', default='search_results', help='folder for results.json and PNGs')
+  query.add_argument('--no-centroids', action='store_true',
+                     help='rank by the best image even when the index has centroids')
+  _model_flags(query)
+
+  serve = commands.add_parser('serve', help='HTTP service and web page over the index')
+  serve.add_argument('--index', required=True)
+  serve.add_argument('--host', default='127.0.0.1', help='address to listen on (loopback)')
+  serve.add_argument('--port', type=int, default=8080)
+  serve.add_argument('--max-upload-bytes', type=int, default=10 * 1024 * 1024)
+  serve.add_argument('-k', type=int, default=12, help='default products per query')
+  _model_flags(serve)
+
+  export = commands.add_parser('export', help='StableHLO and TF SavedModel of the embedding')
+  export.add_argument('--workdir', required=True)
+  export.add_argument('--step', type=int)
+  export.add_argument('--out', required=True, help='output folder')
+  export.add_argument('--no-saved-model', action='store_true', help='StableHLO only (no TF)')
+  return parser
+
+
+def _model_flags(parser):
+  parser.add_argument('--workdir', help='use this workdir\'s latest checkpoint (default: the one '
+                      'recorded in the index); it must be the model that built the index')
+  parser.add_argument('--max-pixels', type=int, default=image_io.DEFAULT_MAX_PIXELS)
+
+
+def _index_and_model(args):
+  from fashion_jax.search import index as search_index
+  from fashion_jax.search.model import SearchModel
+  index = search_index.SearchIndex(args.index)
+  if args.workdir:
+    model = SearchModel(args.workdir)
+  else:
+    recorded = index.meta['model']
+    model = SearchModel(recorded['workdir'], step=recorded['step'])
+  search_index.check_model(index.meta, model)
+  return index, model
+
+
+def _query_inputs(args) -> list[dict]:
+  """Every query photo as {'name', 'path', 'box', 'category'}."""
+  from fashion_jax.search import index as search_index
+  queries = []
+  for path in args.inputs:
+    if os.path.isdir(path):
+      files = search_index.image_files(path)
+      if not files:
+        raise InputError(f'{path}: no image files in this folder')
+      queries += [{'path': f, 'box': None, 'category': None} for f in files]
+    elif path.lower().endswith('.csv'):
+      root = os.path.dirname(os.path.abspath(path))
+      try:
+        with open(path, newline='') as f:
+          rows = list(csv.DictReader(f))
+      except OSError as e:
+        raise InputError(f'{path}: cannot read ({e.strerror or e})') from None
+      for number, row in enumerate(rows, start=2):
+        if not row.get('image'):
+          raise InputError(f'{path}: row {number} has no image')
+        box = (','.join(row[c] for c in 'xywh')
+               if all(row.get(c) not in (None, '') for c in 'xywh') else None)
+        queries.append({'path': os.path.join(root, row['image']), 'box': image_io.parse_box(box),
+                        'category': row.get('category') or None})
+    else:
+      queries.append({'path': path, 'box': None, 'category': None})
+  if args.box:
+    if len(queries) != 1:
+      raise InputError('--box needs exactly one query image (use a CSV for several boxes)')
+    queries[0]['box'] = image_io.parse_box(args.box)
+  return queries
+
+
+def run_index(args) -> int:
+  from fashion_jax.search import index as search_index
+  from fashion_jax.search.model import SearchModel
+  if args.catalogue:
+    entries = search_index.read_catalogue(args.catalogue, args.images_root)
+  else:
+    entries = search_index.read_tfds_catalogue(args.tfds, args.split, args.data_dir, args.domain)
+  model = SearchModel(args.workdir, step=args.step, batch_size=args.batch_size)
+  result = search_index.build(args.index, model, entries, dtype=args.dtype,
+                              centroids=args.centroids or None, max_pixels=args.max_pixels)
+  print(f"{args.index}: added {result['added']} images, skipped {result['skipped']} already "
+        f"indexed, {result['count']} in all")
+  return 0
+
+
+def run_query(args) -> int:
+  from fashion_jax.search import engine
+  queries = _query_inputs(args)
+  index, model = _index_and_model(args)
+  searcher = engine.Searcher(index, model, use_centroids=False if args.no_centroids else None,
+                             max_pixels=args.max_pixels)
+  # Everything is read and checked before anything is searched or written.
+  crops, categories = [], []
+  for query in queries:
+    image = image_io.read(query['path'], max_pixels=args.max_pixels)
+    crops.append(image_io.crop(image, query['box'], name=query['path']))
+    category = args.category or query['category']
+    searcher.category_number(category)
+    categories.append(category)
+  embeddings = model.embed_crops(crops)
+  results = []
+  for position, query in enumerate(queries):
+    found = searcher.search_embeddings(embeddings[position:position + 1], k=args.k,
+                                       category=categories[position])[0]
+    results.append({'query': query['path'], 'box': list(query['box']) if query['box'] else None,
+                    'category': categories[position], 'results': found})
+  os.makedirs(args.out, exist_ok=True)
+  for position, result in enumerate(results):
+    name = os.path.splitext(os.path.basename(result['query']))[0]
+    picture = f'{position:04d}_{name}.png'
+    engine.result_picture(crops[position], result['results'], index).save(
+        os.path.join(args.out, picture))
+    result['picture'] = picture
+  with open(os.path.join(args.out, 'results.json'), 'w') as f:
+    json.dump({'index': index.directory, 'k': args.k, 'queries': results}, f, indent=2)
+  for result in results:
+    print(f"{result['query']}" + (f"  box {result['box']}" if result['box'] else '') +
+          (f"  category {result['category']}" if result['category'] else ''))
+    print(f"  {'rank':>4}  {'product':<20} {'category':<16} {'score':>7}")
+    for rank, found in enumerate(result['results'], start=1):
+      print(f"  {rank:>4}  {found['product_id']:<20} {found['category']:<16} "
+            f"{found['score']:>7.4f}")
+  print(f'wrote {os.path.join(args.out, "results.json")} and {len(results)} PNG(s)')
+  return 0
+
+
+def run_serve(args) -> int:
+  from fashion_jax.search import engine, server
+  index, model = _index_and_model(args)
+  searcher = engine.Searcher(index, model, max_pixels=args.max_pixels)
+  httpd = server.make_server(searcher, host=args.host, port=args.port,
+                             max_upload_bytes=args.max_upload_bytes, default_k=args.k)
+  host, port = httpd.server_address[:2]
+  print(f'serving {index.directory} ({len(index)} images, {searcher.num_products} products) '
+        f'on http://{host}:{port}/', flush=True)
+  try:
+    httpd.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    httpd.server_close()
+  return 0
+
+
+def run_export(args) -> int:
+  from fashion_jax.search import export
+  from fashion_jax.search.model import SearchModel
+  model = SearchModel(args.workdir, step=args.step)
+  written = export.export_all(model, args.out, saved_model=not args.no_saved_model)
+  for path in written:
+    print(f'wrote {path}')
+  return 0
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  command = {'index': run_index, 'query': run_query, 'serve': run_serve,
+             'export': run_export}[args.command]
+  try:
+    return command(args)
+  except InputError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,177 @@
+"""A trained workdir as an embedding function for search: checkpoint, preprocessing, fingerprint.
+
+Reads `<workdir>/config.json` and the latest (or a given) checkpoint in `<workdir>/checkpoints`
+with Orbax alone; no TensorFlow. Preprocessing is the evaluation pipeline's, in JAX: the image
+(or box crop) is stretched to `input.image_size` by antialiased bilinear resizing, clipped,
+rounded to uint8; the model normalises it.
+"""
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fashion_jax import checkpointing
+from fashion_jax import train_step as ts
+from fashion_jax.models import build_model
+from fashion_jax.search.images import InputError
+
+# How images reach the model; recorded in every index and checked when it is queried.
+RESIZE_MODE = 'stretch'
+
+
+def resize_images(images: jax.Array, image_size: tuple[int, int]) -> jax.Array:
+  """uint8 [B, h, w, 3] of any size -> uint8 [B, H, W, 3], as the evaluation pipeline resizes.
+
+  tf.image.resize(antialias=True) and jax.image.resize(antialias=True) use the same triangle
+  kernel widened by the downscale factor.
+  """
+  height, width = image_size
+  x = images.astype(jnp.float32)
+  x = jax.image.resize(x, (x.shape[0], height, width, 3), method='linear', antialias=True)
+  return jnp.round(jnp.clip(x, 0.0, 255.0)).astype(jnp.uint8)
+
+
+preprocess = jax.jit(resize_images, static_argnames=('image_size',))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except FileNotFoundError:
+    raise InputError(f'{workdir}: not a training workdir (no config.json)') from None
+
+
+class SearchModel:
+  """The embedding model of a trained workdir.
+
+  Attributes:
+    workdir, checkpoint_dir, step: where the weights came from.
+    config: the workdir's config; image_size: (H, W) model input.
+    fingerprint: sha256 of the weights, model config and preprocessing; two indexes are
+      comparable exactly when their fingerprints are equal.
+  """
+
+  def __init__(self, workdir: str, *, step: int | None = None, batch_size: int = 64):
+    self.workdir = os.path.abspath(workdir)
+    self.config = load_config(self.workdir)
+    self.image_size = tuple(int(v) for v in self.config.input.image_size)
+    checkpointer = checkpointing.Checkpointer(os.path.join(self.workdir, 'checkpoints'))
+    self.checkpoint_dir = checkpointer.directory
+    try:
+      self.step = checkpointer.latest_step() if step is None else step
+      if self.step is None:
+        raise InputError(f'{self.workdir}: no checkpoint in {self.checkpoint_dir}')
+      state = checkpointer.restore(step=self.step)
+    finally:
+      checkpointer.close()
+    num_classes = int(np.shape(state['params']['classifier']['kernel'])[-1])
+    # Shapes only: the checkpoint supplies every value, so nothing is initialised or compiled.
+    model = nnx.eval_shape(lambda: build_model(self.config.model, num_classes, seed=0))
+    self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, batch_stats = nnx.as_pure((params, batch_stats))
+    # Same tree as the model's, the checkpoint's values.
+    self.params = jax.tree.map(lambda like, saved: jnp.asarray(saved, like.dtype), params,
+                               _as_tree(state['params'], params))
+    self.batch_stats = jax.tree.map(lambda like, saved: jnp.asarray(saved, like.dtype),
+                                    batch_stats, _as_tree(state['batch_stats'], batch_stats))
+    self.fingerprint = self._fingerprint()
+    self.batch_size = batch_size
+    self.mesh = ts.make_mesh()
+    self._embed = ts.make_embed_fn(self.graphdef, self.mesh)
+    replicated = NamedSharding(self.mesh, P())
+    self._device_params = jax.device_put((self.params, self.batch_stats), replicated)
+    self._batch_sharding = NamedSharding(self.mesh, P(ts.DATA_AXIS))
+
+  @property
+  def preprocessing(self) -> dict:
+    return {'image_size': list(self.image_size), 'resize': RESIZE_MODE, 'antialias': True,
+            'dtype': 'uint8', 'normalisation': 'in the model (ImageNet mean/std)'}
+
+  def describe(self) -> dict:
+    """What an index records about the model it was built with."""
+    return {'workdir': self.workdir, 'checkpoint_dir': self.checkpoint_dir, 'step': int(self.step),
+            'fingerprint': self.fingerprint, 'backbone': self.config.model.backbone,
+            'preprocessing': self.preprocessing}
+
+  def _fingerprint(self) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({'model': self.config.model.to_dict(),
+                              'preprocessing': self.preprocessing}, sort_keys=True,
+                             default=str).encode())
+    for path, leaf in jax.tree_util.tree_leaves_with_path((self.params, self.batch_stats)):
+      digest.update(jax.tree_util.keystr(path).encode())
+      digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()
+
+  def prepare(self, crop: np.ndarray) -> np.ndarray:
+    """uint8 [h, w, 3] -> uint8 [H, W, 3] model input."""
+    return np.asarray(preprocess(crop[None], self.image_size))[0]
+
+  def embed_prepared(self, images: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] model inputs -> [N, F] float32 unit vectors, batched over all devices."""
+    images = np.asarray(images)
+    devices = self.mesh.devices.size
+    outputs = []
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      # Power-of-two batch shapes: few compilations, little padding for a single query.
+      size = max(devices, 1 << max(len(chunk) - 1, 0).bit_length())
+      size = -(-size // devices) * devices
+      padded = np.zeros((size,) + chunk.shape[1:], np.uint8)
+      padded[:len(chunk)] = chunk
+      batch = jax.device_put(padded, self._batch_sharding)
+      outputs.append(np.asarray(self._embed(*self._device_params, batch))[:len(chunk)])
+    if not outputs:
+      return np.zeros((0, self.embedding_dim), np.float32)
+    return np.concatenate(outputs).astype(np.float32)
+
+  def embed_crops(self, crops: list[np.ndarray]) -> np.ndarray:
+    """uint8 [h, w, 3] crops of any sizes -> [N, F] float32 unit vectors."""
+    if not crops:
+      return np.zeros((0, self.embedding_dim), np.float32)
+    return self.embed_prepared(np.stack([self.prepare(c) for c in crops]))
+
+  @property
+  def embedding_dim(self) -> int:
+    return int(np.shape(self.params['bottleneck']['scale'])[0])
+
+  def embed_with_params_fn(self):
+    """fn((params, batch_stats), images uint8 [B, h, w, 3]) -> [B, F] float32 unit vectors:
+    preprocessing and model in one function (what the exports hold)."""
+    graphdef, image_size = self.graphdef, self.image_size
+
+    def embed_raw(weights, images):
+      model = nnx.merge(graphdef, *weights)
+      return model.embed(resize_images(images, image_size))
+
+    return embed_raw
+
+  @property
+  def weights(self):
+    return (self.params, self.batch_stats)
+
+
+def _as_tree(saved, like):
+  """The restored nested dict `saved` rearranged into the structure of `like` (by key path)."""
+  flat_saved = {_path_key(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(saved)}
+  leaves = []
+  for path, _ in jax.tree_util.tree_leaves_with_path(like):
+    key = _path_key(path)
+    if key not in flat_saved:
+      raise InputError(f'checkpoint lacks {key}: not a checkpoint of this model')
+    leaves.append(flat_saved[key])
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
+
+
+def _path_key(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
