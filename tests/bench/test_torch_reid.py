@@ -1,0 +1,53 @@
+"""The PyTorch speed reference computes the same losses as the JAX training step."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from fashion_jax import losses
+
+torch = pytest.importorskip('torch', reason='the PyTorch reference needs torch')
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..', 'bench'))
+import torch_reid  # noqa: E402
+
+
+def _batch(seed):
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(rng.permutation(12)[:6], 4).astype(np.int32)
+  features = rng.normal(size=(24, 32)).astype(np.float32)
+  features[::5] = features[1::5][: len(features[::5])]  # duplicated rows: zero distances
+  return features, labels
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_triplet_matches_jax(seed):
+  features, labels = _batch(seed)
+  expected = losses.batch_hard_triplet_loss(features, labels, margin=0.3)
+  got = torch_reid.batch_hard_triplet(torch.from_numpy(features), torch.from_numpy(labels).long())
+  np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+
+
+def test_label_smoothed_cross_entropy_matches_jax():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(16, 40)).astype(np.float32) * 3
+  labels = rng.integers(0, 40, 16).astype(np.int32)
+  expected = losses.cross_entropy_label_smoothing(logits, labels, 0.1)
+  got = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels).long(),
+                                          label_smoothing=0.1)
+  np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch():
+  torch.manual_seed(0)
+  model = torch_reid.ReIDModel('resnet18', 64, 1, num_classes=4)
+  step = torch_reid.TrainStep(model, 4, amp_dtype=None, device=torch.device('cpu'))
+  images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+  labels = torch.arange(4).repeat_interleave(2)
+  first = float(step(images, labels))
+  for _ in range(4):
+    last = float(step(images, labels))
+  assert np.isfinite(first) and last < first
+  embeddings = step.embedder()(images)
+  np.testing.assert_allclose(embeddings.norm(dim=1).numpy(), 1.0, rtol=1e-5)
