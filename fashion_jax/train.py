@@ -94,6 +94,10 @@ def setup(config, workdir: str):
   """
   configlib.validate_config(config, num_devices=jax.device_count(),
                             num_processes=jax.process_count())
+  if not jax.config.jax_compilation_cache_dir:
+    # A resumed run (after preemption, say) loads its compiled programs instead of recompiling;
+    # JAX_COMPILATION_CACHE_DIR shares one cache between runs instead.
+    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'xla_cache'))
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                             keep=config.train.keep_checkpoints)
   if checkpointer.latest_step() is not None:
