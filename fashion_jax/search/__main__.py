@@ -74,10 +74,10 @@ def _model_flags(parser):
   parser.add_argument('--max-pixels', type=int, default=image_io.DEFAULT_MAX_PIXELS)
 
 
-def _index_and_model(args):
+def _index_and_model(args, index=None):
   from fashion_jax.search import index as search_index
   from fashion_jax.search.model import SearchModel
-  index = search_index.SearchIndex(args.index)
+  index = index or search_index.SearchIndex(args.index)
   if args.workdir:
     model = SearchModel(args.workdir)
   else:
@@ -137,18 +137,22 @@ def run_index(args) -> int:
 
 def run_query(args) -> int:
   from fashion_jax.search import engine
+  from fashion_jax.search import index as search_index
   queries = _query_inputs(args)
-  index, model = _index_and_model(args)
-  searcher = engine.Searcher(index, model, use_centroids=False if args.no_centroids else None,
-                             max_pixels=args.max_pixels)
-  # Everything is read and checked before anything is searched or written.
+  index = search_index.SearchIndex(args.index)
+  # Every photo, box and category is checked before the model is loaded or anything written.
   crops, categories = [], []
   for query in queries:
     image = image_io.read(query['path'], max_pixels=args.max_pixels)
     crops.append(image_io.crop(image, query['box'], name=query['path']))
     category = args.category or query['category']
-    searcher.category_number(category)
+    if category and category not in index.categories:
+      known = ', '.join(index.categories[:20]) or 'none'
+      raise InputError(f'unknown category {category!r} (this index has: {known})')
     categories.append(category)
+  index, model = _index_and_model(args, index)
+  searcher = engine.Searcher(index, model, use_centroids=False if args.no_centroids else None,
+                             max_pixels=args.max_pixels)
   embeddings = model.embed_crops(crops)
   results = []
   for position, query in enumerate(queries):

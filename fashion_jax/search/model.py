@@ -27,15 +27,33 @@ from fashion_jax.search.images import InputError
 RESIZE_MODE = 'stretch'
 
 
-def resize_images(images: jax.Array, image_size: tuple[int, int]) -> jax.Array:
-  """uint8 [B, h, w, 3] of any size -> uint8 [B, H, W, 3], as the evaluation pipeline resizes.
+def _resize_weights(in_size, out_size) -> jax.Array:
+  """[out, in] float32 weights of antialiased linear resizing along one axis.
 
-  tf.image.resize(antialias=True) and jax.image.resize(antialias=True) use the same triangle
-  kernel widened by the downscale factor.
+  The triangle kernel widened by the downscale factor, centred on output pixel j at input
+  coordinate (j + 0.5) * in / out - 0.5, as tf.image.resize(antialias=True) and
+  jax.image.resize(antialias=True) define it. Written with integer numerators,
+  max(0, 2 max(in, out) - |(2j + 1) in - (2i + 1) out|), normalised by one division each, so the
+  weights come out bit-identical whether the sizes are known when compiling or only when
+  running (a shape-polymorphic export): rounding to uint8 then cannot differ between them.
   """
+  i = jnp.arange(in_size, dtype=jnp.int32)
+  j = jnp.arange(out_size, dtype=jnp.int32)
+  n_in, n_out = jnp.asarray(in_size, jnp.int32), jnp.asarray(out_size, jnp.int32)
+  numerator = jnp.maximum(0, 2 * jnp.maximum(n_in, n_out) -
+                          jnp.abs((2 * j[:, None] + 1) * n_in - (2 * i[None, :] + 1) * n_out))
+  return numerator.astype(jnp.float32) / jnp.sum(numerator, axis=1, keepdims=True).astype(
+      jnp.float32)
+
+
+def resize_images(images: jax.Array, image_size: tuple[int, int]) -> jax.Array:
+  """uint8 [B, h, w, 3] of any size -> uint8 [B, H, W, 3], as the evaluation pipeline resizes
+  (stretched, antialiased bilinear, clipped, rounded)."""
   height, width = image_size
   x = images.astype(jnp.float32)
-  x = jax.image.resize(x, (x.shape[0], height, width, 3), method='linear', antialias=True)
+  highest = jax.lax.Precision.HIGHEST
+  x = jnp.einsum('oh,bhwc->bowc', _resize_weights(images.shape[1], height), x, precision=highest)
+  x = jnp.einsum('pw,bowc->bopc', _resize_weights(images.shape[2], width), x, precision=highest)
   return jnp.round(jnp.clip(x, 0.0, 255.0)).astype(jnp.uint8)
 
 

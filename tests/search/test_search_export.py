@@ -1,0 +1,83 @@
+"""The two exports, reloaded in a fresh process without this project's code, embed like the
+checkpoint (preprocessing included)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from fashion_jax.search.__main__ import main
+
+_LOADER = textwrap.dedent('''
+    import sys
+    # Neither the project nor Flax may be needed to use an export.
+    for name in ('fashion_jax', 'data_pipelines', 'flax', 'orbax', 'orbax.checkpoint'):
+        sys.modules[name] = None
+    import numpy as np
+    import jax
+    import tensorflow as tf
+    folder, inputs, out = sys.argv[1:4]
+    batches = dict(np.load(inputs))
+    with open(folder + '/embed.stablehlo', 'rb') as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    loaded = tf.saved_model.load(folder + '/saved_model')
+    serve = loaded.signatures['serving_default']
+    results = {}
+    for name, images in batches.items():
+        results['stablehlo_' + name] = np.asarray(exported.call(images))
+    # One shape is enough for the SavedModel: it wraps the same serialized module.
+    results['saved_model_wide'] = serve(images=tf.constant(batches['wide']))['embeddings'].numpy()
+    np.savez(out, **results)
+    print('ok', sorted(results))
+''')
+
+
+def test_exports_match_the_checkpoint(workdir, model, make_image, tmp_path, capsys):
+  out = tmp_path / 'export'
+  assert main(['export', '--workdir', workdir, '--out', str(out)]) == 0
+  with open(out / 'export.json') as f:
+    described = json.load(f)
+  assert described['model']['fingerprint'] == model.fingerprint
+  assert described['embedding_dim'] == 64
+  # Two batches of different crop sizes: one export serves any batch and image size.
+  batches = {'wide': np.stack([make_image(p, 0, (48, 64)) for p in range(3)]),
+             'tall': np.stack([make_image(p, 1, (70, 30)) for p in range(2)])}
+  np.savez(tmp_path / 'inputs.npz', **batches)
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH='')
+  result = subprocess.run(
+      [sys.executable, '-c', _LOADER, str(out), str(tmp_path / 'inputs.npz'),
+       str(tmp_path / 'outputs.npz')], cwd=str(tmp_path), env=env, capture_output=True,
+      text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  outputs = np.load(tmp_path / 'outputs.npz')
+  for name, images in batches.items():
+    expected = model.embed_crops(list(images))
+    np.testing.assert_allclose(outputs['stablehlo_' + name], expected, atol=1e-5)
+    if name == 'wide':
+      np.testing.assert_allclose(outputs['saved_model_' + name], expected, atol=1e-5)
+  # Different photos give different embeddings: the comparison can fail.
+  assert np.abs(expected[0] - expected[1]).max() > 1e-2
+
+
+def test_preprocessing_is_the_evaluation_pipelines(make_image):
+  """The search tool's resize against the tf.data evaluation pipeline's, on encoded files."""
+  import io
+  from PIL import Image
+  from data_pipelines import input_pipeline
+  from fashion_jax.search import images as image_io
+  from fashion_jax.search.model import preprocess
+  differing = total = 0
+  for size in ((48, 64), (70, 30), (300, 200), (20, 24), (32, 32)):
+    encoded = io.BytesIO()
+    Image.fromarray(make_image(3, 1, size)).save(encoded, format='PNG')
+    expected = np.round(input_pipeline.decode_resized(encoded.getvalue(), (32, 32)).numpy())
+    ours = np.asarray(preprocess(image_io.decode(encoded.getvalue())[None], (32, 32)))[0]
+    difference = np.abs(ours.astype(np.int32) - expected.astype(np.int32))
+    # Float rounding may move a value that sits on .5 by one grey level; nothing more.
+    assert difference.max() <= 1, size
+    differing += int((difference > 0).sum())
+    total += difference.size
+  assert differing <= 0.005 * total
