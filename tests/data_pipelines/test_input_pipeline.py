@@ -146,3 +146,46 @@ def test_eval_dataset_yields_every_image_once_in_a_fixed_order(tiny_builder):
     runs.append([(int(i), s) for b in batches for i, s in zip(b['item_id'], b['image_id'])])
   assert runs[0] == runs[1]
   assert sorted(runs[0]) == sorted(expected)
+
+
+def test_pad_and_crop_is_stateless_random_crop_of_the_padded_image():
+  image = tf.constant(np.random.default_rng(1).integers(0, 256, (24, 16, 3), dtype=np.uint8))
+  padded = tf.pad(image, [[3, 3], [3, 3], [0, 0]])
+  corners = set()
+  for s in range(40):
+    seed = tf.constant([s, 5], tf.int64)
+    out = input_pipeline._pad_and_crop(image, 3, seed).numpy()
+    np.testing.assert_array_equal(out, tf.image.stateless_random_crop(padded, [24, 16, 3], seed))
+    corners.add((out[0, 0] == 0).all() and (out[-1, -1] != 0).any())
+  assert corners == {True, False}  # both padded and unpadded corners occur
+
+
+def test_resize_filters_and_uint8_augmentation():
+  rng = np.random.default_rng(2)
+  small = tf.io.encode_jpeg(rng.integers(0, 256, (20, 12, 3), dtype=np.uint8), quality=100)
+  large = tf.io.encode_png(np.kron(rng.integers(0, 256, (8, 4, 3), dtype=np.uint8),
+                                   np.ones((8, 8, 1), np.uint8)))  # 64 x 32 blocks of 8 x 8
+  # Enlarging skips the antialiasing kernel; it gives the same pixels (up to rounding).
+  resized = {f: input_pipeline.decode_resized_uint8(small, (32, 32), f).numpy().astype(int)
+             for f in input_pipeline.RESIZE_FILTERS}
+  reference = tf.image.resize(tf.io.decode_jpeg(small), (32, 32), antialias=True).numpy()
+  assert np.abs(resized['triangle'] - reference).max() <= 1
+  assert all(np.array_equal(resized['triangle'], r) for r in resized.values())
+  # Shrinking by 8 with a box filter averages each block exactly; triangle smooths across them.
+  blocks = tf.io.decode_png(large).numpy()[::8, ::8]
+  area = input_pipeline.decode_resized_uint8(large, (8, 4), 'area').numpy()
+  np.testing.assert_array_equal(area, blocks)
+  triangle = input_pipeline.decode_resized_uint8(large, (8, 4), 'triangle').numpy()
+  assert 0 < np.abs(triangle.astype(int) - blocks).max()
+  c = ml_collections.ConfigDict(dict(image_size=(8, 4), flip_prob=0.5, pad=1, erasing_prob=1.0,
+                                     erasing_area=(0.1, 0.4), erasing_aspect=0.3,
+                                     resize_filter='sharp'))
+  with pytest.raises(ValueError, match="input.resize_filter 'sharp' is not one of"):
+    input_pipeline.train_augment(large, tf.constant([0, 1], tf.int64), c)
+  # Erasing the rounded uint8 image equals erasing the float image, then rounding.
+  image = tf.constant(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8))
+  for s in range(10):
+    args = dict(seed=tf.constant([s, 9], tf.int64), prob=0.5, area=(0.02, 0.4), min_aspect=0.3)
+    np.testing.assert_array_equal(
+        input_pipeline.random_erasing(image, **args),
+        tf.cast(input_pipeline.random_erasing(tf.cast(image, tf.float32), **args), tf.uint8))
