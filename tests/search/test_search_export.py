@@ -63,18 +63,26 @@ def test_exports_match_the_checkpoint(workdir, model, make_image, tmp_path, caps
 
 
 def test_preprocessing_is_the_evaluation_pipelines(make_image):
-  """The search tool's resize against the tf.data evaluation pipeline's, on encoded files."""
+  """Decoding and resizing against the tf.data evaluation pipeline's, on encoded files."""
   import io
+  import tensorflow as tf
   from PIL import Image
   from data_pipelines import input_pipeline
   from fashion_jax.search import images as image_io
   from fashion_jax.search.model import preprocess
   differing = total = 0
-  for size in ((48, 64), (70, 30), (300, 200), (20, 24), (32, 32)):
+  for size, fmt in (((48, 64), 'PNG'), ((70, 30), 'JPEG'), ((300, 200), 'JPEG'),
+                    ((20, 24), 'PNG'), ((32, 32), 'JPEG')):
     encoded = io.BytesIO()
-    Image.fromarray(make_image(3, 1, size)).save(encoded, format='PNG')
-    expected = np.round(input_pipeline.decode_resized(encoded.getvalue(), (32, 32)).numpy())
-    ours = np.asarray(preprocess(image_io.decode(encoded.getvalue())[None], (32, 32)))[0]
+    Image.fromarray(make_image(3, 1, size)).save(encoded, format=fmt, quality=80)
+    encoded = encoded.getvalue()
+    decoded = image_io.decode(encoded)
+    if fmt == 'PNG' or image_io.simplejpeg is not None:
+      # JPEG: TensorFlow's fast IDCT, reproduced by simplejpeg (the search extra).
+      np.testing.assert_array_equal(
+          decoded, tf.io.decode_image(encoded, channels=3, expand_animations=False).numpy())
+    expected = np.round(input_pipeline.decode_resized(encoded, (32, 32)).numpy())
+    ours = np.asarray(preprocess(decoded[None], (32, 32)))[0]
     difference = np.abs(ours.astype(np.int32) - expected.astype(np.int32))
     # Float rounding may move a value that sits on .5 by one grey level; nothing more.
     assert difference.max() <= 1, size
