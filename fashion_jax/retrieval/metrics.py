@@ -132,7 +132,7 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
                       gallery_cams=None, *, query_groups=None, gallery_groups=None,
                       rerank: Reranked | None = None, chunk_size: int = 256,
                       gallery_chunk_size: int = 4096,
-                      progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      progress=None, devices=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Average precision and first-positive rank of every query.
 
   The gallery is ranked by distance ascending, ties by gallery index, exactly as a stable
@@ -151,6 +151,7 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
     gallery_chunk_size: gallery items per block of the counting loop (its temporaries are
       chunk x block x P, P the largest number of positives of a query).
     progress: optional callable(stage, num_done, total) called after each query chunk.
+    devices: the devices to shard the gallery over (default: all local devices).
 
   Returns:
     ap: [Q] float32 (0 when invalid).
@@ -184,7 +185,7 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
   q_chunk = search.chunk_length(num_queries, chunk_size)
   # The gallery is split evenly over all devices, each shard a whole number of blocks, and moved
   # to the devices once, not once per chunk.
-  mesh = search.gallery_mesh()
+  mesh = search.gallery_mesh(devices)
   g_chunk, (gallery, gallery_ids, gallery_groups) = search.shard_gallery(
       mesh, gallery_size, gallery_chunk_size, gallery_emb, gallery_ids, gallery_groups)
   queries = search.pad_rows(query_emb, q_chunk)
@@ -247,7 +248,7 @@ def evaluate_retrieval(
 
   Queries without any positive in their ranking are skipped from every metric.
   `options` are per_query_metrics' keyword arguments (groups, rerank, gallery_chunk_size,
-  progress).
+  progress, devices).
 
   Returns:
     {'mAP': float, 'acc@k': float for k in ks, 'num_queries': evaluated queries,
@@ -284,6 +285,11 @@ def per_category(ap: np.ndarray, first_rank: np.ndarray, valid: np.ndarray,
 def rank_gallery(query_emb, gallery_emb, topk: int, *, rerank: Reranked | None = None,
                  **options) -> tuple[np.ndarray, np.ndarray]:
   """The `topk` first gallery items of each query, in the metrics' order (for ranked lists).
+
+  With `rerank`, the order is the re-ranked one the metrics score. A Reranked covers the queries
+  it was computed with (re-ranking depends on all of them); to draw a few of them, pass their
+  rows: `rank_gallery(query_emb[rows], gallery_emb, k, rerank=reranked.select(rows))`.
+  `options` are search.top_k's keyword arguments (chunk sizes, progress, devices).
 
   Returns:
     indices: [Q, min(topk, G)] int32 gallery indices, best first, ties by gallery index.

@@ -185,7 +185,7 @@ def _jaccard(index: np.ndarray, values: np.ndarray, num_queries: int,
 
 def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: float = 0.3, *,
                         chunk_size: int = 1024, gallery_chunk_size: int = 1024,
-                        progress=None) -> Reranked:
+                        progress=None, devices=None) -> Reranked:
   """Re-ranked query-gallery distances, as the dense algorithm of method.md section 6 gives them.
 
   Distances among all N = Q + G points are squared Euclidean, each row divided by its maximum
@@ -198,8 +198,10 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
     query_emb: [Q, D] float.
     gallery_emb: [G, D] of the same dtype.
     k1, k2, lam: the method's parameters (k1 >= 1, k2 >= 1, 0 <= lam <= 1).
-    chunk_size, gallery_chunk_size: block shape of the kNN search.
+    chunk_size: block side of the all-pairs kNN search (search.all_pairs_top_k).
+    gallery_chunk_size: accepted for compatibility; the kNN blocks are square.
     progress: optional callable(stage, num_done, total).
+    devices: the devices the kNN search runs on (default: all local devices).
 
   Returns:
     Reranked, to pass as `rerank=` to the metrics and top-k functions with the same arrays.
@@ -214,7 +216,7 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
   num_queries = len(query_emb)
   everything = np.concatenate([query_emb, gallery_emb])
   neighbours, _, row_max = search.all_pairs_top_k(everything, k1 + 1, block_size=chunk_size,
-                                                  progress=progress)
+                                                  progress=progress, devices=devices)
   neighbours = neighbours.astype(np.int64)
   if neighbours.shape[1] < k2:
     raise ValueError(f'k2={k2} exceeds the {neighbours.shape[1]} neighbour lists of N points')

@@ -43,9 +43,10 @@ class Reranked(NamedTuple):
     return Reranked(self.scale[rows], self.jaccard_index[rows], self.jaccard[rows], self.lam)
 
 
-def gallery_mesh() -> jax.sharding.Mesh:
-  """All local devices on the GALLERY_AXIS mesh axis."""
-  return jax.sharding.Mesh(np.array(jax.local_devices()), (GALLERY_AXIS,))
+def gallery_mesh(devices=None) -> jax.sharding.Mesh:
+  """These devices (default: all local devices) on the GALLERY_AXIS mesh axis."""
+  return jax.sharding.Mesh(np.array(jax.local_devices() if devices is None else list(devices)),
+                           (GALLERY_AXIS,))
 
 
 def squared_distances(queries: jax.Array, gallery: jax.Array) -> jax.Array:
@@ -214,8 +215,8 @@ def _top_k_chunk(queries, gallery, gallery_size, rerank, k, gallery_chunk, mesh)
 
 
 def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked | None = None,
-          chunk_size: int = 1024, gallery_chunk_size: int = 1024,
-          progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+          chunk_size: int = 1024, gallery_chunk_size: int = 1024, progress=None,
+          devices=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The k nearest gallery items of every query, exact, ties by gallery index.
 
   Memory O((Q + G) x D + Q x k): queries in chunks of `chunk_size`; the gallery is sharded
@@ -229,6 +230,7 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked 
     rerank: rank by these re-ranked distances instead (Q rows).
     chunk_size, gallery_chunk_size: block shape; memory grows as their product.
     progress: optional callable(stage, num_done, total) called after each query chunk.
+    devices: the devices to shard the gallery over (default: all local devices).
 
   Returns:
     index: [Q, min(k, G)] int32, nearest first.
@@ -247,7 +249,7 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked 
     raise ValueError(f'rerank holds {rerank.scale.shape[0]} queries, not {num_queries}')
   k = min(k, gallery_size)
   q_chunk = chunk_length(num_queries, chunk_size)
-  mesh = gallery_mesh()
+  mesh = gallery_mesh(devices)
   g_chunk, (padded_gallery,) = shard_gallery(mesh, gallery_size, gallery_chunk_size, gallery)
   padded_queries = pad_rows(queries, q_chunk)
   padded_rerank = pad_rerank(rerank, q_chunk)
@@ -326,8 +328,8 @@ def _merge_devices(best_d, best_i, row_max, k, devices):
   return best_d[:, :k], best_i[:, :k], jnp.max(row_max.reshape(devices, num_points), axis=0)
 
 
-def all_pairs_top_k(points: np.ndarray, k: int, *, block_size: int = 1024,
-                    progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def all_pairs_top_k(points: np.ndarray, k: int, *, block_size: int = 1024, progress=None,
+                    devices=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """top_k(points, points, k) computing each distance once: the kNN step of re-ranking.
 
   The points are cut into blocks of `block_size`; every pair of blocks (a, b), b >= a, gives one
@@ -340,6 +342,7 @@ def all_pairs_top_k(points: np.ndarray, k: int, *, block_size: int = 1024,
     k: list length; clipped to N.
     block_size: block side; the working memory holds a few block x block matrices.
     progress: optional callable(stage, num_done, total) over the block pairs.
+    devices: the devices to deal the block pairs to (default: all local devices).
 
   Returns:
     index, distances ([N, min(k, N)], nearest first, ties by index) and row_max ([N]), as
@@ -353,7 +356,7 @@ def all_pairs_top_k(points: np.ndarray, k: int, *, block_size: int = 1024,
   k = min(k, num_points)
   block = chunk_length(num_points, block_size)
   num_blocks = -(-num_points // block)
-  mesh = gallery_mesh()
+  mesh = gallery_mesh(devices)
   devices = mesh.devices.size
   a, b = np.triu_indices(num_blocks)
   # Pair p goes to device p % devices; every device gets the same number of steps, padded with
@@ -378,7 +381,8 @@ def all_pairs_top_k(points: np.ndarray, k: int, *, block_size: int = 1024,
       # Waiting makes progress report finished work, not queued work.
       jax.block_until_ready(state)
       progress('kNN', min((call + 1) * steps * devices, len(a)), len(a))
-  distances, index, row_max = (np.asarray(x)[:num_points] for x in _merge_devices(*state, k, devices))
+  distances, index, row_max = (np.asarray(x)[:num_points]
+                               for x in _merge_devices(*state, k, devices))
   return index, distances, row_max
 
 

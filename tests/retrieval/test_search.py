@@ -1,0 +1,128 @@
+"""Tests for fashion_jax/retrieval/search.py: exact top-k and the all-pairs kNN against stable
+argsorts, the same results on one and on four (simulated) devices, low-precision embeddings.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import retrieval_reference as reference
+
+from fashion_jax.retrieval import metrics, rerank, search
+
+
+def _grid(seed, num_points, dim=3, low=-1, high=2):
+  # Integer coordinates: few distinct distances (ranking mostly decided by the tie rule), every
+  # distance exact in float32, and every coordinate exact in bfloat16 and float16 too.
+  return np.random.default_rng(seed).integers(low, high, size=(num_points, dim)).astype(
+      np.float32)
+
+
+def _stable_top(distances, k):
+  order = np.argsort(distances, axis=1, kind='stable')[:, :k]
+  return order, np.take_along_axis(distances, order, axis=1)
+
+
+def test_grouped_merge_matches_stable_argsort():
+  # 2,048 columns take the group-minima path of _merge_top_k; integer distances tie a lot.
+  rng = np.random.default_rng(0)
+  held = np.sort(rng.integers(0, 4, size=(6, 5)).astype(np.float32), axis=1)
+  held_index = np.tile(np.arange(5, dtype=np.int32), (6, 1))
+  block = rng.integers(0, 4, size=(6, 2048)).astype(np.float32)
+  block[:, :64] = 9.0  # whole groups that cannot win
+  merged_d, merged_i = jax.jit(search._merge_top_k, static_argnums=4)(
+      held, held_index, block, jnp.int32(100), 5)
+  both = np.concatenate([held, block], axis=1)
+  index = np.concatenate([held_index, np.tile(100 + np.arange(2048), (6, 1))], axis=1)
+  order, expected_d = _stable_top(both, 5)
+  np.testing.assert_array_equal(merged_i, np.take_along_axis(index, order, axis=1))
+  np.testing.assert_array_equal(merged_d, expected_d)
+
+
+def test_top_k_sharded_equals_single_device():
+  assert jax.device_count() == 4
+  queries, gallery = _grid(1, 21), _grid(2, 45)
+  one = search.top_k(queries, gallery, 12, chunk_size=8, gallery_chunk_size=4,
+                     devices=jax.devices()[:1])
+  four = search.top_k(queries, gallery, 12, chunk_size=8, gallery_chunk_size=4)
+  for a, b in zip(one, four):
+    np.testing.assert_array_equal(a, b)
+  distances = reference.squared_distances(queries, gallery)
+  order, _ = _stable_top(distances, 12)
+  np.testing.assert_array_equal(four[0], order)
+  np.testing.assert_array_equal(four[2], distances.max(axis=1))
+
+
+def test_all_pairs_top_k_matches_argsort_on_one_and_four_devices():
+  # 10 blocks: 55 block pairs, dealt unevenly over 4 devices.
+  points = _grid(3, 150)
+  distances = reference.squared_distances(points, points)
+  order, expected_d = _stable_top(distances, 9)
+  results = [search.all_pairs_top_k(points, 9, block_size=16, devices=devices)
+             for devices in (jax.devices()[:1], None)]
+  for index, found_d, row_max in results:
+    np.testing.assert_array_equal(index, order)
+    np.testing.assert_array_equal(found_d, expected_d)
+    np.testing.assert_array_equal(row_max, distances.max(axis=1))
+
+
+@pytest.fixture(scope='module')
+def reranked_data():
+  data = reference.clustered(6, num_queries=25, gallery_size=70, num_ids=10, num_cams=2)
+  return data, rerank.k_reciprocal_rerank(data['query_emb'], data['gallery_emb'], chunk_size=16)
+
+
+def test_rerank_and_metrics_sharded_equal_single_device(reranked_data):
+  data, sharded = reranked_data
+  one_device = jax.devices()[:1]
+  single = rerank.k_reciprocal_rerank(data['query_emb'], data['gallery_emb'], chunk_size=16,
+                                      devices=one_device)
+  for a, b in zip(single, sharded):
+    np.testing.assert_array_equal(a, b)
+  expected = metrics.per_query_metrics(**data, rerank=sharded, gallery_chunk_size=8,
+                                       devices=one_device)
+  found = metrics.per_query_metrics(**data, rerank=sharded, gallery_chunk_size=8)
+  for a, b in zip(expected, found):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_reranked_rows_of_chosen_queries(reranked_data):
+  data, reranked = reranked_data
+  # One chunk shape for all three calls.
+  everything, _ = metrics.rank_gallery(data['query_emb'], data['gallery_emb'], 10,
+                                       rerank=reranked, chunk_size=4)
+  plain, _ = metrics.rank_gallery(data['query_emb'], data['gallery_emb'], 10, chunk_size=4)
+  assert (everything != plain).any()
+  chosen = np.array([13, 2, 7, 24])
+  indices, _ = metrics.rank_gallery(data['query_emb'][chosen], data['gallery_emb'], 10,
+                                    rerank=reranked.select(chosen), chunk_size=4)
+  np.testing.assert_array_equal(indices, everything[chosen])
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_low_precision_embeddings_rank_like_float32(dtype):
+  # Exactly representable embeddings: every product accumulates in float32 either way, so
+  # rankings and metrics must agree exactly, ties included.
+  query_emb, gallery_emb = (_grid(seed, n, dim=6, low=-3, high=4) for seed, n in ((8, 30),
+                                                                                  (9, 80)))
+  rng = np.random.default_rng(10)
+  ids = dict(query_ids=rng.integers(0, 12, size=30), gallery_ids=rng.integers(0, 12, size=80))
+  low_q, low_g = (np.asarray(jnp.asarray(x, dtype)) for x in (query_emb, gallery_emb))
+  assert low_q.dtype == dtype
+  for full, low in zip(search.top_k(query_emb, gallery_emb, 15),
+                       search.top_k(low_q, low_g, 15)):
+    np.testing.assert_array_equal(full, low)
+  for full, low in zip(metrics.per_query_metrics(query_emb, gallery_emb, **ids),
+                       metrics.per_query_metrics(low_q, low_g, **ids)):
+    np.testing.assert_array_equal(full, low)
+
+
+def test_bfloat16_rerank_matches_float32():
+  query_emb, gallery_emb = _grid(11, 30, dim=6, low=-3, high=4), _grid(12, 80, dim=6, low=-3,
+                                                                         high=4)
+  low_q, low_g = (np.asarray(jnp.asarray(x, jnp.bfloat16)) for x in (query_emb, gallery_emb))
+  full = rerank.k_reciprocal_rerank(query_emb, gallery_emb, k1=8, k2=3)
+  low = rerank.k_reciprocal_rerank(low_q, low_g, k1=8, k2=3)
+  np.testing.assert_array_equal(full.jaccard_index, low.jaccard_index)
+  np.testing.assert_allclose(full.jaccard, low.jaccard, atol=1e-6)
+  np.testing.assert_allclose(full.scale, low.scale, rtol=1e-6)
