@@ -203,7 +203,7 @@ def test_deepfashion_config_trains_and_evaluates_end_to_end(tmp_path):
   s2s.Builder(data_dir=s2s_dir).download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 's2s_raw')))
   cross = cross_evaluate('deepfashion', 'deepfashion_consumer2shop', data_dir, workdir,
-                         'street2shop', s2s_dir)
+                         'street2shop', s2s_dir, cli=True)
   assert cross['num_queries'] == 4 * 2 and cross['num_gallery'] == (4 + 3) * 2
   # Per-category tables name Street2Shop's categories, not DeepFashion's clothes types.
   table = os.path.join(workdir, 'eval', 'street2shop', 'per_category.csv')
