@@ -59,10 +59,14 @@ def test_upload_box_category_and_results(browser, service, catalogue):
   browser.find_element(By.ID, 'file').send_keys(photo)
   wait.until(ec.element_to_be_clickable((By.ID, 'search')))
   canvas = browser.find_element(By.ID, 'canvas')
-  assert (canvas.size['width'], canvas.size['height']) == (96, 48)
-  # Drag from (20, 4) to (76, 44), in pixels from the canvas's top-left corner.
-  ActionChains(browser).move_to_element_with_offset(canvas, 20 - 48, 4 - 24).click_and_hold() \
-      .move_by_offset(28, 20).move_by_offset(28, 20).release().perform()
+  # The page shows the photo enlarged by `scale` (up to 4x, at most 480 px wide).
+  scale = canvas.size['width'] / 96
+  assert scale == 4 and canvas.size['height'] == 48 * scale
+  # Drag from image pixel (20, 4) to (76, 44); offsets count from the canvas's centre.
+  ActionChains(browser).move_to_element_with_offset(
+      canvas, round((20 - 48) * scale), round((4 - 24) * scale)).click_and_hold() \
+      .move_by_offset(round(28 * scale), round(20 * scale)) \
+      .move_by_offset(round(28 * scale), round(20 * scale)).release().perform()
   box = browser.find_element(By.ID, 'box').text
   x, y, w, h = (int(v) for v in box.split(','))
   assert abs(x - 20) <= 1 and abs(y - 4) <= 1 and abs(w - 56) <= 1 and abs(h - 40) <= 1, box
