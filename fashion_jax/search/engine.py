@@ -67,6 +67,11 @@ class Searcher:
       raise InputError(f'unknown category {category!r} (this index has: {known})')
     return self.index.categories.index(category)
 
+  def warm_up(self) -> None:
+    """Compiles the model and the search for a single query, so a first request does not wait."""
+    height, width = self.model.image_size
+    self.search_crops([np.zeros((height, width, 3), np.uint8)], k=1)
+
   def crop_of(self, data: bytes, box=None, *, name: str = 'upload') -> np.ndarray:
     return image_io.crop(image_io.decode(data, name=name, max_pixels=self.max_pixels), box,
                          name=name)
@@ -78,15 +83,16 @@ class Searcher:
     if k < 1:
       raise InputError(f'k must be at least 1, got {k}')
     number = self.category_number(category)
-    k = min(k, self.num_products)
+    # One compiled kernel serves every k up to 100 (top-100 costs little more than top-10).
+    kernel_k = min(self.num_products, max(k, 100))
     results = []
     for start in range(0, len(embeddings), 64):
       chunk = np.asarray(embeddings[start:start + 64], np.float32)
       scores, products = jax.device_get(_best_products(
-          chunk, self._gallery, self._row_product, self._row_category, np.int32(number), k=k,
-          num_products=self.num_products))
+          chunk, self._gallery, self._row_product, self._row_category, np.int32(number),
+          k=kernel_k, num_products=self.num_products))
       for query, (row_scores, row_products) in enumerate(zip(scores, products)):
-        results.append(self._describe(chunk[query], row_scores, row_products))
+        results.append(self._describe(chunk[query], row_scores[:k], row_products[:k]))
     return results
 
   def _describe(self, query, scores, products) -> list[dict]:
