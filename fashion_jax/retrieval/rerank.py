@@ -61,9 +61,14 @@ def _expanded_sets(neighbours: np.ndarray, k1: int) -> np.ndarray:
 
 
 @jax.jit
-def _weights(points, everything, index, row_max):
-  """V rows: exp(-d(i, j) / M_i) normalised over the row's valid entries; [n, W] float32."""
-  d = search.gathered_squared_distances(points, everything, index) / row_max[:, None]
+def _weights(everything, index, row_max, start):
+  """V rows start .. start + n - 1: exp(-d(i, j) / M_i) normalised over the row's valid entries.
+
+  everything: [N, D] all points; index: [n, W] R*(i) (-1 padded); row_max: [n]. Rows past N
+  (padding of the last chunk) give meaningless values. Returns [n, W] float32.
+  """
+  rows = jnp.minimum(start + jnp.arange(index.shape[0]), everything.shape[0] - 1)
+  d = search.gathered_squared_distances(everything[rows], everything, index) / row_max[:, None]
   w = jnp.where(index >= 0, jnp.exp(-d), 0.0)
   return w / jnp.sum(w, axis=1, keepdims=True)
 
@@ -225,14 +230,16 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
   report('expansion', len(everything), len(everything))
 
   device_points = jnp.asarray(everything)
-  # Padded to whole chunks, so one compilation serves every chunk.
-  points = search.pad_rows(everything, _ROWS)
-  lists = search.pad_rows(expanded, _ROWS, -1)
-  scales = search.pad_rows(row_max, _ROWS, 1.0)
+  # Chunks of rows whose gathered [rows, W, D] neighbours take at most 64 MB, padded to whole
+  # chunks so one compilation serves every chunk.
+  gathered = expanded.shape[1] * everything.shape[1]
+  rows = 1 << int(np.clip(np.log2((1 << 24) / gathered), 6, 12))
+  lists = search.pad_rows(expanded, rows, -1)
+  scales = search.pad_rows(row_max, rows, 1.0)
   values = np.concatenate([
-      np.asarray(_weights(points[start:start + _ROWS], device_points,
-                          lists[start:start + _ROWS], scales[start:start + _ROWS]))
-      for start in range(0, len(points), _ROWS)])[:len(everything)]
+      np.asarray(_weights(device_points, lists[start:start + rows], scales[start:start + rows],
+                          start))
+      for start in range(0, len(lists), rows)])[:len(everything)]
   index = expanded
   if k2 > 1:
     index, values = _query_expansion(index, values, neighbours, k2)
