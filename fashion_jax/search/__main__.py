@@ -14,8 +14,12 @@ import json
 import os
 import sys
 
-from fashion_jax.search import images as image_io
-from fashion_jax.search.images import InputError
+import fashion_jax.search
+
+fashion_jax.search.use_every_cpu_core()  # before JAX starts
+
+from fashion_jax.search import images as image_io  # noqa: E402
+from fashion_jax.search.images import InputError  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,6 +10,8 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw
 
 from fashion_jax.search import images as image_io
@@ -28,8 +30,9 @@ def _best_products(queries, gallery, row_product, row_category, category, *, k, 
                           preferred_element_type=jnp.float32)
   allowed = (category < 0) | (row_category == category)
   similarity = jnp.where(allowed[None, :], similarity, -jnp.inf)
-  per_product = jax.ops.segment_max(similarity.T, row_product, num_segments=num_products,
-                                    indices_are_sorted=False).T
+  # Padding rows belong to an extra product, dropped here.
+  per_product = jax.ops.segment_max(similarity.T, row_product, num_segments=num_products + 1,
+                                    indices_are_sorted=False).T[:, :num_products]
   return jax.lax.top_k(per_product, k)
 
 
@@ -50,9 +53,19 @@ class Searcher:
       row_category = index.product_category
     else:
       gallery, row_product, row_category = index.embeddings, index.row_product, index.row_category
-    self._gallery = jax.device_put(gallery)
-    self._row_product = jax.device_put(row_product)
-    self._row_category = jax.device_put(row_category)
+    # Rows are spread over every device (each CPU core, see use_every_cpu_core), which search
+    # their share at once; padding rows go to a product that is never reported.
+    devices = jax.local_devices()
+    mesh = Mesh(np.asarray(devices), ('rows',))
+    padding = -len(gallery) % len(devices)
+    gallery = np.concatenate([gallery, np.zeros((padding, gallery.shape[1]), gallery.dtype)])
+    row_product = np.concatenate([row_product, np.full(padding, num_products, np.int32)])
+    row_category = np.concatenate([row_category, np.full(padding, -2, np.int32)])
+    sharded, replicated = NamedSharding(mesh, P('rows')), NamedSharding(mesh, P())
+    self._gallery = jax.device_put(gallery, sharded)
+    self._row_product = jax.device_put(row_product, sharded)
+    self._row_category = jax.device_put(row_category, sharded)
+    self._replicated = replicated
     self.num_products = num_products
     # The rows of each product, for naming the image that matched best.
     order = np.argsort(index.row_product, kind='stable')
@@ -89,7 +102,7 @@ class Searcher:
     for start in range(0, len(embeddings), 64):
       chunk = np.asarray(embeddings[start:start + 64], np.float32)
       scores, products = jax.device_get(_best_products(
-          chunk, self._gallery, self._row_product, self._row_category, np.int32(number),
+          jax.device_put(chunk, self._replicated), self._gallery, self._row_product, self._row_category, np.int32(number),
           k=kernel_k, num_products=self.num_products))
       for query, (row_scores, row_products) in enumerate(zip(scores, products)):
         results.append(self._describe(chunk[query], row_scores[:k], row_products[:k]))
