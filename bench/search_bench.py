@@ -173,6 +173,7 @@ def main():
     return searcher.search_crops([searcher.crop_of(data)], k=10)
 
   embeddings = [model.embed_crops([searcher.crop_of(p)])[0] for p in photos]
+  latency_load = [os.getloadavg()[0]]
   timings = {}
   for name, fn, inputs in (('search only', search_only, embeddings),
                            ('embedding included', embedding_included, photos)):
@@ -191,6 +192,7 @@ def main():
     searcher.search_embeddings(item[None], k=10, category='shoes')
     category.append(time.perf_counter() - start)
   timings['search only, category filter'] = (*percentiles(category), '-')
+  latency_load.append(os.getloadavg()[0])
 
   httpd = server.make_server(searcher, port=0, quiet=True)
   thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -210,6 +212,8 @@ def main():
   print(f'model: {which}; index: {NUM_PRODUCTS:,} products x {DIM:,} dims, {args.dtype} '
         f'(written and loaded in {setup:.1f} s); devices: {jax.devices()[0].platform} x '
         f'{jax.device_count()}; CPUs: {os.cpu_count()}')
+  print(f'load average (1 min) during the latency runs: {latency_load[0]:.2f} / '
+        f'{latency_load[1]:.2f}')
   print()
   print('| query (one photo, top-10 products) | median (ms) | p95 (ms) | first call (ms) |')
   print('|---|---|---|---|')
