@@ -180,3 +180,20 @@ def test_bad_catalogue_image_leaves_the_index_untouched(tmp_path, workdir, catal
   assert main(['index', '--workdir', workdir, '--index', path, '--catalogue', str(bad)]) == 2
   assert 'broken.png' in capsys.readouterr().err
   assert open(os.path.join(path, 'items.jsonl')).read() == before
+
+
+def test_command_line_exit_status_and_one_line(index_dir, tmp_path):
+  """The real entry point: a bad photo ends `python -m fashion_jax.search` with status 2."""
+  import subprocess
+  import sys
+  bad = tmp_path / 'photo.jpg'
+  bad.write_bytes(b'GIF89a broken')
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  result = subprocess.run(
+      [sys.executable, '-m', 'fashion_jax.search', 'query', '--index', index_dir, str(bad),
+       '--out', str(tmp_path / 'out')], cwd=repo, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=repo))
+  assert result.returncode == 2, result.stderr
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert lines == [f'error: {bad}: not an image (unrecognised format)'], result.stderr
+  assert not (tmp_path / 'out').exists()
