@@ -148,8 +148,8 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
     query_groups, gallery_groups: [Q], [G] or None (given together).
     rerank: rank by these re-ranked distances instead of the Euclidean ones.
     chunk_size: queries per jitted call; working memory holds chunk_size x G / devices
-      distances. None: the most, up to 1,024, that keep them within 256 MB per device (the
-      fastest setting measured on CPU, where larger chunks amortise each gallery pass).
+      distances. None: the most, up to 1,024, that keep them within 256 MB per CPU device or
+      2 GB per accelerator (1,024 was the fastest setting measured on CPU).
     gallery_chunk_size: gallery items per block of the counting loop (its temporaries are
       chunk x block x P, P the largest number of positives of a query).
     progress: optional callable(stage, num_done, total) called after each query chunk.
@@ -187,7 +187,8 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
   mesh = search.gallery_mesh(devices)
   if chunk_size is None:
     per_device = -(-gallery_size // mesh.devices.size)
-    chunk_size = 1 << max(min(10, ((1 << 26) // per_device).bit_length() - 1), 0)
+    budget = 1 << (26 if mesh.devices.flat[0].platform == 'cpu' else 29)
+    chunk_size = 1 << max(min(10, (budget // per_device).bit_length() - 1), 0)
   q_chunk = search.chunk_length(num_queries, chunk_size)
   # The gallery is split evenly over all devices, each shard a whole number of blocks, and moved
   # to the devices once, not once per chunk.

@@ -189,7 +189,7 @@ def _jaccard(index: np.ndarray, values: np.ndarray, num_queries: int,
 
 
 def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: float = 0.3, *,
-                        chunk_size: int = 1024, gallery_chunk_size: int = 1024,
+                        chunk_size: int | None = None, gallery_chunk_size: int = 1024,
                         progress=None, devices=None) -> Reranked:
   """Re-ranked query-gallery distances, as the dense algorithm of method.md section 6 gives them.
 
@@ -203,7 +203,8 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
     query_emb: [Q, D] float.
     gallery_emb: [G, D] of the same dtype.
     k1, k2, lam: the method's parameters (k1 >= 1, k2 >= 1, 0 <= lam <= 1).
-    chunk_size: block side of the all-pairs kNN search (search.all_pairs_top_k).
+    chunk_size: block side of the all-pairs kNN search (search.all_pairs_top_k); None: 1,024
+      on CPU (larger blocks were slower there), 4,096 on accelerators.
     gallery_chunk_size: accepted for compatibility; the kNN blocks are square.
     progress: optional callable(stage, num_done, total).
     devices: the devices the kNN search runs on (default: all local devices).
@@ -220,6 +221,9 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
   report = progress or (lambda *args: None)
   num_queries = len(query_emb)
   everything = np.concatenate([query_emb, gallery_emb])
+  if chunk_size is None:
+    cpu = search.gallery_mesh(devices).devices.flat[0].platform == 'cpu'
+    chunk_size = 1024 if cpu else 4096
   neighbours, _, row_max = search.all_pairs_top_k(everything, k1 + 1, block_size=chunk_size,
                                                   progress=progress, devices=devices)
   neighbours = neighbours.astype(np.int64)
