@@ -83,6 +83,8 @@ class SearchModel:
     self.workdir = os.path.abspath(workdir)
     self.config = load_config(self.workdir)
     self.image_size = tuple(int(v) for v in self.config.input.image_size)
+    if not os.path.isdir(os.path.join(self.workdir, 'checkpoints')):
+      raise InputError(f'{self.workdir}: no checkpoints/ folder (has it trained yet?)')
     checkpointer = checkpointing.Checkpointer(os.path.join(self.workdir, 'checkpoints'))
     self.checkpoint_dir = checkpointer.directory
     try:
