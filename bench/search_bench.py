@@ -194,6 +194,7 @@ def main():
   timings['search only, category filter'] = (*percentiles(category), '-')
   latency_load.append(os.getloadavg()[0])
 
+  searcher.warm_up(max_batch=32)  # as `serve` does
   httpd = server.make_server(searcher, port=0, quiet=True)
   thread = threading.Thread(target=httpd.serve_forever, daemon=True)
   thread.start()

@@ -197,3 +197,23 @@ def test_command_line_exit_status_and_one_line(index_dir, tmp_path):
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert lines == [f'error: {bad}: not an image (unrecognised format)'], result.stderr
   assert not (tmp_path / 'out').exists()
+
+
+def test_concurrent_requests_are_answered_each_with_its_own_results(service, catalogue):
+  """Requests that arrive together are searched in one pass; each gets its own answer."""
+  from concurrent.futures import ThreadPoolExecutor
+  searcher = service['searcher']
+  jobs = []
+  for product in range(6):
+    with open(os.path.join(catalogue['dir'], f'p{product}_0.png'), 'rb') as f:
+      data = f.read()
+    jobs.append((data, ('dress', 'shoe', None)[product % 3], 2 + product % 3))
+  with ThreadPoolExecutor(12) as pool:
+    answers = list(pool.map(lambda job: _search(service, job[0], category=job[1], k=job[2]),
+                            jobs * 2))
+  for (data, category, k), (status, answer) in zip(jobs * 2, answers):
+    assert status == 200, answer
+    expected = searcher.search_crops([searcher.crop_of(data)], k=k, category=category)[0]
+    assert [r['product_id'] for r in answer['results']] == [r['product_id'] for r in expected]
+    assert [r['score'] for r in answer['results']] == pytest.approx(
+        [r['score'] for r in expected], abs=1e-5)
