@@ -1,4 +1,6 @@
-"""Converts a PyTorch ResNet / IBN-Net / SE-ResNeXt / OSNet-AIN checkpoint into backbone weights.
+"""Converts a PyTorch backbone checkpoint into the backbone weights this project loads.
+
+ResNet / IBN-Net, SE-ResNeXt (Cadene), EfficientNet (torchvision), OSNet-AIN (torchreid) naming:
 
   python -m fashion_jax.convert_weights --arch resnet50_ibn_a --src r50_ibn_a.pth --out <dir>
 """
@@ -25,7 +27,8 @@ class ConversionError(ValueError):
 
 def _is_dropped(key: str) -> bool:
   # The ImageNet head (torchvision/IBN-Net `fc`, Cadene's `last_linear`, torchreid's `fc` and
-  # `classifier`) is replaced by the ReID head; BatchNorm's step counter is unused.
+  # `classifier`, torchvision EfficientNet's `classifier`) is replaced by the ReID head;
+  # BatchNorm's step counter is unused.
   return (key.startswith(('fc.', 'last_linear.', 'classifier.'))
           or key.endswith('num_batches_tracked'))
 

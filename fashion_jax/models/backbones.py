@@ -10,26 +10,29 @@ from collections.abc import Callable
 import jax.numpy as jnp
 from flax import nnx
 
-from fashion_jax.models import osnet, resnet
+from fashion_jax.models import efficientnet, osnet, resnet
+from fashion_jax.models.efficientnet import EFFICIENTNET_SCALES, EfficientNet
 from fashion_jax.models.osnet import OSNetAIN
 from fashion_jax.models.resnet import IBN_CFGS, RESNET_SPECS, ResNet
 from fashion_jax.models.senet import SE_RESNEXT_LAYERS, SEResNeXt
 
 _RESNET_RE = re.compile(r'^resnet(\d+)(?:_ibn_([ab]))?$')
 _SE_RESNEXT_RE = re.compile(r'^se_resnext(\d+)_32x4d$')
+_EFFICIENTNET_RE = re.compile(r'^efficientnet_(b\d)$')
 
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
   name: str
-  depth: int | None         # None for OSNet
+  depth: int | None         # None for OSNet and EfficientNet
   ibn: str | None           # IBN-Net's variant: None, 'a' or 'b'
-  family: str = 'resnet'    # 'resnet', 'se_resnext' or 'osnet_ain'
+  family: str = 'resnet'    # 'resnet', 'se_resnext', 'osnet_ain' or 'efficientnet'
 
 
 def backbone_names() -> list[str]:
   resnets = [f'resnet{d}{"" if v is None else "_ibn_" + v}' for d in RESNET_SPECS for v in IBN_CFGS]
-  return resnets + [f'se_resnext{d}_32x4d' for d in SE_RESNEXT_LAYERS] + ['osnet_ain_x1_0']
+  return (resnets + [f'se_resnext{d}_32x4d' for d in SE_RESNEXT_LAYERS]
+          + [f'efficientnet_{v}' for v in EFFICIENTNET_SCALES] + ['osnet_ain_x1_0'])
 
 
 def parse_backbone(name: str) -> BackboneSpec:
@@ -40,6 +43,9 @@ def parse_backbone(name: str) -> BackboneSpec:
   match = _SE_RESNEXT_RE.match(name)
   if match and int(match.group(1)) in SE_RESNEXT_LAYERS:
     return BackboneSpec(name, int(match.group(1)), None, 'se_resnext')
+  match = _EFFICIENTNET_RE.match(name)
+  if match and match.group(1) in EFFICIENTNET_SCALES:
+    return BackboneSpec(name, None, None, 'efficientnet')
   if name == 'osnet_ain_x1_0':
     return BackboneSpec(name, None, None, 'osnet_ain')
   raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(backbone_names())}')
@@ -49,7 +55,8 @@ def build_backbone(name: str, *, last_stride: int = 2, width: int = 64, dtype=jn
                    axis_name: str | None = None, rngs: nnx.Rngs) -> nnx.Module:
   """The backbone `name`: normalised images [B, H, W, 3] -> feature map [B, h, w, out_features].
 
-  OSNet-AIN has no strided last stage: `last_stride` does not apply to it (always 1/16).
+  OSNet-AIN has no strided last stage: `last_stride` does not apply to it (always 1/16). For
+  EfficientNet it is the stride of the last stride-2 stage (`features.6`).
   """
   spec = parse_backbone(name)
   if spec.family != 'resnet' and width != 64:
@@ -57,6 +64,9 @@ def build_backbone(name: str, *, last_stride: int = 2, width: int = 64, dtype=jn
     raise ValueError(f'model.width must be 64 for {name}, got {width}')
   if spec.family == 'osnet_ain':
     return OSNetAIN(dtype=dtype, axis_name=axis_name, rngs=rngs)
+  if spec.family == 'efficientnet':
+    return EfficientNet(name.removeprefix('efficientnet_'), last_stride=last_stride, dtype=dtype,
+                        axis_name=axis_name, rngs=rngs)
   if spec.family == 'se_resnext':
     return SEResNeXt(spec.depth, last_stride=last_stride, dtype=dtype, axis_name=axis_name,
                      rngs=rngs)
@@ -66,4 +76,5 @@ def build_backbone(name: str, *, last_stride: int = 2, width: int = 64, dtype=jn
 
 def torch_name_fn(name: str) -> Callable[[str], str]:
   """Flax variable path -> PyTorch state_dict key, in the naming of `name`'s reference code."""
-  return osnet.torch_name if parse_backbone(name).family == 'osnet_ain' else resnet.torch_name
+  return {'osnet_ain': osnet.torch_name, 'efficientnet': efficientnet.torch_name}.get(
+      parse_backbone(name).family, resnet.torch_name)

@@ -52,8 +52,14 @@ _FC = 2048 * 1000 + 1000  # the ImageNet classifier of the reference counts, abs
     ('resnet50_ibn_b', 25_557_032 + 2 * 256 + 2 * 512, _FC),
     ('resnet101', 44_549_160, _FC),
     ('resnet101_ibn_a', 44_549_160, _FC),
+    ('resnet101_ibn_b', 44_550_696, _FC),
     ('resnet152', 60_192_808, _FC),
     ('se_resnext50_32x4d', 27_559_896, _FC),  # Cadene's pretrainedmodels, with last_linear
+    ('se_resnext101_32x4d', 48_955_416, _FC),  # (timm's tables: 48.96M)
+    # torchvision's efficientnet_b2 / _b4 (EfficientNet_B*_Weights.meta['num_params']), whose
+    # classifier is Linear(1408 or 1792, 1000).
+    ('efficientnet_b2', 9_109_994, 1408 * 1000 + 1000),
+    ('efficientnet_b4', 19_341_616, 1792 * 1000 + 1000),
     # torchreid's osnet_ain_x1_0 without classifier: 2,169,508 ("2.2M" in the OSNet papers),
     # of which its 512-d fc layer (Linear 512x512 + BatchNorm1d) holds 263,680; we end at conv5.
     ('osnet_ain_x1_0', 2_169_508, 512 * 512 + 512 + 2 * 512),
@@ -71,7 +77,7 @@ def test_ibn_a_layout():
   assert all(b.IN is None for s in (ibn.layer1, ibn.layer2, ibn.layer3, ibn.layer4) for b in s)
 
 
-@pytest.mark.parametrize('name', ['se_resnext50_32x4d', 'osnet_ain_x1_0'])
+@pytest.mark.parametrize('name', ['se_resnext50_32x4d', 'efficientnet_b2', 'osnet_ain_x1_0'])
 def test_fixed_width_architectures_reject_width(name):
   with pytest.raises(ValueError, match=f'model.width must be 64 for {name}, got 8'):
     build_backbone(name, width=8, rngs=nnx.Rngs(0))
@@ -87,17 +93,22 @@ def test_ibn_b_layout():
   assert not any(isinstance(b.bn1, IBN) for s in (ibn.layer1, ibn.layer2) for b in s)
 
 
-# The paper's backbones, plus one basic-block ResNet; both input sizes of the paper per case.
-@pytest.mark.parametrize('name', ['resnet18_ibn_b', 'resnet50', 'resnet50_ibn_a', 'resnet50_ibn_b',
-                                  'resnet101_ibn_a', 'se_resnext50_32x4d', 'osnet_ain_x1_0'])
+def _out_channels(name):
+  spec = parse_backbone(name)
+  if spec.family == 'efficientnet':
+    return {'efficientnet_b2': 1408, 'efficientnet_b4': 1792}[name]  # 4x the last stage's
+  return 512 if spec.family == 'osnet_ain' or spec.depth < 50 else 2048
+
+
+# Every backbone, both input sizes of the paper per case.
+@pytest.mark.parametrize('name', backbone_names())
 @pytest.mark.parametrize('last_stride', [1, 2])
 def test_feature_map_shapes(name, last_stride):
   backbone = _abstract(name, last_stride=last_stride)
   graphdef, state = nnx.split(backbone)
-  spec = parse_backbone(name)
   # OSNet has no strided last stage: always 1/16.
-  stride = 16 if last_stride == 1 or spec.family == 'osnet_ain' else 32
-  channels = 512 if spec.family == 'osnet_ain' or spec.depth < 50 else 2048
+  stride = 16 if last_stride == 1 or parse_backbone(name).family == 'osnet_ain' else 32
+  channels = _out_channels(name)
   assert backbone.out_features == channels
   for size in ((256, 128), (320, 320)):
     out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, train=False), state,
@@ -199,10 +210,12 @@ def test_parse_backbone_rejects_unknown_names():
                                                               'se_resnext')
   assert parse_backbone('osnet_ain_x1_0') == BackboneSpec('osnet_ain_x1_0', None, None,
                                                           'osnet_ain')
+  assert parse_backbone('efficientnet_b4') == BackboneSpec('efficientnet_b4', None, None,
+                                                           'efficientnet')
   assert all(parse_backbone(name).name == name for name in backbone_names())
   with pytest.raises(ValueError, match="unknown backbone 'resnet51'"):
     parse_backbone('resnet51')
   for bad in ('vit_b16', 'resnet50_ibn_c', 'resnet50_ibn_', 'se_resnext50',
-              'se_resnext34_32x4d'):
+              'se_resnext34_32x4d', 'efficientnet_b3', 'efficientnet_b22', 'efficientnet'):
     with pytest.raises(ValueError, match='unknown backbone'):
       parse_backbone(bad)

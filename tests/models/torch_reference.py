@@ -1,11 +1,13 @@
 """PyTorch reference backbones, written from the published definitions.
 
-IBN-Net's resnet_ibn.py (ResNet, IBN-a, IBN-b), Cadene's senet.py (SE-ResNeXt) and torchreid's
-osnet_ain.py (OSNet-AIN), each returning its last feature map. The equivalence tests compare
-the Flax backbones with these; bench/torch_reid.py trains them as the speed reference.
+IBN-Net's resnet_ibn.py (ResNet, IBN-a, IBN-b), Cadene's senet.py (SE-ResNeXt), torchreid's
+osnet_ain.py (OSNet-AIN) and torchvision's efficientnet.py (EfficientNet-B2/B4), each returning
+its last feature map. The equivalence tests compare the Flax backbones with these;
+bench/torch_reid.py trains them as the speed reference.
 """
 
 import collections
+import math
 
 import torch
 
@@ -122,16 +124,17 @@ class TorchSEResNeXtBlock(nn.Module):
     return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
 
 
-class TorchSEResNeXt50(nn.Module):
-  """Cadene's se_resnext50_32x4d without its pooling / last_linear head."""
+class TorchSEResNeXt(nn.Module):
+  """Cadene's se_resnext{50,101}_32x4d (`layers` blocks per stage); forward stops before its
+  pooling and `last_linear` head."""
 
-  def __init__(self, last_stride):
+  def __init__(self, layers, last_stride):
     super().__init__()
     self.layer0 = nn.Sequential(collections.OrderedDict([
         ('conv1', nn.Conv2d(3, 64, 7, 2, 3, bias=False)), ('bn1', nn.BatchNorm2d(64)),
         ('relu1', nn.ReLU()), ('pool', nn.MaxPool2d(3, 2, ceil_mode=True))]))
     inplanes = 64
-    for stage, (blocks, stride) in enumerate(zip((3, 4, 6, 3), (1, 2, 2, last_stride))):
+    for stage, (blocks, stride) in enumerate(zip(layers, (1, 2, 2, last_stride))):
       planes = 64 * 2 ** stage
       downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
                                  nn.BatchNorm2d(planes * 4))
@@ -139,6 +142,7 @@ class TorchSEResNeXt50(nn.Module):
       mods += [TorchSEResNeXtBlock(planes * 4, planes, 1, None) for _ in range(1, blocks)]
       inplanes = planes * 4
       setattr(self, f'layer{stage + 1}', nn.Sequential(*mods))
+    self.last_linear = nn.Linear(2048, 1000)
 
   def forward(self, x):
     return self.layer4(self.layer3(self.layer2(self.layer1(self.layer0(x)))))
@@ -219,3 +223,69 @@ class TorchOSNetAIN(nn.Module):
   def forward(self, x):
     x = self.pool2(self.conv2(self.maxpool(self.conv1(x))))
     return self.conv5(self.conv4(self.pool3(self.conv3(x))))
+
+
+def _divisible8(value):
+  rounded = max(8, int(value + 4) // 8 * 8)
+  return rounded + 8 if rounded < 0.9 * value else rounded
+
+
+def _conv_bn_act(cin, cout, k, stride=1, groups=1, act=True):
+  """torchvision's Conv2dNormActivation: conv (no bias), BatchNorm, optional SiLU."""
+  layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout)]
+  return nn.Sequential(*layers, *([nn.SiLU()] if act else []))
+
+
+class TorchSqueezeExcitation(nn.Module):
+  def __init__(self, channels, squeeze):
+    super().__init__()
+    self.fc1 = nn.Conv2d(channels, squeeze, 1)
+    self.fc2 = nn.Conv2d(squeeze, channels, 1)
+
+  def forward(self, x):
+    gate = self.fc2(nn.functional.silu(self.fc1(x.mean((2, 3), keepdim=True))))
+    return x * torch.sigmoid(gate)
+
+
+class TorchMBConv(nn.Module):
+  """torchvision's MBConv in inference (stochastic depth is the identity there)."""
+
+  def __init__(self, expand, k, stride, cin, cout):
+    super().__init__()
+    hidden = _divisible8(cin * expand)
+    layers = [_conv_bn_act(cin, hidden, 1)] if hidden != cin else []
+    layers += [_conv_bn_act(hidden, hidden, k, stride, groups=hidden),
+               TorchSqueezeExcitation(hidden, max(1, cin // 4)),
+               _conv_bn_act(hidden, cout, 1, act=False)]
+    self.block = nn.Sequential(*layers)
+    self.residual = stride == 1 and cin == cout
+
+  def forward(self, x):
+    return self.block(x) + x if self.residual else self.block(x)
+
+
+class TorchEfficientNet(nn.Module):
+  """torchvision's efficientnet_b{2,4}: `features` and, for the parameter count, `classifier`."""
+
+  B0 = ((1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
+        (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1))
+  SCALES = {'b2': (1.1, 1.2), 'b4': (1.4, 1.8)}
+
+  def __init__(self, variant, last_stride):
+    super().__init__()
+    width, depth = self.SCALES[variant]
+    stages = [(e, k, last_stride if i == 5 else s, _divisible8(cin * width),
+               _divisible8(cout * width), math.ceil(n * depth))
+              for i, (e, k, s, cin, cout, n) in enumerate(self.B0)]
+    features = [_conv_bn_act(3, stages[0][3], 3, 2)]
+    for e, k, s, cin, cout, n in stages:
+      features.append(nn.Sequential(*[TorchMBConv(e, k, s if i == 0 else 1,
+                                                  cin if i == 0 else cout, cout)
+                                       for i in range(n)]))
+    features.append(_conv_bn_act(stages[-1][4], 4 * stages[-1][4], 1))
+    self.features = nn.Sequential(*features)
+    self.classifier = nn.Sequential(nn.Dropout(0.3), nn.Linear(4 * stages[-1][4], 1000))
+
+  def forward(self, x):
+    return self.features(x)  # the feature map: the test pools it
