@@ -147,7 +147,9 @@ def score(query: dict, gallery: dict, config, category_names: list[str] | None =
     metrics: {'mAP', 'acc@k', 'num_queries', 'num_skipped', and per switch 'category_constrained',
       'per_category', 'category_average', 'reranked', 'centroids', 'recommendation'}.
     curves: {name: [cmc_max_rank] CMC curve} for the CMC plot.
-    per_query: (ap, first_rank, valid) of the unconstrained ranking, for the ranked lists.
+    per_query: (ap, first_rank, valid, reranked) of the ranking the ranked lists show: the
+      unconstrained one, re-ranked when `eval.rerank` is on (`reranked` is then the
+      retrieval.search.Reranked of all queries, else None).
   """
   e = config.eval
   ks = tuple(e.ks)
@@ -177,12 +179,14 @@ def score(query: dict, gallery: dict, config, category_names: list[str] | None =
         *arrays, query['category'], ks)
     name = lambda c: category_names[c] if category_names else str(c)
     metrics['per_category'] = {name(c): row for c, row in table.items()}
+  reranked = None
   if e.rerank:
     bars = _Bars('re-ranking')
     reranked = retrieval_rerank.k_reciprocal_rerank(
         q_emb, g_emb, e.rerank_k1, e.rerank_k2, e.rerank_lambda, progress=bars)
     bars.close()
-    metrics['reranked'] = evaluate_on('re-ranked', q_emb, g_emb, *ids, rerank=reranked)[1]
+    per_query, metrics['reranked'] = evaluate_on('re-ranked', q_emb, g_emb, *ids,
+                                                 rerank=reranked)
   if e.centroids:
     c = retrieval_centroids.gallery_centroids(gallery['embeddings'], gallery['item_id'],
                                               gallery['domain'])
@@ -196,19 +200,33 @@ def score(query: dict, gallery: dict, config, category_names: list[str] | None =
     own = np.arange(len(g_emb))
     metrics['recommendation'] = evaluate_on('recommendation', g_emb, g_emb, gallery['item_id'],
                                             gallery['item_id'], own, own)[1]
-  return metrics, curves, per_query
+  return metrics, curves, (*per_query, reranked)
 
 
-def draw_ranked_lists(query: dict, gallery: dict, ap: np.ndarray, valid: np.ndarray, builder,
-                      config, path: str) -> None:
-  """Worst and best evaluated queries by AP, each with its top results."""
+def ranked_list_rows(query: dict, gallery: dict, ap: np.ndarray, valid: np.ndarray, config,
+                     reranked=None) -> tuple[np.ndarray, np.ndarray]:
+  """The worst and best evaluated queries by AP, and each one's top gallery indices.
+
+  With `reranked` (all queries' re-ranking), the lists are in the re-ranked order the metrics
+  scored. Returns (chosen [R] query indices, indices [R, top_k_shown]).
+  """
   order = np.argsort(ap[valid], kind='stable')
   chosen = np.flatnonzero(valid)[order]
   rows = config.eval.num_ranked_queries
   if len(chosen) > rows:
     chosen = np.concatenate([chosen[:rows // 2], chosen[len(chosen) - (rows - rows // 2):]])
-  indices, _ = retrieval_metrics.rank_gallery(query['embeddings'][chosen], gallery['embeddings'],
-                                              config.eval.top_k_shown)
+  dtype = jnp.dtype(config.eval.dtype)  # the embeddings score() ranked
+  indices, _ = retrieval_metrics.rank_gallery(
+      np.asarray(jnp.asarray(query['embeddings'][chosen], dtype)),
+      np.asarray(jnp.asarray(gallery['embeddings'], dtype)), config.eval.top_k_shown,
+      rerank=None if reranked is None else reranked.select(chosen))
+  return chosen, indices
+
+
+def draw_ranked_lists(query: dict, gallery: dict, ap: np.ndarray, valid: np.ndarray, builder,
+                      config, path: str, reranked=None) -> None:
+  """Worst and best evaluated queries by AP, each with its top results (ranked_list_rows)."""
+  chosen, indices = ranked_list_rows(query, gallery, ap, valid, config, reranked)
   key = lambda split, i: (int(split['process'][i]), int(split['position'][i]))
   query_images = _load_images(builder, config.dataset.query_split, config,
                               {key(query, i) for i in chosen})
@@ -281,8 +299,8 @@ def evaluate(embed_fn, params, batch_stats, builder, config, mesh, workdir: str,
   domains = _label_names(builder, 'images', 'domain')
   query = _domain_filter(query, config.eval.query_domain, domains, 'query')
   gallery = _domain_filter(gallery, config.eval.gallery_domain, domains, 'gallery')
-  scores, curves, (ap, _, valid) = score(query, gallery, config,
-                                         _label_names(builder, 'category'))
+  scores, curves, (ap, _, valid, reranked) = score(query, gallery, config,
+                                                    _label_names(builder, 'category'))
   metrics = {'step': step, 'num_gallery': len(gallery['item_id']), **scores}
   folder = report_folder(config)
   if is_cross_dataset(config):
@@ -304,5 +322,5 @@ def evaluate(embed_fn, params, batch_stats, builder, config, mesh, workdir: str,
     visualize.cmc_image(curves).save(os.path.join(out_dir, 'cmc.png'))
     if valid.any() and config.eval.num_ranked_queries > 0:
       draw_ranked_lists(query, gallery, ap, valid, builder, config,
-                        os.path.join(out_dir, 'ranked_lists.png'))
+                        os.path.join(out_dir, 'ranked_lists.png'), reranked)
   return metrics

@@ -61,3 +61,23 @@ def test_domain_filter_keeps_named_rows(splits):
   assert evaluate._domain_filter(mixed, '', ['street', 'shop'], 'query') is mixed
   with pytest.raises(ValueError, match="eval.query_domain 'studio'"):
     evaluate._domain_filter(mixed, 'studio', ['street', 'shop'], 'query')
+
+
+@pytest.mark.parametrize('rerank', [False, True])
+def test_ranked_lists_show_the_order_the_metrics_scored(splits, rerank):
+  query, gallery = splits
+  config = configlib.base_config()
+  config.eval.rerank = rerank
+  config.eval.num_ranked_queries = 10
+  config.eval.top_k_shown = 150
+  _, _, (ap, first_rank, valid, reranked) = evaluate.score(query, gallery, config)
+  assert (reranked is not None) == rerank
+  chosen, indices = evaluate.ranked_list_rows(query, gallery, ap, valid, config, reranked)
+  assert len(chosen) == 10 and valid[chosen].all()
+  assert ap[chosen[0]] == ap[valid].min() and ap[chosen[-1]] == ap[valid].max()
+  for i, row in zip(chosen, indices):
+    correct = gallery['item_id'][row] == query['item_id'][i]
+    # The shown list's first correct item sits where the metrics found it, and its AP is theirs.
+    assert np.argmax(correct) == first_rank[i]
+    hits = np.flatnonzero(correct)
+    assert np.mean(np.arange(1, len(hits) + 1) / (hits + 1)) == pytest.approx(ap[i], abs=1e-6)
