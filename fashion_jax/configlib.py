@@ -82,8 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.ks = (1, 5, 10, 20, 50)
   c.eval.num_ranked_queries = 8     # rows in the ranked-list PNG
   c.eval.top_k_shown = 10
-  c.eval.chunk_size = 256           # queries per jitted retrieval call
-  c.eval.gallery_chunk_size = 4096  # gallery items per block; memory ~ chunk x block
+  # Queries per jitted retrieval call; None: the most (up to 1,024) whose distances fit in
+  # 256 MB per CPU device or 2 GB per accelerator.
+  c.eval.chunk_size = ml_collections.config_dict.placeholder(int)
+  c.eval.gallery_chunk_size = 2048  # gallery items per block; memory ~ chunk x block
   c.eval.dtype = 'float32'          # embeddings for retrieval: float32, bfloat16 or float16
   c.eval.query_domain = ''          # domain filter by name, e.g. 'street'; '' keeps all
   c.eval.gallery_domain = ''        # e.g. 'shop'
