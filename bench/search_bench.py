@@ -70,7 +70,7 @@ class ProjectedModel:
   def __init__(self, model, dim: int, seed: int = 0):
     self.model = model
     self.fingerprint = model.fingerprint
-    self.workdir, self.step = model.workdir, model.step
+    self.workdir, self.step, self.image_size = model.workdir, model.step, model.image_size
     rng = np.random.default_rng(seed)
     self.projection = rng.standard_normal((model.embedding_dim, dim)).astype(np.float32)
 
@@ -194,7 +194,7 @@ def main():
   timings['search only, category filter'] = (*percentiles(category), '-')
   latency_load.append(os.getloadavg()[0])
 
-  searcher.warm_up(max_batch=32)  # as `serve` does
+  searcher.warm_up()  # as `serve` does
   httpd = server.make_server(searcher, port=0, quiet=True)
   thread = threading.Thread(target=httpd.serve_forever, daemon=True)
   thread.start()

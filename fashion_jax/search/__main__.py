@@ -188,7 +188,7 @@ def run_serve(args) -> int:
   from fashion_jax.search import engine, server
   index, model = _index_and_model(args)
   searcher = engine.Searcher(index, model, max_pixels=args.max_pixels)
-  searcher.warm_up(max_batch=32)
+  searcher.warm_up()
   httpd = server.make_server(searcher, host=args.host, port=args.port,
                              max_upload_bytes=args.max_upload_bytes, default_k=args.k)
   host, port = httpd.server_address[:2]

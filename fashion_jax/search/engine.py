@@ -5,8 +5,6 @@ centroid when the index has them), so several images of one product appear once.
 """
 
 import functools
-import queue
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -81,15 +79,10 @@ class Searcher:
       raise InputError(f'unknown category {category!r} (this index has: {known})')
     return self.index.categories.index(category)
 
-  def warm_up(self, max_batch: int = 1) -> None:
-    """Compiles the model for one query and the search for up to `max_batch` queries at once,
-    so a first request does not wait."""
+  def warm_up(self) -> None:
+    """Compiles the model and the search for a single query, so a first request does not wait."""
     height, width = self.model.image_size
-    embedding = self.model.embed_crops([np.zeros((height, width, 3), np.uint8)])
-    size = 1
-    while size <= max_batch:
-      self.search_embeddings(np.repeat(embedding, size, axis=0), k=1)
-      size *= 2
+    self.search_crops([np.zeros((height, width, 3), np.uint8)], k=1)
 
   def crop_of(self, data: bytes, box=None, *, name: str = 'upload') -> np.ndarray:
     return image_io.crop(image_io.decode(data, name=name, max_pixels=self.max_pixels), box,
@@ -105,17 +98,13 @@ class Searcher:
     # One compiled kernel serves every k up to 100 (top-100 costs little more than top-10).
     kernel_k = min(self.num_products, max(k, 100))
     results = []
-    for start in range(0, len(embeddings), 64):
-      chunk = np.asarray(embeddings[start:start + 64], np.float32)
-      # Power-of-two query counts: at most 7 compilations of the kernel.
-      padded = np.zeros((1 << max(len(chunk) - 1, 0).bit_length(), chunk.shape[1]), np.float32)
-      padded[:len(chunk)] = chunk
+    # One query per call: XLA's CPU matrix-vector product reads a float16 index at memory
+    # speed, while a [Q > 1, D] x [D, N] float16 product takes a path 20x slower per query.
+    for query in np.asarray(embeddings, np.float32):
       scores, products = jax.device_get(_best_products(
-          jax.device_put(padded, self._replicated), self._gallery, self._row_product, self._row_category, np.int32(number),
-          k=kernel_k, num_products=self.num_products))
-      for query, (row_scores, row_products) in enumerate(zip(scores[:len(chunk)],
-                                                              products[:len(chunk)])):
-        results.append(self._describe(chunk[query], row_scores[:k], row_products[:k]))
+          jax.device_put(query[None], self._replicated), self._gallery, self._row_product,
+          self._row_category, np.int32(number), k=kernel_k, num_products=self.num_products))
+      results.append(self._describe(query, scores[0][:k], products[0][:k]))
     return results
 
   def _describe(self, query, scores, products) -> list[dict]:
@@ -135,53 +124,6 @@ class Searcher:
 
   def search_crops(self, crops: list[np.ndarray], **kwargs) -> list[list[dict]]:
     return self.search_embeddings(self.model.embed_crops(crops), **kwargs)
-
-
-class QueryBatcher:
-  """Searches the queries that arrive together (from concurrent requests) in one pass.
-
-  A search reads the whole index once whatever the number of queries, so on a busy service
-  batching multiplies throughput. One worker thread; a query waits only for the pass in
-  progress.
-  """
-
-  def __init__(self, searcher: Searcher, *, max_batch: int = 32):
-    self.searcher, self.max_batch = searcher, max_batch
-    self._queue = queue.Queue()
-    threading.Thread(target=self._work, daemon=True, name='search-batcher').start()
-
-  def search(self, embedding: np.ndarray, *, k: int, category: str | None) -> list[dict]:
-    self.searcher.category_number(category)  # a bad category fails in the caller's thread
-    slot = {'embedding': embedding, 'k': k, 'category': category, 'done': threading.Event()}
-    self._queue.put(slot)
-    slot['done'].wait()
-    if 'error' in slot:
-      raise slot['error']
-    return slot['result']
-
-  def _work(self) -> None:
-    while True:
-      batch = [self._queue.get()]
-      while len(batch) < self.max_batch:
-        try:
-          batch.append(self._queue.get_nowait())
-        except queue.Empty:
-          break
-      groups = {}
-      for slot in batch:
-        groups.setdefault(slot['category'], []).append(slot)
-      for category, slots in groups.items():
-        try:
-          found = self.searcher.search_embeddings(
-              np.stack([slot['embedding'] for slot in slots]),
-              k=max(slot['k'] for slot in slots), category=category)
-          for slot, results in zip(slots, found):
-            slot['result'] = results[:slot['k']]
-        except Exception as e:  # noqa: BLE001 (handed to the waiting request)
-          for slot in slots:
-            slot['error'] = e
-        for slot in slots:
-          slot['done'].set()
 
 
 def result_picture(crop: np.ndarray, results: list[dict], index: search_index.SearchIndex,

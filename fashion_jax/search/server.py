@@ -20,7 +20,6 @@ import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from fashion_jax.search import engine
 from fashion_jax.search import images as image_io
 from fashion_jax.search.images import InputError
 
@@ -153,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
     decoded = time.perf_counter()
     embedding = searcher.model.embed_crops([crop])
     embedded = time.perf_counter()
-    results = self.server.batcher.search(embedding[0], k=int(k_text), category=category)
+    results = searcher.search_embeddings(embedding, k=int(k_text), category=category)[0]
     searched = time.perf_counter()
     self._json(HTTPStatus.OK, {
         'results': [{'product_id': r['product_id'], 'category': r['category'],
@@ -177,7 +176,6 @@ def make_server(searcher, *, host: str = '127.0.0.1', port: int = 8080,
   """A bound, not yet serving, server (port 0 picks a free port: see server_address)."""
   server = SearchServer((host, port), _Handler)
   server.searcher = searcher
-  server.batcher = engine.QueryBatcher(searcher)
   server.max_upload_bytes = max_upload_bytes
   server.default_k = default_k
   server.quiet = quiet

@@ -200,7 +200,7 @@ def test_command_line_exit_status_and_one_line(index_dir, tmp_path):
 
 
 def test_concurrent_requests_are_answered_each_with_its_own_results(service, catalogue):
-  """Requests that arrive together are searched in one pass; each gets its own answer."""
+  """Requests served at the same time (one thread each) each get their own answer."""
   from concurrent.futures import ThreadPoolExecutor
   searcher = service['searcher']
   jobs = []
