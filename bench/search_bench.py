@@ -221,8 +221,8 @@ def main():
   for name, (median, p95, first) in timings.items():
     print(f'| {name} | {median} | {p95} | {first} |')
   print()
-  print(f'| service, loopback | clients | requests | failed | seconds | requests/s | '
-        f'load avg (1 min) before / after |')
+  print('| service, loopback | clients | requests | failed | seconds | requests/s | '
+        'load avg (1 min) before / after |')
   print('|---|---|---|---|---|---|---|')
   print(f'| POST /api/search (640x480 JPEG, k=10) | {args.clients} | {done} | {failed} | '
         f'{elapsed:.1f} | {done / elapsed:.1f} | {load_before:.2f} / {load_after:.2f} |')
