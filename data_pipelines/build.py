@@ -1,5 +1,7 @@
-"""Builds a dataset from the user's own raw download, without TFDS's command line (which needs
-apache-beam): `python -m data_pipelines.build street2shop --manual_dir=<raw root> [--data_dir=...]`.
+"""Builds a dataset from the user's own raw download:
+`python -m data_pipelines.build street2shop --manual_dir=<raw root> [--data_dir=...]`, or on
+Apache Beam (needs the `beam` extra) with `--beam_pipeline_options=runner=DirectRunner,...`
+(comma-separated Beam flags without their dashes, as for `tfds build`).
 """
 
 import importlib
@@ -13,22 +15,47 @@ from data_pipelines import datasets
 FLAGS = flags.FLAGS
 flags.DEFINE_string('manual_dir', None, 'Root of the raw download (see docs/datasets.md).')
 flags.DEFINE_string('data_dir', None, "Where the built dataset goes (TFDS's default if unset).")
+flags.DEFINE_string('beam_pipeline_options', None,
+                    'Build on Apache Beam with these comma-separated pipeline options, e.g. '
+                    '"runner=DirectRunner,direct_num_workers=2" (pip install ".[beam]").')
+
+
+def beam_options(pipeline_options: str):
+  """PipelineOptions from `key=value,key=value` (the `tfds build` syntax)."""
+  try:
+    from apache_beam.options import pipeline_options as beam_pipeline_options  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise SystemExit('error: --beam_pipeline_options needs apache-beam: pip install '
+                     '"fashion_jax[beam]"') from e
+  return beam_pipeline_options.PipelineOptions(
+      flags=[f'--{option}' for option in pipeline_options.split(',') if option])
+
+
+def build(name: str, manual_dir: str | None, data_dir: str | None = None,
+          pipeline_options: str | None = None) -> tfds.core.DatasetBuilder:
+  """Builds `name` from `manual_dir`, on Beam when `pipeline_options` is given."""
+  base = name.split('/')[0].split(':')[0]
+  if base not in datasets.BUILDER_MODULES:
+    raise SystemExit(f'error: unknown dataset {name!r}; choose one of '
+                     f'{", ".join(sorted(datasets.BUILDER_MODULES))}')
+  importlib.import_module(datasets.BUILDER_MODULES[base])
+  builder = tfds.builder(name, data_dir=data_dir)
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  if pipeline_options:
+    config.beam_options = beam_options(pipeline_options)
+  builder.download_and_prepare(download_config=config)
+  return builder
 
 
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError(f'name one dataset: {", ".join(sorted(datasets.BUILDER_MODULES))}')
-  name = argv[1]
-  base = name.split('/')[0].split(':')[0]
-  if base not in datasets.BUILDER_MODULES:
-    print(f'error: unknown dataset {name!r}; choose one of '
-          f'{", ".join(sorted(datasets.BUILDER_MODULES))}', file=sys.stderr)
+  try:
+    builder = build(argv[1], FLAGS.manual_dir, FLAGS.data_dir, FLAGS.beam_pipeline_options)
+  except SystemExit as e:
+    print(e, file=sys.stderr)
     sys.exit(2)
-  importlib.import_module(datasets.BUILDER_MODULES[base])
-  builder = tfds.builder(name, data_dir=FLAGS.data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=FLAGS.manual_dir))
-  print(f'built {name} in {builder.data_dir}')
+  print(f'built {argv[1]} in {builder.data_dir}')
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@ Eval/) into train / query / gallery with one example per item, per the official 
 """
 
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator
 
@@ -10,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data_pipelines import features
+from data_pipelines import features, item_builds
 from data_pipelines.street2shop import raw_images
 
 # clothes_type codes 1, 2, 3 of list_bbox_consumer2shop.txt.
@@ -18,7 +19,7 @@ CATEGORIES = ('upper_body', 'lower_body', 'full_body')
 DOMAINS = features.DOMAINS  # consumer photos play the street role
 BBOX_FILE = os.path.join('Anno', 'list_bbox_consumer2shop.txt')
 PARTITION_FILE = os.path.join('Eval', 'list_eval_partition.txt')
-REPORT_FILE = 'build_report.json'
+REPORT_FILE = item_builds.ItemBuilds.REPORT_FILE
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Download DeepFashion Consumer-to-shop (https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion.html),
@@ -142,7 +143,44 @@ def _item_number(item: str) -> int | None:
   return int(digits) if digits.isdigit() else None
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+def work_element(split: str, item: str, folder: str, images: list[tuple[str, str]],
+                 boxes: dict) -> tuple:
+  """The item_example input of one item: its (name, domain) images and their bbox rows."""
+  return split, item, folder, tuple(images), {name: boxes[name] for name, _ in images
+                                              if name in boxes}
+
+
+def item_example(element: tuple, root: str, max_side: int
+                 ) -> tuple[tuple[str, dict] | None, raw_images.FaultCounter]:
+  """(key, example) of one work_element, or None if nothing of it is written; its faults.
+
+  Rules: an item id that is not `id_<digits>` is skipped (`item_id_malformed`); images are
+  cropped by `cropped_image`'s rules; items left with no image are dropped
+  (`<split>_item_without_images`); train items with one image, or with no shop image, are
+  kept and counted (`train_item_single_image`, `train_item_without_shop_image`). The item's
+  clothes type is its images' most common one (they agree in the real data).
+  """
+  split, item, folder, names, boxes = element
+  faults = raw_images.FaultCounter()
+  number = _item_number(item)
+  if number is None:
+    faults['item_id_malformed'] += 1
+    return None, faults
+  images, categories = [], []
+  for name, domain in names:
+    image, clothes_type = cropped_image(root, name, domain, boxes, faults, max_side)
+    if clothes_type is not None:
+      categories.append(clothes_type)
+    if image is not None:
+      images.append(image)
+  if not raw_images.keep_item(split, images, faults):
+    return None, faults
+  category = int(np.bincount(categories).argmax()) if categories else 0
+  return (item, {'item_id': number, 'category': category, 'folder': folder,
+                 'images': images}), faults
+
+
+class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
   """DeepFashion Consumer-to-shop Clothes Retrieval (Liu et al., 2016)."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -168,11 +206,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         homepage='https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/Consumer2ShopRetrieval.html',
     )
 
-  def _download_and_prepare(self, dl_manager, download_config=None):
-    self._faults = raw_images.FaultCounter()
-    super()._download_and_prepare(dl_manager, download_config)
-    self._faults.write(self, REPORT_FILE)
-
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = os.fspath(dl_manager.manual_dir)
     if not os.path.isdir(os.path.join(root, 'img')):
@@ -183,40 +216,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     by_status = {status: {k: v for k, v in items.items() if v.status == status}
                  for status in ('train', 'val', 'test')}
     gallery = {**by_status['val'], **by_status['test']}
+    process = functools.partial(item_example, root=root, max_side=self.builder_config.max_side)
+
+    def work(split: str, items: dict[str, _Item], domains: tuple[str, ...]) -> list[tuple]:
+      return [work_element(split, item, entry.folder,
+                           [(name, domain) for name, domain in sorted(entry.images.items())
+                            if domain in domains], boxes)
+              for item, entry in sorted(items.items())]
+
     return {
-        'train': self._generate_examples(root, 'train', by_status['train'], boxes,
-                                         ('street', 'shop')),
-        'query': self._generate_examples(root, 'query', by_status['test'], boxes, ('street',)),
-        'gallery': self._generate_examples(root, 'gallery', gallery, boxes, ('shop',)),
+        'train': self._generate_examples(
+            'train', work('train', by_status['train'], ('street', 'shop')), process),
+        'query': self._generate_examples('query', work('query', by_status['test'], ('street',)),
+                                         process),
+        'gallery': self._generate_examples('gallery', work('gallery', gallery, ('shop',)),
+                                           process),
     }
-
-  def _generate_examples(self, root: str, split: str, items: dict[str, _Item], boxes: dict,
-                         domains: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
-    """Yields one example per item with at least one usable image of the given domains.
-
-    Rules: an item id that is not `id_<digits>` is skipped (`item_id_malformed`); images are
-    cropped by `cropped_image`'s rules; items left with no image are dropped
-    (`<split>_item_without_images`); train items with one image, or with no shop image, are
-    kept and counted (`train_item_single_image`, `train_item_without_shop_image`).
-    """
-    faults, max_side = self._faults, self.builder_config.max_side
-    for item, entry in sorted(items.items()):
-      number = _item_number(item)
-      if number is None:
-        faults['item_id_malformed'] += 1
-        continue
-      images, categories = [], []
-      for name, domain in sorted(entry.images.items()):
-        if domain not in domains:
-          continue
-        image, clothes_type = cropped_image(root, name, domain, boxes, faults, max_side)
-        if clothes_type is not None:
-          categories.append(clothes_type)
-        if image is not None:
-          images.append(image)
-      if not raw_images.keep_item(split, images, faults):
-        continue
-      # The item's clothes type is its images' most common one (they agree in the real data).
-      category = int(np.bincount(categories).argmax()) if categories else 0
-      yield item, {'item_id': number, 'category': category, 'folder': entry.folder,
-                   'images': images}

@@ -4,14 +4,13 @@ example per item, per the official partition.
 """
 
 import dataclasses
+import functools
 import os
-from collections.abc import Iterator
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data_pipelines import features
+from data_pipelines import features, item_builds
 from data_pipelines.deepfashion_consumer2shop import (
     deepfashion_consumer2shop_dataset_builder as c2s)
 from data_pipelines.street2shop import raw_images
@@ -21,7 +20,7 @@ CATEGORIES = c2s.CATEGORIES
 DOMAINS = features.DOMAINS
 BBOX_FILE = os.path.join('Anno', 'list_bbox_inshop.txt')
 PARTITION_FILE = os.path.join('Eval', 'list_eval_partition.txt')
-REPORT_FILE = 'build_report.json'
+REPORT_FILE = item_builds.ItemBuilds.REPORT_FILE
 SPLITS = ('train', 'query', 'gallery')
 # Every In-shop photo is a shop photo. Query images take the street role, because evaluation
 # treats the domain as ReID's camera and drops gallery images of the query's item that share
@@ -90,7 +89,25 @@ def read_partition(path: str, faults: raw_images.FaultCounter) -> dict[str, _Ite
   return items
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+def work_list(split: str, items: dict[str, _Item], boxes: dict) -> list[tuple]:
+  """One c2s.item_example element per item with images listed under `split`.
+
+  Images are cropped by Consumer-to-shop's rules (c2s.cropped_image) and stored with the
+  split's domain (SPLIT_DOMAINS); items left with no image are dropped
+  (`<split>_item_without_images`); train items with one image are kept and counted
+  (`train_item_single_image`). A test item with query images but no usable gallery image
+  stays in query: evaluation skips queries without a positive.
+  """
+  work = []
+  for item, entry in sorted(items.items()):
+    names = sorted(name for name, s in entry.images.items() if s == split)
+    if names:
+      work.append(c2s.work_element(split, item, entry.folder,
+                                   [(name, SPLIT_DOMAINS[split]) for name in names], boxes))
+  return work
+
+
+class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
   """DeepFashion In-shop Clothes Retrieval (Liu et al., 2016)."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -117,11 +134,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         homepage='https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html',
     )
 
-  def _download_and_prepare(self, dl_manager, download_config=None):
-    self._faults = raw_images.FaultCounter()
-    super()._download_and_prepare(dl_manager, download_config)
-    self._faults.write(self, REPORT_FILE)
-
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = os.fspath(dl_manager.manual_dir)
     if not os.path.isdir(os.path.join(root, 'img')):
@@ -132,33 +144,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       raise FileNotFoundError(f'DeepFashion In-shop bbox file {bbox_path} is missing')
     boxes = c2s.read_boxes(bbox_path, self._faults)
     items = read_partition(os.path.join(root, PARTITION_FILE), self._faults)
-    return {split: self._generate_examples(root, split, items, boxes) for split in SPLITS}
-
-  def _generate_examples(self, root: str, split: str, items: dict[str, _Item],
-                         boxes: dict) -> Iterator[tuple[str, dict]]:
-    """Yields one example per item with at least one usable image listed under `split`.
-
-    Rules: images are cropped by Consumer-to-shop's rules (c2s.cropped_image); items left with
-    no image are dropped (`<split>_item_without_images`); train items with one image are kept and counted
-    (`train_item_single_image`). A test item with query images but no usable gallery image
-    stays in query: evaluation skips queries without a positive.
-    """
-    faults, max_side = self._faults, self.builder_config.max_side
-    for item, entry in sorted(items.items()):
-      names = sorted(name for name, s in entry.images.items() if s == split)
-      if not names:
-        continue
-      number = c2s._item_number(item)  # pylint: disable=protected-access
-      images, categories = [], []
-      for name in names:
-        image, clothes_type = c2s.cropped_image(root, name, SPLIT_DOMAINS[split], boxes, faults,
-                                                max_side)
-        if clothes_type is not None:
-          categories.append(clothes_type)
-        if image is not None:
-          images.append(image)
-      if not raw_images.keep_item(split, images, faults):
-        continue
-      category = int(np.bincount(categories).argmax()) if categories else 0
-      yield item, {'item_id': number, 'category': category, 'folder': entry.folder,
-                   'images': images}
+    process = functools.partial(c2s.item_example, root=root,
+                                max_side=self.builder_config.max_side)
+    return {split: self._generate_examples(split, work_list(split, items, boxes), process)
+            for split in SPLITS}

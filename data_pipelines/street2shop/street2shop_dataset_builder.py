@@ -3,15 +3,15 @@ into train / query / gallery with one example per (category, product), as centro
 """
 
 import dataclasses
+import functools
 import json
 import os
-from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data_pipelines import features
+from data_pipelines import features, item_builds
 from data_pipelines.street2shop import raw_images
 
 # centroids-reid's order; the index is the category label and part of the item id.
@@ -22,7 +22,7 @@ DOMAINS = features.DOMAINS
 ITEM_ID_STRIDE = 10**7
 # Preferred first: centroids-reid's converted copy, then the raw downloads.
 IMAGE_DIRS = ('images_jpg', 'images')
-REPORT_FILE = 'build_report.json'
+REPORT_FILE = item_builds.ItemBuilds.REPORT_FILE
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Download Exact Street2Shop yourself (http://www.tamaraberg.com/street2shop/): unzip meta.zip
@@ -194,7 +194,87 @@ def index_images(manual_dir: str, faults: raw_images.FaultCounter) -> dict[int, 
   return paths
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+@dataclasses.dataclass(frozen=True)
+class _Use:
+  """One planned image of an item, with what processing it needs and nothing shared."""
+  photo: int
+  box: tuple[int, int, int, int] | None
+  path: str | None  # None: no file for this photo id
+  counts_photo: bool  # the photo's first use in the build: its file faults are counted here
+
+
+def work_list(plan: _Plan, paths: dict[int, str]) -> dict[str, list[tuple]]:
+  """Per split, one element (split, category, product, uses) per item, in a fixed order.
+
+  A photo's file faults (missing, corrupt, converted, ...) are counted once per photo however
+  many annotations use it: by its first use over the splits in plan order, items sorted, images
+  sorted (photo, shop before crops, box).
+  """
+  work, seen = {}, set()
+  for split, items in plan.splits.items():
+    work[split] = []
+    for (cat, product), planned in sorted(items.items()):
+      uses = []
+      for entry in sorted(planned, key=lambda e: (e.photo, e.box is not None, e.box or ())):
+        uses.append(_Use(entry.photo, entry.box, paths.get(entry.photo),
+                         entry.photo not in seen))
+        seen.add(entry.photo)
+      work[split].append((split, cat, product, tuple(uses)))
+  return work
+
+
+def item_example(element: tuple, max_side: int
+                 ) -> tuple[tuple[str, dict] | None, raw_images.FaultCounter]:
+  """(key, example) of one work_list element, or None if no usable image is left; its faults.
+
+  Items left with no image are dropped (`<split>_item_without_images`); train items with a
+  single image are kept and counted (`train_item_single_image`): the input pipeline leaves
+  them out of training, as centroids-reid does. Train items with street crops only are kept
+  and counted (`train_item_without_shop_image`).
+  """
+  split, cat, product, uses = element
+  faults = raw_images.FaultCounter()
+  images, last = [], (None, None)
+  for use in uses:
+    if use.path is None:
+      faults['missing_image'] += use.counts_photo
+      continue
+    # One photo can give several crops (boxes) of an item: decode it once.
+    if last[0] != use.photo:
+      photo_faults = faults if use.counts_photo else raw_images.FaultCounter()
+      last = (use.photo, raw_images.load_rgb(use.path, photo_faults))
+    photo = last[1]
+    if photo is None:
+      continue
+    images.append(_image(use, photo, faults, max_side))
+  images = [image for image in images if image is not None]
+  if not raw_images.keep_item(split, images, faults):
+    return None, faults
+  key = item_id(cat, product)
+  return (str(key), {'item_id': key, 'product_id': product, 'category': cat,
+                     'images': images}), faults
+
+
+def _image(use: _Use, photo, faults, max_side: int) -> dict | None:
+  width, height = photo.size
+  if use.box is None:
+    return {'image': raw_images.encode_bounded(photo, max_side), 'domain': 'shop',
+            'image_id': f'{use.photo:09d}',
+            'bbox': np.array([0.0, 0.0, 1.0, 1.0], np.float32)}
+  left, top, w, h = use.box
+  box = raw_images.clip_box(left, top, left + w, top + h, width, height)
+  if box is None:
+    faults['box_outside_image'] += 1
+    return None
+  if box != (left, top, left + w, top + h):
+    faults['box_clipped'] += 1
+  crop = photo.crop(box)
+  return {'image': raw_images.encode_bounded(crop, max_side), 'domain': 'street',
+          'image_id': f'{use.photo:09d}@{box[0]},{box[1]},{box[2]},{box[3]}',
+          'bbox': raw_images.normalized_box(box, width, height)}
+
+
+class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
   """Exact Street2Shop (Kiapour et al., 2015) in the centroids-reid protocol."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -223,68 +303,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         homepage='http://www.tamaraberg.com/street2shop/',
     )
 
-  def _download_and_prepare(self, dl_manager, download_config=None):
-    self._faults = raw_images.FaultCounter()
-    self._photos_seen = set()
-    super()._download_and_prepare(dl_manager, download_config)
-    self._faults.write(self, REPORT_FILE)
-
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = os.fspath(dl_manager.manual_dir)
     plan = plan_splits(_meta_dir(manual_dir), self._faults)
     paths = index_images(manual_dir, self._faults)
-    return {split: self._generate_examples(split, items, paths)
-            for split, items in plan.splits.items()}
-
-  def _generate_examples(self, split: str, items: dict[tuple[int, int], list[_Image]],
-                         paths: dict[int, str]) -> Iterator[tuple[str, dict]]:
-    """Yields one example per item with at least one usable image.
-
-    Items left with no image are dropped (`<split>_item_without_images`); train items with a
-    single image are kept and counted (`train_item_single_image`): the input pipeline leaves
-    them out of training, as centroids-reid does. Train items with street crops only are kept
-    and counted (`train_item_without_shop_image`). Faults of a photo file (missing, corrupt,
-    converted) are counted once per photo, however many annotations use it.
-    """
-    faults, max_side = self._faults, self.builder_config.max_side
-    for (cat, product), planned in sorted(items.items()):
-      images, last = [], (None, None)
-      for entry in sorted(planned, key=lambda e: (e.photo, e.box is not None, e.box or ())):
-        first_use = entry.photo not in self._photos_seen
-        self._photos_seen.add(entry.photo)
-        if entry.photo not in paths:
-          faults['missing_image'] += first_use
-          continue
-        # One photo can give several crops (boxes) of an item: decode it once.
-        if last[0] != entry.photo:
-          photo_faults = faults if first_use else raw_images.FaultCounter()
-          last = (entry.photo, raw_images.load_rgb(paths[entry.photo], photo_faults))
-        photo = last[1]
-        if photo is None:
-          continue
-        images.append(self._image(entry, photo, faults, max_side))
-      images = [image for image in images if image is not None]
-      if not raw_images.keep_item(split, images, faults):
-        continue
-      key = item_id(cat, product)
-      yield str(key), {'item_id': key, 'product_id': product, 'category': cat,
-                       'images': images}
-
-  @staticmethod
-  def _image(entry: _Image, photo, faults, max_side: int) -> dict | None:
-    width, height = photo.size
-    if entry.box is None:
-      return {'image': raw_images.encode_bounded(photo, max_side), 'domain': 'shop',
-              'image_id': f'{entry.photo:09d}',
-              'bbox': np.array([0.0, 0.0, 1.0, 1.0], np.float32)}
-    left, top, w, h = entry.box
-    box = raw_images.clip_box(left, top, left + w, top + h, width, height)
-    if box is None:
-      faults['box_outside_image'] += 1
-      return None
-    if box != (left, top, left + w, top + h):
-      faults['box_clipped'] += 1
-    crop = photo.crop(box)
-    return {'image': raw_images.encode_bounded(crop, max_side), 'domain': 'street',
-            'image_id': f'{entry.photo:09d}@{box[0]},{box[1]},{box[2]},{box[3]}',
-            'bbox': raw_images.normalized_box(box, width, height)}
+    process = functools.partial(item_example, max_side=self.builder_config.max_side)
+    return {split: self._generate_examples(split, work, process)
+            for split, work in work_list(plan, paths).items()}

@@ -208,3 +208,10 @@ def test_deepfashion_config_trains_and_evaluates_end_to_end(tmp_path):
   # Per-category tables name Street2Shop's categories, not DeepFashion's clothes types.
   table = os.path.join(workdir, 'eval', 'street2shop', 'per_category.csv')
   assert _category_column(table) == ['bags', 'tops', 'average over categories']
+
+
+def test_beam_build_equals_plain_build(built, tmp_path):
+  """The same raw tree built on Beam's DirectRunner gives the same records and fault counts."""
+  import beam_check
+  builder, _ = built
+  beam_check.build_on_beam_and_compare(builder, 'deepfashion_consumer2shop', str(tmp_path))

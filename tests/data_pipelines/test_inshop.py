@@ -171,3 +171,10 @@ def test_registry_and_bad_manual_dir(built, tmp_path):
   with pytest.raises(FileNotFoundError, match='list_bbox_inshop.txt is missing'):
     inshop.Builder(data_dir=str(tmp_path / 'tfds')).download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'raw')))
+
+
+def test_beam_build_equals_plain_build(built, tmp_path):
+  """The same raw tree built on Beam's DirectRunner gives the same records and fault counts."""
+  import beam_check
+  builder, _ = built
+  beam_check.build_on_beam_and_compare(builder, 'deepfashion_inshop', str(tmp_path))

@@ -391,3 +391,11 @@ def test_street2shop_config_trains_and_evaluates_end_to_end(tmp_path):
   # Per-category tables name DeepFashion's clothes types, not Street2Shop's categories.
   table = os.path.join(workdir, 'eval', 'deepfashion_consumer2shop', 'per_category.csv')
   assert _category_column(table) == ['upper_body', 'lower_body', 'average over categories']
+
+
+def test_beam_build_equals_plain_build(built, tmp_path):
+  """The same raw tree built on Beam's DirectRunner gives the same records and fault counts."""
+  import beam_check
+  builder, _ = built
+  beamed = beam_check.build_on_beam_and_compare(builder, 'street2shop', str(tmp_path))
+  assert beamed.info.metadata['build_report']['corrupt_image'] == 2  # counted on the workers
