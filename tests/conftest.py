@@ -5,9 +5,10 @@ XLA reads the flag once, when JAX initialises, so it is set before anything impo
 
 import os
 
-# Subprocess tests start their own processes with these flags, so results compare bitwise.
-TEST_XLA_FLAGS = '--xla_force_host_platform_device_count={}'
-os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS.format(4)}".strip()
+from simulated_devices import NUM_DEVICES, TEST_XLA_FLAGS
+
+os.environ['XLA_FLAGS'] = (
+    f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS.format(NUM_DEVICES)}".strip())
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import pytest  # noqa: E402

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-import conftest
 import tiny_config
+from simulated_devices import TEST_XLA_FLAGS
 from fashion_jax import checkpointing, configlib, optim, train
 from fashion_jax import train_step as ts
 from fashion_jax.models import build_model
@@ -40,9 +40,9 @@ def _cli_args(config_overrides: dict) -> list[str]:
 
 
 def _env(devices: int, cache_dir: str) -> dict:
-  # The same compiler flags as this process (tests/conftest.py), so results compare bitwise.
+  # The same compiler flags as this process (tests/simulated_devices.py), so results compare bitwise.
   return dict(os.environ, PYTHONPATH=REPO,
-              XLA_FLAGS=conftest.TEST_XLA_FLAGS.format(devices),
+              XLA_FLAGS=TEST_XLA_FLAGS.format(devices),
               JAX_COMPILATION_CACHE_DIR=cache_dir,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
 
