@@ -17,3 +17,13 @@ def item_images() -> tfds.features.Sequence:
       'image_id': tf.string,
       'bbox': tfds.features.BBoxFeature(),
   })
+
+
+def item_features(categories, **extra) -> tfds.features.FeaturesDict:
+  """One example per item: its id, category, any dataset-specific fields, and its images."""
+  return tfds.features.FeaturesDict({
+      'item_id': tf.int64,
+      'category': tfds.features.ClassLabel(names=categories),
+      **extra,
+      'images': item_images(),
+  })

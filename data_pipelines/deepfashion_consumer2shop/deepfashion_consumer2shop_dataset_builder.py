@@ -196,12 +196,7 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
             'images of train items; query: consumer images of test items; gallery: shop images '
             'of val and test items. Images are cropped to their boxes (bbox = the box in the '
             '300-px image).'),
-        features=tfds.features.FeaturesDict({
-            'item_id': tf.int64,
-            'category': tfds.features.ClassLabel(names=CATEGORIES),
-            'folder': tf.string,
-            'images': features.item_images(),
-        }),
+        features=features.item_features(CATEGORIES, folder=tf.string),
         metadata=tfds.core.MetadataDict(),
         homepage='https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/Consumer2ShopRetrieval.html',
     )

@@ -124,12 +124,7 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
             'list_eval_partition.txt. Images are cropped to their boxes (bbox = the box in the '
             '256-px image). All photos are shop photos; query images are marked street so '
             'that evaluation keeps the same item\'s gallery images as positives.'),
-        features=tfds.features.FeaturesDict({
-            'item_id': tf.int64,
-            'category': tfds.features.ClassLabel(names=CATEGORIES),
-            'folder': tf.string,
-            'images': features.item_images(),
-        }),
+        features=features.item_features(CATEGORIES, folder=tf.string),
         metadata=tfds.core.MetadataDict(),
         homepage='https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html',
     )

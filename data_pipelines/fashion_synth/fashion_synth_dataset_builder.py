@@ -6,7 +6,6 @@ Same splits and roles as Street2Shop after the centroids-reid conversion, with n
 import dataclasses
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data_pipelines import features
@@ -104,12 +103,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             'crop (item in a cluttered, badly lit scene, cropped to its annotated box). '
             'train: train products with both domains; query: test products, street only; '
             'gallery: shop images of test products (a few missing) and of distractors.'),
-        features=tfds.features.FeaturesDict({
-            'item_id': tf.int64,
-            'category': tfds.features.ClassLabel(
-                names=render.CATEGORIES[:config.num_categories]),
-            'images': features.item_images(),
-        }),
+        features=features.item_features(render.CATEGORIES[:config.num_categories]),
         homepage=None,
     )
 

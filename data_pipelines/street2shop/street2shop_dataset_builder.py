@@ -117,6 +117,15 @@ def _parse_id(record: dict, key: str) -> int | None:
   return number if number >= 0 and number == float(value) else None
 
 
+def _record_ids(record, faults: raw_images.FaultCounter) -> tuple[int | None, int | None]:
+  """(photo id, product id) of a pairs or retrieval record; (None, None), counted, if malformed."""
+  photo, product = _parse_id(record, 'photo'), _parse_id(record, 'product')
+  if photo is None or product is None:
+    faults['record_malformed'] += 1
+    return None, None
+  return photo, product
+
+
 def plan_splits(meta: str, faults: raw_images.FaultCounter) -> _Plan:
   """Reads the 33 JSON files into the protocol's splits (dataset_formats.md 4.2).
 
@@ -131,9 +140,8 @@ def plan_splits(meta: str, faults: raw_images.FaultCounter) -> _Plan:
     def street(kind: str) -> dict[tuple[int, int], list[_Image]]:
       items, seen = {}, set()
       for record in _read_json(os.path.join(meta, f'{kind}_{name}.json')):
-        photo, product = _parse_id(record, 'photo'), _parse_id(record, 'product')
-        if photo is None or product is None:
-          faults['record_malformed'] += 1
+        photo, product = _record_ids(record, faults)
+        if photo is None:
           continue
         # The product belongs to this split even if its box is unusable, so its shop photos
         # stay in train rather than leaking into the gallery as a distractor.
@@ -151,9 +159,8 @@ def plan_splits(meta: str, faults: raw_images.FaultCounter) -> _Plan:
     train, test = street('train_pairs'), street('test_pairs')
     shop, seen = {}, set()
     for record in _read_json(os.path.join(meta, f'retrieval_{name}.json')):
-      photo, product = _parse_id(record, 'photo'), _parse_id(record, 'product')
-      if photo is None or product is None:
-        faults['record_malformed'] += 1
+      photo, product = _record_ids(record, faults)
+      if photo is None:
         continue
       if (photo, product) in seen:
         faults['duplicate_annotation'] += 1
@@ -293,12 +300,7 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
             'shop photos of every non-train product (test products and distractors). Street '
             'photos are cropped to their boxes (bbox = the box in the photo), shop photos are '
             'whole (bbox = [0, 0, 1, 1]).'),
-        features=tfds.features.FeaturesDict({
-            'item_id': tf.int64,
-            'product_id': tf.int64,
-            'category': tfds.features.ClassLabel(names=CATEGORIES),
-            'images': features.item_images(),
-        }),
+        features=features.item_features(CATEGORIES, product_id=tf.int64),
         metadata=tfds.core.MetadataDict(),
         homepage='http://www.tamaraberg.com/street2shop/',
     )
