@@ -9,6 +9,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from built_splits import records
 from data_pipelines import build, item_builds
 
 # The direct runner's in-process engine, one worker: the fixtures are tiny, and the point is the
@@ -22,13 +23,6 @@ def raw_and_data_dir(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
   """The fixture's raw tree (`<tmp>/raw`) and TFDS data_dir of a plain-built builder."""
   root = pathlib.Path(builder.data_dir).parents[2]
   return str(root.parent / 'raw'), str(root)
-
-
-def records(builder: tfds.core.DatasetBuilder, split: str) -> list[dict]:
-  """The stored examples of a split in file order, images as their JPEG bytes."""
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={'images': {'image': tfds.decode.SkipDecoding()}})
-  return list(tfds.as_numpy(ds))
 
 
 def _assert_equal(plain, beamed, where: str) -> None:

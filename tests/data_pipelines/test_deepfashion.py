@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import built_splits
 from data_pipelines import datasets
 from data_pipelines.deepfashion_consumer2shop import (
     deepfashion_consumer2shop_dataset_builder as c2s)
@@ -91,14 +92,8 @@ def write_raw_tree(root: str) -> None:
 def built(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('c2s')
   write_raw_tree(str(tmp / 'raw'))
-  builder = c2s.Builder(data_dir=str(tmp / 'tfds'))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(tmp / 'raw')))
-  examples = {}
-  for split in ('train', 'query', 'gallery'):
-    ds = builder.as_dataset(split=split, decoders={'images': {'image': tfds.decode.SkipDecoding()}})
-    examples[split] = {int(ex['item_id']): ex for ex in tfds.as_numpy(ds)}
-  return builder, examples
+  builder = built_splits.prepare_from_raw(c2s.Builder, str(tmp / 'raw'), str(tmp / 'tfds'))
+  return builder, built_splits.items_by_id(builder, ('train', 'query', 'gallery'))
 
 
 def _images(example) -> dict[str, tuple[str, tuple[int, int]]]:
@@ -188,8 +183,7 @@ def test_deepfashion_config_trains_and_evaluates_end_to_end(tmp_path):
 
   write_clean_tree(str(tmp_path / 'raw'), ['train'] * 16 + ['val'] * 2 + ['test'] * 4)
   data_dir = str(tmp_path / 'tfds')
-  c2s.Builder(data_dir=data_dir).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'raw')))
+  built_splits.prepare_from_raw(c2s.Builder, str(tmp_path / 'raw'), data_dir)
   workdir = str(tmp_path / 'run')
   metrics = train_tiny('deepfashion', 'deepfashion_consumer2shop', data_dir, workdir)
   assert metrics['step'] == 2  # 16 identities / P = 8

@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import built_splits
 from data_pipelines import datasets
 from data_pipelines.deepfashion_inshop import deepfashion_inshop_dataset_builder as inshop
 
@@ -92,14 +93,8 @@ def write_raw_tree(root: str) -> None:
 def built(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('inshop')
   write_raw_tree(str(tmp / 'raw'))
-  builder = inshop.Builder(data_dir=str(tmp / 'tfds'))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(tmp / 'raw')))
-  examples = {}
-  for split in inshop.SPLITS:
-    ds = builder.as_dataset(split=split, decoders={'images': {'image': tfds.decode.SkipDecoding()}})
-    examples[split] = {int(ex['item_id']): ex for ex in tfds.as_numpy(ds)}
-  return builder, examples
+  builder = built_splits.prepare_from_raw(inshop.Builder, str(tmp / 'raw'), str(tmp / 'tfds'))
+  return builder, built_splits.items_by_id(builder, inshop.SPLITS)
 
 
 def _images(example) -> dict[str, tuple[str, tuple[int, int]]]:

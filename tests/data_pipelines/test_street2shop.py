@@ -13,6 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import built_splits
 from data_pipelines import datasets
 from data_pipelines.street2shop import street2shop_dataset_builder as s2s
 
@@ -112,13 +113,8 @@ def write_raw_tree(root: str) -> None:
 def _build(tmp_path) -> tuple[tfds.core.DatasetBuilder, dict]:
   raw = str(tmp_path / 'raw')
   write_raw_tree(raw)
-  builder = s2s.Builder(data_dir=str(tmp_path / 'tfds'))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=raw))
-  examples = {}
-  for split in ('train', 'query', 'gallery'):
-    ds = builder.as_dataset(split=split, decoders={'images': {'image': tfds.decode.SkipDecoding()}})
-    examples[split] = {int(ex['item_id']): ex for ex in tfds.as_numpy(ds)}
-  return builder, examples
+  builder = built_splits.prepare_from_raw(s2s.Builder, raw, str(tmp_path / 'tfds'))
+  return builder, built_splits.items_by_id(builder, ('train', 'query', 'gallery'))
 
 
 @pytest.fixture(scope='module')
@@ -367,8 +363,7 @@ def _category_column(path: str) -> list[str]:
 def test_street2shop_config_trains_and_evaluates_end_to_end(tmp_path):
   write_clean_tree(str(tmp_path / 'raw'), num_train=16, num_test=6, num_distractors=2)
   data_dir = str(tmp_path / 'tfds')
-  s2s.Builder(data_dir=data_dir).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'raw')))
+  built_splits.prepare_from_raw(s2s.Builder, str(tmp_path / 'raw'), data_dir)
   workdir = str(tmp_path / 'run')
   metrics = train_tiny('street2shop', 'street2shop', data_dir, workdir)
   assert metrics['step'] == 2  # 16 identities / P = 8
