@@ -80,6 +80,19 @@ class Timer:
     self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
+class StageLog:
+  """A `progress` callback that prints each stage's end time to stderr (seen while it runs)."""
+
+  def __init__(self, prefix: str):
+    self.prefix, self.start, self.finished = prefix, time.perf_counter(), set()
+
+  def __call__(self, stage: str, done: int, total: int) -> None:
+    if done >= total and stage not in self.finished:
+      self.finished.add(stage)
+      print(f'  {self.prefix}: {stage} done at {time.perf_counter() - self.start:.1f} s',
+            file=sys.stderr, flush=True)
+
+
 def run_case(name: str, dtype: str) -> dict:
   """One case in this process: returns timings (s), metrics and this process's peak RSS."""
   kind, num_queries, gallery_size, dim, _ = CASES[name]
@@ -115,7 +128,8 @@ def run_case(name: str, dtype: str) -> dict:
     if kind == 'rerank':
       for call in range(RERANK_CALLS[name]):
         with Timer() as timer:
-          reranked = rerank.k_reciprocal_rerank(query_emb, gallery_emb)
+          reranked = rerank.k_reciprocal_rerank(query_emb, gallery_emb,
+                                                progress=StageLog(f'{name} call {call + 1}'))
         if call == 0:
           result['rerank_first_call_seconds'] = timer.wall
         result['rerank_seconds'], rerank_cpu = timer.wall, timer.cpu
@@ -142,6 +156,7 @@ def main() -> None:
   parser.add_argument('--cases', default='metrics,dense_metrics,matmul,rerank',
                       help=f'comma-separated, from {", ".join(CASES)}')
   parser.add_argument('--dtype', default='float32', help='embedding dtype for the JAX cases')
+  parser.add_argument('--timeout', type=float, default=None, help='seconds allowed per case')
   parser.add_argument('--child', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
@@ -157,10 +172,19 @@ def main() -> None:
         '| mAP | Acc@1 |')
   print('|---|---|---|---|---|---|---|---|---|---|---|---|')
   for name in names:
-    done = subprocess.run([sys.executable, __file__, f'--child={name}', f'--dtype={args.dtype}'],
-                          capture_output=True, text=True, check=True)
-    r = json.loads(done.stdout.strip().splitlines()[-1])
     _, q, g, d, what = CASES[name]
+    try:
+      # stderr passes through: the stages' progress lines appear as the case runs.
+      done = subprocess.run([sys.executable, __file__, f'--child={name}', f'--dtype={args.dtype}'],
+                            stdout=subprocess.PIPE, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+      print(f'| {name} | {q} | {g} | {d} | {what} | no result within --timeout={args.timeout} s |',
+            flush=True)
+      continue
+    if done.returncode:
+      print(f'| {name} | {q} | {g} | {d} | {what} | failed (exit {done.returncode}) |', flush=True)
+      continue
+    r = json.loads(done.stdout.strip().splitlines()[-1])
     extra = f' (re-rank {r["rerank_seconds"]:.1f})' if 'rerank_seconds' in r else ''
     first = f'{r.get("first_call_seconds", float("nan")):.1f}'
     if 'rerank_first_call_seconds' in r:

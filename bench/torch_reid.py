@@ -72,7 +72,9 @@ class TrainStep:
     self.center_weight = center_weight
     self.centers = torch.randn(num_classes, model.bottleneck.num_features, device=device,
                                requires_grad=True)
-    self.optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4)
+    # The fused CUDA kernel: PyTorch's fastest Adam, so the comparison is with its best.
+    self.optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4,
+                                      fused=device.type == 'cuda')
     # The centers' own SGD; its learning rate is divided by the loss weight (method.md 3).
     self.center_optimizer = torch.optim.SGD([self.centers], lr=center_lr / center_weight)
     self._forward = self._loss

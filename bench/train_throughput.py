@@ -201,7 +201,11 @@ def run_case(args, framework: str, size: str, batch: int, dtype: str) -> dict:
               ('backbone', 'width', 'last_stride', 'num_classes', 'k', 'warmup', 'steps')]
   command += ['--torch_compile'] if args.torch_compile else []
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-  done = subprocess.run(command, capture_output=True, text=True, env=env)
+  try:
+    done = subprocess.run(command, capture_output=True, text=True, env=env,
+                          timeout=args.case_timeout)
+  except subprocess.TimeoutExpired:
+    return {'error': f'no result within --case_timeout={args.case_timeout} s'}
   lines = [line for line in done.stdout.splitlines() if line.startswith('RESULT ')]
   if done.returncode or not lines:
     tail = (done.stderr.strip().splitlines() or ['no output'])[-1]
@@ -248,6 +252,8 @@ def main():
   parser.add_argument('--warmup', type=int, default=5)
   parser.add_argument('--steps', type=int, default=30)
   parser.add_argument('--torch_compile', action='store_true', help='torch.compile the step')
+  parser.add_argument('--case_timeout', type=float, default=None,
+                      help='seconds after which one case is stopped and reported as an error')
   parser.add_argument('--json', help='also write the rows to this file')
   parser.add_argument('--_case', help=argparse.SUPPRESS)
   args = parser.parse_args()
