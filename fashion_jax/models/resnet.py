@@ -8,12 +8,28 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fashion_jax.models.layers import IBN, BatchNorm, InstanceNorm
 
-# torchvision's init for ResNet convolutions: Kaiming normal, fan_out, ReLU gain.
-CONV_INIT = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+def kaiming_normal_fan_out(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """torchvision's init for convolutions: N(0, 2 / fan_out), fan_out = kh * kw * out channels.
+
+  The normal draws are made by NumPy, seeded by `key`: drawing them with jax.random compiles
+  one program per kernel shape, which made building ResNet-50 take 18 s on a CPU, and
+  EfficientNet-B2 43 s, against 2 and 3 s this way. Under tracing (eval_shape, jit), where the
+  key has no value, they come from jax.random: the same distribution, other numbers.
+  """
+  std = np.sqrt(2.0 / (int(np.prod(shape[:-2])) * shape[-1]))
+  if isinstance(key, jax.core.Tracer):
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+  generator = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+  return jnp.asarray(np.float32(std) * generator.standard_normal(shape, np.float32), dtype)
+
+
+CONV_INIT = kaiming_normal_fan_out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -219,3 +219,18 @@ def test_parse_backbone_rejects_unknown_names():
               'se_resnext34_32x4d', 'efficientnet_b3', 'efficientnet_b22', 'efficientnet'):
     with pytest.raises(ValueError, match='unknown backbone'):
       parse_backbone(bad)
+
+
+def test_conv_init_is_kaiming_normal_fan_out_and_a_function_of_the_key():
+  from fashion_jax.models.resnet import kaiming_normal_fan_out
+  shape = (3, 3, 64, 128)  # [kh, kw, in, out]: fan_out = 3 * 3 * 128
+  w = np.asarray(kaiming_normal_fan_out(jax.random.key(0), shape))
+  assert w.shape == shape and w.dtype == np.float32
+  assert abs(w.std() - np.sqrt(2.0 / (9 * 128))) < 0.02 * np.sqrt(2.0 / (9 * 128))
+  assert abs(w.mean()) < 3 * w.std() / np.sqrt(w.size)
+  np.testing.assert_array_equal(w, kaiming_normal_fan_out(jax.random.key(0), shape))
+  assert not np.array_equal(w, kaiming_normal_fan_out(jax.random.key(1), shape))
+  # Traced (jit, eval_shape): the same distribution from jax.random.
+  traced = np.asarray(jax.jit(lambda k: kaiming_normal_fan_out(k, shape, jnp.bfloat16))(
+      jax.random.key(0)).astype(jnp.float32))
+  assert abs(traced.std() - w.std()) < 0.03 * w.std()
