@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 64
   c.model.dtype = 'float32'         # computation dtype; parameters stay float32
   c.model.sync_batch_norm = False   # per-device statistics, as a single-GPU PyTorch run
+  # Stochastic depth, EfficientNet only: block i of N skips its branch with probability
+  # rate * i / N in training (torchvision trains ImageNet EfficientNets with 0.2).
+  c.model.drop_path_rate = 0.0
   # Converted ImageNet weights for the backbone (`python -m fashion_jax.convert_weights`);
   # None trains from scratch. A resumed run restores its checkpoint over them.
   c.model.pretrained = ml_collections.config_dict.placeholder(str)

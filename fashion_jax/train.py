@@ -193,7 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       s['builder'], config, item_ids=s['item_ids'], start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
   batches = _device_batches(train_ds.as_numpy_iterator(), mesh, config.input.prefetch)
-  step_fn = ts.make_train_step(s['graphdef'], s['tx'], mesh, config.loss, s['schedule'])
+  step_fn = ts.make_train_step(s['graphdef'], s['tx'], mesh, config.loss, s['schedule'],
+                               seed=config.seed)
   report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   last_checkpoint = checkpointer.latest_step()
 

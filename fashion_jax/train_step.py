@@ -61,17 +61,18 @@ def metric_loss(loss_config):
 
 
 def loss_and_grads(graphdef: nnx.GraphDef, state: TrainState, images: jax.Array,
-                   labels: jax.Array, loss_config):
+                   labels: jax.Array, loss_config, key: jax.Array | None = None):
   """Loss of one (per-device) batch and its gradients w.r.t. parameters and centers.
 
-  Returns (grads, center_grads, new_batch_stats, metrics). This is the whole per-device
-  computation; the step only adds the cross-device averaging and the updates.
+  `key` drives stochastic depth (models built with model.drop_path_rate > 0). Returns
+  (grads, center_grads, new_batch_stats, metrics). This is the whole per-device computation;
+  the step only adds the cross-device averaging and the updates.
   """
   metric_fn = metric_loss(loss_config)
 
   def loss_fn(params, centers, batch_stats):
     model = nnx.merge(graphdef, params, batch_stats)
-    out = model(images, train=True)
+    out = model(images, train=True, key=key)
     id_loss = losses.cross_entropy_label_smoothing(out.logits, labels, loss_config.label_smoothing)
     metric = metric_fn(out.global_feat, labels)
     center = losses.center_loss(out.global_feat, labels, centers)
@@ -124,12 +125,19 @@ def guard_nonfinite(state: TrainState, new_state: TrainState, computed) -> Train
   return kept
 
 
+def step_key(seed: int, step: jax.Array, device: jax.Array) -> jax.Array:
+  """The random key of one device's part of one step: a function of (seed, step, device) only,
+  so a resumed run draws what the uninterrupted run drew, and devices draw independently."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), device)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh: Mesh,
-                    loss_config, schedule: optax.Schedule):
+                    loss_config, schedule: optax.Schedule, *, seed: int = 0):
   """Returns step(state, images, labels) -> (state, metrics), jitted, with the state donated.
 
   `state` is replicated on `mesh`; `images` [B, H, W, 3] uint8 and `labels` [B] are sharded
-  along the batch, identity-contiguous (each identity's K images adjacent).
+  along the batch, identity-contiguous (each identity's K images adjacent). `seed` seeds the
+  per-step random keys (stochastic depth; unused by models without it).
   """
 
   def per_device(state, images, labels):
@@ -137,8 +145,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, me
     # implicitly; marking the state per-device keeps pmap's semantics (local gradients,
     # averaged explicitly below).
     local_state = jax.lax.pcast(state, DATA_AXIS, to='varying')
+    key = step_key(seed, state['step'], jax.lax.axis_index(DATA_AXIS))
     grads, center_grads, batch_stats, metrics = loss_and_grads(
-        graphdef, local_state, images, labels, loss_config)
+        graphdef, local_state, images, labels, loss_config, key)
     grads, center_grads = jax.lax.pmean((grads, center_grads), DATA_AXIS)
     # Per-device (or synchronised) statistics are averaged so the replicated state is consistent.
     batch_stats = jax.lax.pmean(batch_stats, DATA_AXIS)

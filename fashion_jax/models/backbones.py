@@ -52,21 +52,29 @@ def parse_backbone(name: str) -> BackboneSpec:
 
 
 def build_backbone(name: str, *, last_stride: int = 2, width: int = 64, dtype=jnp.float32,
-                   axis_name: str | None = None, rngs: nnx.Rngs) -> nnx.Module:
+                   axis_name: str | None = None, drop_path_rate: float = 0.0,
+                   rngs: nnx.Rngs) -> nnx.Module:
   """The backbone `name`: normalised images [B, H, W, 3] -> feature map [B, h, w, out_features].
 
   OSNet-AIN has no strided last stage: `last_stride` does not apply to it (always 1/16). For
-  EfficientNet it is the stride of the last stride-2 stage (`features.6`).
+  EfficientNet it is the stride of the last stride-2 stage (`features.6`). `drop_path_rate`
+  (stochastic depth) exists in EfficientNet only, as in its reference; a backbone built with
+  it > 0 must be called with `key=` in training.
   """
   spec = parse_backbone(name)
   if spec.family != 'resnet' and width != 64:
     # The published architectures fix their widths (e.g. 32 groups x 4 channels); no knob.
     raise ValueError(f'model.width must be 64 for {name}, got {width}')
+  if not 0.0 <= drop_path_rate < 1.0:
+    raise ValueError(f'model.drop_path_rate must be in [0, 1), got {drop_path_rate}')
+  if drop_path_rate and spec.family != 'efficientnet':
+    raise ValueError(f'model.drop_path_rate (stochastic depth) applies to EfficientNet '
+                     f'backbones only, not {name}')
   if spec.family == 'osnet_ain':
     return OSNetAIN(dtype=dtype, axis_name=axis_name, rngs=rngs)
   if spec.family == 'efficientnet':
     return EfficientNet(name.removeprefix('efficientnet_'), last_stride=last_stride, dtype=dtype,
-                        axis_name=axis_name, rngs=rngs)
+                        axis_name=axis_name, drop_path_rate=drop_path_rate, rngs=rngs)
   if spec.family == 'se_resnext':
     return SEResNeXt(spec.depth, last_stride=last_stride, dtype=dtype, axis_name=axis_name,
                      rngs=rngs)

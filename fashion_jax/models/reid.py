@@ -27,20 +27,28 @@ class ReIDModel(nnx.Module):
   """Backbone + global average pooling + BNNeck + classifier (method.md section 2)."""
 
   def __init__(self, backbone: nnx.Module, num_classes: int, *, axis_name: str | None = None,
-               rngs: nnx.Rngs):
+               stochastic_depth: bool = False, rngs: nnx.Rngs):
     self.backbone = backbone
+    # Whether the backbone was built with stochastic depth and so takes a key in training.
+    self.stochastic_depth = stochastic_depth
     feat = backbone.out_features
     self.bottleneck = BatchNorm(feat, use_bias=False, axis_name=axis_name)
     self.classifier = nnx.Linear(feat, num_classes, use_bias=False,
                                  kernel_init=nnx.initializers.normal(0.001), rngs=rngs)
 
-  def __call__(self, images: jax.Array, *, train: bool) -> ReIDOutput:
-    global_feat, neck_feat = self.features(images, train=train)
+  def __call__(self, images: jax.Array, *, train: bool,
+               key: jax.Array | None = None) -> ReIDOutput:
+    global_feat, neck_feat = self.features(images, train=train, key=key)
     return ReIDOutput(global_feat, neck_feat, self.classifier(neck_feat))
 
-  def features(self, images: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
-    """images [B, H, W, 3] in [0, 255] -> (f_t, f_i), each [B, F] float32."""
-    fmap = self.backbone(normalize_images(images), train=train)
+  def features(self, images: jax.Array, *, train: bool,
+               key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """images [B, H, W, 3] in [0, 255] -> (f_t, f_i), each [B, F] float32.
+
+    `key` drives the backbone's stochastic depth in training; backbones without it ignore it.
+    """
+    extra = {'key': key} if self.stochastic_depth else {}
+    fmap = self.backbone(normalize_images(images), train=train, **extra)
     global_feat = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
     return global_feat, self.bottleneck(global_feat, train=train)
 
@@ -60,7 +68,9 @@ def build_model(model_config, num_classes: int, *, seed: int = 0) -> ReIDModel:
   rngs = nnx.Rngs(seed)
   axis_name = 'data' if model_config.get('sync_batch_norm', False) else None
   dtype = jnp.dtype(model_config.get('dtype', 'float32'))
+  drop_path_rate = model_config.get('drop_path_rate', 0.0)
   backbone = build_backbone(model_config.backbone, last_stride=model_config.last_stride,
                             width=model_config.get('width', 64), dtype=dtype, axis_name=axis_name,
-                            rngs=rngs)
-  return ReIDModel(backbone, num_classes, axis_name=axis_name, rngs=rngs)
+                            drop_path_rate=drop_path_rate, rngs=rngs)
+  return ReIDModel(backbone, num_classes, axis_name=axis_name,
+                   stochastic_depth=drop_path_rate > 0, rngs=rngs)
