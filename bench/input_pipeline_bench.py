@@ -65,9 +65,12 @@ def time_stages(builder, config, count: int) -> list[tuple[str, float, float]]:
       'JPEG decode': lambda e: tf.io.decode_jpeg(e, channels=3),
       **{f'decode + resize ({f})': lambda e, f=f: input_pipeline.decode_resized_uint8(e, size, f)
          for f in input_pipeline.RESIZE_FILTERS},
-      f'whole train augmentation ({config.input.resize_filter})':
-          lambda e: input_pipeline.train_augment(e, seed, config.input),
   }
+  for resize_filter in input_pipeline.RESIZE_FILTERS:
+    input_config = config.input.copy_and_resolve_references()
+    input_config.resize_filter = resize_filter
+    stages[f'whole train augmentation ({resize_filter})'] = (
+        lambda e, c=input_config: input_pipeline.train_augment(e, seed, c))
   out = []
   for name, fn in stages.items():
     # Only a pixel and the shape leave the stage, so images of any size batch together.
