@@ -57,7 +57,8 @@ def timed_loop(run_step, sync, warmup: int, steps: int) -> tuple[float, float]:
   return first, (time.perf_counter() - start) / steps
 
 
-def jax_case(args, height: int, width: int, batch: int, dtype: str) -> dict:
+def _jax_setup(args, height: int, width: int, batch: int, dtype: str):
+  """The model's train state, a device batch and the jitted step and embedding functions."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding
@@ -87,8 +88,38 @@ def jax_case(args, height: int, width: int, batch: int, dtype: str) -> dict:
   labels = jnp.repeat(jnp.arange(batch // args.k, dtype=jnp.int32), args.k)
   data = NamedSharding(mesh, P(ts.DATA_AXIS))
   images, labels = jax.device_put((images, labels), data)
-
   step_fn = ts.make_train_step(graphdef, tx, mesh, config.loss, schedule)
+  return mesh, state, images, labels, step_fn, ts.make_embed_fn(graphdef, mesh)
+
+
+def flops_case(args, height: int, width: int, batch: int, dtype: str) -> dict:
+  """FLOPs of one training step and one embedding batch, from the lowered (uncompiled) modules.
+
+  The shard_map body of the step is one device's program: its count times the devices; the
+  embedding function is a global program.
+  """
+  mesh, state, images, labels, step_fn, embed_fn = _jax_setup(args, height, width, batch, dtype)
+  return {'flops_per_step': _flops(step_fn.lower(state, images, labels)) * mesh.devices.size,
+          'embed_flops': _flops(embed_fn.lower(state['params'], state['batch_stats'], images))}
+
+
+def _cpu_flops(args, height: int, width: int, batch: int, dtype: str) -> dict:
+  """flops_case run on the CPU backend (one device) in a subprocess: the count of the same
+  program, for backends whose lowered modules give no cost analysis (GPUs, with jax 0.11)."""
+  command = [sys.executable, __file__, '--_case', f'flops:{height}x{width}:{batch}:{dtype}']
+  command += [f'--{name}={getattr(args, name)}' for name in
+              ('backbone', 'width', 'last_stride', 'num_classes', 'k')]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  done = subprocess.run(command, capture_output=True, text=True, env=env)
+  lines = [line for line in done.stdout.splitlines() if line.startswith('RESULT ')]
+  return json.loads(lines[-1][len('RESULT '):]) if lines else {}
+
+
+def jax_case(args, height: int, width: int, batch: int, dtype: str) -> dict:
+  import jax
+
+  mesh, state, images, labels, step_fn, embed_fn = _jax_setup(args, height, width, batch, dtype)
+  devices = mesh.devices.size
   start = time.perf_counter()
   lowered = step_fn.lower(state, images, labels)
   compiled = lowered.compile()
@@ -105,7 +136,6 @@ def jax_case(args, height: int, width: int, batch: int, dtype: str) -> dict:
                          args.steps)
   loss = float(box['metrics']['loss'])
 
-  embed_fn = ts.make_embed_fn(graphdef, mesh)
   params, batch_stats = box['state']['params'], box['state']['batch_stats']
   start = time.perf_counter()
   embed_lowered = embed_fn.lower(params, batch_stats, images)
@@ -119,6 +149,10 @@ def jax_case(args, height: int, width: int, batch: int, dtype: str) -> dict:
 
   _, embed_s = timed_loop(embed, lambda: jax.block_until_ready(out['emb']), args.warmup,
                           args.steps)
+  if not flops or not embed_flops:
+    counted = _cpu_flops(args, height, width, batch, dtype)
+    flops = flops or counted.get('flops_per_step', 0.0)
+    embed_flops = embed_flops or counted.get('embed_flops', 0.0)
   stats = [d.memory_stats() or {} for d in mesh.devices.flat]
   peak = max((s.get('peak_bytes_in_use', 0) for s in stats), default=0)
   return {
@@ -134,12 +168,14 @@ def _flops(lowered) -> float:
 
   The compiled module's cost analysis is no count on GPUs: there convolutions become cuDNN
   custom calls that it counts as zero (0.75 GFLOP per 320x320 training image on an H200,
-  against 74 before compilation), so the lowered module is counted on every backend.
+  against 74 before compilation), so the lowered module is counted. Where the backend gives
+  no analysis of it (None: GPUs with jax 0.11), this returns 0 and jax_case counts the same
+  program on the CPU backend instead (_cpu_flops).
   """
   analysis = lowered.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older JAX returned one dict per module
     analysis = analysis[0]
-  return float(analysis.get('flops', 0.0))
+  return float((analysis or {}).get('flops', 0.0))  # None where a backend gives no analysis
 
 
 def torch_case(args, height: int, width: int, batch: int, dtype: str) -> dict:
@@ -270,7 +306,7 @@ def main():
   if args._case:
     framework, size, batch, dtype = args._case.split(':')
     height, width = (int(v) for v in size.split('x'))
-    fn = jax_case if framework == 'jax' else torch_case
+    fn = {'jax': jax_case, 'torch': torch_case, 'flops': flops_case}[framework]
     print('RESULT ' + json.dumps(fn(args, height, width, int(batch), dtype)), flush=True)
     return
 
