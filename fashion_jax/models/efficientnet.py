@@ -144,6 +144,7 @@ class EfficientNet(nnx.Module):
     stages = stage_settings(variant, last_stride)
     total_blocks = sum(s[-1] for s in stages)
     self.dtype = dtype
+    self.drop_path_rate = drop_path_rate
     features = [ConvNormAct(3, stages[0][3], 3, stride=2, **kw)]
     block_id = 0
     for expand, kernel, stride, cin, cout, num_blocks in stages:

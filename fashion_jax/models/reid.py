@@ -27,10 +27,8 @@ class ReIDModel(nnx.Module):
   """Backbone + global average pooling + BNNeck + classifier (method.md section 2)."""
 
   def __init__(self, backbone: nnx.Module, num_classes: int, *, axis_name: str | None = None,
-               stochastic_depth: bool = False, rngs: nnx.Rngs):
+               rngs: nnx.Rngs):
     self.backbone = backbone
-    # Whether the backbone was built with stochastic depth and so takes a key in training.
-    self.stochastic_depth = stochastic_depth
     feat = backbone.out_features
     self.bottleneck = BatchNorm(feat, use_bias=False, axis_name=axis_name)
     self.classifier = nnx.Linear(feat, num_classes, use_bias=False,
@@ -45,9 +43,10 @@ class ReIDModel(nnx.Module):
                key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """images [B, H, W, 3] in [0, 255] -> (f_t, f_i), each [B, F] float32.
 
-    `key` drives the backbone's stochastic depth in training; backbones without it ignore it.
+    `key` drives the backbone's stochastic depth in training (EfficientNet built with
+    drop_path_rate > 0); other backbones take no key.
     """
-    extra = {'key': key} if self.stochastic_depth else {}
+    extra = {'key': key} if getattr(self.backbone, 'drop_path_rate', 0.0) > 0 else {}
     fmap = self.backbone(normalize_images(images), train=train, **extra)
     global_feat = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
     return global_feat, self.bottleneck(global_feat, train=train)
@@ -68,9 +67,7 @@ def build_model(model_config, num_classes: int, *, seed: int = 0) -> ReIDModel:
   rngs = nnx.Rngs(seed)
   axis_name = 'data' if model_config.get('sync_batch_norm', False) else None
   dtype = jnp.dtype(model_config.get('dtype', 'float32'))
-  drop_path_rate = model_config.get('drop_path_rate', 0.0)
   backbone = build_backbone(model_config.backbone, last_stride=model_config.last_stride,
                             width=model_config.get('width', 64), dtype=dtype, axis_name=axis_name,
-                            drop_path_rate=drop_path_rate, rngs=rngs)
-  return ReIDModel(backbone, num_classes, axis_name=axis_name,
-                   stochastic_depth=drop_path_rate > 0, rngs=rngs)
+                            drop_path_rate=model_config.get('drop_path_rate', 0.0), rngs=rngs)
+  return ReIDModel(backbone, num_classes, axis_name=axis_name, rngs=rngs)
