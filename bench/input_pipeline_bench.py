@@ -65,6 +65,8 @@ def time_stages(builder, config, count: int) -> list[tuple[str, float, float]]:
       'JPEG decode': lambda e: tf.io.decode_jpeg(e, channels=3),
       **{f'decode + resize ({f})': lambda e, f=f: input_pipeline.decode_resized_uint8(e, size, f)
          for f in input_pipeline.RESIZE_FILTERS},
+      "decode + resize (triangle on TensorFlow's kernel)":
+          lambda e: input_pipeline.triangle_tf(tf.io.decode_jpeg(e, channels=3), size),
   }
   for resize_filter in input_pipeline.RESIZE_FILTERS:
     input_config = config.input.copy_and_resolve_references()
