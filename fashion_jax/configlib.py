@@ -26,8 +26,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.input = ml_collections.ConfigDict()
   c.input.image_size = (320, 320)  # (height, width); multiples of 16
-  # Stretch filter: 'triangle' (antialiased bilinear, as PIL in the ReID code), 'area' (box,
-  # ~3x cheaper when shrinking) or 'bilinear' (2 taps, no antialiasing).
+  # How a stored crop becomes image_size: 'stretch' (both axes scaled, as the ReID code does)
+  # or 'letterbox' (aspect ratio kept, never enlarged, centred on white, as PIL's thumbnail in
+  # the authors' dataset conversion).
+  c.input.resize_mode = 'stretch'
+  # Resize filter: 'triangle' (antialiased bilinear, as PIL in the ReID code), 'area' (box)
+  # or 'bilinear' (2 taps, no antialiasing).
   c.input.resize_filter = 'triangle'
   c.input.flip_prob = 0.5
   c.input.pad = 10
