@@ -67,7 +67,7 @@ def time_stages(builder, config, count: int) -> list[tuple[str, float, float]]:
       **{f'decode + resize ({f})': lambda e, f=f: input_pipeline.decode_resized_uint8(e, size, f)
          for f in input_pipeline.RESIZE_FILTERS},
       "decode + resize (triangle on TensorFlow's kernel)":
-          lambda e: input_pipeline.triangle_tf(tf.io.decode_jpeg(e, channels=3), size),
+          lambda e: input_pipeline.resize_tf(tf.io.decode_jpeg(e, channels=3), size),
   }
   for resize_filter in input_pipeline.RESIZE_FILTERS:
     input_config = config.input.copy_and_resolve_references()
@@ -93,7 +93,7 @@ def time_resize_alone(size: tuple[int, int], count: int = 200) -> list[tuple[str
   from data_pipelines import input_pipeline
   from data_pipelines import resample
   image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-  on_tf = tf.function(lambda x: input_pipeline.triangle_tf(x, size))
+  on_tf = tf.function(lambda x: input_pipeline.resize_tf(x, size))
   tensor = tf.constant(image)
   out = []
   for name, fn in [('compiled (data_pipelines.resample)', lambda: resample.resize_uint8(image, size)),

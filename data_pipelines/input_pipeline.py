@@ -44,7 +44,12 @@ def train_item_ids(builder, split: str = 'train') -> np.ndarray:
   return np.unique(np.asarray(ids, np.int64))
 
 
-# How a stored image is stretched to the network's input size (input.resize_filter):
+# How a stored image becomes the network's input (input.resize_mode):
+#   'stretch': both axes scaled to image_size, as the ReID code does (default);
+#   'letterbox': the aspect ratio kept, only ever shrunk, centred on a white canvas of
+#                image_size, as PIL's Image.thumbnail in the authors' dataset conversion.
+RESIZE_MODES = ('stretch', 'letterbox')
+# And with which filter (input.resize_filter):
 #   'triangle': antialiased bilinear, what PIL's BILINEAR resize does in the ReID code (default),
 #               computed by data_pipelines.resample (compiled), or by TensorFlow where that is
 #               not built;
@@ -60,64 +65,101 @@ def _resize_filter(input_config) -> str:
   return name
 
 
-def triangle_tf(image: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
-  """The 'triangle' resize on TensorFlow's kernel: uint8 [h, w, 3] -> uint8 image_size + [3].
+def _resize_mode(input_config) -> str:
+  name = input_config.get('resize_mode', 'stretch')
+  if name not in RESIZE_MODES:
+    raise ValueError(f'input.resize_mode {name!r} is not one of {", ".join(RESIZE_MODES)}')
+  return name
 
-  The same pixels as data_pipelines.resample up to a .5 rounded the other way, at about five
-  times the CPU time; used where the compiled resize is not built.
+
+def resize_tf(image: tf.Tensor, size, resize_filter: str = 'triangle') -> tf.Tensor:
+  """uint8 [h, w, 3] -> uint8 [height, width, 3] on TensorFlow's kernels, rounded.
+
+  size: (height, width) as ints or int32 scalars. For 'triangle' the same pixels as
+  data_pipelines.resample up to a .5 rounded the other way, at about five times the CPU time.
   """
-  height, width = image_size
+  height, width = size
+  target = tf.stack([height, width])
+  if resize_filter == 'area':
+    shrink = lambda: tf.image.resize(image, target, method='area')
+  else:
+    shrink = lambda: tf.image.resize(image, target, antialias=resize_filter == 'triangle')
   # Enlarging along both axes needs no antialiasing: plain bilinear gives the same pixels for
   # a fraction of the cost.
   shape = tf.shape(image)
   enlarged = (shape[0] <= height) & (shape[1] <= width)
-  resized = tf.cond(enlarged, lambda: tf.image.resize(image, image_size),
-                    lambda: tf.image.resize(image, image_size, antialias=True))
-  resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
-  return tf.ensure_shape(tf.cast(resized, tf.uint8), [height, width, 3])
+  resized = tf.cond(enlarged, lambda: tf.image.resize(image, target), shrink)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
 _warned_uncompiled = False
 
 
-def _triangle(image: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
-  """uint8 [h, w, 3] -> uint8 image_size + [3], antialiased bilinear, rounded."""
+def _resize(image: tf.Tensor, size, resize_filter: str) -> tf.Tensor:
+  """uint8 [h, w, 3] -> uint8 [height, width, 3]; size: (height, width), ints or int32 scalars."""
   global _warned_uncompiled
-  height, width = image_size
-  if not resample.available():
-    if not _warned_uncompiled:
+  height, width = size
+  if resize_filter == 'triangle' and resample.available():
+    # The compiled resize releases the GIL, so parallel map calls run it side by side.
+    resized = tf.numpy_function(lambda x, h, w: resample.resize_uint8(x, (h, w)),
+                                [image, height, width], tf.uint8, stateful=False)
+  else:
+    if resize_filter == 'triangle' and not _warned_uncompiled:
       logging.warning('data_pipelines._resample is not built: the triangle resize runs on '
                       "TensorFlow's kernel, about 5x slower (reinstall with a C compiler)")
       _warned_uncompiled = True
-    return triangle_tf(image, image_size)
-  # The compiled resize releases the GIL, so parallel map calls run it side by side.
-  resized = tf.numpy_function(lambda x: resample.resize_uint8(x, (height, width)), [image],
-                              tf.uint8, stateful=False)
-  return tf.ensure_shape(resized, [height, width, 3])
+    resized = resize_tf(image, size, resize_filter)
+  static = [v if isinstance(v, int) else None for v in (height, width)]
+  return tf.ensure_shape(resized, static + [3])
+
+
+def letterbox_size(height: tf.Tensor, width: tf.Tensor, target: tuple[int, int]):
+  """The size PIL's Image.thumbnail((W, H)) shrinks an h x w image to, as int32 scalars.
+
+  The aspect ratio is kept, an image that fits is left as it is, and the free side is rounded
+  as PIL rounds it: to the nearest whole number (down on ties) when the height limits, and to
+  whichever of floor and ceiling keeps W / h' closest to w / h when the width limits. Exact
+  integer arithmetic, so no float rounding can move a pixel.
+  """
+  h, w = tf.cast(height, tf.int64), tf.cast(width, tf.int64)
+  big_h, big_w = (tf.constant(v, tf.int64) for v in target)
+  by_height = big_w * h >= w * big_h
+  width_by_height = tf.maximum((2 * big_h * w + h - 1) // (2 * h), 1)
+  low = (big_w * h) // w
+  high = low + tf.cast((big_w * h) % w > 0, tf.int64)
+  take_low = (low == 0) | (big_w * h * high - w * low * high <= w * low * high - big_w * h * low)
+  height_by_width = tf.maximum(tf.where(take_low, low, high), 1)
+  fits = (h <= big_h) & (w <= big_w)
+  out_h = tf.where(fits, h, tf.where(by_height, big_h, height_by_width))
+  out_w = tf.where(fits, w, tf.where(by_height, width_by_height, big_w))
+  return tf.cast(out_h, tf.int32), tf.cast(out_w, tf.int32)
+
+
+def _letterbox(image: tf.Tensor, image_size: tuple[int, int], resize_filter: str) -> tf.Tensor:
+  height, width = image_size
+  shape = tf.shape(image)
+  content_h, content_w = letterbox_size(shape[0], shape[1], image_size)
+  content = _resize(image, (content_h, content_w), resize_filter)
+  top, left = (height - content_h) // 2, (width - content_w) // 2
+  padding = [[top, height - content_h - top], [left, width - content_w - left], [0, 0]]
+  return tf.ensure_shape(tf.pad(content, padding, constant_values=255), [height, width, 3])
 
 
 def decode_resized_uint8(encoded: tf.Tensor, image_size: tuple[int, int],
-                         resize_filter: str = 'triangle') -> tf.Tensor:
-  """JPEG/PNG bytes -> uint8 [H, W, 3], stretched to image_size as in RST, rounded."""
+                         resize_filter: str = 'triangle',
+                         resize_mode: str = 'stretch') -> tf.Tensor:
+  """JPEG/PNG bytes -> uint8 [H, W, 3]: stretched or letterboxed to image_size, rounded."""
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  height, width = image_size
-  if resize_filter == 'triangle':
-    return _triangle(image, image_size)
-  if resize_filter == 'area':
-    shrink = lambda: tf.image.resize(image, image_size, method='area')
-  else:
-    shrink = lambda: tf.image.resize(image, image_size)
-  shape = tf.shape(image)
-  enlarged = (shape[0] <= height) & (shape[1] <= width)
-  resized = tf.cond(enlarged, lambda: tf.image.resize(image, image_size), shrink)
-  resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
-  return tf.ensure_shape(tf.cast(resized, tf.uint8), [height, width, 3])
+  if resize_mode == 'letterbox':
+    return _letterbox(image, tuple(image_size), resize_filter)
+  return _resize(image, tuple(image_size), resize_filter)
 
 
 def decode_resized(encoded: tf.Tensor, image_size: tuple[int, int],
-                   resize_filter: str = 'triangle') -> tf.Tensor:
-  """JPEG/PNG bytes -> float32 [H, W, 3] in [0, 255] (rounded), stretched to image_size."""
-  return tf.cast(decode_resized_uint8(encoded, image_size, resize_filter), tf.float32)
+                   resize_filter: str = 'triangle', resize_mode: str = 'stretch') -> tf.Tensor:
+  """JPEG/PNG bytes -> float32 [H, W, 3] in [0, 255] (rounded), resized to image_size."""
+  return tf.cast(decode_resized_uint8(encoded, image_size, resize_filter, resize_mode),
+                 tf.float32)
 
 
 def random_erasing(image: tf.Tensor, seed: tf.Tensor, *, prob: float, area: tuple[float, float],
@@ -174,7 +216,8 @@ def train_augment(encoded: tf.Tensor, seed: tf.Tensor, input_config) -> tf.Tenso
   """
   height, width = input_config.image_size
   seeds = tf.random.experimental.stateless_split(seed, 3)
-  image = decode_resized_uint8(encoded, (height, width), _resize_filter(input_config))
+  image = decode_resized_uint8(encoded, (height, width), _resize_filter(input_config),
+                               _resize_mode(input_config))
   flip = tf.random.stateless_uniform([], seeds[0]) < input_config.flip_prob
   image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
   image = _pad_and_crop(image, input_config.pad, seeds[1])
@@ -275,12 +318,12 @@ def create_eval_dataset(builder, split: str, config, *, batch_size: int, process
 
   ds = ds.map(per_image).unbatch()
 
-  resize_filter = _resize_filter(config.input)
+  resize_filter, resize_mode = _resize_filter(config.input), _resize_mode(config.input)
 
   def decode(ex):
     ex = dict(ex)
     ex['images'] = decode_resized_uint8(ex.pop('encoded'), tuple(config.input.image_size),
-                                        resize_filter)
+                                        resize_filter, resize_mode)
     return ex
 
   ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from data_pipelines import input_pipeline
+from data_pipelines import resample
 from fashion_jax import configlib
 
 
@@ -189,3 +190,53 @@ def test_resize_filters_and_uint8_augmentation():
     np.testing.assert_array_equal(
         input_pipeline.random_erasing(image, **args),
         tf.cast(input_pipeline.random_erasing(tf.cast(image, tf.float32), **args), tf.uint8))
+
+
+def test_letterbox_size_is_pil_thumbnail():
+  from PIL import Image
+  rng = np.random.default_rng(7)
+  cases = [(480, 640, 320, 320), (640, 480, 320, 320), (100, 40, 32, 32), (20, 12, 32, 32),
+           (32, 32, 32, 32), (33, 32, 32, 32), (1, 5000, 256, 128), (5000, 1, 256, 128),
+           (300, 301, 256, 128), (7, 700, 10, 10)]
+  cases += [tuple(int(v) for v in rng.integers(1, 900, 4)) for _ in range(400)]
+  for h, w, big_h, big_w in cases:
+    picture = Image.new('RGB', (w, h))
+    picture.thumbnail((big_w, big_h))
+    size = input_pipeline.letterbox_size(tf.constant(h), tf.constant(w), (big_h, big_w))
+    assert tuple(int(v) for v in size) == (picture.height, picture.width), (h, w, big_h, big_w)
+
+
+def test_letterbox_keeps_the_aspect_ratio_on_white():
+  rng = np.random.default_rng(8)
+  for shape, content, corner in [((100, 40, 3), (32, 13), (0, 9)),   # tall: the height limits
+                                 ((30, 90, 3), (11, 32), (10, 0)),   # wide: the width limits
+                                 ((20, 12, 3), (20, 12), (6, 10))]:  # fits: left as it is
+    image = rng.integers(0, 255, shape, dtype=np.uint8)  # never 255, so white is the canvas
+    out = input_pipeline.decode_resized_uint8(tf.io.encode_png(image), (32, 32), 'triangle',
+                                              'letterbox').numpy()
+    top, left = corner
+    inside = out[top:top + content[0], left:left + content[1]]
+    np.testing.assert_array_equal(inside, resample.resize_uint8(image, content))
+    mask = np.ones(out.shape[:2], bool)
+    mask[top:top + content[0], left:left + content[1]] = False
+    assert np.all(out[mask] == 255) and mask.sum() == 32 * 32 - content[0] * content[1]
+    # TensorFlow's kernels letterbox the same way.
+    area = input_pipeline.decode_resized_uint8(tf.io.encode_png(image), (32, 32), 'area',
+                                               'letterbox').numpy()
+    np.testing.assert_array_equal(area[mask], out[mask])
+  with pytest.raises(ValueError, match="input.resize_mode 'crop' is not one of stretch, letterbox"):
+    input_pipeline.train_augment(tf.io.encode_png(image), tf.constant([0, 1], tf.int64),
+                                 _config(resize_mode='crop').input)
+
+
+def test_letterbox_training_and_evaluation_batches(tiny_builder):
+  config = _config(resize_mode='letterbox', erasing_prob=0.0, pad=0, flip_prob=0.0)
+  config.input.image_size = (48, 16)  # the tiny dataset's crops are wider than 1:3
+  [batch] = _batches(tiny_builder, config, 1)
+  images = batch['images']
+  assert images.shape == (8, 48, 16, 3)
+  # Every crop is letterboxed: its top and bottom rows are the white canvas.
+  assert np.all(images[:, 0] == 255) and np.all(images[:, -1] == 255)
+  ds = input_pipeline.create_eval_dataset(tiny_builder, 'query', config, batch_size=5)
+  first = next(iter(ds.as_numpy_iterator()))['images']
+  assert first.shape[1:] == (48, 16, 3) and np.all(first[:, 0] == 255)

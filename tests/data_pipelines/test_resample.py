@@ -118,7 +118,7 @@ def test_the_pipeline_resizes_with_it_and_the_tensorflow_fallback_agrees():
     encoded = tf.io.encode_png(image)
     pipeline = input_pipeline.decode_resized_uint8(encoded, (32, 24)).numpy()
     np.testing.assert_array_equal(pipeline, resample.resize_uint8(image, (32, 24)))
-    fallback = input_pipeline.triangle_tf(tf.constant(image), (32, 24)).numpy()
+    fallback = input_pipeline.resize_tf(tf.constant(image), (32, 24)).numpy()
     assert np.abs(fallback.astype(int) - pipeline.astype(int)).max() <= 1
     # And inside a traced tf.data map, as the pipeline runs it.
     ds = tf.data.Dataset.from_tensors(encoded).map(
