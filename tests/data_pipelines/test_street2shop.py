@@ -394,3 +394,29 @@ def test_beam_build_equals_plain_build(built, tmp_path):
   builder, _ = built
   beamed = beam_check.build_on_beam_and_compare(builder, 'street2shop', str(tmp_path))
   assert beamed.info.metadata['build_report']['corrupt_image'] == 2  # counted on the workers
+
+
+def test_tfds_command_line_build_equals_plain_build(built, tmp_path):
+  """`tfds build data_pipelines/street2shop --manual_dir=...`, TFDS's own command, builds the
+  same records and fault counts, and the result loads by name with tfds.load."""
+  import subprocess
+
+  import beam_check
+  builder, _ = built
+  raw, _ = beam_check.raw_and_data_dir(builder)
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  tfds_command = pathlib.Path(sys.executable).parent / 'tfds'
+  result = subprocess.run(
+      [str(tfds_command), 'build', 'data_pipelines/street2shop', f'--manual_dir={raw}',
+       f'--data_dir={tmp_path}'], cwd=repo, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  built_by_cli = s2s.Builder(data_dir=str(tmp_path))
+  assert built_by_cli.info.metadata['build_report'] == builder.info.metadata['build_report']
+  for split in builder.info.splits:
+    plain, cli = built_splits.records(builder, split), built_splits.records(built_by_cli, split)
+    assert len(cli) == len(plain) > 0
+    for p, c in zip(plain, cli):
+      beam_check._assert_equal(p, c, f'{split} item {p["item_id"]}')  # pylint: disable=protected-access
+  loaded = tfds.load('street2shop', split='gallery', data_dir=str(tmp_path),
+                     decoders={'images': {'image': tfds.decode.SkipDecoding()}})
+  assert sum(1 for _ in loaded) == len(built_splits.records(builder, 'gallery'))
