@@ -287,8 +287,11 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+  # Choose one by name: `street2shop` is `street2shop/default`; `street2shop/max1024` keeps
+  # more of the photos' resolution, for inputs larger than 480x480.
   BUILDER_CONFIGS = [
       Street2ShopConfig(name='default', description='Images bounded to 640 px.'),
+      Street2ShopConfig(name='max1024', max_side=1024, description='Images bounded to 1024 px.'),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:

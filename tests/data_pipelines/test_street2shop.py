@@ -171,6 +171,20 @@ def test_train_images_crops_and_repairs(built):
   assert train[s2s.item_id(BAGS, 13)] == {'000100061': ('shop', (24, 24))}
 
 
+def test_a_larger_bound_is_a_builder_config(built, tmp_path):
+  """street2shop/max1024 stores the 900 x 300 shop photo whole; every other record is the same."""
+  import beam_check
+  builder, examples = built
+  raw, _ = beam_check.raw_and_data_dir(builder)
+  larger = s2s.Builder(config='max1024', data_dir=str(tmp_path))
+  larger.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=raw))
+  assert larger.info.metadata['build_report'] == builder.info.metadata['build_report']
+  train = {int(ex['item_id']): _images(ex) for ex in built_splits.records(larger, 'train')}
+  expected = {item: _images(ex) for item, ex in examples['train'].items()}
+  expected[s2s.item_id(BAGS, 10)]['000100002'] = ('shop', (900, 300))
+  assert train == expected
+
+
 def test_query_and_gallery_images(built):
   _, examples = built
   assert _images(examples['query'][s2s.item_id(BAGS, 20)]) == {
