@@ -128,6 +128,8 @@ def main():
   parser.add_argument('--data_dir', help='where the generated build is kept (default: temporary)')
   parser.add_argument('--filters', default='triangle,area,bilinear',
                       help='comma-separated input.resize_filter values, one row each')
+  parser.add_argument('--resize_mode', default='stretch', help="input.resize_mode: 'stretch' or "
+                      "'letterbox'")
   parser.add_argument('--stages', action='store_true', help='also time the per-image stages')
   args = parser.parse_args()
 
@@ -136,12 +138,14 @@ def main():
   config.dataset.name = 'street2shop'
   config.input.image_size = tuple(int(v) for v in args.image_size.split(','))
   config.train.batch_size = args.batch_size
+  config.input.resize_mode = args.resize_mode
   cores = len(os.sched_getaffinity(0))
   with tempfile.TemporaryDirectory() as tmp:
     builder = build(args.data_dir or tmp, args.products, args.side)
     print(f'# Input pipeline, street2shop-like build ({args.products} products, '
           f'{args.side}px photos stored <= 640 px): PK batches of {args.batch_size} x '
-          f'{config.input.image_size[0]}x{config.input.image_size[1]}x3 uint8 (decode, resize, '
+          f'{config.input.image_size[0]}x{config.input.image_size[1]}x3 uint8 (decode, '
+          f'{args.resize_mode} resize, '
           f'flip, pad-crop, erasing), {cores} cores')
     print('| resize filter | images | seconds | images/s | images/s per core '
           '| images per CPU-second | load average |')
