@@ -124,3 +124,18 @@ def test_the_pipeline_resizes_with_it_and_the_tensorflow_fallback_agrees():
     ds = tf.data.Dataset.from_tensors(encoded).map(
         lambda e: input_pipeline.decode_resized_uint8(e, (32, 24)), num_parallel_calls=2)
     np.testing.assert_array_equal(next(iter(ds)).numpy(), pipeline)
+
+
+def test_without_the_extension_the_pipeline_falls_back_to_tensorflow(monkeypatch, caplog):
+  image = np.random.default_rng(6).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+  encoded = tf.io.encode_png(image)
+  compiled = input_pipeline.decode_resized_uint8(encoded, (32, 24)).numpy()
+  monkeypatch.setattr(resample, '_resample', None)
+  monkeypatch.setattr(input_pipeline, '_warned_uncompiled', False)
+  assert not resample.available()
+  with pytest.raises(RuntimeError, match='data_pipelines._resample is not built'):
+    resample.resize_uint8(image, (32, 24))
+  with caplog.at_level('WARNING'):
+    fallback = input_pipeline.decode_resized_uint8(encoded, (32, 24)).numpy()
+  assert 'runs on TensorFlow' in caplog.text
+  assert np.abs(fallback.astype(int) - compiled.astype(int)).max() <= 1
