@@ -6,8 +6,9 @@
                      serving_default(images uint8 [None, None, None, 3]) -> {'embeddings'}
   export.json        model, checkpoint, fingerprint, preprocessing and the signature
 
-Both take a batch of crops of one size: each is stretched to the model's input size by
-antialiased bilinear resizing and rounded to uint8, exactly as the search tool does.
+Both take a batch of crops of one size: each is resized to the model's input size as the
+workdir's input.resize_mode says (stretched, or letterboxed on white with its aspect ratio kept)
+by antialiased bilinear resizing and rounded to uint8, exactly as the search tool does.
 """
 
 import json

@@ -198,10 +198,16 @@ def build(index_dir: str, model, entries: list[CatalogueEntry], *, dtype: str = 
 def check_model(meta: dict, model) -> None:
   """An index is only searched with the model that built it."""
   if meta['model']['fingerprint'] != model.fingerprint:
+    # Name the preprocessing settings that differ (e.g. resize 'stretch' vs 'letterbox'): the
+    # same weights with other preprocessing give other embeddings.
+    built = meta['model'].get('preprocessing', {})
+    differing = [f'{key} {built.get(key)!r} in the index, {value!r} here'
+                 for key, value in model.preprocessing.items() if built.get(key) != value]
     raise InputError(
         f"index was built by another model ({meta['model']['workdir']} step "
         f"{meta['model']['step']}, fingerprint {meta['model']['fingerprint'][:12]}), not "
-        f'{model.workdir} step {model.step} ({model.fingerprint[:12]})')
+        f'{model.workdir} step {model.step} ({model.fingerprint[:12]})' +
+        (f"; preprocessing differs: {'; '.join(differing)}" if differing else ''))
 
 
 class SearchIndex:

@@ -2,8 +2,10 @@
 
 Reads `<workdir>/config.json` and the latest (or a given) checkpoint in `<workdir>/checkpoints`
 with Orbax alone; no TensorFlow. Preprocessing is the evaluation pipeline's, in JAX: the image
-(or box crop) is stretched to `input.image_size` by antialiased bilinear resizing, clipped,
-rounded to uint8; the model normalises it.
+(or box crop) is resized to `input.image_size` by antialiased bilinear resizing, clipped,
+rounded to uint8; the model normalises it. `input.resize_mode` says how: 'stretch' scales both
+axes to the target; 'letterbox' keeps the aspect ratio (shrinking only, to the size PIL's
+`Image.thumbnail` gives) and centres the result on a white canvas.
 """
 
 import hashlib
@@ -23,8 +25,13 @@ from fashion_jax import train_step as ts
 from fashion_jax.models import build_model
 from fashion_jax.search.images import InputError
 
-# How images reach the model; recorded in every index and checked when it is queried.
-RESIZE_MODE = 'stretch'
+# How images reach the model (config.input.resize_mode); recorded in every index and part of
+# the fingerprint, so an index is only queried with the same preprocessing. Workdirs written
+# before the setting existed stretch.
+RESIZE_MODES = ('stretch', 'letterbox')
+DEFAULT_RESIZE_MODE = 'stretch'
+# Letterbox borders.
+_WHITE = 255.0
 
 
 def _resize_weights(in_size, out_size) -> jax.Array:
@@ -46,18 +53,87 @@ def _resize_weights(in_size, out_size) -> jax.Array:
       jnp.float32)
 
 
-def resize_images(images: jax.Array, image_size: tuple[int, int]) -> jax.Array:
-  """uint8 [B, h, w, 3] of any size -> uint8 [B, H, W, 3], as the evaluation pipeline resizes
-  (stretched, antialiased bilinear, clipped, rounded)."""
+def letterbox_geometry(height, width, image_size: tuple[int, int]):
+  """Where a crop of `height` x `width` lands in a letterbox of `image_size` (H, W).
+
+  Returns int32 (content height, content width, top, left): the size PIL's
+  `Image.thumbnail((W, H))` gives (aspect ratio kept, never enlarged, PIL's rounding) and the
+  offset that centres it (floor). Works on traced or symbolic sizes, elementwise on arrays of
+  them, in exact integer arithmetic (int32: sides up to about 2**30 / max(H, W)):
+    - a crop that fits is kept as it is;
+    - if W h >= w H the height limits: H, and the integer nearest H w / h (ties down);
+    - otherwise the width limits: W, and of floor(W h / w) and its ceiling the one whose W / n
+      is closer to w / h (floor on ties, at least 1).
+  """
+  target_height, target_width = image_size
+  h = jnp.asarray(height, jnp.int32)
+  w = jnp.asarray(width, jnp.int32)
+  fits = (h <= target_height) & (w <= target_width)
+  height_limits = target_width * h >= w * target_height
+  # Height limits: round(H w / h), a tie going down.
+  by_height = jnp.maximum(1, (2 * target_height * w + h - 1) // (2 * h))
+  # Width limits: with r = W h mod w, floor lo = W h // w is off by r / w and the ceiling
+  # lo + 1 by (w - r) / w; PIL compares W / lo - w / h = r / (lo h) with
+  # w / h - W / (lo + 1) = (w - r) / ((lo + 1) h).
+  low = (target_width * h) // w
+  remainder = (target_width * h) % w
+  high = low + (remainder > 0).astype(jnp.int32)
+  by_width = jnp.maximum(1, jnp.where((low == 0) | (remainder * high <= (w - remainder) * low),
+                                      low, high))
+  content_height = jnp.where(fits, h, jnp.where(height_limits, target_height, by_width))
+  content_width = jnp.where(fits, w, jnp.where(height_limits, by_height, target_width))
+  return (content_height, content_width, (target_height - content_height) // 2,
+          (target_width - content_width) // 2)
+
+
+def _placed_weights(in_size, out_size: int, content, offset):
+  """[out, in] weights resizing `in_size` pixels to `content` pixels placed at `offset` of
+  `out_size`, and [out] bool: which output pixels are content.
+
+  Content row o holds _resize_weights(in_size, content)[o - offset] (the same integer
+  numerators, so the same float32 weights); the other rows are zero. `content` and `offset`
+  may be traced: the export computes them from symbolic image sizes.
+  """
+  i = jnp.arange(in_size, dtype=jnp.int32)
+  j = jnp.arange(out_size, dtype=jnp.int32) - offset
+  inside = (j >= 0) & (j < content)
+  n_in = jnp.asarray(in_size, jnp.int32)
+  numerator = jnp.maximum(0, 2 * jnp.maximum(n_in, content) -
+                          jnp.abs((2 * j[:, None] + 1) * n_in - (2 * i[None, :] + 1) * content))
+  numerator = jnp.where(inside[:, None], numerator, 0)
+  total = jnp.maximum(jnp.sum(numerator, axis=1, keepdims=True), 1)
+  return numerator.astype(jnp.float32) / total.astype(jnp.float32), inside
+
+
+def resize_images(images: jax.Array, image_size: tuple[int, int],
+                  resize_mode: str = DEFAULT_RESIZE_MODE) -> jax.Array:
+  """uint8 [B, h, w, 3] of any size -> uint8 [B, H, W, 3], as the evaluation pipeline resizes:
+  antialiased bilinear, clipped, rounded; stretched to (H, W), or letterboxed (aspect ratio
+  kept, never enlarged, centred on white)."""
   height, width = image_size
   x = images.astype(jnp.float32)
   highest = jax.lax.Precision.HIGHEST
-  x = jnp.einsum('oh,bhwc->bowc', _resize_weights(images.shape[1], height), x, precision=highest)
-  x = jnp.einsum('pw,bowc->bopc', _resize_weights(images.shape[2], width), x, precision=highest)
+  if resize_mode == 'stretch':
+    x = jnp.einsum('oh,bhwc->bowc', _resize_weights(images.shape[1], height), x,
+                   precision=highest)
+    x = jnp.einsum('pw,bowc->bopc', _resize_weights(images.shape[2], width), x,
+                   precision=highest)
+  elif resize_mode == 'letterbox':
+    content_height, content_width, top, left = letterbox_geometry(
+        images.shape[1], images.shape[2], image_size)
+    rows, row_inside = _placed_weights(images.shape[1], height, content_height, top)
+    columns, column_inside = _placed_weights(images.shape[2], width, content_width, left)
+    x = jnp.einsum('oh,bhwc->bowc', rows, x, precision=highest)
+    x = jnp.einsum('pw,bowc->bopc', columns, x, precision=highest)
+    # Border pixels got all-zero weights: 0 + 255 is exactly white.
+    border = ~(row_inside[:, None] & column_inside[None, :])
+    x = x + jnp.where(border, _WHITE, 0.0)[None, :, :, None]
+  else:
+    raise ValueError(f'resize mode {resize_mode!r} is not one of {", ".join(RESIZE_MODES)}')
   return jnp.round(jnp.clip(x, 0.0, 255.0)).astype(jnp.uint8)
 
 
-preprocess = jax.jit(resize_images, static_argnames=('image_size',))
+preprocess = jax.jit(resize_images, static_argnames=('image_size', 'resize_mode'))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -74,7 +150,8 @@ class SearchModel:
 
   Attributes:
     workdir, checkpoint_dir, step: where the weights came from.
-    config: the workdir's config; image_size: (H, W) model input.
+    config: the workdir's config; image_size: (H, W) model input; resize_mode: 'stretch' or
+      'letterbox' (input.resize_mode).
     fingerprint: sha256 of the weights, model config and preprocessing; two indexes are
       comparable exactly when their fingerprints are equal.
   """
@@ -83,6 +160,10 @@ class SearchModel:
     self.workdir = os.path.abspath(workdir)
     self.config = load_config(self.workdir)
     self.image_size = tuple(int(v) for v in self.config.input.image_size)
+    self.resize_mode = self.config.input.get('resize_mode', DEFAULT_RESIZE_MODE)
+    if self.resize_mode not in RESIZE_MODES:
+      raise InputError(f'{self.workdir}: input.resize_mode {self.resize_mode!r} in config.json '
+                       f'is not one of {", ".join(RESIZE_MODES)}')
     if not os.path.isdir(os.path.join(self.workdir, 'checkpoints')):
       raise InputError(f'{self.workdir}: no checkpoints/ folder (has it trained yet?)')
     checkpointer = checkpointing.Checkpointer(os.path.join(self.workdir, 'checkpoints'))
@@ -114,7 +195,7 @@ class SearchModel:
 
   @property
   def preprocessing(self) -> dict:
-    return {'image_size': list(self.image_size), 'resize': RESIZE_MODE, 'antialias': True,
+    return {'image_size': list(self.image_size), 'resize': self.resize_mode, 'antialias': True,
             'dtype': 'uint8', 'normalisation': 'in the model (ImageNet mean/std)'}
 
   def describe(self) -> dict:
@@ -135,7 +216,7 @@ class SearchModel:
 
   def prepare(self, crop: np.ndarray) -> np.ndarray:
     """uint8 [h, w, 3] -> uint8 [H, W, 3] model input."""
-    return np.asarray(preprocess(crop[None], self.image_size))[0]
+    return np.asarray(preprocess(crop[None], self.image_size, self.resize_mode))[0]
 
   def embed_prepared(self, images: np.ndarray) -> np.ndarray:
     """uint8 [N, H, W, 3] model inputs -> [N, F] float32 unit vectors, batched over all devices."""
@@ -168,11 +249,11 @@ class SearchModel:
   def embed_with_params_fn(self):
     """fn((params, batch_stats), images uint8 [B, h, w, 3]) -> [B, F] float32 unit vectors:
     preprocessing and model in one function (what the exports hold)."""
-    graphdef, image_size = self.graphdef, self.image_size
+    graphdef, image_size, resize_mode = self.graphdef, self.image_size, self.resize_mode
 
     def embed_raw(weights, images):
       model = nnx.merge(graphdef, *weights)
-      return model.embed(resize_images(images, image_size))
+      return model.embed(resize_images(images, image_size, resize_mode))
 
     return embed_raw
 
