@@ -117,9 +117,10 @@ def letterbox_size(height: tf.Tensor, width: tf.Tensor, target: tuple[int, int])
   """The size PIL's Image.thumbnail((W, H)) shrinks an h x w image to, as int32 scalars.
 
   The aspect ratio is kept, an image that fits is left as it is, and the free side is rounded
-  as PIL rounds it: to the nearest whole number (down on ties) when the height limits, and to
-  whichever of floor and ceiling keeps W / h' closest to w / h when the width limits. Exact
-  integer arithmetic, so no float rounding can move a pixel.
+  as PIL rounds it: to the nearest whole number when the height limits, and to whichever of
+  floor and ceiling keeps W / h' closest to w / h when the width limits. In exact integer
+  arithmetic, so an exact tie always goes to the floor, where PIL's float arithmetic picks
+  either; fashion_jax.search letterboxes with the same rule, so training and search agree.
   """
   h, w = tf.cast(height, tf.int64), tf.cast(width, tf.int64)
   big_h, big_w = (tf.constant(v, tf.int64) for v in target)

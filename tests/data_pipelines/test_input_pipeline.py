@@ -193,17 +193,36 @@ def test_resize_filters_and_uint8_augmentation():
 
 
 def test_letterbox_size_is_pil_thumbnail():
+  """The sizes of PIL's Image.thumbnail, except that an exact tie between the floor and the
+  ceiling always goes to the floor (PIL's float arithmetic picks either)."""
+  from fractions import Fraction
+
   from PIL import Image
   rng = np.random.default_rng(7)
   cases = [(480, 640, 320, 320), (640, 480, 320, 320), (100, 40, 32, 32), (20, 12, 32, 32),
            (32, 32, 32, 32), (33, 32, 32, 32), (1, 5000, 256, 128), (5000, 1, 256, 128),
-           (300, 301, 256, 128), (7, 700, 10, 10)]
+           (300, 301, 256, 128), (7, 700, 10, 10),
+           (640, 251, 320, 320), (80, 47, 40, 24)]  # ties that PIL rounds up
   cases += [tuple(int(v) for v in rng.integers(1, 900, 4)) for _ in range(400)]
+  ties = 0
   for h, w, big_h, big_w in cases:
     picture = Image.new('RGB', (w, h))
     picture.thumbnail((big_w, big_h))
-    size = input_pipeline.letterbox_size(tf.constant(h), tf.constant(w), (big_h, big_w))
-    assert tuple(int(v) for v in size) == (picture.height, picture.width), (h, w, big_h, big_w)
+    pil = (picture.height, picture.width)
+    ours = tuple(int(v) for v in input_pipeline.letterbox_size(tf.constant(h), tf.constant(w),
+                                                                (big_h, big_w)))
+    if ours == pil:
+      continue
+    # Only the free side may differ, by one, on an exact tie, where ours takes the floor.
+    aspect = Fraction(w, h)
+    if big_w * h >= w * big_h:  # the height limits: compare n / H with w / h
+      side, other = 1, lambda n: abs(aspect - Fraction(n, big_h))
+    else:                       # the width limits: compare W / n with w / h
+      side, other = 0, lambda n: abs(aspect - Fraction(big_w, n))
+    assert ours[1 - side] == pil[1 - side] and pil[side] == ours[side] + 1, (h, w, big_h, big_w)
+    assert other(ours[side]) == other(pil[side]), (h, w, big_h, big_w)
+    ties += 1
+  assert ties >= 2
 
 
 def test_letterbox_keeps_the_aspect_ratio_on_white():
