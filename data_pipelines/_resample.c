@@ -219,8 +219,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_resample", "Antialiased linear resizing of uint8 images.", -1,
-    methods,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "_resample",
+    .m_doc = "Antialiased linear resizing of uint8 images.",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__resample(void) { return PyModule_Create(&module); }
