@@ -8,7 +8,8 @@
 
 Both take a batch of crops of one size: each is resized to the model's input size as the
 workdir's input.resize_mode says (stretched, or letterboxed on white with its aspect ratio kept)
-by antialiased bilinear resizing and rounded to uint8, exactly as the search tool does.
+with the filter its input.resize_filter names and rounded to uint8, exactly as the search tool
+does.
 """
 
 import json

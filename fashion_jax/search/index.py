@@ -200,9 +200,12 @@ def check_model(meta: dict, model) -> None:
   if meta['model']['fingerprint'] != model.fingerprint:
     # Name the preprocessing settings that differ (e.g. resize 'stretch' vs 'letterbox'): the
     # same weights with other preprocessing give other embeddings.
-    built = meta['model'].get('preprocessing', {})
+    # The resize filter is only recorded when not the default (model.DEFAULT_RESIZE_FILTER).
+    defaults = {'filter': 'triangle'}
+    built = {**defaults, **meta['model'].get('preprocessing', {})}
+    here = {**defaults, **model.preprocessing}
     differing = [f'{key} {built.get(key)!r} in the index, {value!r} here'
-                 for key, value in model.preprocessing.items() if built.get(key) != value]
+                 for key, value in here.items() if built.get(key) != value]
     raise InputError(
         f"index was built by another model ({meta['model']['workdir']} step "
         f"{meta['model']['step']}, fingerprint {meta['model']['fingerprint'][:12]}), not "
