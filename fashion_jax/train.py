@@ -69,7 +69,9 @@ def check_workdir_config(config, workdir: str) -> None:
   """Refuses to resume a workdir whose checkpoints were trained with a different config.
 
   The config is saved as `<workdir>/config.json` when a run starts; fields outside
-  RESUMABLE_CHANGES must match it unless `train.allow_config_change` is set.
+  RESUMABLE_CHANGES must match it unless `train.allow_config_change` is set. A field the saved
+  config lacks (added to the project since) matches when it has its default value, which keeps
+  the behaviour the run had.
   """
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path) or config.train.get('allow_config_change', False):
@@ -77,9 +79,11 @@ def check_workdir_config(config, workdir: str) -> None:
   with open(path) as f:
     saved = _flatten(json.load(f))
   current = _flatten(json.loads(config.to_json_best_effort()))
+  defaults = _flatten(json.loads(configlib.base_config().to_json_best_effort()))
   differing = sorted(
       key for key in saved.keys() | current.keys()
       if saved.get(key) != current.get(key)
+      and not (key not in saved and key in defaults and current.get(key) == defaults[key])
       and not any(key == field or key.startswith(field + '.') for field in RESUMABLE_CHANGES))
   if differing:
     details = ', '.join(f'{k} ({saved.get(k)!r} -> {current.get(k)!r})' for k in differing[:6])

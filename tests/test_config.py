@@ -113,3 +113,25 @@ def test_batch_device_and_process_layout_is_checked(overrides, devices, processe
     config[section][key] = value
   with pytest.raises(ValueError, match=message):
     configlib.validate_config(config, num_devices=devices, num_processes=processes)
+
+
+def test_workdir_config_check_accepts_fields_added_since_at_their_default(tmp_path):
+  """A config.json written before a field existed resumes when that field keeps its default
+  (the behaviour the run had); any other value, or any other difference, is refused."""
+  import json
+
+  config = configlib.base_config()
+  config.dataset.name = 'fashion_synth/tiny'
+  saved = json.loads(config.to_json_best_effort())
+  del saved['input']['resize_mode']  # as written before the field was added
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(saved, f)
+  train.check_workdir_config(config, str(tmp_path))
+  config.input.resize_mode = 'letterbox'
+  with pytest.raises(ValueError, match=r"different config: input.resize_mode \(None -> "
+                                       r"'letterbox'\)"):
+    train.check_workdir_config(config, str(tmp_path))
+  config.input.resize_mode = 'stretch'
+  config.loss.metric = 'quadruplet'
+  with pytest.raises(ValueError, match=r"loss.metric \('triplet' -> 'quadruplet'\)"):
+    train.check_workdir_config(config, str(tmp_path))
