@@ -83,12 +83,10 @@ def _resize_weights(in_size, out_size, resize_filter: str = 'triangle',
   whether the sizes are known when compiling or only when running (a shape-polymorphic
   export): rounding to uint8 then cannot differ between them.
   """
-  i = jnp.arange(in_size, dtype=jnp.int32)
-  j = jnp.arange(out_size, dtype=jnp.int32)
-  n_in, n_out = jnp.asarray(in_size, jnp.int32), jnp.asarray(out_size, jnp.int32)
-  numerator = _numerators(i, j, n_in, n_out, resize_filter, enlarged)
-  return numerator.astype(jnp.float32) / jnp.sum(numerator, axis=1, keepdims=True).astype(
-      jnp.float32)
+  # The whole axis is content: the placed weights with no offset.
+  weights, _ = _placed_weights(in_size, out_size, jnp.asarray(out_size, jnp.int32), 0,
+                               resize_filter, enlarged)
+  return weights
 
 
 def letterbox_geometry(height, width, image_size: tuple[int, int]):
