@@ -84,8 +84,8 @@ def resize_tf(image: tf.Tensor, size, resize_filter: str = 'triangle') -> tf.Ten
     shrink = lambda: tf.image.resize(image, target, method='area')
   else:
     shrink = lambda: tf.image.resize(image, target, antialias=resize_filter == 'triangle')
-  # Enlarging along both axes needs no antialiasing: plain bilinear gives the same pixels for
-  # a fraction of the cost.
+  # Enlarging along both axes every filter is plain bilinear (for 'triangle' the same pixels as
+  # its antialiased kernel, for a fraction of the cost).
   shape = tf.shape(image)
   enlarged = (shape[0] <= height) & (shape[1] <= width)
   resized = tf.cond(enlarged, lambda: tf.image.resize(image, target), shrink)
