@@ -4,7 +4,6 @@ Apache Beam (needs the `beam` extra) with `--beam_pipeline_options=runner=Direct
 (comma-separated Beam flags without their dashes, as for `tfds build`).
 """
 
-import importlib
 import sys
 
 import tensorflow_datasets as tfds
@@ -38,8 +37,10 @@ def build(name: str, manual_dir: str | None, data_dir: str | None = None,
   if base not in datasets.BUILDER_MODULES:
     raise SystemExit(f'error: unknown dataset {name!r}; choose one of '
                      f'{", ".join(sorted(datasets.BUILDER_MODULES))}')
-  importlib.import_module(datasets.BUILDER_MODULES[base])
-  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    builder = datasets.make_builder(name, data_dir)
+  except datasets.DatasetMissingError as e:
+    raise SystemExit(f'error: {e}') from None
   config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   if pipeline_options:
     config.beam_options = beam_options(pipeline_options)

@@ -34,16 +34,33 @@ def _base_name(name: str) -> str:
   return name.split('/')[0].split(':')[0]
 
 
+def make_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """tfds.builder(name), the project's builders registered first; an unknown builder config
+  ('street2shop/max2000') raises DatasetMissingError naming the configs there are."""
+  base = _base_name(name)
+  if base in BUILDER_MODULES:
+    importlib.import_module(BUILDER_MODULES[base])
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise
+  except ValueError:
+    config = name.split(':')[0].split('/')[1] if '/' in name else None
+    configs = [c.name for c in tfds.builder_cls(base).BUILDER_CONFIGS or []] if base in BUILDER_MODULES else []
+    if config is None or config in configs:
+      raise
+    raise DatasetMissingError(f'dataset {base!r} has no config {config!r}; choose one of '
+                              f'{", ".join(configs) or "(none)"}') from None
+
+
 def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """The prepared builder for `name` ('fashion_synth/demo', 'street2shop', ...).
 
   Raises DatasetMissingError with a one-line explanation and the command that prepares it.
   """
   base = _base_name(name)
-  if base in BUILDER_MODULES:
-    importlib.import_module(BUILDER_MODULES[base])
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = make_builder(name, data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     if base in _RAW_DATASETS:
       raise DatasetMissingError(

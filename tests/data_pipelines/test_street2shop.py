@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import built_splits
-from data_pipelines import datasets
+from data_pipelines import build, datasets
 from data_pipelines.street2shop import street2shop_dataset_builder as s2s
 
 BAGS, TOPS = s2s.CATEGORIES.index('bags'), s2s.CATEGORIES.index('tops')
@@ -246,6 +246,12 @@ def test_registry_loads_built_and_refuses_unbuilt(built, tmp_path):
   assert loaded.info.splits['gallery'].num_examples == len(examples['gallery'])
   with pytest.raises(datasets.DatasetMissingError, match='python -m data_pipelines.build street2shop'):
     datasets.get_builder('street2shop', str(tmp_path))
+  # An unknown builder config is named in one line, with the ones there are.
+  message = "dataset 'street2shop' has no config 'max2000'; choose one of default, max1024$"
+  with pytest.raises(datasets.DatasetMissingError, match=message):
+    datasets.get_builder('street2shop/max2000', root)
+  with pytest.raises(SystemExit, match='error: ' + message):
+    build.build('street2shop/max2000', str(tmp_path / 'raw'), str(tmp_path))
 
 
 def write_clean_tree(root: str, num_train: int, num_test: int, num_distractors: int) -> None:
