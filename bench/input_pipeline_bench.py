@@ -96,7 +96,8 @@ def time_resize_alone(size: tuple[int, int], count: int = 200) -> list[tuple[str
   on_tf = tf.function(lambda x: input_pipeline.resize_tf(x, size))
   tensor = tf.constant(image)
   out = []
-  for name, fn in [('compiled (data_pipelines.resample)', lambda: resample.resize_uint8(image, size)),
+  for name, fn in [('compiled (data_pipelines.resample)',
+                    lambda: resample.resize_uint8(image, size)),
                    ("TensorFlow's kernel (tf.function)", lambda: on_tf(tensor).numpy())]:
     fn()
     cpu = time.process_time()

@@ -46,7 +46,8 @@ def make_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBui
     raise
   except ValueError:
     config = name.split(':')[0].split('/')[1] if '/' in name else None
-    configs = [c.name for c in tfds.builder_cls(base).BUILDER_CONFIGS or []] if base in BUILDER_MODULES else []
+    known = tfds.builder_cls(base).BUILDER_CONFIGS if base in BUILDER_MODULES else None
+    configs = [c.name for c in known or []]
     if config is None or config in configs:
       raise
     raise DatasetMissingError(f'dataset {base!r} has no config {config!r}; choose one of '

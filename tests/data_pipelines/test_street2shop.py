@@ -436,7 +436,8 @@ def test_tfds_command_line_build_equals_plain_build(built, tmp_path):
     plain, cli = built_splits.records(builder, split), built_splits.records(built_by_cli, split)
     assert len(cli) == len(plain) > 0
     for p, c in zip(plain, cli):
-      beam_check._assert_equal(p, c, f'{split} item {p["item_id"]}')  # pylint: disable=protected-access
+      where = f'{split} item {p["item_id"]}'
+      beam_check._assert_equal(p, c, where)  # pylint: disable=protected-access
   loaded = tfds.load('street2shop', split='gallery', data_dir=str(tmp_path),
                      decoders={'images': {'image': tfds.decode.SkipDecoding()}})
   assert sum(1 for _ in loaded) == len(built_splits.records(builder, 'gallery'))
