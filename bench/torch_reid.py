@@ -61,6 +61,10 @@ def batch_hard_triplet(features, labels, margin: float = 0.3):
   return F.relu(hardest_positive - hardest_negative + margin).mean()
 
 
+def center_loss(features, labels, centers):
+  return (features - centers[labels]).pow(2).sum(1).mean()
+
+
 class TrainStep:
   """step(images, labels) -> loss: forward, the three losses, backward and both updates."""
 
@@ -84,7 +88,7 @@ class TrainStep:
                         enabled=self.amp_dtype is not None):
       global_feat, logits = self.model(images)
     global_feat, logits = global_feat.float(), logits.float()
-    center = 0.5 * (global_feat - self.centers[labels]).pow(2).sum(1).mean()
+    center = center_loss(global_feat, labels, self.centers)
     return (F.cross_entropy(logits, labels, label_smoothing=0.1)
             + batch_hard_triplet(global_feat, labels) + self.center_weight * center)
 

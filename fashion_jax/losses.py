@@ -154,7 +154,10 @@ def batch_hard_quadruplet_loss(
 
 
 def center_loss(features: jax.Array, labels: jax.Array, centers: jax.Array) -> jax.Array:
-  """Center loss (Wen et al., 2016): 0.5 * mean_i ||f_i - c_{y_i}||^2.
+  """Center loss (Wen et al., 2016) as the ReID strong baseline computes it: mean_i ||f_i - c_{y_i}||^2.
+
+  No factor 1/2 (Wen et al. write one; the reference code does not, and the loss weight and the
+  centers' learning rate are tuned for this form).
 
   Args:
     features: [B, D] float.
@@ -165,7 +168,7 @@ def center_loss(features: jax.Array, labels: jax.Array, centers: jax.Array) -> j
     Scalar float32 (squared norm summed over D, averaged over B).
   """
   difference = features.astype(jnp.float32) - centers.astype(jnp.float32)[labels]
-  return 0.5 * jnp.mean(jnp.sum(difference * difference, axis=1))
+  return jnp.mean(jnp.sum(difference * difference, axis=1))
 
 
 METRIC_LOSSES: dict[str, Callable[..., jax.Array]] = {

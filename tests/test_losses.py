@@ -172,14 +172,14 @@ def test_cross_entropy_computes_bf16_logits_in_float32():
 
 
 def test_center_loss_hand_computed_and_gradient():
-  # f0 - c0 = (0, 2) -> 4; f1 - c1 = (3, 4) -> 25; 0.5 * (4 + 25) / 2 = 7.25.
+  # f0 - c0 = (0, 2) -> 4; f1 - c1 = (3, 4) -> 25; (4 + 25) / 2 = 14.5 (no factor 1/2).
   features = jnp.array([[1.0, 2.0], [3.0, 4.0]])
   labels = jnp.array([0, 1])
   centers = jnp.array([[1.0, 0.0], [0.0, 0.0], [5.0, 5.0]])
-  np.testing.assert_allclose(losses.center_loss(features, labels, centers), 7.25)
-  # d/dc_k = -(1/B) sum_{i: y_i = k} (f_i - c_k); the unused center 2 gets no gradient.
+  np.testing.assert_allclose(losses.center_loss(features, labels, centers), 14.5)
+  # d/dc_k = -(2/B) sum_{i: y_i = k} (f_i - c_k); the unused center 2 gets no gradient.
   grad = jax.grad(losses.center_loss, argnums=2)(features, labels, centers)
-  np.testing.assert_allclose(grad, [[0.0, -1.0], [-1.5, -2.0], [0.0, 0.0]])
+  np.testing.assert_allclose(grad, [[0.0, -2.0], [-3.0, -4.0], [0.0, 0.0]])
 
 
 # Margins large enough that every hinge is active, so each sample receives a gradient.

@@ -108,13 +108,13 @@ def test_center_update_is_independent_of_the_loss_weight():
     grads, center_grads, stats, _ = ts.loss_and_grads(graphdef, state, x, y, config.loss)
     new = ts.apply_gradients(state, grads, center_grads, stats, tx, config.loss)
     centers_after.append(np.asarray(new['centers']))
-    # SGD with lr 0.5 on the center loss alone: c -= 0.5 * d(center_loss)/dc.
+    # SGD with lr 0.5 on the center loss alone: c -= 0.5 * d(center_loss)/dc = 0.5 * 2 (c - f) / B.
     model = nnx.merge(graphdef, state['params'], state['batch_stats'])
     feats = model(x, train=True).global_feat
     c = np.asarray(state['centers'])
     expected = c.copy()
     for f, label in zip(np.asarray(feats), np.asarray(y)):
-      expected[label] -= 0.5 * (c[label] - f) / len(y)
+      expected[label] -= 0.5 * 2.0 * (c[label] - f) / len(y)
     np.testing.assert_allclose(centers_after[-1], expected, atol=1e-4)
   np.testing.assert_allclose(centers_after[0], centers_after[1], atol=1e-4)
 

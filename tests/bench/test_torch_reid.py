@@ -51,3 +51,12 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
   assert np.isfinite(first) and last < first
   embeddings = step.embedder()(images)
   np.testing.assert_allclose(embeddings.norm(dim=1).numpy(), 1.0, rtol=1e-5)
+
+
+def test_center_loss_matches_jax():
+  features, labels = _batch(3)
+  centers = np.random.default_rng(4).normal(size=(12, 32)).astype(np.float32)
+  expected = losses.center_loss(features, labels, centers)
+  got = torch_reid.center_loss(torch.from_numpy(features), torch.from_numpy(labels).long(),
+                               torch.from_numpy(centers))
+  np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
