@@ -79,7 +79,7 @@ class TrainStep:
     # The fused CUDA kernel: PyTorch's fastest Adam, so the comparison is with its best.
     self.optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4, weight_decay=5e-4,
                                       fused=device.type == 'cuda')
-    # The centers' own SGD; its learning rate is divided by the loss weight (method.md 3).
+    # The centers' own SGD, its learning rate divided by the loss weight (docs/method.md section 3).
     self.center_optimizer = torch.optim.SGD([self.centers], lr=center_lr / center_weight)
     self._forward = self._loss
 

@@ -1,5 +1,5 @@
 """Exact Street2Shop with the paper's best setting: ResNet50-IBN-A, last stride 1, 320x320,
-quadruplet + label-smoothed cross-entropy + center loss, 120 epochs (method.md sections 2-4).
+quadruplet + label-smoothed cross-entropy + center loss, 120 epochs (docs/method.md sections 2-4).
 
 Needs the `street2shop` TFDS dataset built from your own download (README, "Datasets"):
 

@@ -33,7 +33,7 @@ def _read(builder, split: str, *, shuffle: bool, seed: int | None = None) -> tf.
 def train_item_ids(builder, split: str = 'train') -> np.ndarray:
   """Sorted item ids of the training identities that have at least 2 images.
 
-  Class index = position in this array; identities with one image are dropped (method.md 4).
+  Label = position in this array; identities with one image are dropped (docs/method.md section 4).
   Reads every process's items, so all processes agree on the labels.
   """
   ds = _read(builder, split, shuffle=False).map(

@@ -12,7 +12,7 @@ MODES = ('train_and_evaluate', 'train', 'evaluate')
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """The paper's settings (method.md): ResNet50-IBN-A, last stride 1, 320x320, RST schedule."""
+  """The paper's settings (docs/method.md): ResNet50-IBN-A, last stride 1, 320x320, RST schedule."""
   c = ml_collections.ConfigDict()
   c.mode = 'train_and_evaluate'
   c.seed = 0
@@ -97,14 +97,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.query_domain = ''          # domain filter by name, e.g. 'street'; '' keeps all
   c.eval.gallery_domain = ''        # e.g. 'shop'
   c.eval.per_category = False       # category-constrained retrieval, table + average
-  c.eval.rerank = False             # k-reciprocal re-ranking (method.md section 6)
+  c.eval.rerank = False             # k-reciprocal re-ranking (docs/method.md section 6)
   c.eval.rerank_k1 = 20
   c.eval.rerank_k2 = 6
   c.eval.rerank_lambda = 0.3
-  c.eval.centroids = False          # gallery averaged per item (method.md section 8)
+  c.eval.centroids = False          # gallery averaged per item (docs/method.md section 8)
   c.eval.recommendation = False     # gallery against itself (shop->shop), self excluded
   c.eval.cmc_max_rank = 50          # CMC curve length
-  # Cross-domain evaluation (method.md section 5): test on another dataset's query and gallery
+  # Cross-domain evaluation (docs/method.md section 5): test on another dataset's query and gallery
   # splits, e.g. 'street2shop' for a model trained on DeepFashion. '' tests on the training
   # dataset. Reports go to <workdir>/eval/<dataset>/.
   c.eval.dataset = ''

@@ -1,4 +1,4 @@
-"""Training losses of the ReID strong baseline (method.md section 3), as pure jittable functions.
+"""Training losses of the ReID strong baseline (docs/method.md section 3), pure and jittable.
 
 Label-smoothed cross-entropy, batch-hard triplet and quadruplet, and center loss.
 """

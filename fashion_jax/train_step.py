@@ -92,7 +92,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, state: TrainState, images: jax.Array,
 def apply_gradients(state: TrainState, grads, center_grads, batch_stats,
                     tx: optax.GradientTransformation, loss_config) -> TrainState:
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  # The centers have their own SGD; dividing by beta undoes the loss weight (method.md 3).
+  # The centers' own SGD; dividing by beta undoes the loss weight (docs/method.md section 3).
   centers = state['centers']
   if loss_config.center_weight > 0:
     centers = centers - loss_config.center_lr * center_grads / loss_config.center_weight

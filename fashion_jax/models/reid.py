@@ -24,7 +24,7 @@ class ReIDOutput(NamedTuple):
 
 
 class ReIDModel(nnx.Module):
-  """Backbone + global average pooling + BNNeck + classifier (method.md section 2)."""
+  """Backbone + global average pooling + BNNeck + classifier (docs/method.md section 2)."""
 
   def __init__(self, backbone: nnx.Module, num_classes: int, *, axis_name: str | None = None,
                rngs: nnx.Rngs):

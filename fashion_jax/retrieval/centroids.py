@@ -1,4 +1,4 @@
-"""Centroid retrieval (method.md section 8): one gallery vector per product, the mean of its images.
+"""Centroid retrieval (docs/method.md section 8): one gallery vector per product, its images' mean.
 
 The centroids are L2-normalised again and evaluated with the same metrics as single images.
 """

@@ -1,4 +1,4 @@
-"""Retrieval evaluation (method.md section 5): exact mAP and Acc@k (CMC), no sort of the gallery.
+"""Retrieval evaluation (docs/method.md section 5): exact mAP and Acc@k (CMC), no gallery sort.
 
 The rank of every positive is counted per query chunk: memory O((Q + G) x D + Q x P + chunk x G).
 """

@@ -1,4 +1,4 @@
-"""k-reciprocal re-ranking (Zhong et al., CVPR 2017; method.md section 6) on neighbour lists.
+"""k-reciprocal re-ranking (Zhong et al., CVPR 2017; docs/method.md section 6) on neighbour lists.
 
 Only top-k lists and sparse rows are built, never an N x N matrix (memory: k_reciprocal_rerank).
 """
@@ -191,7 +191,7 @@ def _jaccard(index: np.ndarray, values: np.ndarray, num_queries: int,
 def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: float = 0.3, *,
                         chunk_size: int | None = None, gallery_chunk_size: int = 1024,
                         progress=None, devices=None) -> Reranked:
-  """Re-ranked query-gallery distances, as the dense algorithm of method.md section 6 gives them.
+  """Re-ranked query-gallery distances, as docs/method.md section 6's dense algorithm gives them.
 
   Distances among all N = Q + G points are squared Euclidean, each row divided by its maximum
   over all N points (the common implementation divides columns, then transposes), and

@@ -43,7 +43,7 @@ def summary(aps, first_ranks, valid, ks):
 
 
 def k_reciprocal(query_emb, gallery_emb, k1, k2, lam, dtype=np.float32):
-  """Dense re-ranking exactly as method.md section 6 (and the common implementation).
+  """Dense re-ranking exactly as docs/method.md section 6 (and the common implementation).
 
   Distances are squared Euclidean among all N points, each column divided by its maximum, then
   transposed as the common implementation does. V and the Jaccard sums are held in `dtype`

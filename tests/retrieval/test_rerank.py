@@ -1,4 +1,4 @@
-"""Tests for fashion_jax/retrieval/rerank.py against the dense re-ranking of method.md section 6,
+"""Tests for fashion_jax/retrieval/rerank.py against docs/method.md section 6's dense re-ranking,
 
 written in retrieval_reference.py, on clustered embeddings with exact ties.
 """
