@@ -10,9 +10,13 @@ import math
 from absl import logging
 import numpy as np
 import tensorflow as tf
+import tensorflow.experimental.numpy as tnp
 import tensorflow_datasets as tfds
 
 from data_pipelines import resample
+from fashion_jax import preprocessing
+# bench/input_pipeline_bench.py reads the filter names here.
+from fashion_jax.preprocessing import RESIZE_FILTERS  # noqa: F401
 
 # The ImageNet mean pixel in [0, 255]: random erasing fills with it, which becomes ~0 once
 # the model normalises, as erasing after normalisation with the mean does.
@@ -44,35 +48,8 @@ def train_item_ids(builder, split: str = 'train') -> np.ndarray:
   return np.unique(np.asarray(ids, np.int64))
 
 
-# How a stored image becomes the network's input (input.resize_mode):
-#   'stretch': both axes scaled to image_size, as the ReID code does (default);
-#   'letterbox': the aspect ratio kept, only ever shrunk, centred on a white canvas of
-#                image_size, as PIL's Image.thumbnail in the authors' dataset conversion.
-RESIZE_MODES = ('stretch', 'letterbox')
-# And with which filter (input.resize_filter):
-#   'triangle': antialiased bilinear, what PIL's BILINEAR resize does in the ReID code (default),
-#               computed by data_pipelines.resample (compiled), or by TensorFlow where that is
-#               not built;
-#   'area': antialiased box filter;
-#   'bilinear': 2-tap bilinear without antialiasing (aliases when shrinking > 2x).
-RESIZE_FILTERS = ('triangle', 'area', 'bilinear')
-
-
-def _resize_filter(input_config) -> str:
-  name = input_config.get('resize_filter', 'triangle')
-  if name not in RESIZE_FILTERS:
-    raise ValueError(f'input.resize_filter {name!r} is not one of {", ".join(RESIZE_FILTERS)}')
-  return name
-
-
-def _resize_mode(input_config) -> str:
-  name = input_config.get('resize_mode', 'stretch')
-  if name not in RESIZE_MODES:
-    raise ValueError(f'input.resize_mode {name!r} is not one of {", ".join(RESIZE_MODES)}')
-  return name
-
-
-def resize_tf(image: tf.Tensor, size, resize_filter: str = 'triangle') -> tf.Tensor:
+def resize_tf(image: tf.Tensor, size,
+              resize_filter: str = preprocessing.DEFAULT_RESIZE_FILTER) -> tf.Tensor:
   """uint8 [h, w, 3] -> uint8 [height, width, 3] on TensorFlow's kernels, rounded.
 
   size: (height, width) as ints or int32 scalars. For 'triangle' the same pixels as
@@ -113,42 +90,21 @@ def _resize(image: tf.Tensor, size, resize_filter: str) -> tf.Tensor:
   return tf.ensure_shape(resized, static + [3])
 
 
-def letterbox_size(height: tf.Tensor, width: tf.Tensor, target: tuple[int, int]):
-  """The size PIL's Image.thumbnail((W, H)) shrinks an h x w image to, as int32 scalars.
-
-  The aspect ratio is kept, an image that fits is left as it is, and the free side is rounded
-  as PIL rounds it: to the nearest whole number when the height limits, and to whichever of
-  floor and ceiling keeps W / h' closest to w / h when the width limits. In exact integer
-  arithmetic, so an exact tie always goes to the floor, where PIL's float arithmetic picks
-  either; fashion_jax.search letterboxes with the same rule, so training and search agree.
-  """
-  h, w = tf.cast(height, tf.int64), tf.cast(width, tf.int64)
-  big_h, big_w = (tf.constant(v, tf.int64) for v in target)
-  by_height = big_w * h >= w * big_h
-  width_by_height = tf.maximum((2 * big_h * w + h - 1) // (2 * h), 1)
-  low = (big_w * h) // w
-  high = low + tf.cast((big_w * h) % w > 0, tf.int64)
-  take_low = (low == 0) | (big_w * h * high - w * low * high <= w * low * high - big_w * h * low)
-  height_by_width = tf.maximum(tf.where(take_low, low, high), 1)
-  fits = (h <= big_h) & (w <= big_w)
-  out_h = tf.where(fits, h, tf.where(by_height, big_h, height_by_width))
-  out_w = tf.where(fits, w, tf.where(by_height, width_by_height, big_w))
-  return tf.cast(out_h, tf.int32), tf.cast(out_w, tf.int32)
-
-
 def _letterbox(image: tf.Tensor, image_size: tuple[int, int], resize_filter: str) -> tf.Tensor:
   height, width = image_size
   shape = tf.shape(image)
-  content_h, content_w = letterbox_size(shape[0], shape[1], image_size)
+  # The search's geometry, in int64: exact for any size TensorFlow decodes.
+  geometry = preprocessing.letterbox_geometry(shape[0], shape[1], image_size, xp=tnp,
+                                              dtype=tnp.int64)
+  content_h, content_w, top, left = (tf.cast(v, tf.int32) for v in geometry)
   content = _resize(image, (content_h, content_w), resize_filter)
-  top, left = (height - content_h) // 2, (width - content_w) // 2
   padding = [[top, height - content_h - top], [left, width - content_w - left], [0, 0]]
   return tf.ensure_shape(tf.pad(content, padding, constant_values=255), [height, width, 3])
 
 
 def decode_resized_uint8(encoded: tf.Tensor, image_size: tuple[int, int],
-                         resize_filter: str = 'triangle',
-                         resize_mode: str = 'stretch') -> tf.Tensor:
+                         resize_filter: str = preprocessing.DEFAULT_RESIZE_FILTER,
+                         resize_mode: str = preprocessing.DEFAULT_RESIZE_MODE) -> tf.Tensor:
   """JPEG/PNG bytes -> uint8 [H, W, 3]: stretched or letterboxed to image_size, rounded."""
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
   if resize_mode == 'letterbox':
@@ -157,7 +113,8 @@ def decode_resized_uint8(encoded: tf.Tensor, image_size: tuple[int, int],
 
 
 def decode_resized(encoded: tf.Tensor, image_size: tuple[int, int],
-                   resize_filter: str = 'triangle', resize_mode: str = 'stretch') -> tf.Tensor:
+                   resize_filter: str = preprocessing.DEFAULT_RESIZE_FILTER,
+                   resize_mode: str = preprocessing.DEFAULT_RESIZE_MODE) -> tf.Tensor:
   """JPEG/PNG bytes -> float32 [H, W, 3] in [0, 255] (rounded), resized to image_size."""
   return tf.cast(decode_resized_uint8(encoded, image_size, resize_filter, resize_mode),
                  tf.float32)
@@ -217,8 +174,8 @@ def train_augment(encoded: tf.Tensor, seed: tf.Tensor, input_config) -> tf.Tenso
   """
   height, width = input_config.image_size
   seeds = tf.random.experimental.stateless_split(seed, 3)
-  image = decode_resized_uint8(encoded, (height, width), _resize_filter(input_config),
-                               _resize_mode(input_config))
+  resize_mode, resize_filter = preprocessing.resize_settings(input_config)
+  image = decode_resized_uint8(encoded, (height, width), resize_filter, resize_mode)
   flip = tf.random.stateless_uniform([], seeds[0]) < input_config.flip_prob
   image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
   image = _pad_and_crop(image, input_config.pad, seeds[1])
@@ -319,7 +276,7 @@ def create_eval_dataset(builder, split: str, config, *, batch_size: int, process
 
   ds = ds.map(per_image).unbatch()
 
-  resize_filter, resize_mode = _resize_filter(config.input), _resize_mode(config.input)
+  resize_mode, resize_filter = preprocessing.resize_settings(config.input)
 
   def decode(ex):
     ex = dict(ex)

@@ -6,6 +6,7 @@ Experiment files in `configs/` start from `base_config()` and change what differ
 import ml_collections
 
 from fashion_jax import losses
+from fashion_jax import preprocessing
 from fashion_jax.models import parse_backbone
 
 MODES = ('train_and_evaluate', 'train', 'evaluate')
@@ -26,13 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.input = ml_collections.ConfigDict()
   c.input.image_size = (320, 320)  # (height, width); multiples of 16
-  # How a stored crop becomes image_size: 'stretch' (both axes scaled, as the ReID code does)
-  # or 'letterbox' (aspect ratio kept, never enlarged, centred on white, as PIL's thumbnail in
-  # the authors' dataset conversion).
-  c.input.resize_mode = 'stretch'
-  # Resize filter: 'triangle' (antialiased bilinear, as PIL in the ReID code), 'area' (box)
-  # or 'bilinear' (2 taps, no antialiasing).
-  c.input.resize_filter = 'triangle'
+  # How a stored crop becomes image_size, and with which filter: one of
+  # preprocessing.RESIZE_MODES and one of RESIZE_FILTERS (preprocessing.py says what each does).
+  c.input.resize_mode = preprocessing.DEFAULT_RESIZE_MODE
+  c.input.resize_filter = preprocessing.DEFAULT_RESIZE_FILTER
   c.input.flip_prob = 0.5
   c.input.pad = 10
   c.input.erasing_prob = 0.5
@@ -128,6 +126,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
   height, width = config.input.image_size
   if height % 16 or width % 16 or height <= 0 or width <= 0:
     raise ValueError(f'input.image_size must be positive multiples of 16, got {height}x{width}')
+  preprocessing.resize_settings(config.input)
   if config.loss.center_weight < 0:
     raise ValueError(f'loss.center_weight must be >= 0 (0 switches the center loss off), got '
                      f'{config.loss.center_weight}')

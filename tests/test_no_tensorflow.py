@@ -1,4 +1,5 @@
-"""The JAX side (models, losses, step, checkpoints, retrieval) must work where TensorFlow is absent."""
+"""The JAX side (models, losses, step, checkpoints, retrieval, preprocessing) must work where
+TensorFlow is absent."""
 
 import os
 import subprocess
@@ -14,7 +15,7 @@ _SCRIPT = textwrap.dedent('''
         sys.modules[name] = None
     import numpy as np
     import jax
-    from fashion_jax import checkpointing, configlib, optim, train_step as ts
+    from fashion_jax import checkpointing, configlib, optim, preprocessing, train_step as ts
     from fashion_jax.models import build_model
     from fashion_jax.retrieval import metrics
 
@@ -25,7 +26,8 @@ _SCRIPT = textwrap.dedent('''
     graphdef, state = ts.create_train_state(model, tx, 4)
     mesh = ts.make_mesh(jax.devices()[:1])
     step = ts.make_train_step(graphdef, tx, mesh, c.loss, schedule)
-    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    crops = np.random.default_rng(0).integers(0, 256, (8, 40, 24, 3), dtype=np.uint8)
+    images = np.asarray(preprocessing.preprocess(crops, (32, 32), 'letterbox', 'area'))
     labels = np.repeat(np.arange(4), 2).astype(np.int32)
     state, m = step(ts.replicate(state, mesh), images, labels)
     ckpt = checkpointing.Checkpointer(sys.argv[1])

@@ -6,10 +6,10 @@
                      serving_default(images uint8 [None, None, None, 3]) -> {'embeddings'}
   export.json        model, checkpoint, fingerprint, preprocessing and the signature
 
-Both take a batch of crops of one size: each is resized to the model's input size as the
-workdir's input.resize_mode says (stretched, or letterboxed on white with its aspect ratio kept)
-with the filter its input.resize_filter names and rounded to uint8, exactly as the search tool
-does.
+Both take a batch of crops of one size: each is resized to the model's input size by
+fashion_jax.preprocessing.resize_images, as the workdir's input.resize_mode and
+input.resize_filter say (stretched, or letterboxed on white with its aspect ratio kept), and
+rounded to uint8, exactly as the search tool does.
 """
 
 import json

@@ -6,10 +6,12 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow.experimental.numpy as tnp
 
 from data_pipelines import input_pipeline
 from data_pipelines import resample
 from fashion_jax import configlib
+from fashion_jax import preprocessing
 
 
 def _config(batch_size=8, k=2, **input_overrides):
@@ -168,7 +170,7 @@ def test_resize_filters_and_uint8_augmentation():
                                    np.ones((8, 8, 1), np.uint8)))  # 64 x 32 blocks of 8 x 8
   # Enlarging skips the antialiasing kernel; it gives the same pixels (up to rounding).
   resized = {f: input_pipeline.decode_resized_uint8(small, (32, 32), f).numpy().astype(int)
-             for f in input_pipeline.RESIZE_FILTERS}
+             for f in preprocessing.RESIZE_FILTERS}
   reference = tf.image.resize(tf.io.decode_jpeg(small), (32, 32), antialias=True).numpy()
   assert np.abs(resized['triangle'] - reference).max() <= 1
   assert all(np.array_equal(resized['triangle'], r) for r in resized.values())
@@ -209,8 +211,10 @@ def test_letterbox_size_is_pil_thumbnail():
     picture = Image.new('RGB', (w, h))
     picture.thumbnail((big_w, big_h))
     pil = (picture.height, picture.width)
-    ours = tuple(int(v) for v in input_pipeline.letterbox_size(tf.constant(h), tf.constant(w),
-                                                                (big_h, big_w)))
+    # As the pipeline computes it: on TensorFlow's tensors, in int64.
+    geometry = preprocessing.letterbox_geometry(tf.constant(h), tf.constant(w), (big_h, big_w),
+                                                xp=tnp, dtype=tnp.int64)
+    ours = tuple(int(v) for v in geometry[:2])
     if ours == pil:
       continue
     # Only the free side may differ, by one, on an exact tie, where ours takes the floor.

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fashion_jax.preprocessing import letterbox_geometry, preprocess, resize_images
 from fashion_jax.search import images as image_io
 from fashion_jax.search.__main__ import main
 from fashion_jax.search.images import InputError
-from fashion_jax.search.model import (SearchModel, letterbox_geometry, preprocess,
-                                      resize_images)
+from fashion_jax.search.model import SearchModel
 
 
 @pytest.fixture(scope='module')

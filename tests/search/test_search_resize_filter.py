@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fashion_jax.preprocessing import (RESIZE_FILTERS, _numerators, _resize_weights, preprocess,
+                                      resize_images)
 from fashion_jax.search import index as search_index
 from fashion_jax.search.images import InputError
-from fashion_jax.search.model import (RESIZE_FILTERS, SearchModel, _numerators, _resize_weights,
-                                      preprocess, resize_images)
+from fashion_jax.search.model import SearchModel
 
 TARGET = (40, 24)
 # Against (40, 24): both axes shrunk (by factors that are not whole), both enlarged, mixed

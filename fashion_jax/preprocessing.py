@@ -1,0 +1,199 @@
+"""How an image becomes the model's input: the resize modes and filters, their check, the
+letterbox geometry and the resize in JAX. No TensorFlow: the tf.data pipeline imports it too.
+
+The evaluation pipeline (data_pipelines.input_pipeline), the search and the exports resize with
+these names and this geometry, so an image gives the same pixels in training, search and serving
+(up to a value on .5 rounded the other way).
+"""
+
+import jax
+import jax.numpy as jnp
+
+# How a crop reaches image_size (config.input.resize_mode):
+#   'stretch': both axes scaled to image_size, as the ReID code does (the default);
+#   'letterbox': the aspect ratio kept, only ever shrunk (to the size PIL's Image.thumbnail
+#                gives), centred on a white canvas of image_size, as the authors' dataset
+#                conversion does.
+RESIZE_MODES = ('stretch', 'letterbox')
+DEFAULT_RESIZE_MODE = 'stretch'
+# With which filter (config.input.resize_filter):
+#   'triangle': antialiased bilinear, tf.image.resize(antialias=True), what PIL's BILINEAR resize
+#               does in the ReID code (the default);
+#   'area': box filter, tf.image.resize(method='area');
+#   'bilinear': two taps, no antialiasing, tf.image.resize(antialias=False) (aliases when
+#               shrinking more than 2x).
+# Whatever the filter, a crop enlarged along both axes is resized by plain bilinear.
+RESIZE_FILTERS = ('triangle', 'area', 'bilinear')
+DEFAULT_RESIZE_FILTER = 'triangle'
+# Letterbox borders.
+_WHITE = 255.0
+
+
+def _not_one_of(name: str, value, allowed: tuple[str, ...]) -> str:
+  return f'{name} {value!r} is not one of {", ".join(allowed)}'
+
+
+def check_resize(resize_mode: str, resize_filter: str, *,
+                 names: tuple[str, str] = ('resize mode', 'resize filter')) -> None:
+  """Raises a one-line ValueError naming a mode or filter that is not one of RESIZE_MODES or
+  RESIZE_FILTERS, and the ones that are. `names`: what the message calls the two values (the
+  config fields where they come from a config)."""
+  mode_name, filter_name = names
+  if resize_mode not in RESIZE_MODES:
+    raise ValueError(_not_one_of(mode_name, resize_mode, RESIZE_MODES))
+  if resize_filter not in RESIZE_FILTERS:
+    raise ValueError(_not_one_of(filter_name, resize_filter, RESIZE_FILTERS))
+
+
+def resize_settings(input_config) -> tuple[str, str]:
+  """(resize_mode, resize_filter) of a config's `input` section, checked (check_resize); a
+  setting the config lacks takes its default."""
+  resize_mode = input_config.get('resize_mode', DEFAULT_RESIZE_MODE)
+  resize_filter = input_config.get('resize_filter', DEFAULT_RESIZE_FILTER)
+  check_resize(resize_mode, resize_filter, names=('input.resize_mode', 'input.resize_filter'))
+  return resize_mode, resize_filter
+
+
+def letterbox_geometry(height, width, image_size: tuple[int, int], *, xp=jnp, dtype=jnp.int32):
+  """Where a crop of `height` x `width` lands in a letterbox of `image_size` (H, W).
+
+  Returns `dtype` (content height, content width, top, left): the size PIL's
+  `Image.thumbnail((W, H))` gives (aspect ratio kept, never enlarged, PIL's rounding) and the
+  offset that centres it (floor). Exact integer arithmetic (int32: sides up to about
+  2**30 / max(H, W)), elementwise on arrays of sizes, traced or symbolic ones too:
+    - a crop that fits is kept as it is;
+    - if W h >= w H the height limits: H, and the integer nearest H w / h (ties down);
+    - otherwise the width limits: W, and of floor(W h / w) and its ceiling the one whose W / n
+      is closer to w / h (floor on ties, at least 1).
+  An exact tie goes down, where PIL's float arithmetic picks either side.
+  xp: the array namespace, jax.numpy or, in tf.data, tensorflow.experimental.numpy (with
+  dtype int64), so that training and search letterbox by this one rule.
+  """
+  target_height, target_width = image_size
+  h = xp.asarray(height, dtype)
+  w = xp.asarray(width, dtype)
+  fits = (h <= target_height) & (w <= target_width)
+  height_limits = target_width * h >= w * target_height
+  # Height limits: round(H w / h), a tie going down.
+  by_height = xp.maximum(1, (2 * target_height * w + h - 1) // (2 * h))
+  # Width limits: with r = W h mod w, floor lo = W h // w is off by r / w and the ceiling
+  # lo + 1 by (w - r) / w; PIL compares W / lo - w / h = r / (lo h) with
+  # w / h - W / (lo + 1) = (w - r) / ((lo + 1) h).
+  low = (target_width * h) // w
+  remainder = (target_width * h) % w
+  high = low + xp.minimum(remainder, 1)
+  by_width = xp.maximum(1, xp.where((low == 0) | (remainder * high <= (w - remainder) * low),
+                                    low, high))
+  content_height = xp.where(fits, h, xp.where(height_limits, target_height, by_width))
+  content_width = xp.where(fits, w, xp.where(height_limits, by_height, target_width))
+  return (content_height, content_width, (target_height - content_height) // 2,
+          (target_width - content_width) // 2)
+
+
+def _numerators(i: jax.Array, j: jax.Array, n_in, n_out, resize_filter: str = 'triangle',
+                enlarged=None) -> jax.Array:
+  """int32 [out, in] unnormalised weights of input pixel i for output pixel j (axis n_in ->
+  n_out; i, j int32 vectors, n_in, n_out int32 scalars, possibly traced).
+
+  - 'triangle': max(0, 2 max(n_in, n_out) - |(2j + 1) n_in - (2i + 1) n_out|), the triangle
+    kernel widened by the downscale factor, centred on output pixel j at input coordinate
+    (j + 0.5) n_in / n_out - 0.5, as tf.image.resize(antialias=True) defines it;
+  - 'bilinear': max(0, 2 n_out - |(2j + 1) n_in - (2i + 1) n_out|), the same triangle never
+    widened; truncated at the borders and renormalised, that is TensorFlow's clamping of the
+    two taps (tf.image.resize(antialias=False), half-pixel centres);
+  - 'area': in units of 1 / n_out, how much of input pixel [i, i + 1) the interval
+    [j n_in / n_out, (j + 1) n_in / n_out) covers: max(0, min((j + 1) n_in, (i + 1) n_out) -
+    max(j n_in, i n_out)), as TensorFlow's ResizeArea (no half-pixel offset), also where the
+    axis enlarges.
+  `enlarged` (bool, possibly traced): the crop is enlarged along both axes, where the pipeline
+  resizes by plain bilinear whatever the filter. Only 'area' needs it: enlarging, 'triangle'
+  and 'bilinear' are both plain bilinear already.
+  """
+  offsets = jnp.abs((2 * j[:, None] + 1) * n_in - (2 * i[None, :] + 1) * n_out)
+  if resize_filter == 'triangle':
+    return jnp.maximum(0, 2 * jnp.maximum(n_in, n_out) - offsets)
+  bilinear = jnp.maximum(0, 2 * n_out - offsets)
+  if resize_filter == 'bilinear':
+    return bilinear
+  if resize_filter == 'area':
+    area = jnp.maximum(0, jnp.minimum((j[:, None] + 1) * n_in, (i[None, :] + 1) * n_out) -
+                       jnp.maximum(j[:, None] * n_in, i[None, :] * n_out))
+    return area if enlarged is None else jnp.where(enlarged, bilinear, area)
+  raise ValueError(_not_one_of('resize filter', resize_filter, RESIZE_FILTERS))
+
+
+def _resize_weights(in_size, out_size, resize_filter: str = 'triangle',
+                    enlarged=None) -> jax.Array:
+  """[out, in] float32 weights resizing one axis with `resize_filter` (see _numerators).
+
+  Integer numerators normalised by one division each, so the weights come out bit-identical
+  whether the sizes are known when compiling or only when running (a shape-polymorphic
+  export): rounding to uint8 then cannot differ between them.
+  """
+  # The whole axis is content: the placed weights with no offset.
+  weights, _ = _placed_weights(in_size, out_size, jnp.asarray(out_size, jnp.int32), 0,
+                               resize_filter, enlarged)
+  return weights
+
+
+def _placed_weights(in_size, out_size: int, content, offset, resize_filter: str = 'triangle',
+                    enlarged=None):
+  """[out, in] weights resizing `in_size` pixels to `content` pixels placed at `offset` of
+  `out_size`, and [out] bool: which output pixels are content.
+
+  Content row o holds _resize_weights(in_size, content, ...)[o - offset] (the same integer
+  numerators, so the same float32 weights); the other rows are zero. `content`, `offset` and
+  `enlarged` may be traced: the export computes them from symbolic image sizes.
+  """
+  i = jnp.arange(in_size, dtype=jnp.int32)
+  j = jnp.arange(out_size, dtype=jnp.int32) - offset
+  inside = (j >= 0) & (j < content)
+  n_in = jnp.asarray(in_size, jnp.int32)
+  numerator = _numerators(i, j, n_in, content, resize_filter, enlarged)
+  numerator = jnp.where(inside[:, None], numerator, 0)
+  total = jnp.maximum(jnp.sum(numerator, axis=1, keepdims=True), 1)
+  return numerator.astype(jnp.float32) / total.astype(jnp.float32), inside
+
+
+def resize_images(images: jax.Array, image_size: tuple[int, int],
+                  resize_mode: str = DEFAULT_RESIZE_MODE,
+                  resize_filter: str = DEFAULT_RESIZE_FILTER) -> jax.Array:
+  """uint8 [B, h, w, 3] of any size -> uint8 [B, H, W, 3], as the evaluation pipeline resizes:
+  with `resize_filter` (plain bilinear where the crop is enlarged along both axes), clipped,
+  rounded; stretched to (H, W), or letterboxed (aspect ratio kept, never enlarged, centred on
+  white). h and w may be symbolic (a shape-polymorphic export)."""
+  check_resize(resize_mode, resize_filter)
+  height, width = image_size
+  x = images.astype(jnp.float32)
+  highest = jax.lax.Precision.HIGHEST
+  # The crop's size as traced int32 scalars: under a shape-polymorphic export the test
+  # "enlarged along both axes" is only known when running, so it selects between weights.
+  in_height = jnp.asarray(images.shape[1], jnp.int32)
+  in_width = jnp.asarray(images.shape[2], jnp.int32)
+  if resize_mode == 'stretch':
+    enlarged = (in_height <= height) & (in_width <= width)
+    x = jnp.einsum('oh,bhwc->bowc',
+                   _resize_weights(images.shape[1], height, resize_filter, enlarged), x,
+                   precision=highest)
+    x = jnp.einsum('pw,bowc->bopc',
+                   _resize_weights(images.shape[2], width, resize_filter, enlarged), x,
+                   precision=highest)
+  else:
+    content_height, content_width, top, left = letterbox_geometry(
+        images.shape[1], images.shape[2], image_size)
+    # The resize goes to the content size: enlarged means it is at least the crop's.
+    enlarged = (in_height <= content_height) & (in_width <= content_width)
+    rows, row_inside = _placed_weights(images.shape[1], height, content_height, top,
+                                       resize_filter, enlarged)
+    columns, column_inside = _placed_weights(images.shape[2], width, content_width, left,
+                                             resize_filter, enlarged)
+    x = jnp.einsum('oh,bhwc->bowc', rows, x, precision=highest)
+    x = jnp.einsum('pw,bowc->bopc', columns, x, precision=highest)
+    # Border pixels got all-zero weights: 0 + 255 is exactly white.
+    border = ~(row_inside[:, None] & column_inside[None, :])
+    x = x + jnp.where(border, _WHITE, 0.0)[None, :, :, None]
+  return jnp.round(jnp.clip(x, 0.0, 255.0)).astype(jnp.uint8)
+
+
+preprocess = jax.jit(resize_images, static_argnames=('image_size', 'resize_mode',
+                                                     'resize_filter'))
