@@ -53,6 +53,7 @@ def time_stages(builder, config, count: int) -> list[tuple[str, float, float]]:
   import tensorflow as tf
 
   from data_pipelines import input_pipeline
+  from fashion_jax import preprocessing
   ds = builder.as_dataset(split='train', decoders=input_pipeline._SKIP_IMAGES)  # pylint: disable=protected-access
   encoded = ds.flat_map(lambda ex: tf.data.Dataset.from_tensor_slices(ex['images']['image']))
   encoded = encoded.take(count).cache()
@@ -65,11 +66,11 @@ def time_stages(builder, config, count: int) -> list[tuple[str, float, float]]:
       'read the stored bytes': lambda e: tf.strings.substr(e, 0, 1),
       'JPEG decode': lambda e: tf.io.decode_jpeg(e, channels=3),
       **{f'decode + resize ({f})': lambda e, f=f: input_pipeline.decode_resized_uint8(e, size, f)
-         for f in input_pipeline.RESIZE_FILTERS},
+         for f in preprocessing.RESIZE_FILTERS},
       "decode + resize (triangle on TensorFlow's kernel)":
           lambda e: input_pipeline.resize_tf(tf.io.decode_jpeg(e, channels=3), size),
   }
-  for resize_filter in input_pipeline.RESIZE_FILTERS:
+  for resize_filter in preprocessing.RESIZE_FILTERS:
     input_config = config.input.copy_and_resolve_references()
     input_config.resize_filter = resize_filter
     stages[f'whole train augmentation ({resize_filter})'] = (

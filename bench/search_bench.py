@@ -93,7 +93,7 @@ def demo_workdir(path: str | None) -> tuple[str, str]:
   workdir = tempfile.mkdtemp(prefix='search-bench-workdir-')
   model = build_model(config.model, 300)
   tx, _ = optim.make_optimizer(config.optim, 1)
-  _, state = ts.create_train_state(model, tx, 300)
+  _, state = ts.create_train_state(model, tx, 300, loss_config=config.loss)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
   checkpointer.save(0, jax.device_get(state))
   checkpointer.wait()

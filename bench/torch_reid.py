@@ -16,7 +16,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests' / 'models'))
 from torch_reference import TorchResNet  # noqa: E402
 
-from fashion_jax.models.backbones import parse_backbone  # noqa: E402
+from fashion_jax.models import get_backbone  # noqa: E402
 
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1) * 255
 STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1) * 255
@@ -27,12 +27,13 @@ class ReIDModel(nn.Module):
 
   def __init__(self, backbone: str, width: int, last_stride: int, num_classes: int):
     super().__init__()
-    spec = parse_backbone(backbone)
-    if spec.family != 'resnet' or width != 64:
+    entry = get_backbone(backbone)
+    if entry.family != 'resnet' or width != 64:
       raise ValueError(f'the PyTorch reference has ResNet / IBN-Net backbones of width 64 only, '
                        f'not {backbone} width {width}')
-    self.backbone = TorchResNet(spec.depth, spec.ibn, last_stride)
-    features = 512 * (4 if spec.depth >= 50 else 1)
+    depth = entry.arch['depth']
+    self.backbone = TorchResNet(depth, entry.arch['ibn'], last_stride)
+    features = 512 * (4 if depth >= 50 else 1)
     self.bottleneck = nn.BatchNorm1d(features)
     self.bottleneck.bias.requires_grad_(False)
     self.classifier = nn.Linear(features, num_classes, bias=False)

@@ -79,7 +79,7 @@ def _jax_setup(args, height: int, width: int, batch: int, dtype: str):
     raise SystemExit(f'error: batch {batch} is not a multiple of {devices} devices x K={args.k}')
   model = build_model(config.model, args.num_classes)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=1000)
-  graphdef, state = ts.create_train_state(model, tx, args.num_classes)
+  graphdef, state = ts.create_train_state(model, tx, args.num_classes, loss_config=config.loss)
   state = ts.replicate(state, mesh)
   del model
 

@@ -15,8 +15,6 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import resample
 from fashion_jax import preprocessing
-# bench/input_pipeline_bench.py reads the filter names here.
-from fashion_jax.preprocessing import RESIZE_FILTERS  # noqa: F401
 
 # The ImageNet mean pixel in [0, 255]: random erasing fills with it, which becomes ~0 once
 # the model normalises, as erasing after normalisation with the mean does.

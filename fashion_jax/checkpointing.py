@@ -10,6 +10,11 @@ import jax
 import orbax.checkpoint as ocp
 
 
+# Arrays whose place in the state moved: old top-level name -> path in today's state. A
+# checkpoint with the old layout restores into the new one.
+MOVED = {'centers': ('loss_state', 'center', 'centers')}
+
+
 class Checkpointer:
   """A thin CheckpointManager: save(step, state), restore(like), latest_step()."""
 
@@ -42,9 +47,27 @@ class Checkpointer:
       abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                               self._manager.item_metadata(step).tree)
     else:
+      like, moved = self._in_saved_layout(step, like)
       self._check_fits(step, like)
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+      if moved:
+        return _move_back(self._manager.restore(step, args=ocp.args.StandardRestore(abstract)),
+                          moved)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def _in_saved_layout(self, step: int, like):
+    """`like` rearranged as the checkpoint at `step` stores it, and the moves undone."""
+    saved = self._manager.item_metadata(step).tree
+    moved = [(old, path) for old, path in MOVED.items()
+             if isinstance(like, dict) and old in saved and old not in like
+             and _get(like, path) is not None]
+    if not moved:
+      return like, []
+    like = dict(like)
+    for old, path in moved:
+      like[old] = _get(like, path)
+      like = _without(like, path)
+    return like, moved
 
   def _check_fits(self, step: int, like) -> None:
     """Names every array that the checkpoint lacks, adds, or holds with another shape."""
@@ -70,6 +93,35 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _get(tree, path):
+  for key in path:
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def _without(tree: dict, path) -> dict:
+  """`tree` without the leaf at `path`, and without the dicts that leaves empty."""
+  head, *rest = path
+  if not rest:
+    return {k: v for k, v in tree.items() if k != head}
+  inner = _without(tree[head], rest)
+  return {k: v for k, v in tree.items() if k != head} | ({head: inner} if inner else {})
+
+
+def _move_back(state: dict, moved) -> dict:
+  state = dict(state)
+  for old, path in moved:
+    value = state.pop(old)
+    node = state
+    for key in path[:-1]:
+      node[key] = dict(node.get(key, {}))
+      node = node[key]
+    node[path[-1]] = value
+  return state
 
 
 def _key_name(entry) -> str:

@@ -5,9 +5,9 @@ Experiment files in `configs/` start from `base_config()` and change what differ
 
 import ml_collections
 
-from fashion_jax import losses
+from fashion_jax import objective
 from fashion_jax import preprocessing
-from fashion_jax.models import parse_backbone
+from fashion_jax.models.backbones import check_options
 
 MODES = ('train_and_evaluate', 'train', 'evaluate')
 
@@ -117,12 +117,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
     raise ValueError(f'unknown mode {config.mode!r}; choose one of {", ".join(MODES)}')
   if not config.dataset.name:
     raise ValueError('config.dataset.name is empty; name a TFDS dataset, e.g. fashion_synth/demo')
-  parse_backbone(config.model.backbone)
+  check_options(config.model.backbone, width=config.model.get('width', 64),
+                drop_path_rate=config.model.get('drop_path_rate', 0.0))
   if config.model.last_stride not in (1, 2):
     raise ValueError(f'model.last_stride must be 1 or 2, got {config.model.last_stride}')
-  if config.loss.metric not in (*losses.METRIC_LOSSES, 'none'):
-    raise ValueError(f'unknown metric loss {config.loss.metric!r}; choose one of '
-                     f'{", ".join(losses.METRIC_LOSSES)}, none')
+  objective.check_metric(config.loss.metric)
   height, width = config.input.image_size
   if height % 16 or width % 16 or height <= 0 or width <= 0:
     raise ValueError(f'input.image_size must be positive multiples of 16, got {height}x{width}')

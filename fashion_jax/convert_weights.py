@@ -16,8 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 from flax import nnx
 
-from fashion_jax.models import build_backbone
-from fashion_jax.models.backbones import torch_name_fn
+from fashion_jax.models import build_backbone, get_backbone
 from fashion_jax.models.pretrained import mismatch_problems, save_backbone_weights, variables
 
 
@@ -102,7 +101,7 @@ def convert_state_dict(arch: str, tensors: Mapping[str, np.ndarray], *,
 
   Raises ConversionError naming every unknown, missing and mis-shaped tensor.
   """
-  torch_name = torch_name_fn(arch)
+  torch_name = get_backbone(arch).torch_name
   abstract = nnx.eval_shape(lambda: build_backbone(arch, rngs=nnx.Rngs(0)))
   expected = {torch_name(k): (k, tuple(v.shape)) for k, v in variables(abstract).items()}
   dropped = sorted(k for k in tensors if _is_dropped(k))

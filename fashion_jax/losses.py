@@ -3,8 +3,6 @@
 Label-smoothed cross-entropy, batch-hard triplet and quadruplet, and center loss.
 """
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
@@ -154,7 +152,7 @@ def batch_hard_quadruplet_loss(
 
 
 def center_loss(features: jax.Array, labels: jax.Array, centers: jax.Array) -> jax.Array:
-  """Center loss (Wen et al., 2016) as the ReID strong baseline computes it: mean_i ||f_i - c_{y_i}||^2.
+  """Center loss (Wen et al., 2016) as the strong baseline computes it: mean_i ||f_i - c_{y_i}||^2.
 
   No factor 1/2 (Wen et al. write one; the reference code does not, and the loss weight and the
   centers' learning rate are tuned for this form).
@@ -169,18 +167,3 @@ def center_loss(features: jax.Array, labels: jax.Array, centers: jax.Array) -> j
   """
   difference = features.astype(jnp.float32) - centers.astype(jnp.float32)[labels]
   return jnp.mean(jnp.sum(difference * difference, axis=1))
-
-
-METRIC_LOSSES: dict[str, Callable[..., jax.Array]] = {
-    'triplet': batch_hard_triplet_loss,
-    'quadruplet': batch_hard_quadruplet_loss,
-}
-
-
-def get_metric_loss(name: str) -> Callable[..., jax.Array]:
-  """The metric-learning loss called `name` in a config ('triplet' or 'quadruplet')."""
-  if name not in METRIC_LOSSES:
-    raise ValueError(
-        f'Unknown metric loss {name!r}; valid names: {", ".join(sorted(METRIC_LOSSES))}.'
-    )
-  return METRIC_LOSSES[name]

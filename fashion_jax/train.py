@@ -114,7 +114,8 @@ def setup(config, workdir: str):
   model = build_model(config.model, len(item_ids), seed=config.seed)
   load_pretrained_from_config(model, config.model)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch)
-  graphdef, state = ts.create_train_state(model, tx, len(item_ids), seed=config.seed)
+  graphdef, state = ts.create_train_state(model, tx, len(item_ids), loss_config=config.loss,
+                                         seed=config.seed)
   mesh = ts.make_mesh()
   state = ts.replicate(state, mesh)
   if checkpointer.latest_step() is not None:

@@ -15,10 +15,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fashion_jax import losses
+from fashion_jax.objective import Objective
 
 DATA_AXIS = 'data'
-TrainState = dict[str, Any]  # step, params, batch_stats, opt_state, centers
+TrainState = dict[str, Any]  # step, params, batch_stats, opt_state, loss_state, nonfinite_step
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -27,82 +27,61 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, num_classes: int,
-                       *, seed: int = 0) -> tuple[nnx.GraphDef, TrainState]:
-  """Splits `model` once into its static graph and the pure-array state the step updates."""
+                       *, loss_config, seed: int = 0) -> tuple[nnx.GraphDef, TrainState]:
+  """Splits `model` once into its static graph and the pure-array state the step updates.
+
+  `loss_state` holds the state of the loss terms that have one (`objective.py`), by term name.
+  """
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   # Plain arrays, not Variable objects: the state crosses jit/grad/shard_map boundaries.
   params, batch_stats = nnx.as_pure((params, batch_stats))
-  feat = model.backbone.out_features
   state = {
       'step': jnp.zeros((), jnp.int32),
       'params': params,
       'batch_stats': batch_stats,
       'opt_state': tx.init(params),
-      # N(0, 1), as the strong baseline initialises its center-loss centers.
-      'centers': jax.random.normal(jax.random.key(seed), (num_classes, feat), jnp.float32),
+      'loss_state': Objective(loss_config).init_state(
+          jax.random.key(seed), num_classes, model.backbone.out_features),
       # The first step whose loss, gradients or update were not finite; -1 while all were.
       'nonfinite_step': jnp.full((), -1, jnp.int32),
   }
   return graphdef, state
 
 
-def metric_loss(loss_config):
-  """The configured metric loss as fn(features [B, F], labels [B]) -> scalar.
-
-  'none' trains with the classification loss alone (as the paper trains OSNet-AIN).
-  """
-  if loss_config.metric == 'none':
-    return lambda features, labels: jnp.zeros((), jnp.float32)
-  fn = losses.get_metric_loss(loss_config.metric)
-  if loss_config.metric == 'quadruplet':
-    return functools.partial(fn, margin1=loss_config.quadruplet_margins[0],
-                             margin2=loss_config.quadruplet_margins[1])
-  return functools.partial(fn, margin=loss_config.triplet_margin)
-
-
 def loss_and_grads(graphdef: nnx.GraphDef, state: TrainState, images: jax.Array,
                    labels: jax.Array, loss_config, key: jax.Array | None = None):
-  """Loss of one (per-device) batch and its gradients w.r.t. parameters and centers.
+  """Loss of one (per-device) batch and its gradients w.r.t. parameters and the loss state.
 
-  `key` drives stochastic depth (models built with model.drop_path_rate > 0). Returns
-  (grads, center_grads, new_batch_stats, metrics). This is the whole per-device computation;
+  `key` reaches the backbone's stochastic layers (e.g. model.drop_path_rate > 0). Returns
+  (grads, loss_state_grads, new_batch_stats, metrics). This is the whole per-device computation;
   the step only adds the cross-device averaging and the updates.
   """
-  metric_fn = metric_loss(loss_config)
+  objective = Objective(loss_config)
 
-  def loss_fn(params, centers, batch_stats):
+  def loss_fn(params, loss_state, batch_stats):
     model = nnx.merge(graphdef, params, batch_stats)
     out = model(images, train=True, key=key)
-    id_loss = losses.cross_entropy_label_smoothing(out.logits, labels, loss_config.label_smoothing)
-    metric = metric_fn(out.global_feat, labels)
-    center = losses.center_loss(out.global_feat, labels, centers)
-    # A zero weight switches the center loss off (and, below, the centers' updates).
-    total = id_loss + metric + loss_config.center_weight * center
-    accuracy = jnp.mean(jnp.argmax(out.logits, -1) == labels)
-    metrics = {'loss': total, 'id_loss': id_loss, 'metric_loss': metric, 'center_loss': center,
-               'accuracy': accuracy}
+    total, metrics = objective(loss_state, out, labels)
+    metrics = {'loss': total, **metrics,
+               'accuracy': jnp.mean(jnp.argmax(out.logits, -1) == labels)}
     return total, (metrics, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
 
   grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
-  (grads, center_grads), (metrics, batch_stats) = grad_fn(
-      state['params'], state['centers'], state['batch_stats'])
-  return grads, center_grads, batch_stats, metrics
+  (grads, loss_state_grads), (metrics, batch_stats) = grad_fn(
+      state['params'], state['loss_state'], state['batch_stats'])
+  return grads, loss_state_grads, batch_stats, metrics
 
 
-def apply_gradients(state: TrainState, grads, center_grads, batch_stats,
+def apply_gradients(state: TrainState, grads, loss_state_grads, batch_stats,
                     tx: optax.GradientTransformation, loss_config) -> TrainState:
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  # The centers' own SGD; dividing by beta undoes the loss weight (docs/method.md section 3).
-  centers = state['centers']
-  if loss_config.center_weight > 0:
-    centers = centers - loss_config.center_lr * center_grads / loss_config.center_weight
   return {
       **state,
       'step': state['step'] + 1,
       'params': optax.apply_updates(state['params'], updates),
       'batch_stats': batch_stats,
       'opt_state': opt_state,
-      'centers': centers,
+      'loss_state': Objective(loss_config).update_state(state['loss_state'], loss_state_grads),
   }
 
 
@@ -116,7 +95,7 @@ def guard_nonfinite(state: TrainState, new_state: TrainState, computed) -> Train
   A NaN therefore never reaches the parameters, and so never a checkpoint; the step at which it
   appeared is recorded for the host, which stops training when it next looks.
   """
-  finite = _all_finite((computed, new_state['params'], new_state['centers'],
+  finite = _all_finite((computed, new_state['params'], new_state['loss_state'],
                         new_state['batch_stats']))
   # One conditional, not one select per array: XLA's CPU fusion pass takes time far worse than
   # linear in the number of selects sharing one predicate (a ResNet-50 step took minutes to
@@ -148,15 +127,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, me
     # averaged explicitly below).
     local_state = jax.lax.pcast(state, DATA_AXIS, to='varying')
     key = step_key(seed, state['step'], jax.lax.axis_index(DATA_AXIS))
-    grads, center_grads, batch_stats, metrics = loss_and_grads(
+    grads, loss_state_grads, batch_stats, metrics = loss_and_grads(
         graphdef, local_state, images, labels, loss_config, key)
-    grads, center_grads = jax.lax.pmean((grads, center_grads), DATA_AXIS)
+    grads, loss_state_grads = jax.lax.pmean((grads, loss_state_grads), DATA_AXIS)
     # Per-device (or synchronised) statistics are averaged so the replicated state is consistent.
     batch_stats = jax.lax.pmean(batch_stats, DATA_AXIS)
-    new_state = apply_gradients(state, grads, center_grads, batch_stats, tx, loss_config)
+    new_state = apply_gradients(state, grads, loss_state_grads, batch_stats, tx, loss_config)
     metrics = jax.lax.pmean(metrics, DATA_AXIS)
     metrics['learning_rate'] = schedule(state['step'])
-    return guard_nonfinite(state, new_state, (metrics['loss'], grads, center_grads)), metrics
+    return guard_nonfinite(state, new_state, (metrics['loss'], grads, loss_state_grads)), metrics
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
                           out_specs=(P(), P()))

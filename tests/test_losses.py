@@ -210,10 +210,3 @@ def test_jit_matches_eager(name):
   x, labels = _pk_batch(13, 4, 4)
   np.testing.assert_allclose(jax.jit(LOSS_CALLS[name])(x, labels), LOSS_CALLS[name](x, labels),
                              rtol=1e-6)
-
-
-def test_get_metric_loss():
-  assert losses.get_metric_loss('triplet') is losses.batch_hard_triplet_loss
-  assert losses.get_metric_loss('quadruplet') is losses.batch_hard_quadruplet_loss
-  with pytest.raises(ValueError, match='quadruplet, triplet'):
-    losses.get_metric_loss('contrastive')

@@ -23,7 +23,7 @@ _SCRIPT = textwrap.dedent('''
     c.model.backbone, c.model.width = 'resnet10_ibn_a', 8
     model = build_model(c.model, 4)
     tx, schedule = optim.make_optimizer(c.optim, 1)
-    graphdef, state = ts.create_train_state(model, tx, 4)
+    graphdef, state = ts.create_train_state(model, tx, 4, loss_config=c.loss)
     mesh = ts.make_mesh(jax.devices()[:1])
     step = ts.make_train_step(graphdef, tx, mesh, c.loss, schedule)
     crops = np.random.default_rng(0).integers(0, 256, (8, 40, 24, 3), dtype=np.uint8)

@@ -176,7 +176,8 @@ def test_restoring_another_architecture_names_the_mismatching_arrays(tmp_path):
     c = configlib.base_config()
     c.model.backbone, c.model.width = 'resnet10_ibn_a', width
     tx, _ = optim.make_optimizer(c.optim, 1)
-    return ts.create_train_state(build_model(c.model, classes), tx, classes)[1]
+    return ts.create_train_state(build_model(c.model, classes), tx, classes,
+                                 loss_config=c.loss)[1]
 
   ckpt = checkpointing.Checkpointer(str(tmp_path / 'ckpt'))
   ckpt.save(1, state_for(8, 5))

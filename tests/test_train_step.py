@@ -37,7 +37,7 @@ def _batch():
 def _fresh_state(config):
   model = build_model(config.model, NUM_CLASSES, seed=0)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=10)
-  graphdef, state = ts.create_train_state(model, tx, NUM_CLASSES, seed=0)
+  graphdef, state = ts.create_train_state(model, tx, NUM_CLASSES, loss_config=config.loss, seed=0)
   return graphdef, state, tx, schedule
 
 
@@ -107,11 +107,11 @@ def test_center_update_is_independent_of_the_loss_weight():
     x, y = jnp.asarray(images[:4]), jnp.asarray(labels[:4])
     grads, center_grads, stats, _ = ts.loss_and_grads(graphdef, state, x, y, config.loss)
     new = ts.apply_gradients(state, grads, center_grads, stats, tx, config.loss)
-    centers_after.append(np.asarray(new['centers']))
+    centers_after.append(np.asarray(new['loss_state']['center']['centers']))
     # SGD with lr 0.5 on the center loss alone: c -= 0.5 * d(center_loss)/dc = 0.5 * 2 (c - f) / B.
     model = nnx.merge(graphdef, state['params'], state['batch_stats'])
     feats = model(x, train=True).global_feat
-    c = np.asarray(state['centers'])
+    c = np.asarray(state['loss_state']['center']['centers'])
     expected = c.copy()
     for f, label in zip(np.asarray(feats), np.asarray(y)):
       expected[label] -= 0.5 * 2.0 * (c[label] - f) / len(y)
@@ -149,4 +149,5 @@ def test_classification_only_leaves_metric_and_centers_out():
   assert float(metrics['metric_loss']) == 0.0
   np.testing.assert_allclose(metrics['loss'], metrics['id_loss'], rtol=1e-6)
   new = ts.apply_gradients(state, grads, center_grads, stats, tx, config.loss)
-  np.testing.assert_array_equal(new['centers'], state['centers'])
+  np.testing.assert_array_equal(new['loss_state']['center']['centers'],
+                                state['loss_state']['center']['centers'])

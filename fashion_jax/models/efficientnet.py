@@ -7,12 +7,14 @@ The backbone ends after `features.8`, the 1x1 head convolution; torchvision's dr
 `classifier` are replaced by the ReID head.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fashion_jax.models.base import Backbone
 from fashion_jax.models.layers import BatchNorm
 from fashion_jax.models.resnet import CONV_INIT, TORCH_LEAF
 
@@ -179,3 +181,10 @@ def torch_name(path: str) -> str:
   *modules, leaf = path.split('.')
   modules = [{'conv': '0', 'bn': '1'}.get(m, m) for m in modules]
   return '.'.join(modules + [TORCH_LEAF[leaf]])
+
+
+BACKBONES = tuple(
+    Backbone(name=f'efficientnet_{variant}', family='efficientnet',
+             build=functools.partial(EfficientNet, variant), torch_name=torch_name,
+             options=('last_stride', 'drop_path_rate'), arch={'variant': variant})
+    for variant in EFFICIENTNET_SCALES)

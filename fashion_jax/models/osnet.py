@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fashion_jax.models.base import Backbone
 from fashion_jax.models.layers import BatchNorm, InstanceNorm
 from fashion_jax.models.resnet import CONV_INIT, TORCH_LEAF
 
@@ -129,7 +130,8 @@ class OSNetAIN(nnx.Module):
     self.conv5 = ConvLayer(c[3], c[3], **kw)
     self.out_features = c[3]
 
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> jax.Array:
+    del key  # no stochastic layers
     x = self.conv1(x.astype(self.dtype), train=train)
     x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for blocks, pool in ((self.conv2, self.pool2), (self.conv3, self.pool3), (self.conv4, None)):
@@ -144,3 +146,7 @@ def torch_name(path: str) -> str:
   """Flax variable path -> torchreid state_dict key: the module path is the same."""
   *modules, leaf = path.split('.')
   return '.'.join(modules + [TORCH_LEAF[leaf]])
+
+
+BACKBONES = (Backbone(name='osnet_ain_x1_0', family='osnet_ain', build=OSNetAIN,
+                      torch_name=torch_name, options=()),)

@@ -4,13 +4,15 @@ Images enter as uint8 (or float pixel values in [0, 255]); ImageNet normalisatio
 so the exported embedding function includes its preprocessing.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fashion_jax.models.backbones import build_backbone
+from fashion_jax.models.backbones import build_backbone, get_backbone
+from fashion_jax.models.base import global_average_pool
 from fashion_jax.models.layers import BatchNorm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -24,11 +26,16 @@ class ReIDOutput(NamedTuple):
 
 
 class ReIDModel(nnx.Module):
-  """Backbone + global average pooling + BNNeck + classifier (docs/method.md section 2)."""
+  """Backbone + pooling + BNNeck + classifier (docs/method.md section 2).
+
+  `pool` turns the backbone's output into [B, F] (global average pooling of a feature map for
+  the convolutional backbones: the registry entry's `pool`).
+  """
 
   def __init__(self, backbone: nnx.Module, num_classes: int, *, axis_name: str | None = None,
-               rngs: nnx.Rngs):
+               pool: Callable[[jax.Array], jax.Array] = global_average_pool, rngs: nnx.Rngs):
     self.backbone = backbone
+    self.pool = pool
     feat = backbone.out_features
     self.bottleneck = BatchNorm(feat, use_bias=False, axis_name=axis_name)
     self.classifier = nnx.Linear(feat, num_classes, use_bias=False,
@@ -43,12 +50,11 @@ class ReIDModel(nnx.Module):
                key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """images [B, H, W, 3] in [0, 255] -> (f_t, f_i), each [B, F] float32.
 
-    `key` drives the backbone's stochastic depth in training (EfficientNet built with
-    drop_path_rate > 0); other backbones take no key.
+    `key` reaches every backbone and drives its stochastic layers in training (e.g.
+    EfficientNet's stochastic depth); backbones without any ignore it.
     """
-    extra = {'key': key} if getattr(self.backbone, 'drop_path_rate', 0.0) > 0 else {}
-    fmap = self.backbone(normalize_images(images), train=train, **extra)
-    global_feat = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+    features = self.backbone(normalize_images(images), train=train, key=key)
+    global_feat = self.pool(features)
     return global_feat, self.bottleneck(global_feat, train=train)
 
   def embed(self, images: jax.Array) -> jax.Array:
@@ -70,4 +76,5 @@ def build_model(model_config, num_classes: int, *, seed: int = 0) -> ReIDModel:
   backbone = build_backbone(model_config.backbone, last_stride=model_config.last_stride,
                             width=model_config.get('width', 64), dtype=dtype, axis_name=axis_name,
                             drop_path_rate=model_config.get('drop_path_rate', 0.0), rngs=rngs)
-  return ReIDModel(backbone, num_classes, axis_name=axis_name, rngs=rngs)
+  return ReIDModel(backbone, num_classes, axis_name=axis_name,
+                   pool=get_backbone(model_config.backbone).pool, rngs=rngs)

@@ -5,12 +5,14 @@ PyTorch checkpoints map onto them one to one (see `torch_name`).
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fashion_jax.models.base import Backbone
 from fashion_jax.models.layers import IBN, BatchNorm, InstanceNorm
 
 
@@ -162,7 +164,8 @@ class ResNet(nnx.Module):
       setattr(self, f'layer{stage + 1}', nnx.List(blocks))
     self.out_features = in_ch
 
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> jax.Array:
+    del key  # no stochastic layers
     x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype)), train=train))
     # torch's MaxPool2d(3, 2, padding=1) pads with -inf, as flax's max_pool does.
     x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -190,3 +193,12 @@ def torch_name(path: str) -> str:
 
 TORCH_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
                'var': 'running_var'}
+
+
+def _entry(depth: int, ibn: str | None) -> Backbone:
+  return Backbone(name=f'resnet{depth}' + ('' if ibn is None else f'_ibn_{ibn}'), family='resnet',
+                  build=functools.partial(ResNet, depth, ibn=ibn), torch_name=torch_name,
+                  options=('last_stride', 'width'), arch={'depth': depth, 'ibn': ibn})
+
+
+BACKBONES = tuple(_entry(depth, ibn) for depth in RESNET_SPECS for ibn in IBN_CFGS)

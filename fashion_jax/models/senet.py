@@ -4,12 +4,15 @@ Module names mirror the PyTorch reference that published the ImageNet weights (C
 pretrainedmodels `senet.py`: `layer0`, `se_module.fc1/fc2`), so `resnet.torch_name` maps them.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fashion_jax.models.base import Backbone
 from fashion_jax.models.layers import BatchNorm
-from fashion_jax.models.resnet import CONV_INIT, Downsample, conv
+from fashion_jax.models.resnet import CONV_INIT, Downsample, conv, torch_name
 
 SE_RESNEXT_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -100,9 +103,17 @@ class SEResNeXt(nnx.Module):
       setattr(self, f'layer{stage + 1}', nnx.List(blocks))
     self.out_features = in_ch
 
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> jax.Array:
+    del key  # no stochastic layers
     x = self.layer0(x.astype(self.dtype), train=train)
     for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
       for block in stage:
         x = block(x, train=train)
     return x
+
+
+BACKBONES = tuple(
+    Backbone(name=f'se_resnext{depth}_32x4d', family='se_resnext',
+             build=functools.partial(SEResNeXt, depth), torch_name=torch_name,
+             arch={'depth': depth})
+    for depth in SE_RESNEXT_LAYERS)

@@ -17,6 +17,7 @@ import tempfile
 import numpy as np
 from tqdm import tqdm
 
+from fashion_jax import preprocessing
 from fashion_jax.retrieval import centroids as retrieval_centroids
 from fashion_jax.search import images as image_io
 from fashion_jax.search.images import InputError
@@ -200,8 +201,8 @@ def check_model(meta: dict, model) -> None:
   if meta['model']['fingerprint'] != model.fingerprint:
     # Name the preprocessing settings that differ (e.g. resize 'stretch' vs 'letterbox'): the
     # same weights with other preprocessing give other embeddings.
-    # The resize filter is only recorded when not the default (model.DEFAULT_RESIZE_FILTER).
-    defaults = {'filter': 'triangle'}
+    # The resize filter is only recorded when not the default.
+    defaults = {'filter': preprocessing.DEFAULT_RESIZE_FILTER}
     built = {**defaults, **meta['model'].get('preprocessing', {})}
     here = {**defaults, **model.preprocessing}
     differing = [f'{key} {built.get(key)!r} in the index, {value!r} here'

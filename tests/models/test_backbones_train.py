@@ -33,7 +33,7 @@ import tiny_config
 from data_pipelines import input_pipeline
 from fashion_jax import optim
 from fashion_jax import train_step as ts
-from fashion_jax.models import backbone_names, build_model, parse_backbone
+from fashion_jax.models import backbone_names, build_model, get_backbone
 
 STEPS = 2
 # Basic blocks with IBN-b (InstanceNorm stem, IN after the residual sum); IBN-a's layer trains
@@ -63,8 +63,8 @@ def _config_for(base, name):
   config = base.copy_and_resolve_references()
   config.model.backbone = name
   config.model.last_stride = 1
-  config.model.width = 8 if parse_backbone(name).family == 'resnet' else 64
-  if parse_backbone(name).family == 'osnet_ain':
+  config.model.width = 8 if get_backbone(name).family == 'resnet' else 64
+  if get_backbone(name).family == 'osnet_ain':
     # The paper trains OSNet-AIN with the classification loss alone (configs/osnet_ain.py).
     config.loss.metric = 'none'
     config.loss.center_weight = 0.0
@@ -77,7 +77,7 @@ def test_backbone_trains_without_nan(name, tiny_batches):
   config = _config_for(base, name)
   model = build_model(config.model, num_classes, seed=0)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=2)
-  graphdef, state = ts.create_train_state(model, tx, num_classes, seed=0)
+  graphdef, state = ts.create_train_state(model, tx, num_classes, loss_config=config.loss, seed=0)
   params_before = jax.device_get(state['params'])
   mesh = ts.make_mesh()
   assert mesh.size == 4, 'tests/conftest.py sets 4 simulated CPU devices'

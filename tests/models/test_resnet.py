@@ -14,8 +14,7 @@ from flax import nnx
 
 from fashion_jax import configlib
 from fashion_jax import train_step as ts
-from fashion_jax.models import (BackboneSpec, backbone_names, build_backbone, build_model,
-                                parse_backbone)
+from fashion_jax.models import backbone_names, build_backbone, build_model, get_backbone
 from fashion_jax.models.layers import IBN, BatchNorm, InstanceNorm
 
 
@@ -107,10 +106,10 @@ def test_ibn_b_layout():
 
 
 def _out_channels(name):
-  spec = parse_backbone(name)
-  if spec.family == 'efficientnet':
+  entry = get_backbone(name)
+  if entry.family == 'efficientnet':
     return {'efficientnet_b2': 1408, 'efficientnet_b4': 1792}[name]  # 4x the last stage's
-  return 512 if spec.family == 'osnet_ain' or spec.depth < 50 else 2048
+  return 512 if entry.family == 'osnet_ain' or entry.arch['depth'] < 50 else 2048
 
 
 # Every backbone, both input sizes of the paper per case.
@@ -120,7 +119,7 @@ def test_feature_map_shapes(name, last_stride):
   backbone = _abstract(name, last_stride=last_stride)
   graphdef, state = nnx.split(backbone)
   # OSNet has no strided last stage: always 1/16.
-  stride = 16 if last_stride == 1 or parse_backbone(name).family == 'osnet_ain' else 32
+  stride = 16 if last_stride == 1 or get_backbone(name).family == 'osnet_ain' else 32
   channels = _out_channels(name)
   assert backbone.out_features == channels
   for size in ((256, 128), (320, 320)):
@@ -199,7 +198,8 @@ def test_bfloat16_step_matches_float32(small_model):
   for name, model in (('float32', small_model), ('bfloat16', model_bf16)):
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     state = {'params': nnx.as_pure(params), 'batch_stats': nnx.as_pure(stats),
-             'centers': jax.random.normal(jax.random.key(0), (7, model.backbone.out_features))}
+             'loss_state': {'center': {'centers': jax.random.normal(
+                 jax.random.key(0), (7, model.backbone.out_features))}}}
 
     @jax.jit
     def step(state, graphdef=graphdef):
@@ -214,24 +214,27 @@ def test_bfloat16_step_matches_float32(small_model):
   assert float(jnp.min(jnp.sum(emb32 * emb16, axis=1))) > 0.99
 
 
-def test_parse_backbone_rejects_unknown_names():
-  assert parse_backbone('resnet50_ibn_a') == BackboneSpec('resnet50_ibn_a', 50, 'a')
-  assert parse_backbone('resnet50_ibn_b') == BackboneSpec('resnet50_ibn_b', 50, 'b')
-  assert parse_backbone('resnet101_ibn_a') == BackboneSpec('resnet101_ibn_a', 101, 'a')
-  assert parse_backbone('resnet18') == BackboneSpec('resnet18', 18, None)
-  assert parse_backbone('se_resnext50_32x4d') == BackboneSpec('se_resnext50_32x4d', 50, None,
-                                                              'se_resnext')
-  assert parse_backbone('osnet_ain_x1_0') == BackboneSpec('osnet_ain_x1_0', None, None,
-                                                          'osnet_ain')
-  assert parse_backbone('efficientnet_b4') == BackboneSpec('efficientnet_b4', None, None,
-                                                           'efficientnet')
-  assert all(parse_backbone(name).name == name for name in backbone_names())
+def _described(name):
+  entry = get_backbone(name)
+  return entry.name, entry.family, dict(entry.arch)
+
+
+def test_get_backbone_rejects_unknown_names():
+  assert _described('resnet50_ibn_a') == ('resnet50_ibn_a', 'resnet', {'depth': 50, 'ibn': 'a'})
+  assert _described('resnet50_ibn_b') == ('resnet50_ibn_b', 'resnet', {'depth': 50, 'ibn': 'b'})
+  assert _described('resnet101_ibn_a') == ('resnet101_ibn_a', 'resnet',
+                                           {'depth': 101, 'ibn': 'a'})
+  assert _described('resnet18') == ('resnet18', 'resnet', {'depth': 18, 'ibn': None})
+  assert _described('se_resnext50_32x4d') == ('se_resnext50_32x4d', 'se_resnext', {'depth': 50})
+  assert _described('osnet_ain_x1_0') == ('osnet_ain_x1_0', 'osnet_ain', {})
+  assert _described('efficientnet_b4') == ('efficientnet_b4', 'efficientnet', {'variant': 'b4'})
+  assert all(get_backbone(name).name == name for name in backbone_names())
   with pytest.raises(ValueError, match="unknown backbone 'resnet51'"):
-    parse_backbone('resnet51')
+    get_backbone('resnet51')
   for bad in ('vit_b16', 'resnet50_ibn_c', 'resnet50_ibn_', 'se_resnext50',
               'se_resnext34_32x4d', 'efficientnet_b3', 'efficientnet_b22', 'efficientnet'):
     with pytest.raises(ValueError, match='unknown backbone'):
-      parse_backbone(bad)
+      get_backbone(bad)
 
 
 def test_conv_init_is_kaiming_normal_fan_out_and_a_function_of_the_key():

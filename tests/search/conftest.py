@@ -30,7 +30,8 @@ def write_workdir(path, *, seed: int = 0, num_classes: int = 5) -> str:
   config.seed = seed
   tx, _ = optim.make_optimizer(config.optim, 1)
   shapes = jax.eval_shape(
-      lambda: ts.create_train_state(build_model(config.model, num_classes), tx, num_classes)[1])
+      lambda: ts.create_train_state(build_model(config.model, num_classes), tx, num_classes,
+                                    loss_config=config.loss)[1])
   rng = np.random.default_rng(seed)
 
   def value(path, leaf):
