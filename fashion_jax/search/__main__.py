@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
   serve.add_argument('--port', type=int, default=8080)
   serve.add_argument('--max-upload-bytes', type=int, default=10 * 1024 * 1024)
   serve.add_argument('-k', type=int, default=12, help='default products per query')
+  serve.add_argument('--max-in-flight', type=int, default=64,
+                     help='searches admitted at once; more are answered 503')
+  serve.add_argument('--max-batch', type=int, default=16,
+                     help='queries embedded together (1: no batching)')
+  serve.add_argument('--max-wait-ms', type=float, default=5.0,
+                     help='how long a query waits for others to batch with')
+  serve.add_argument('--quiet', action='store_true', help='no access log')
   _model_flags(serve)
 
   export = commands.add_parser('export', help='StableHLO and TF SavedModel of the embedding')
@@ -188,9 +195,15 @@ def run_serve(args) -> int:
   from fashion_jax.search import engine, server
   index, model = _index_and_model(args)
   searcher = engine.Searcher(index, model, max_pixels=args.max_pixels)
-  searcher.warm_up()
-  httpd = server.make_server(searcher, host=args.host, port=args.port,
-                             max_upload_bytes=args.max_upload_bytes, default_k=args.k)
+  for flag in ('k', 'max_upload_bytes', 'max_in_flight', 'max_batch'):
+    if getattr(args, flag) < 1:
+      raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+  if not 0 <= args.max_wait_ms <= 1000:
+    raise InputError(f'--max-wait-ms must be from 0 to 1000, got {args.max_wait_ms}')
+  httpd = server.make_server(searcher, host=args.host, port=args.port, quiet=args.quiet,
+                             max_upload_bytes=args.max_upload_bytes, default_k=args.k,
+                             max_in_flight=args.max_in_flight, max_batch=args.max_batch,
+                             max_wait_ms=args.max_wait_ms)
   host, port = httpd.server_address[:2]
   print(f'serving {index.directory} ({len(index)} images, {searcher.num_products} products) '
         f'on http://{host}:{port}/', flush=True)

@@ -4,39 +4,22 @@ Products, not images, are ranked: a product scores the best similarity of its im
 centroid when the index has them), so several images of one product appear once.
 """
 
-import functools
+import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw
 
+from fashion_jax.search import backends
 from fashion_jax.search import images as image_io
 from fashion_jax.search import index as search_index
 from fashion_jax.search.images import InputError
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'num_products'))
-def _best_products(queries, gallery, row_product, row_category, category, *, k, num_products):
-  """Top-k products of each query by cosine similarity (unit vectors: the same order as
-  Euclidean distance); rows outside `category` (when >= 0) are left out.
-
-  Returns (scores [Q, k] float32, -inf where fewer products qualify; products [Q, k] int32).
-  """
-  similarity = jnp.matmul(queries.astype(gallery.dtype), gallery.T,
-                          preferred_element_type=jnp.float32)
-  allowed = (category < 0) | (row_category == category)
-  similarity = jnp.where(allowed[None, :], similarity, -jnp.inf)
-  # Padding rows belong to an extra product, dropped here.
-  per_product = jax.ops.segment_max(similarity.T, row_product, num_segments=num_products + 1,
-                                    indices_are_sorted=False).T[:, :num_products]
-  return jax.lax.top_k(per_product, k)
-
-
 class Searcher:
-  """An index and the model that built it, ready to answer queries (thread-safe)."""
+  """An index, its search backend and the model that built it, ready to answer queries.
+
+  Not thread-safe: one thread owns the devices (the service's batcher, or the command line).
+  """
 
   def __init__(self, index: search_index.SearchIndex, model, *, use_centroids: bool | None = None,
                max_pixels: int = image_io.DEFAULT_MAX_PIXELS):
@@ -45,35 +28,17 @@ class Searcher:
     self.use_centroids = index.centroids is not None if use_centroids is None else use_centroids
     if self.use_centroids and index.centroids is None:
       raise InputError(f'{index.directory}: index has no centroids (build it with --centroids)')
-    num_products = len(index.product_ids)
-    if self.use_centroids:
-      gallery = index.centroids.astype(index.embeddings.dtype)
-      row_product = np.arange(num_products, dtype=np.int32)
-      row_category = index.product_category
-    else:
-      gallery, row_product, row_category = index.embeddings, index.row_product, index.row_category
-    # Rows are spread over every device (each CPU core, see use_every_cpu_core), which search
-    # their share at once; padding rows go to a product that is never reported.
-    devices = jax.local_devices()
-    mesh = Mesh(np.asarray(devices), ('rows',))
-    padding = -len(gallery) % len(devices)
-    gallery = np.concatenate([gallery, np.zeros((padding, gallery.shape[1]), gallery.dtype)])
-    row_product = np.concatenate([row_product, np.full(padding, num_products, np.int32)])
-    row_category = np.concatenate([row_category, np.full(padding, -2, np.int32)])
-    sharded, replicated = NamedSharding(mesh, P('rows')), NamedSharding(mesh, P())
-    self._gallery = jax.device_put(gallery, sharded)
-    self._row_product = jax.device_put(row_product, sharded)
-    self._row_category = jax.device_put(row_category, sharded)
-    self._replicated = replicated
-    self.num_products = num_products
+    self.num_products = len(index.product_ids)
+    self.backend = backends.get(index.meta.get('backend', 'exact')).open(
+        index, centroids=self.use_centroids)
     # The rows of each product, for naming the image that matched best.
     order = np.argsort(index.row_product, kind='stable')
-    bounds = np.searchsorted(index.row_product[order], np.arange(num_products + 1))
-    self._product_rows = [order[bounds[p]:bounds[p + 1]] for p in range(num_products)]
+    bounds = np.searchsorted(index.row_product[order], np.arange(self.num_products + 1))
+    self._product_rows = [order[bounds[p]:bounds[p + 1]] for p in range(self.num_products)]
 
   def category_number(self, category: str | None) -> int:
     if category is None or category == '':
-      return -1
+      return backends.NO_CATEGORY
     if category not in self.index.categories:
       known = ', '.join(self.index.categories[:20]) or 'none'
       raise InputError(f'unknown category {category!r} (this index has: {known})')
@@ -95,22 +60,14 @@ class Searcher:
     if k < 1:
       raise InputError(f'k must be at least 1, got {k}')
     number = self.category_number(category)
-    # One compiled kernel serves every k up to 100 (top-100 costs little more than top-10).
-    kernel_k = min(self.num_products, max(k, 100))
-    results = []
-    # One query per call: XLA's CPU matrix-vector product reads a float16 index at memory
-    # speed, while a [Q > 1, D] x [D, N] float16 product takes a path 20x slower per query.
-    for query in np.asarray(embeddings, np.float32):
-      scores, products = jax.device_get(_best_products(
-          jax.device_put(query[None], self._replicated), self._gallery, self._row_product,
-          self._row_category, np.int32(number), k=kernel_k, num_products=self.num_products))
-      results.append(self._describe(query, scores[0][:k], products[0][:k]))
-    return results
+    queries = np.asarray(embeddings, np.float32)
+    scores, products = self.backend.search(queries, k, number)
+    return [self._describe(query, s, p) for query, s, p in zip(queries, scores, products)]
 
   def _describe(self, query, scores, products) -> list[dict]:
     out = []
     for score, product in zip(scores, products):
-      if not np.isfinite(score):
+      if product < 0 or not np.isfinite(score):
         break
       rows = self._product_rows[product]
       # The product's image that is closest to the query (the one that scored, without
@@ -124,6 +81,33 @@ class Searcher:
 
   def search_crops(self, crops: list[np.ndarray], **kwargs) -> list[list[dict]]:
     return self.search_embeddings(self.model.embed_crops(crops), **kwargs)
+
+  def answer_crops(self, requests: list[dict]) -> list[dict]:
+    """Several queries at once: requests [{'crop', 'k', 'category'}] -> per request
+    {'results', 'timing_ms': {'embed', 'search'}}. The crops are embedded in one call."""
+    start = time.perf_counter()
+    embeddings = self.model.embed_crops([r['crop'] for r in requests])
+    embedded = time.perf_counter()
+    answers = []
+    for request, embedding in zip(requests, embeddings):
+      before = time.perf_counter()
+      results = self.search_embeddings(embedding[None], k=request['k'],
+                                       category=request['category'])[0]
+      answers.append({'results': results, 'timing_ms': {
+          'embed': round(1e3 * (embedded - start), 2),
+          'search': round(1e3 * (time.perf_counter() - before), 2)}})
+    return answers
+
+  def answer(self, data: bytes, *, box=None, category: str | None = None, k: int = 10) -> dict:
+    """One photo's answer: {'results', 'box', 'category', 'crop_size', 'timing_ms'}."""
+    self.category_number(category)  # an unknown category fails before any work
+    start = time.perf_counter()
+    crop = self.crop_of(data, box)
+    decoded = time.perf_counter()
+    answer = self.answer_crops([{'crop': crop, 'k': k, 'category': category}])[0]
+    return {'results': answer['results'], 'box': list(box) if box else None,
+            'category': category, 'crop_size': [int(crop.shape[1]), int(crop.shape[0])],
+            'timing_ms': {'decode': round(1e3 * (decoded - start), 2), **answer['timing_ms']}}
 
 
 def result_picture(crop: np.ndarray, results: list[dict], index: search_index.SearchIndex,

@@ -1,182 +1,288 @@
-"""The search service: one process, standard library HTTP, loopback by default.
+"""The search service: a FastAPI app over a `Searcher`, served by uvicorn.
 
   GET  /                  the web page (static/index.html)
   GET  /api/info          {'images', 'products', 'categories', 'model', 'default_k', limits}
   POST /api/search        body: the encoded photo; query string: box=x,y,w,h, category=, k=
                           -> {'results': [{'product_id', 'category', 'score', 'thumb'}], ...}
   GET  /thumb/<row>       the index's thumbnail of catalogue row <row> (JPEG)
+  GET  /healthz           the process is up;  GET /readyz: index and model loaded, compiled
+  GET  /docs              the OpenAPI schema, interactive
 
-Bad input is answered 400 with {'error': one line}; an upload over the limit 413; the service
-keeps serving. Files are read only from the index directory, and only those the index lists.
+Every error is JSON {'error': one line} (422 adds 'field'): 400 for a photo that cannot be
+used, 422 for a bad parameter, 413 for an upload over the limit (counted while it arrives),
+503 when more searches are in flight than configured. Searches run on one thread that owns
+the devices (`batcher.py`). Files are read only from the index directory, and only those the
+index lists.
 """
 
-import json
+import asyncio
+import dataclasses
 import os
-import re
-import sys
-import time
-import traceback
-import urllib.parse
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import socket
+import threading
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from fashion_jax.search import images as image_io
+from fashion_jax.search.batcher import Batcher, Busy
 from fashion_jax.search.images import InputError
 
 _PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'static', 'index.html')
-_THUMB = re.compile(r'^/thumb/(\d{1,12})$')
-_MAX_K = 100
+_PARAMETERS = ('box', 'category', 'k')
 
 
-class _UploadTooLarge(Exception):
-  pass
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The service's limits; every one is a `serve` flag."""
+  max_upload_bytes: int = 10 * 1024 * 1024
+  default_k: int = 12
+  max_k: int = 100
+  max_in_flight: int = 64        # searches admitted at once; more are answered 503
+  max_batch: int = 16            # queries embedded in one call (1: batching off)
+  max_wait_ms: float = 5.0       # how long a query waits for others to batch with
+  upload_timeout_s: float = 30.0  # a client that stalls mid-upload this long is dropped
+  answer_timeout_s: float = 120.0
 
 
-class _Handler(BaseHTTPRequestHandler):
-  server_version = 'fashion-jax-search'
-  protocol_version = 'HTTP/1.1'
+class _Refused(Exception):
+  """An answer other than 200: status, one-line message, and the parameter at fault."""
 
-  # -- plumbing -------------------------------------------------------------------------------
-  def log_message(self, format, *args):  # noqa: A002 (the base class's name)
-    if not self.server.quiet:
-      sys.stderr.write(f'{self.address_string()} {format % args}\n')
+  def __init__(self, status: int, message: str, field: str | None = None):
+    super().__init__(message)
+    self.status, self.field = status, field
 
-  def _send(self, status: int, body: bytes, content_type: str, *, cache: bool = False) -> None:
-    self.send_response(status)
-    self.send_header('Content-Type', content_type)
-    self.send_header('Content-Length', str(len(body)))
-    self.send_header('X-Content-Type-Options', 'nosniff')
-    self.send_header('Cache-Control', 'max-age=3600' if cache else 'no-store')
-    if self.close_connection:
-      self.send_header('Connection', 'close')
-    self.end_headers()
-    if self.command != 'HEAD':
-      self.wfile.write(body)
 
-  def _json(self, status: int, payload: dict) -> None:
-    self._send(status, json.dumps(payload).encode(), 'application/json')
+def _one_line(text) -> str:
+  return ' '.join(str(text).split())
 
-  def _error(self, status: int, message: str) -> None:
-    self._json(status, {'error': ' '.join(str(message).split())})
 
-  def _body(self) -> bytes:
-    limit = self.server.max_upload_bytes
-    if self.headers.get('Transfer-Encoding'):
-      self.close_connection = True
-      raise InputError('send the photo with a Content-Length (no chunked transfer)')
+def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+  body = {'error': _one_line(message)}
+  if field:
+    body['field'] = field
+  return JSONResponse(body, status_code=status, headers={'Cache-Control': 'no-store'})
+
+
+async def _read_upload(request: Request, settings: Settings) -> bytes:
+  """The body, refused with 413 as soon as it is known to exceed the limit."""
+  limit = settings.max_upload_bytes
+  declared = request.headers.get('content-length')
+  if declared is not None and (not declared.isascii() or not declared.isdigit()):
+    raise _Refused(400, 'invalid Content-Length')
+  if declared is not None and int(declared) > limit:
+    raise _Refused(413, f'upload of {int(declared):,} bytes is over the limit of {limit:,} bytes')
+  chunks, size = [], 0
+  stream = request.stream().__aiter__()
+  while True:
     try:
-      length = int(self.headers.get('Content-Length', ''))
-    except ValueError:
-      self.close_connection = True
-      raise InputError('missing or invalid Content-Length') from None
-    if length < 0:
-      self.close_connection = True
-      raise InputError('missing or invalid Content-Length')
-    if length > limit:
-      # Drop a moderate excess so the client reads the answer; close on anything bigger.
-      if length <= 4 * limit:
-        self.rfile.read(length)
-      else:
-        self.close_connection = True
-      raise _UploadTooLarge(f'upload of {length:,} bytes is over the limit of {limit:,} bytes')
-    return self.rfile.read(length)
+      chunk = await asyncio.wait_for(stream.__anext__(), settings.upload_timeout_s)
+    except StopAsyncIteration:
+      break
+    except asyncio.TimeoutError:
+      raise _Refused(408, f'the upload stalled for {settings.upload_timeout_s:g} s') from None
+    except ClientDisconnect:
+      raise _Refused(400, 'the client disconnected during the upload') from None
+    size += len(chunk)
+    if size > limit:
+      raise _Refused(413, f'upload of more than {limit:,} bytes is over the limit of '
+                          f'{limit:,} bytes')
+    chunks.append(chunk)
+  return b''.join(chunks)
 
-  def _guarded(self, handler) -> None:
-    try:
-      handler()
-    except InputError as e:
-      self._error(HTTPStatus.BAD_REQUEST, str(e))
-    except _UploadTooLarge as e:
-      self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(e))
-    except (BrokenPipeError, ConnectionResetError):
-      self.close_connection = True
-    except Exception as e:  # noqa: BLE001 (one bad request must not stop the service)
-      traceback.print_exc()
-      self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f'internal error: {type(e).__name__}: {e}')
 
-  # -- routes ---------------------------------------------------------------------------------
-  def do_GET(self):  # noqa: N802 (the base class's name)
-    self._guarded(self._get)
+def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = True) -> FastAPI:
+  """The service's app. With `warm_up`, the model and search are compiled at startup (in the
+  background: /healthz answers meanwhile, /readyz once done)."""
+  batcher = Batcher(searcher.answer_crops, max_batch=settings.max_batch,
+                    max_wait_s=settings.max_wait_ms / 1e3, max_queue=settings.max_in_flight)
+  state = {'ready': not warm_up, 'in_flight': 0}
 
-  def do_HEAD(self):  # noqa: N802
-    self._guarded(self._get)
+  async def lifespan(app):
+    if warm_up:
+      async def compile_first():
+        await asyncio.wrap_future(batcher.submit(
+            {'crop': _blank(searcher), 'k': 1, 'category': None}))
+        state['ready'] = True
+      task = asyncio.create_task(compile_first())
+    yield
+    if warm_up:
+      task.cancel()
+    batcher.close()
 
-  def do_POST(self):  # noqa: N802
-    self._guarded(self._post)
+  app = FastAPI(title='fashion_jax visual search', lifespan=lifespan,
+                description='Street photo in, shop products out (docs/search.md).')
+  app.state.batcher, app.state.settings = batcher, settings
 
-  def _get(self):
-    path = urllib.parse.urlsplit(self.path).path
-    if path in ('/', '/index.html'):
-      with open(_PAGE, 'rb') as f:
-        self._send(HTTPStatus.OK, f.read(), 'text/html; charset=utf-8')
-    elif path == '/api/info':
-      searcher = self.server.searcher
-      self._json(HTTPStatus.OK, {
-          'images': len(searcher.index), 'products': searcher.num_products,
-          'categories': searcher.index.categories, 'default_k': self.server.default_k,
-          'max_k': _MAX_K, 'max_upload_bytes': self.server.max_upload_bytes,
-          'max_pixels': searcher.max_pixels, 'centroids': searcher.use_centroids,
-          'model': {key: searcher.index.meta['model'][key] for key in ('backbone', 'step')}})
-    elif (match := _THUMB.match(path)) is not None:
-      row = int(match.group(1))
-      searcher = self.server.searcher
-      if row >= len(searcher.index):
-        self._error(HTTPStatus.NOT_FOUND, f'no catalogue row {row}')
-        return
-      with open(searcher.index.thumb_path(row), 'rb') as f:
-        self._send(HTTPStatus.OK, f.read(), 'image/jpeg', cache=True)
+  @app.exception_handler(_Refused)
+  async def refused(request, error: _Refused):
+    return _error(error.status, str(error), error.field)
+
+  @app.exception_handler(RequestValidationError)
+  async def invalid(request, error: RequestValidationError):
+    first = error.errors()[0]
+    field = str(first['loc'][-1])
+    if field == 'k':
+      message = f"k must be a whole number from 1 to {settings.max_k}, got {first.get('input')!r}"
     else:
-      self._error(HTTPStatus.NOT_FOUND, f'no such page: {path}')
+      message = f"{field}: {first['msg']} (got {first.get('input')!r})"
+    return _error(422, message, field)
 
-  def _post(self):
-    parts = urllib.parse.urlsplit(self.path)
-    if parts.path != '/api/search':
-      self._body()
-      self._error(HTTPStatus.NOT_FOUND, f'no such endpoint: {parts.path}')
-      return
-    data = self._body()
-    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
-    unknown = set(query) - {'box', 'category', 'k'}
+  @app.exception_handler(HTTPException)
+  async def http_error(request, error: HTTPException):
+    if error.status_code == 404:
+      return _error(404, f'no such page: {request.url.path}')
+    return _error(error.status_code, error.detail)
+
+  @app.exception_handler(Exception)
+  async def internal(request, error: Exception):
+    return _error(500, f'internal error: {type(error).__name__}')
+
+  @app.get('/', include_in_schema=False)
+  @app.get('/index.html', include_in_schema=False)
+  def page():
+    return FileResponse(_PAGE, media_type='text/html; charset=utf-8',
+                        headers={'Cache-Control': 'no-store'})
+
+  @app.get('/healthz')
+  def healthz():
+    return {'status': 'ok'}
+
+  @app.get('/readyz')
+  def readyz():
+    if not state['ready']:
+      return _error(503, 'compiling the model; not ready yet')
+    return {'status': 'ready'}
+
+  @app.get('/api/info')
+  def info():
+    return {'images': len(searcher.index), 'products': searcher.num_products,
+            'categories': searcher.index.categories, 'default_k': settings.default_k,
+            'max_k': settings.max_k, 'max_upload_bytes': settings.max_upload_bytes,
+            'max_pixels': searcher.max_pixels, 'centroids': searcher.use_centroids,
+            'backend': searcher.backend.name, 'batching': settings.max_batch > 1,
+            'model': {key: searcher.index.meta['model'][key] for key in ('backbone', 'step')}}
+
+  @app.get('/thumb/{row}', responses={200: {'content': {'image/jpeg': {}}}})
+  def thumb(row: int):
+    if not 0 <= row < len(searcher.index):
+      raise _Refused(404, f'no catalogue row {row}')
+    try:
+      path = searcher.index.thumb_path(row)
+    except InputError:
+      raise _Refused(404, f'no thumbnail for row {row}') from None
+    if not os.path.isfile(path):
+      raise _Refused(404, f'the thumbnail of row {row} is missing from the index')
+    return FileResponse(path, media_type='image/jpeg', headers={'Cache-Control': 'max-age=3600'})
+
+  @app.post('/api/search', openapi_extra={'requestBody': {
+      'required': True, 'content': {'application/octet-stream': {
+          'schema': {'type': 'string', 'format': 'binary'}}}}})
+  async def search(request: Request,
+                   box: str | None = Query(None, description='x,y,w,h crop in pixels'),
+                   category: str | None = Query(None, description='only this category'),
+                   k: int | None = Query(None, ge=1, le=settings.max_k,
+                                         description='products to return')):
+    """The best products for the photo in the body (JPEG, PNG, WebP, ...)."""
+    unknown = sorted(set(request.query_params) - set(_PARAMETERS))
     if unknown:
-      raise InputError(f'unknown parameter(s): {", ".join(sorted(unknown))}')
-    get = lambda name: query.get(name, [''])[-1]
-    k_text = get('k') or str(self.server.default_k)
-    if not k_text.isdigit() or not 1 <= int(k_text) <= _MAX_K:
-      raise InputError(f'k must be a whole number from 1 to {_MAX_K}, got {k_text!r}')
-    searcher = self.server.searcher
-    category = get('category') or None
-    searcher.category_number(category)  # an unknown category fails before any work
-    box = image_io.parse_box(get('box'))
-    start = time.perf_counter()
-    crop = searcher.crop_of(data, box)
-    decoded = time.perf_counter()
-    embedding = searcher.model.embed_crops([crop])
-    embedded = time.perf_counter()
-    results = searcher.search_embeddings(embedding, k=int(k_text), category=category)[0]
-    searched = time.perf_counter()
-    self._json(HTTPStatus.OK, {
-        'results': [{'product_id': r['product_id'], 'category': r['category'],
-                     'score': r['score'], 'thumb': f"/thumb/{r['row']}"} for r in results],
-        'box': list(box) if box else None, 'category': category,
-        'crop_size': [int(crop.shape[1]), int(crop.shape[0])],
-        'timing_ms': {'decode': round(1e3 * (decoded - start), 2),
-                      'embed': round(1e3 * (embedded - decoded), 2),
-                      'search': round(1e3 * (searched - embedded), 2)}})
+      raise _Refused(422, f'unknown parameter(s): {", ".join(unknown)}', unknown[0])
+    if state['in_flight'] >= settings.max_in_flight:
+      raise _Refused(503, f'the service is busy ({settings.max_in_flight} searches in '
+                          'flight); retry shortly')
+    state['in_flight'] += 1
+    try:
+      return await _search(request, box, category or None,
+                           settings.default_k if k is None else k)
+    finally:
+      state['in_flight'] -= 1
+
+  async def _search(request, box_text, category, k):
+    try:
+      box = image_io.parse_box(box_text)
+    except InputError as error:
+      raise _Refused(422, str(error), 'box') from None
+    try:
+      searcher.category_number(category)
+    except InputError as error:
+      raise _Refused(422, str(error), 'category') from None
+    data = await _read_upload(request, settings)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+      crop = await run_in_threadpool(searcher.crop_of, data, box)
+    except InputError as error:
+      raise _Refused(400, str(error)) from None
+    decoded = loop.time()
+    try:
+      future = batcher.submit({'crop': crop, 'k': k, 'category': category})
+    except Busy as error:
+      raise _Refused(503, str(error)) from None
+    try:
+      answer = await asyncio.wait_for(asyncio.wrap_future(future), settings.answer_timeout_s)
+    except asyncio.TimeoutError:
+      future.cancel()
+      raise _Refused(503, f'no answer within {settings.answer_timeout_s:g} s; retry') from None
+    return {'results': [{'product_id': r['product_id'], 'category': r['category'],
+                         'score': r['score'], 'thumb': f"/thumb/{r['row']}"}
+                        for r in answer['results']],
+            'box': list(box) if box else None, 'category': category,
+            'crop_size': [int(crop.shape[1]), int(crop.shape[0])],
+            'timing_ms': {'decode': round(1e3 * (decoded - start), 2), **answer['timing_ms']}}
+
+  return app
 
 
-class SearchServer(ThreadingHTTPServer):
-  daemon_threads = True
-  # Many clients may connect at once (the benchmark uses 8).
-  request_queue_size = 64
+def _blank(searcher) -> np.ndarray:
+  height, width = searcher.model.image_size
+  return np.zeros((height, width, 3), np.uint8)
 
 
-def make_server(searcher, *, host: str = '127.0.0.1', port: int = 8080,
-                max_upload_bytes: int = 10 * 1024 * 1024, default_k: int = 12,
-                quiet: bool = False) -> SearchServer:
-  """A bound, not yet serving, server (port 0 picks a free port: see server_address)."""
-  server = SearchServer((host, port), _Handler)
-  server.searcher = searcher
-  server.max_upload_bytes = max_upload_bytes
-  server.default_k = default_k
-  server.quiet = quiet
-  return server
+class SearchServer:
+  """The app on a bound socket: serve_forever() in any thread, shutdown() from another."""
+
+  def __init__(self, app: FastAPI, *, host: str, port: int, quiet: bool):
+    family = socket.AF_INET6 if ':' in host else socket.AF_INET
+    self.socket = socket.socket(family, socket.SOCK_STREAM)
+    self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    self.socket.bind((host, port))
+    self.socket.listen(256)
+    self.server_address = self.socket.getsockname()
+    self.app = app
+    settings = app.state.settings
+    self._server = uvicorn.Server(uvicorn.Config(
+        app, log_level='warning' if quiet else 'info', access_log=not quiet,
+        timeout_keep_alive=5, limit_concurrency=4 * settings.max_in_flight + 16,
+        h11_max_incomplete_event_size=64 * 1024))
+    self._done = threading.Event()
+
+  def serve_forever(self) -> None:
+    try:
+      self._server.run(sockets=[self.socket])
+    finally:
+      self._done.set()
+
+  @property
+  def started(self) -> bool:
+    return self._server.started
+
+  def shutdown(self) -> None:
+    self._server.should_exit = True
+    self._done.wait(timeout=30)
+
+  def server_close(self) -> None:
+    self.socket.close()
+
+
+def make_server(searcher, *, host: str = '127.0.0.1', port: int = 8080, quiet: bool = False,
+                warm_up: bool = True, **settings) -> SearchServer:
+  """A bound, not yet serving, server (port 0 picks a free port: see server_address).
+  `settings` are `Settings` fields (max_upload_bytes, default_k, max_batch, ...)."""
+  return SearchServer(create_app(searcher, Settings(**settings), warm_up=warm_up), host=host,
+                      port=port, quiet=quiet)

@@ -137,7 +137,8 @@ def service(index_dir, model):
   from fashion_jax.search import engine, server
   from fashion_jax.search import index as search_index
   searcher = engine.Searcher(search_index.SearchIndex(index_dir), model, max_pixels=1_000_000)
-  httpd = server.make_server(searcher, port=0, max_upload_bytes=200_000, default_k=4, quiet=True)
+  httpd = server.make_server(searcher, port=0, max_upload_bytes=200_000, default_k=4, quiet=True,
+                             max_in_flight=16)
   thread = threading.Thread(target=httpd.serve_forever, daemon=True)
   thread.start()
   host, port = httpd.server_address[:2]

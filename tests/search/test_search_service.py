@@ -113,18 +113,23 @@ def test_service_rejects_bad_files_and_keeps_serving(service, bad_files, catalog
     assert _search(service, f.read())[0] == 200
 
 
-@pytest.mark.parametrize('params, words', [
-    ({'box': '50,0,20,20'}, 'outside'),
-    ({'box': '-1,0,10,10'}, 'outside'),
-    ({'box': '0,0,0,10'}, 'zero size'),
-    ({'box': '1,2,3'}, 'four numbers'),
-    ({'category': 'hats'}, "unknown category 'hats'"),
-    ({'k': '0'}, 'k must be'),
-    ({'colour': 'red'}, 'unknown parameter'),
+# A parameter that is wrong in itself is 422 and names the field; a box outside the photo is
+# only found once the photo is decoded (400).
+@pytest.mark.parametrize('params, status, field, words', [
+    ({'box': '50,0,20,20'}, 400, None, 'outside'),
+    ({'box': '-1,0,10,10'}, 400, None, 'outside'),
+    ({'box': '0,0,0,10'}, 400, None, 'zero size'),
+    ({'box': '1,2,3'}, 422, 'box', 'four numbers'),
+    ({'category': 'hats'}, 422, 'category', "unknown category 'hats'"),
+    ({'k': '0'}, 422, 'k', 'k must be'),
+    ({'k': '\u00b2'}, 422, 'k', 'k must be'),
+    ({'k': '101'}, 422, 'k', 'k must be'),
+    ({'colour': 'red'}, 422, 'colour', 'unknown parameter'),
 ])
-def test_service_rejects_bad_requests(service, make_image, params, words):
-  status, answer = _search(service, _png(make_image(2, 0, (40, 60))), **params)
-  assert status == 400 and words in answer['error'], answer
+def test_service_rejects_bad_requests(service, make_image, params, status, field, words):
+  got, answer = _search(service, _png(make_image(2, 0, (40, 60))), **params)
+  assert got == status and words in answer['error'] and answer.get('field') == field, answer
+  assert '\n' not in answer['error']
 
 
 def test_service_upload_limit(service):
