@@ -98,8 +98,7 @@ def guard_nonfinite(state: TrainState, new_state: TrainState, computed) -> Train
   finite = _all_finite((computed, new_state['params'], new_state['loss_state'],
                         new_state['batch_stats']))
   # One conditional, not one select per array: XLA's CPU fusion pass takes time far worse than
-  # linear in the number of selects sharing one predicate (a ResNet-50 step took minutes to
-  # compile, EfficientNet-B2 over ten).
+  # linear in the number of selects sharing one predicate, which a large model's compile feels.
   kept = dict(jax.lax.cond(finite, lambda: new_state, lambda: state))
   kept['nonfinite_step'] = jnp.where((state['nonfinite_step'] < 0) & ~finite,
                                      state['step'] + 1, state['nonfinite_step'])
