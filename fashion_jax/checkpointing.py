@@ -1,13 +1,27 @@
 """Orbax checkpoints of the training state in `<workdir>/checkpoints`, one per saved step.
 
-Saves are asynchronous; a partially written step is never listed by Orbax, so restore always
-sees a complete checkpoint.
+Saves are asynchronous; a partially written step is never listed by Orbax. A step damaged
+afterwards (a file deleted or truncated) is reported in one line and restoring falls back to
+the newest step that reads whole; training moves the damaged step aside, never deletes it.
 """
 
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+DAMAGED_DIR = 'damaged_checkpoints'  # beside the checkpoint directory
+
+
+class CheckpointMismatch(ValueError):
+  """The checkpoint is whole but holds another architecture or class count."""
+
+
+class CheckpointDamaged(RuntimeError):
+  """No listed step of the checkpoint directory could be read."""
 
 
 # Arrays whose place in the state moved: old top-level name -> path in today's state. A
@@ -32,15 +46,62 @@ class Checkpointer:
   def save(self, step: int, state) -> None:
     self._manager.save(step, args=ocp.args.StandardSave(state))
 
-  def restore(self, like=None, step: int | None = None):
-    """Restores `step` (default: the latest).
+  def restore(self, like=None, step: int | None = None, *, set_aside_damaged: bool = False):
+    """Restores `step`, or by default the newest step that reads whole.
 
     With `like`, arrays come back with its shapes, dtypes and shardings (any device count);
-    without it, as saved, on one local device, e.g. for inspecting a checkpoint.
+    without it, as saved, on one local device, e.g. for inspecting a checkpoint. A damaged
+    step is logged in one line and skipped (an explicit `step` is not: that raises
+    CheckpointDamaged); with `set_aside_damaged` it is moved to `damaged_checkpoints/` beside
+    the checkpoint directory, so later saves of those step numbers go through. A checkpoint
+    of another model raises CheckpointMismatch at once.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
+    if step is not None:
+      try:
+        return self._restore_step(like, step)
+      except CheckpointMismatch:
+        raise
+      except Exception as error:  # noqa: BLE001 (whatever Orbax or TensorStore raise)
+        raise CheckpointDamaged(f'checkpoint step {step} in {self.directory} cannot be read: '
+                                f'{_summary(error)}') from None
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    damaged = []
+    for candidate in steps:
+      try:
+        restored = self._restore_step(like, candidate)
+      except CheckpointMismatch:
+        raise
+      except Exception as error:  # noqa: BLE001
+        damaged.append(candidate)
+        logging.warning('checkpoint step %d in %s is damaged (%s); trying the previous one',
+                        candidate, self.directory, _summary(error))
+        continue
+      if damaged:
+        print(f'warning: checkpoint step(s) {", ".join(map(str, damaged))} in {self.directory} '
+              f'damaged; restored step {candidate}', flush=True)
+        if set_aside_damaged:
+          self._set_aside(damaged)
+      return restored
+    raise CheckpointDamaged(f'every checkpoint in {self.directory} is damaged (steps '
+                            f'{", ".join(map(str, damaged))}); nothing restored')
+
+  def _set_aside(self, steps) -> None:
+    target = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+    if jax.process_index() == 0:
+      os.makedirs(target, exist_ok=True)
+      for step in steps:
+        destination = os.path.join(target, str(step))
+        if os.path.exists(destination):
+          destination += f'.{len(os.listdir(target))}'
+        shutil.move(os.path.join(self.directory, str(step)), destination)
+        logging.warning('moved damaged checkpoint step %d to %s', step, destination)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('checkpoint damaged steps set aside')
+    self._manager.reload()
+
+  def _restore_step(self, like, step: int):
     if like is None:
       # Onto this process's first device, whatever devices wrote it.
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -85,14 +146,21 @@ class Checkpointer:
     if problems:
       shown = '; '.join(problems[:8]) + (f'; and {len(problems) - 8} more' if len(problems) > 8
                                          else '')
-      raise ValueError(f'checkpoint step {step} in {self.directory} does not fit this model '
-                       f'(another architecture or class count?): {shown}')
+      raise CheckpointMismatch(f'checkpoint step {step} in {self.directory} does not fit this '
+                               f'model (another architecture or class count?): {shown}')
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _summary(error: Exception) -> str:
+  """The first line of an error, shortened: TensorStore's messages run to many lines."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  text = f'{type(error).__name__}: {text}' if text else type(error).__name__
+  return text if len(text) <= 200 else text[:197] + '...'
 
 
 def _get(tree, path):

@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_pipelines.datasets import DatasetMissingError
-from fashion_jax import configlib, train
+from fashion_jax import checkpointing, configlib, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and evaluation reports.')
@@ -54,7 +54,8 @@ def main(argv):
     config.mode = FLAGS.mode
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
-  except (ValueError, DatasetMissingError, FileNotFoundError) as e:
+  except (ValueError, DatasetMissingError, FileNotFoundError,
+          checkpointing.CheckpointDamaged) as e:
     # Config and data problems are the user's to fix: one line, no traceback.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -119,7 +119,7 @@ def setup(config, workdir: str):
   mesh = ts.make_mesh()
   state = ts.replicate(state, mesh)
   if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(state)
+    state = checkpointer.restore(state, set_aside_damaged=True)
     logging.info('restored checkpoint at step %d from %s', int(state['step']),
                  checkpointer.directory)
   return dict(builder=builder, item_ids=item_ids, steps_per_epoch=steps_per_epoch,

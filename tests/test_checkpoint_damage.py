@@ -1,0 +1,106 @@
+"""A damaged newest checkpoint: reported in one line, the previous complete step restored and
+the damaged one set aside (not deleted); never a silent start from step 0."""
+
+import os
+
+import numpy as np
+import pytest
+
+from fashion_jax import checkpointing
+
+
+def _state(step: int) -> dict:
+  rng = np.random.default_rng(step)
+  return {'step': np.asarray(step, np.int32),
+          'params': {'dense': {'kernel': rng.normal(size=(64, 32)).astype(np.float32),
+                               'bias': rng.normal(size=(32,)).astype(np.float32)}},
+          'loss_state': {'center': {'centers': rng.normal(size=(8, 32)).astype(np.float32)}}}
+
+
+def _saved(directory, steps=(1, 2, 3)) -> checkpointing.Checkpointer:
+  checkpointer = checkpointing.Checkpointer(directory, keep=5)
+  for step in steps:
+    checkpointer.save(step, _state(step))
+  checkpointer.wait()
+  return checkpointer
+
+
+def _data_files(step_dir):
+  found = []
+  for root, _, files in os.walk(os.path.join(step_dir, 'default', 'd')):
+    found += [os.path.join(root, name) for name in files]
+  assert found, step_dir
+  return found
+
+
+def _delete_data(step_dir):
+  for path in _data_files(step_dir):
+    os.unlink(path)
+
+
+def _truncate_data(step_dir):
+  for path in _data_files(step_dir):
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def _delete(name):
+  return lambda step_dir: os.unlink(os.path.join(step_dir, 'default', name))
+
+
+DAMAGE = {
+    'data file deleted': _delete_data,
+    'data file truncated': _truncate_data,
+    '_METADATA deleted': _delete('_METADATA'),
+    'manifest deleted': _delete('manifest.ocdbt'),
+}
+
+
+@pytest.mark.parametrize('damage', sorted(DAMAGE))
+def test_a_damaged_newest_step_falls_back_to_the_previous_one(tmp_path, capsys, damage):
+  directory = str(tmp_path / 'checkpoints')
+  _saved(directory).close()
+  DAMAGE[damage](os.path.join(directory, '3'))
+
+  checkpointer = checkpointing.Checkpointer(directory, keep=5)
+  restored = checkpointer.restore(_state(0), set_aside_damaged=True)
+  assert int(restored['step']) == 2
+  np.testing.assert_array_equal(restored['params']['dense']['kernel'],
+                                _state(2)['params']['dense']['kernel'])
+  out = capsys.readouterr().out.strip().splitlines()
+  assert out == [f'warning: checkpoint step(s) 3 in {directory} damaged; restored step 2'], out
+  # Set aside, not deleted; the step number is free again for the resumed run.
+  assert os.path.isdir(tmp_path / checkpointing.DAMAGED_DIR / '3')
+  assert checkpointer.latest_step() == 2
+  checkpointer.save(3, _state(33))
+  checkpointer.wait()
+  assert int(checkpointer.restore(_state(0))['step']) == 33
+  checkpointer.close()
+
+
+def test_an_explicit_damaged_step_and_an_all_damaged_directory_are_one_line(tmp_path):
+  directory = str(tmp_path / 'checkpoints')
+  _saved(directory, steps=(1, 2)).close()
+  for step in ('1', '2'):
+    _delete_data(os.path.join(directory, step))
+  checkpointer = checkpointing.Checkpointer(directory)
+  with pytest.raises(checkpointing.CheckpointDamaged,
+                     match=r'checkpoint step 2 in .* cannot be read: ') as error:
+    checkpointer.restore(_state(0), step=2)
+  assert '\n' not in str(error.value) and len(str(error.value)) < 600
+  with pytest.raises(checkpointing.CheckpointDamaged,
+                     match=r'every checkpoint in .* is damaged \(steps 2, 1\); nothing restored'):
+    checkpointer.restore(_state(0))
+  checkpointer.close()
+
+
+def test_another_model_is_not_mistaken_for_damage(tmp_path):
+  directory = str(tmp_path / 'checkpoints')
+  _saved(directory, steps=(1, 2)).close()
+  other = _state(0)
+  other['params']['dense']['kernel'] = np.zeros((64, 16), np.float32)
+  checkpointer = checkpointing.Checkpointer(directory)
+  with pytest.raises(checkpointing.CheckpointMismatch, match='step 2 .* does not fit this model'):
+    checkpointer.restore(other, set_aside_damaged=True)
+  assert checkpointer.latest_step() == 2  # nothing set aside
+  checkpointer.close()
