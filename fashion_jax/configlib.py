@@ -5,7 +5,7 @@ Experiment files in `configs/` start from `base_config()` and change what differ
 
 import ml_collections
 
-from fashion_jax import objective
+from fashion_jax import evaluators, objective
 from fashion_jax import preprocessing
 from fashion_jax.models.backbones import check_options
 
@@ -94,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.dtype = 'float32'          # embeddings for retrieval: float32, bfloat16 or float16
   c.eval.query_domain = ''          # domain filter by name, e.g. 'street'; '' keeps all
   c.eval.gallery_domain = ''        # e.g. 'shop'
+  # Evaluators run, in order (registered names, evaluators.EVALUATORS); each switch below that is
+  # on appends the evaluator of its name. 'retrieval' (the top-level mAP / Acc@k, ranked lists)
+  # must be listed. An evaluator reads its options from this block (docs/retrieval.md).
+  c.eval.evaluators = ('retrieval',)
   c.eval.per_category = False       # category-constrained retrieval, table + average
   c.eval.rerank = False             # k-reciprocal re-ranking (docs/method.md section 6)
   c.eval.rerank_k1 = 20
@@ -150,6 +154,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
   if config.eval.data_dir and not config.eval.dataset:
     raise ValueError('eval.data_dir is set but eval.dataset is empty; name the dataset to '
                      'evaluate on, e.g. --config.eval.dataset=street2shop')
+  evaluators.check_config(config.eval)
   if config.eval.batch_size % num_devices:
     raise ValueError(f'eval.batch_size {config.eval.batch_size} is not divisible by the '
                      f'{num_devices} devices')

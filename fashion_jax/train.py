@@ -164,8 +164,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   do_eval = config.mode in ('train_and_evaluate', 'evaluate')
 
   def run_eval(state):
-    metrics = evaluate.evaluate(embed_fn, state['params'], state['batch_stats'], s['builder'],
-                                config, mesh, workdir, int(state['step']), writer)
+    metrics = evaluate.evaluate(
+        config, embed=lambda images: embed_fn(state['params'], state['batch_stats'], images),
+        builder=s['builder'], mesh=mesh, workdir=workdir, step=int(state['step']), writer=writer)
     if jax.process_index() == 0:
       accs = '  '.join(f'Acc@{k} {metrics[f"acc@{k}"]:.3f}' for k in config.eval.ks)
       print(f'step {metrics["step"]}: mAP {metrics["mAP"]:.4f}  {accs}  '

@@ -1,4 +1,5 @@
-"""Tests for the scoring and report writing of fashion_jax/evaluate.py on plain arrays, no model."""
+"""Tests for the built-in evaluators (fashion_jax/evaluators.py) and the report writing of
+fashion_jax/evaluate.py on plain arrays, no model."""
 
 
 import numpy as np
@@ -6,8 +7,14 @@ import pytest
 import retrieval_reference as reference
 from PIL import Image
 
-from fashion_jax import configlib, evaluate, visualize
+from fashion_jax import configlib, evaluate, evaluators
 from fashion_jax.retrieval import metrics
+
+
+def _embeddings(split: dict) -> evaluators.Embeddings:
+  rows = len(split['item_id'])
+  return evaluators.Embeddings(**split, process=np.zeros(rows, np.int64),
+                               position=np.arange(rows))
 
 
 @pytest.fixture(scope='module')
@@ -26,7 +33,9 @@ def test_score_with_every_switch(splits, tmp_path):
   config.eval.per_category = config.eval.rerank = config.eval.centroids = True
   config.eval.recommendation = True
   config.eval.gallery_chunk_size = 64
-  scores, curves, _ = evaluate.score(query, gallery, config, ['tops', 'skirts', 'bags'])
+  data = evaluators.EvalData(_embeddings(query), _embeddings(gallery), ['tops', 'skirts', 'bags'])
+  result = evaluators.run_evaluators(data, evaluators.from_config(config.eval))
+  scores, curves = result.metrics, result.curves
   ks = tuple(config.eval.ks)
   plain = metrics.evaluate_retrieval(query['embeddings'], gallery['embeddings'],
                                      query['item_id'], gallery['item_id'], ks=ks)
@@ -45,18 +54,17 @@ def test_score_with_every_switch(splits, tmp_path):
                          'recommendation'}
   np.testing.assert_allclose(curves['unconstrained'][[0, 4]], [plain['acc@1'], plain['acc@5']])
 
-  evaluate.write_category_table(scores, ks, str(tmp_path))
+  evaluate.write_reports(scores, result, str(tmp_path))
   table = (tmp_path / 'per_category.md').read_text().splitlines()
   assert len(table) == 2 + 3 + 1 and table[-1].startswith('| average over categories |')
   assert (tmp_path / 'per_category.csv').read_text().count('\n') == 5
-  visualize.cmc_image(curves).save(tmp_path / 'cmc.png')
   assert Image.open(tmp_path / 'cmc.png').size == (640, 420)
 
 
 def test_domain_filter_keeps_named_rows(splits):
   query, _ = splits
-  mixed = dict(query, domain=np.arange(50) % 2)
-  kept = evaluate._domain_filter(mixed, 'shop', ['street', 'shop'], 'query')
+  mixed = _embeddings(dict(query, domain=np.arange(50) % 2))
+  kept = vars(evaluate._domain_filter(mixed, 'shop', ['street', 'shop'], 'query'))
   assert len(kept['item_id']) == 25 and (kept['domain'] == 1).all()
   assert evaluate._domain_filter(mixed, '', ['street', 'shop'], 'query') is mixed
   with pytest.raises(ValueError, match="eval.query_domain 'studio'"):
@@ -67,12 +75,13 @@ def test_domain_filter_keeps_named_rows(splits):
 def test_ranked_lists_show_the_order_the_metrics_scored(splits, rerank):
   query, gallery = splits
   config = configlib.base_config()
-  config.eval.rerank = rerank
   config.eval.num_ranked_queries = 10
   config.eval.top_k_shown = 150
-  _, _, (ap, first_rank, valid, reranked) = evaluate.score(query, gallery, config)
+  data = evaluators.EvalData(_embeddings(query), _embeddings(gallery))
+  ranking = evaluators.Retrieval(config.eval, rerank=rerank).rank(data)
+  ap, first_rank, valid, reranked = ranking
   assert (reranked is not None) == rerank
-  chosen, indices = evaluate.ranked_list_rows(query, gallery, ap, valid, config, reranked)
+  chosen, indices = evaluators.ranked_list_rows(data, ranking, config.eval)
   assert len(chosen) == 10 and valid[chosen].all()
   assert ap[chosen[0]] == ap[valid].min() and ap[chosen[-1]] == ap[valid].max()
   for i, row in zip(chosen, indices):
