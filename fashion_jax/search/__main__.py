@@ -18,6 +18,7 @@ import fashion_jax.search
 
 fashion_jax.search.use_every_cpu_core()  # before JAX starts
 
+from fashion_jax.search import backends  # noqa: E402
 from fashion_jax.search import images as image_io  # noqa: E402
 from fashion_jax.search.images import InputError  # noqa: E402
 
@@ -31,18 +32,28 @@ def _parser() -> argparse.ArgumentParser:
   index.add_argument('--workdir', required=True, help='training workdir (config.json, checkpoints/)')
   index.add_argument('--step', type=int, help='checkpoint step (default: the latest)')
   index.add_argument('--index', required=True, help='index directory, created or extended')
-  source = index.add_mutually_exclusive_group(required=True)
-  source.add_argument('--catalogue', help='CSV (image,product_id,category[,x,y,w,h]) or JSON')
-  source.add_argument('--tfds', help='TFDS dataset name, e.g. fashion_synth/demo')
-  index.add_argument('--images-root', help='folder that relative image paths start from '
-                     '(default: the catalogue file\'s folder)')
-  index.add_argument('--split', default='gallery', help='TFDS split (with --tfds)')
-  index.add_argument('--domain', default='', help='only images of this TFDS domain, e.g. shop')
-  index.add_argument('--data-dir', help='TFDS data_dir')
+  _catalogue_flags(index)
   index.add_argument('--dtype', default='float16', choices=('float16', 'float32'))
   index.add_argument('--centroids', action='store_true', help='also store one vector per product')
-  index.add_argument('--batch-size', type=int, default=64)
   index.add_argument('--max-pixels', type=int, default=image_io.DEFAULT_MAX_PIXELS)
+  index.add_argument('--backend', choices=backends.backend_names(),
+                     help='search backend, chosen when the index is created (default: exact)')
+  index.add_argument('--faiss-factory', help='FAISS index_factory string (default: from size)')
+  index.add_argument('--nprobe', type=int, help='FAISS IVF lists searched per query')
+  index.add_argument('--ef-search', type=int, help='FAISS HNSW search breadth')
+  index.add_argument('--qdrant-url', help='Qdrant server or cluster, e.g. http://host:6333')
+  index.add_argument('--qdrant-path', help="Qdrant's embedded local mode: a folder")
+  index.add_argument('--collection', help='Qdrant collection (default: from the index folder)')
+
+  update = commands.add_parser('update', help="replace the images of a catalogue's products")
+  update.add_argument('--index', required=True)
+  _catalogue_flags(update)
+  _model_flags(update)
+
+  remove = commands.add_parser('remove', help='take products out of the index')
+  remove.add_argument('--index', required=True)
+  remove.add_argument('--products', nargs='+', default=[], metavar='ID', help='product ids')
+  remove.add_argument('--products-file', help='a text file of product ids, one per line')
 
   query = commands.add_parser('query', help='search the index with street photos')
   query.add_argument('--index', required=True)
@@ -77,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
   export.add_argument('--out', required=True, help='output folder')
   export.add_argument('--no-saved-model', action='store_true', help='StableHLO only (no TF)')
   return parser
+
+
+def _catalogue_flags(parser):
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--catalogue', help='CSV (image,product_id,category[,x,y,w,h]) or JSON')
+  source.add_argument('--tfds', help='TFDS dataset name, e.g. fashion_synth/demo')
+  parser.add_argument('--images-root', help='folder that relative image paths start from '
+                      '(default: the catalogue file\'s folder)')
+  parser.add_argument('--split', default='gallery', help='TFDS split (with --tfds)')
+  parser.add_argument('--domain', default='', help='only images of this TFDS domain, e.g. shop')
+  parser.add_argument('--data-dir', help='TFDS data_dir')
+  parser.add_argument('--batch-size', type=int, default=64)
 
 
 def _model_flags(parser):
@@ -131,18 +154,57 @@ def _query_inputs(args) -> list[dict]:
   return queries
 
 
+def _catalogue(args):
+  from fashion_jax.search import index as search_index
+  if args.catalogue:
+    return search_index.read_catalogue(args.catalogue, args.images_root)
+  return search_index.read_tfds_catalogue(args.tfds, args.split, args.data_dir, args.domain)
+
+
 def run_index(args) -> int:
   from fashion_jax.search import index as search_index
   from fashion_jax.search.model import SearchModel
-  if args.catalogue:
-    entries = search_index.read_catalogue(args.catalogue, args.images_root)
-  else:
-    entries = search_index.read_tfds_catalogue(args.tfds, args.split, args.data_dir, args.domain)
+  entries = _catalogue(args)
+  settings = {key: value for key, value in (
+      ('factory', args.faiss_factory), ('nprobe', args.nprobe), ('ef_search', args.ef_search),
+      ('url', args.qdrant_url), ('path', args.qdrant_path), ('collection', args.collection))
+      if value is not None}
   model = SearchModel(args.workdir, step=args.step, batch_size=args.batch_size)
   result = search_index.build(args.index, model, entries, dtype=args.dtype,
-                              centroids=args.centroids or None, max_pixels=args.max_pixels)
+                              centroids=args.centroids or None, max_pixels=args.max_pixels,
+                              backend=args.backend, backend_settings=settings)
   print(f"{args.index}: added {result['added']} images, skipped {result['skipped']} already "
         f"indexed, {result['count']} in all")
+  return 0
+
+
+def run_update(args) -> int:
+  from fashion_jax.search import index as search_index
+  entries = _catalogue(args)
+  index, model = _index_and_model(args)
+  model.batch_size = args.batch_size
+  result = search_index.build(index.directory, model, entries, max_pixels=args.max_pixels,
+                              replace=True)
+  products = len({entry['product_id'] for entry in entries})
+  print(f"{args.index}: {products} products updated: {result['replaced']} old images out, "
+        f"{result['added']} new in; {result['count']} images in all")
+  return 0
+
+
+def run_remove(args) -> int:
+  from fashion_jax.search import index as search_index
+  ids = list(args.products)
+  if args.products_file:
+    try:
+      with open(args.products_file, encoding='utf-8') as f:
+        ids += [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+      raise InputError(f'{args.products_file}: cannot read ({e})') from None
+  if not ids:
+    raise InputError('name the products to remove with --products or --products-file')
+  result = search_index.remove_products(args.index, ids)
+  print(f"{args.index}: removed {result['products']} products ({result['removed']} images); "
+        f"{result['count']} images left")
   return 0
 
 
@@ -228,8 +290,8 @@ def run_export(args) -> int:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
-  command = {'index': run_index, 'query': run_query, 'serve': run_serve,
-             'export': run_export}[args.command]
+  command = {'index': run_index, 'update': run_update, 'remove': run_remove,
+             'query': run_query, 'serve': run_serve, 'export': run_export}[args.command]
   try:
     return command(args)
   except InputError as e:

@@ -32,7 +32,8 @@ class Searcher:
     self.backend = backends.get(index.meta.get('backend', 'exact')).open(
         index, centroids=self.use_centroids)
     # The rows of each product, for naming the image that matched best.
-    order = np.argsort(index.row_product, kind='stable')
+    live = np.flatnonzero(index.live)
+    order = live[np.argsort(index.row_product[live], kind='stable')]
     bounds = np.searchsorted(index.row_product[order], np.arange(self.num_products + 1))
     self._product_rows = [order[bounds[p]:bounds[p + 1]] for p in range(self.num_products)]
 

@@ -2,11 +2,14 @@
 
   index.json        format, model (checkpoint, fingerprint, preprocessing), dtype, counts
   embeddings.npy    [N, D] float16 or float32 unit vectors, one row per catalogue image
-  items.jsonl       one line per row: image (as given), product_id, category, box, thumb
+  items.jsonl       one line per row: image (as given), product_id, category, box, thumb, and
+                    'removed': true once its product was removed
   thumbs/           a small JPEG of every row's crop: all that the service ever shows
-  centroids.npy     optional [P, D] float32: one unit vector per product (mean of its images)
+  centroids.npy     optional [P, D] float32: one unit vector per live product (its images' mean)
+  (backend files)   whatever the search backend named in index.json keeps (none for 'exact')
 
-Rows are only ever appended, so adding images never recomputes the old ones.
+Rows are only ever appended, so adding images never recomputes the old ones; removing a
+product marks its rows and takes them out of the backend, keeping their files.
 """
 
 import csv
@@ -18,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fashion_jax import preprocessing
-from fashion_jax.retrieval import centroids as retrieval_centroids
+from fashion_jax.search import backends
 from fashion_jax.search import images as image_io
 from fashion_jax.search.images import InputError
 
@@ -126,30 +129,47 @@ def _atomic_write(path: str, write) -> None:
 
 def build(index_dir: str, model, entries: list[CatalogueEntry], *, dtype: str = 'float16',
           centroids: bool | None = None, max_pixels: int = image_io.DEFAULT_MAX_PIXELS,
-          progress: bool = True) -> dict:
+          progress: bool = True, backend: str | None = None,
+          backend_settings: dict | None = None, replace: bool = False) -> dict:
   """Creates `index_dir` or appends `entries` to it; returns {'added', 'skipped', 'count'}.
 
-  Entries already in the index (same image and box) are skipped, not embedded again. The
-  index must come from `model` (same fingerprint). All images are read and checked before any
-  embedding, so a bad file leaves the index untouched.
+  Entries already in the index (same image, box and product, not removed) are skipped, not
+  again. The index must come from `model` (same fingerprint). All images are read and checked
+  before any embedding, so a bad file leaves the index untouched. `backend` (default 'exact')
+  and its settings are chosen when the index is created and kept after. With `replace`, the
+  products of `entries` lose their old images in the same write (an update: re-embedded from
+  the new list); the result then also has 'replaced' (old images taken out).
   """
   os.makedirs(index_dir, exist_ok=True)
   meta_path = os.path.join(index_dir, _INDEX_FILE)
+  existing = None
   if os.path.exists(meta_path):
     existing = SearchIndex(index_dir)
     check_model(existing.meta, model)
     if dtype and existing.meta['dtype'] != dtype:
       dtype = existing.meta['dtype']
     centroids = existing.meta['centroids'] if centroids is None else centroids
+    recorded = existing.meta.get('backend', 'exact')
+    if backend and backend != recorded:
+      raise InputError(f'{index_dir}: the index uses the {recorded!r} backend, not {backend!r} '
+                       '(a backend is chosen when an index is created)')
+    backend, backend_settings = recorded, existing.meta.get('backend_settings', {})
     items, embeddings = existing.items, existing.embeddings
   else:
     if dtype not in ('float16', 'float32'):
       raise InputError(f'dtype must be float16 or float32, got {dtype!r}')
+    backend, backend_settings = backend or 'exact', dict(backend_settings or {})
     items, embeddings = [], np.zeros((0, model.embedding_dim), dtype)
-  seen = {(item['image'], tuple(item['box']) if item['box'] else None) for item in items}
+  try:
+    backend_class = backends.get(backend)
+  except ValueError as error:
+    raise InputError(str(error)) from None
+  replaced = {entry['product_id'] for entry in entries} if replace else set()
+  seen = {(item['image'], tuple(item['box']) if item['box'] else None, item['product_id'])
+          for item in items if not item.get('removed') and item['product_id'] not in replaced}
   new = []
   for entry in entries:
-    key = (entry['image'], tuple(entry['box']) if entry['box'] else None)
+    key = (entry['image'], tuple(entry['box']) if entry['box'] else None, entry['product_id'])
     if key not in seen:
       seen.add(key)
       new.append(entry)
@@ -176,24 +196,103 @@ def build(index_dir: str, model, entries: list[CatalogueEntry], *, dtype: str = 
       prepared = []
   bar.close()
   # The index files change only now, when every new image has been read and embedded.
+  first_new = len(items)
+  old = {row for row, item in enumerate(items)
+         if not item.get('removed') and item['product_id'] in replaced}
+  items = [dict(item, removed=True) if row in old else item for row, item in enumerate(items)]
+  old_rows = np.asarray(sorted(old), np.int64)
   if new_items:
     embeddings = np.concatenate([embeddings] + new_embeddings)
     items = items + new_items
+  # Category numbers never change: new categories are appended (backends store the numbers).
+  categories = list(existing.categories) if existing else []
+  categories += sorted({item['category'] for item in new_items if item['category']}
+                       - set(categories))
+  meta = {'format': FORMAT, 'model': model.describe(), 'dtype': str(embeddings.dtype),
+          'dim': int(embeddings.shape[1]), 'centroids': bool(centroids), 'backend': backend,
+          'backend_settings': backend_settings, 'categories': categories}
+  # The backend as it was, plus the new rows; index.json, written last, then lists them.
+  if existing is None:
+    search_backend = backend_class.create(index_dir, embeddings.shape[1], str(embeddings.dtype),
+                                          backend_settings)
+  else:
+    search_backend = backend_class.open(existing, centroids=False)
+  if new_items:
+    _, row_product = product_numbers(items)
+    number = {c: i for i, c in enumerate(categories)}
+    rows = np.arange(first_new, len(items))
+    search_backend.add(rows, embeddings[rows], row_product[rows],
+                       np.asarray([number.get(items[r]['category'], -1) for r in rows], np.int32))
+  if len(old_rows):
+    search_backend.remove(old_rows)
+  search_backend.save(index_dir)
+  _write(index_dir, meta, items, embeddings)
+  result = {'added': len(new_items), 'skipped': len(entries) - len(new),
+            'count': sum(not item.get('removed') for item in items)}
+  return {**result, 'replaced': len(old_rows)} if replace else result
+
+
+def _write(index_dir: str, meta: dict, items: list[dict], embeddings: np.ndarray) -> None:
+  """Embeddings, items, centroids (when the index keeps them) and index.json, each atomically;
+  index.json last, with the counts of the live (not removed) rows."""
   _atomic_write(os.path.join(index_dir, 'embeddings.npy'), lambda f: np.save(f, embeddings))
   _atomic_write(os.path.join(index_dir, 'items.jsonl'), lambda f: f.write(
       ''.join(json.dumps(item) + '\n' for item in items).encode()))
-  if centroids:
-    result = retrieval_centroids.gallery_centroids(
-        embeddings.astype(np.float32), np.asarray([item['product_id'] for item in items]))
-    _atomic_write(os.path.join(index_dir, 'centroids.npy'),
-                  lambda f: np.save(f, result['embeddings']))
-  meta = {'format': FORMAT, 'model': model.describe(), 'dtype': str(embeddings.dtype),
-          'dim': int(embeddings.shape[1]), 'count': len(items),
-          'products': len({item['product_id'] for item in items}),
-          'categories': sorted({item['category'] for item in items if item['category']}),
-          'centroids': bool(centroids)}
-  _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
-  return {'added': len(new_items), 'skipped': len(entries) - len(new), 'count': len(items)}
+  live = [row for row, item in enumerate(items) if not item.get('removed')]
+  if meta['centroids']:
+    centroids = product_centroids(embeddings, items)
+    _atomic_write(os.path.join(index_dir, 'centroids.npy'), lambda f: np.save(f, centroids))
+  meta = {**meta, 'count': len(live), 'rows': len(items),
+          'products': len({items[row]['product_id'] for row in live})}
+  _atomic_write(os.path.join(index_dir, _INDEX_FILE),
+                lambda f: f.write(json.dumps(meta, indent=2).encode()))
+
+
+def product_numbers(items: list[dict]) -> tuple[list[str], np.ndarray]:
+  """Products in order of first appearance over all rows, removed ones included, so a
+  product's number never changes; and each row's product number [N] int32."""
+  product_ids = list(dict.fromkeys(item['product_id'] for item in items))
+  number = {p: i for i, p in enumerate(product_ids)}
+  return product_ids, np.asarray([number[item['product_id']] for item in items], np.int32)
+
+
+def product_centroids(embeddings: np.ndarray, items: list[dict]) -> np.ndarray:
+  """[P, D] float32: each product's unit-length mean of its live images (zeros for a product
+  whose images were all removed), in product-number order."""
+  product_ids, row_product = product_numbers(items)
+  live = np.asarray([not item.get('removed') for item in items], bool)
+  sums = np.zeros((len(product_ids), embeddings.shape[1]), np.float64)
+  np.add.at(sums, row_product[live], np.asarray(embeddings)[live].astype(np.float64))
+  norms = np.linalg.norm(sums, axis=1, keepdims=True)
+  return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def remove_products(index_dir: str, product_ids: list[str]) -> dict:
+  """Takes every image of `product_ids` out of the index and its backend; returns
+  {'removed' (images), 'products', 'count' (images left)}. An id that is not in the index
+  stops everything before any change."""
+  index = SearchIndex(index_dir)
+  wanted = list(dict.fromkeys(str(p) for p in product_ids))
+  if not wanted:
+    raise InputError('no product ids given')
+  live_ids = {p for p, live in zip(index.product_ids, index.product_live) if live}
+  unknown = [p for p in wanted if p not in live_ids]
+  if unknown:
+    shown = ', '.join(repr(p) for p in unknown[:10]) + (' ...' if len(unknown) > 10 else '')
+    raise InputError(f'{index_dir}: not in the index: {shown} (nothing removed)')
+  wanted_set = set(wanted)
+  rows = [row for row, item in enumerate(index.items)
+          if not item.get('removed') and item['product_id'] in wanted_set]
+  removed = set(rows)
+  items = [dict(item, removed=True) if row in removed else item
+           for row, item in enumerate(index.items)]
+  rows = np.asarray(rows, np.int64)
+  search_backend = backends.get(index.meta.get('backend', 'exact')).open(index, centroids=False)
+  _write(index_dir, index.meta, items, index.embeddings)
+  search_backend.remove(rows)
+  search_backend.save(index_dir)
+  return {'removed': len(rows), 'products': len(wanted),
+          'count': int(sum(not item.get('removed') for item in items))}
 
 
 def check_model(meta: dict, model) -> None:
@@ -234,15 +333,18 @@ class SearchIndex:
       raise InputError(f'{index_dir}: {len(self.items)} items but {len(self.embeddings)} '
                        f'embeddings (damaged index)')
     self.categories = list(self.meta['categories'])
-    self.product_ids = list(dict.fromkeys(item['product_id'] for item in self.items))
-    product_number = {p: i for i, p in enumerate(self.product_ids)}
-    self.row_product = np.asarray([product_number[item['product_id']] for item in self.items],
-                                  np.int32)
+    # Live rows: those of products not removed. A removed row keeps its number and files.
+    self.live = np.asarray([not item.get('removed') for item in self.items], bool)
+    self.num_live = int(self.live.sum())
+    self.product_ids, self.row_product = product_numbers(self.items)
+    self.product_live = np.zeros(len(self.product_ids), bool)
+    self.product_live[self.row_product[self.live]] = True
     category_number = {c: i for i, c in enumerate(self.categories)}
     self.row_category = np.asarray([category_number.get(item['category'], -1)
                                     for item in self.items], np.int32)
-    # The category of a product: of its first image.
-    first = np.unique(self.row_product, return_index=True)[1]
+    # The category of a product: of its first live image (its first image once removed).
+    order = np.lexsort((np.arange(len(self.items)), ~self.live, self.row_product))
+    first = order[np.searchsorted(self.row_product[order], np.arange(len(self.product_ids)))]
     self.product_category = self.row_category[first]
     self.centroids = None
     if self.meta.get('centroids'):

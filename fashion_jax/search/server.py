@@ -162,7 +162,7 @@ def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = Tru
 
   @app.get('/api/info')
   def info():
-    return {'images': len(searcher.index), 'products': searcher.num_products,
+    return {'images': searcher.index.num_live, 'products': int(searcher.index.product_live.sum()),
             'categories': searcher.index.categories, 'default_k': settings.default_k,
             'max_k': settings.max_k, 'max_upload_bytes': settings.max_upload_bytes,
             'max_pixels': searcher.max_pixels, 'centroids': searcher.use_centroids,

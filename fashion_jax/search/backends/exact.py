@@ -57,13 +57,14 @@ class ExactBackend(Backend):
   @classmethod
   def open(cls, index, *, centroids):
     if centroids:
-      vectors = index.centroids.astype(index.embeddings.dtype)
-      rows = np.arange(len(vectors))
-      products, categories = rows, index.product_category
+      rows = np.flatnonzero(index.product_live)
+      vectors = index.centroids[rows].astype(index.embeddings.dtype)
+      products, categories = rows, index.product_category[rows]
     else:
-      vectors, rows = index.embeddings, np.arange(len(index))
-      products, categories = index.row_product, index.row_category
-    backend = cls(vectors.shape[1], vectors.dtype)
+      rows = np.flatnonzero(index.live)
+      vectors = index.embeddings[rows]
+      products, categories = index.row_product[rows], index.row_category[rows]
+    backend = cls(index.embeddings.shape[1], index.embeddings.dtype)
     backend.add(rows, vectors, products, categories)
     return backend
 
