@@ -29,8 +29,7 @@ class Searcher:
     if self.use_centroids and index.centroids is None:
       raise InputError(f'{index.directory}: index has no centroids (build it with --centroids)')
     self.num_products = len(index.product_ids)
-    self.backend = backends.get(index.meta.get('backend', 'exact')).open(
-        index, centroids=self.use_centroids)
+    self.backend = search_index.open_backend(index, centroids=self.use_centroids)
     # The rows of each product, for naming the image that matched best.
     live = np.flatnonzero(index.live)
     order = live[np.argsort(index.row_product[live], kind='stable')]

@@ -213,10 +213,13 @@ def build(index_dir: str, model, entries: list[CatalogueEntry], *, dtype: str = 
           'backend_settings': backend_settings, 'categories': categories}
   # The backend as it was, plus the new rows; index.json, written last, then lists them.
   if existing is None:
-    search_backend = backend_class.create(index_dir, embeddings.shape[1], str(embeddings.dtype),
-                                          backend_settings)
+    try:
+      search_backend = backend_class.create(index_dir, embeddings.shape[1],
+                                            str(embeddings.dtype), backend_settings)
+    except (ImportError, OSError, ValueError) as error:
+      raise InputError(f'{index_dir}: {error}') from None
   else:
-    search_backend = backend_class.open(existing, centroids=False)
+    search_backend = open_backend(existing)
   if new_items:
     _, row_product = product_numbers(items)
     number = {c: i for i, c in enumerate(categories)}
@@ -287,12 +290,21 @@ def remove_products(index_dir: str, product_ids: list[str]) -> dict:
   items = [dict(item, removed=True) if row in removed else item
            for row, item in enumerate(index.items)]
   rows = np.asarray(rows, np.int64)
-  search_backend = backends.get(index.meta.get('backend', 'exact')).open(index, centroids=False)
+  search_backend = open_backend(index)
   _write(index_dir, index.meta, items, index.embeddings)
   search_backend.remove(rows)
   search_backend.save(index_dir)
   return {'removed': len(rows), 'products': len(wanted),
           'count': int(sum(not item.get('removed') for item in items))}
+
+
+def open_backend(index: 'SearchIndex', *, centroids: bool = False) -> backends.Backend:
+  """The search backend recorded in the index, opened; its problems as one-line InputErrors
+  (a library not installed, a missing backend file, a server that refuses)."""
+  try:
+    return backends.get(index.meta.get('backend', 'exact')).open(index, centroids=centroids)
+  except (ImportError, OSError, ValueError) as error:
+    raise InputError(f'{index.directory}: {error}') from None
 
 
 def check_model(meta: dict, model) -> None:
@@ -326,7 +338,12 @@ class SearchIndex:
       raise InputError(f'{index_dir}: not a search index (no {_INDEX_FILE})') from None
     if self.meta.get('format') != FORMAT:
       raise InputError(f"{index_dir}: index format {self.meta.get('format')} is not {FORMAT}")
-    self.embeddings = np.load(os.path.join(self.directory, 'embeddings.npy'))
+    # Memory-mapped: a catalogue's vectors are read as searched, not all at start.
+    try:
+      self.embeddings = np.load(os.path.join(self.directory, 'embeddings.npy'), mmap_mode='r',
+                                allow_pickle=False)
+    except (OSError, ValueError) as error:
+      raise InputError(f'{index_dir}: embeddings.npy cannot be read ({error})') from None
     with open(os.path.join(self.directory, 'items.jsonl')) as f:
       self.items = [json.loads(line) for line in f if line.strip()]
     if len(self.items) != len(self.embeddings):

@@ -87,3 +87,29 @@ def test_centroids_follow_removals(index_dir, model, catalogue, tmp_path):
   assert main(['remove', '--index', path, '--products', 'sku-0']) == 0
   found = _top(path, model, _photo(catalogue, 0), k=10)
   assert 'sku-0' not in found and len(found) == 3
+
+
+@pytest.mark.parametrize('backend', ['faiss', 'qdrant'])
+def test_every_backend_through_the_command_line(backend, index_dir, model, catalogue, tmp_path,
+                                                capsys):
+  path = str(tmp_path / backend)
+  extra = ['--qdrant-path', str(tmp_path / 'qdrant-data')] if backend == 'qdrant' else []
+  for csv_file in (catalogue['csv_first'], catalogue['csv_rest']):
+    assert main(['index', '--workdir', model.workdir, '--index', path, '--catalogue', csv_file,
+                 '--backend', backend, *extra]) == 0
+  assert json.load(open(os.path.join(path, 'index.json')))['backend'] == backend
+  assert main(['index', '--workdir', model.workdir, '--index', path, '--catalogue',
+               catalogue['csv_rest'], '--backend', 'exact']) == 2
+  assert "uses the '" + backend + "' backend" in capsys.readouterr().err
+  for product in range(6):
+    photo = _photo(catalogue, product, 1)
+    assert _top(path, model, photo) == _top(index_dir, model, photo)
+  assert main(['remove', '--index', path, '--products', 'sku-3']) == 0
+  for product in range(6):
+    assert 'sku-3' not in _top(path, model, _photo(catalogue, product), k=10)
+  searcher = engine.Searcher(search_index.SearchIndex(path), model)
+  assert searcher.backend.name == backend
+  with open(_photo(catalogue, 5, 1), 'rb') as f:
+    answer = searcher.answer(f.read(), box=(16, 0, 64, 48), category='shoe', k=10)
+  assert {r['category'] for r in answer['results']} == {'shoe'}
+  assert answer['results'][0]['product_id'] == 'sku-5'
