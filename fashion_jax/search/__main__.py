@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
   index.add_argument('--qdrant-url', help='Qdrant server or cluster, e.g. http://host:6333')
   index.add_argument('--qdrant-path', help="Qdrant's embedded local mode: a folder")
   index.add_argument('--collection', help='Qdrant collection (default: from the index folder)')
+  index.add_argument('--qdrant-shards', type=int, help='Qdrant shards of the collection')
+  index.add_argument('--qdrant-replicas', type=int, help='Qdrant copies of each shard')
 
   update = commands.add_parser('update', help="replace the images of a catalogue's products")
   update.add_argument('--index', required=True)
@@ -167,7 +169,8 @@ def run_index(args) -> int:
   entries = _catalogue(args)
   settings = {key: value for key, value in (
       ('factory', args.faiss_factory), ('nprobe', args.nprobe), ('ef_search', args.ef_search),
-      ('url', args.qdrant_url), ('path', args.qdrant_path), ('collection', args.collection))
+      ('url', args.qdrant_url), ('path', args.qdrant_path), ('collection', args.collection),
+      ('shards', args.qdrant_shards), ('replicas', args.qdrant_replicas))
       if value is not None}
   model = SearchModel(args.workdir, step=args.step, batch_size=args.batch_size)
   result = search_index.build(args.index, model, entries, dtype=args.dtype,

@@ -4,8 +4,9 @@ each with its product and category as indexed payload. Needs `pip install qdrant
 Settings: `url` of a Qdrant server or cluster (>= 1.16) with an optional `api_key`, or `path`
 of qdrant-client's embedded storage (':memory:' for none; by default <index>/qdrant), which
 scans every point and commits every written point to disk, so it suits tests and demos;
-`collection`, by default the index directory's name. A point's id is its row number, and the
-server holds the data: `save` writes nothing.
+`collection`, by default the index directory's name; on a cluster, `shards` and `replicas`
+(Qdrant's shard_number and replication_factor for the collections created). A point's id is its
+row number, and the server holds the data: `save` writes nothing.
 """
 
 import hashlib
@@ -16,7 +17,7 @@ import numpy as np
 
 from fashion_jax.search.backends.base import NO_CATEGORY, Backend, register
 
-SETTINGS = ('url', 'api_key', 'path', 'collection')
+SETTINGS = ('url', 'api_key', 'path', 'collection', 'shards', 'replicas')
 _UPLOAD_BATCH = 256
 # Embedded storage admits one client per folder and process: backends on one folder share it.
 _EMBEDDED = {}
@@ -55,15 +56,17 @@ class QdrantBackend(Backend):
 
   name = 'qdrant'
 
-  def __init__(self, client, collection: str):
+  def __init__(self, client, collection: str, settings: dict | None = None):
     self._models = _qdrant().models
     self._client, self._collection = client, collection
+    self._layout = {key: (settings or {}).get(setting) for key, setting in
+                    (('shard_number', 'shards'), ('replication_factor', 'replicas'))}
 
   @classmethod
   def create(cls, directory, dim, dtype, settings):
     """A new, empty collection: one of the same name that is already there is replaced."""
     del dtype  # Qdrant keeps float16 vectors whatever the index holds
-    backend = cls(*_connect(directory, settings))
+    backend = cls(*_connect(directory, settings), settings)
     backend._make(dim)
     return backend
 
@@ -71,13 +74,14 @@ class QdrantBackend(Backend):
   def open(cls, index, *, centroids):
     """The index's collection; with `centroids` the '<collection>_centroids' collection of the
     live products, made from `index.centroids` when it is missing or holds other centroids."""
-    client, collection = _connect(index.directory, index.meta.get('backend_settings') or {})
+    settings = index.meta.get('backend_settings') or {}
+    client, collection = _connect(index.directory, settings)
     if not centroids:
       if not client.collection_exists(collection):
         raise ValueError(f'qdrant has no collection {collection!r} for {index.directory}: '
                          'index the catalogue again with this backend')
-      return cls(client, collection)
-    backend = cls(client, f'{collection}_centroids')
+      return cls(client, collection, settings)
+    backend = cls(client, f'{collection}_centroids', settings)
     vectors = np.ascontiguousarray(index.centroids, np.float32)  # a removed product's are 0
     digest = hashlib.blake2b(vectors.data, digest_size=16).hexdigest()
     if (not client.collection_exists(backend._collection) or
@@ -94,6 +98,7 @@ class QdrantBackend(Backend):
       self._client.delete_collection(self._collection)
     self._client.create_collection(
         self._collection, metadata=metadata,
+        **{key: value for key, value in self._layout.items() if value is not None},
         vectors_config=models.VectorParams(size=dim, distance=models.Distance.DOT,
                                            datatype=models.Datatype.FLOAT16))
     for field in ('product', 'category'):
