@@ -8,6 +8,7 @@ these names and this geometry, so an image gives the same pixels in training, se
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # How a crop reaches image_size (config.input.resize_mode):
 #   'stretch': both axes scaled to image_size, as the ReID code does (the default);
@@ -122,35 +123,41 @@ def _numerators(i: jax.Array, j: jax.Array, n_in, n_out, resize_filter: str = 't
   raise ValueError(_not_one_of('resize filter', resize_filter, RESIZE_FILTERS))
 
 
-def _resize_weights(in_size, out_size, resize_filter: str = 'triangle',
-                    enlarged=None) -> jax.Array:
-  """[out, in] float32 weights resizing one axis with `resize_filter` (see _numerators).
+def _resize_weights(in_size, out_size, resize_filter: str = 'triangle', enlarged=None, *,
+                    in_length=None) -> jax.Array:
+  """[out, in_length] float32 weights resizing one axis with `resize_filter` (see
+  _numerators); `in_length` as in _placed_weights.
 
   Integer numerators normalised by one division each, so the weights come out bit-identical
   whether the sizes are known when compiling or only when running (a shape-polymorphic
-  export): rounding to uint8 then cannot differ between them.
+  export, a padded crop): rounding to uint8 then cannot differ between them.
   """
   # The whole axis is content: the placed weights with no offset.
   weights, _ = _placed_weights(in_size, out_size, jnp.asarray(out_size, jnp.int32), 0,
-                               resize_filter, enlarged)
+                               resize_filter, enlarged, in_length=in_length)
   return weights
 
 
 def _placed_weights(in_size, out_size: int, content, offset, resize_filter: str = 'triangle',
-                    enlarged=None):
-  """[out, in] weights resizing `in_size` pixels to `content` pixels placed at `offset` of
-  `out_size`, and [out] bool: which output pixels are content.
+                    enlarged=None, *, in_length=None):
+  """[out, in_length] weights resizing `in_size` pixels to `content` pixels placed at `offset`
+  of `out_size`, and [out] bool: which output pixels are content.
 
   Content row o holds _resize_weights(in_size, content, ...)[o - offset] (the same integer
   numerators, so the same float32 weights); the other rows are zero. `content`, `offset` and
   `enlarged` may be traced: the export computes them from symbolic image sizes.
+  `in_length` (static, default `in_size`): the length of the axis the weights apply to, a crop
+  padded to a bucket; the columns from `in_size` on get zero weight, so `in_size` may be traced
+  and one compilation serves every size up to `in_length`.
   """
-  i = jnp.arange(in_size, dtype=jnp.int32)
+  i = jnp.arange(in_size if in_length is None else in_length, dtype=jnp.int32)
   j = jnp.arange(out_size, dtype=jnp.int32) - offset
   inside = (j >= 0) & (j < content)
   n_in = jnp.asarray(in_size, jnp.int32)
   numerator = _numerators(i, j, n_in, content, resize_filter, enlarged)
-  numerator = jnp.where(inside[:, None], numerator, 0)
+  # Padding is outside the crop: the kernels reaching past its edge must not weigh it, and the
+  # totals then sum the same integers as for the crop alone.
+  numerator = jnp.where(inside[:, None] & (i < n_in)[None, :], numerator, 0)
   total = jnp.maximum(jnp.sum(numerator, axis=1, keepdims=True), 1)
   return numerator.astype(jnp.float32) / total.astype(jnp.float32), inside
 
@@ -162,31 +169,44 @@ def resize_images(images: jax.Array, image_size: tuple[int, int],
   with `resize_filter` (plain bilinear where the crop is enlarged along both axes), clipped,
   rounded; stretched to (H, W), or letterboxed (aspect ratio kept, never enlarged, centred on
   white). h and w may be symbolic (a shape-polymorphic export)."""
+  return _resize_padded(images, images.shape[1], images.shape[2], image_size, resize_mode,
+                        resize_filter)
+
+
+def _resize_padded(images: jax.Array, height, width, image_size: tuple[int, int],
+                   resize_mode: str, resize_filter: str) -> jax.Array:
+  """resize_images of the crops images[:, :height, :width]: uint8 [B, h_pad, w_pad, 3], the
+  crops zero-padded at the bottom and right, -> uint8 [B, H, W, 3].
+
+  height, width: int32 scalars, static, symbolic or traced (then one compilation serves every
+  crop size that fits h_pad x w_pad). The padding gets zero weight: the same float32 weights
+  as for the crop alone, only zero terms added to the sums.
+  """
   check_resize(resize_mode, resize_filter)
-  height, width = image_size
+  out_height, out_width = image_size
+  padded_height, padded_width = images.shape[1], images.shape[2]
   x = images.astype(jnp.float32)
   highest = jax.lax.Precision.HIGHEST
-  # The crop's size as traced int32 scalars: under a shape-polymorphic export the test
-  # "enlarged along both axes" is only known when running, so it selects between weights.
-  in_height = jnp.asarray(images.shape[1], jnp.int32)
-  in_width = jnp.asarray(images.shape[2], jnp.int32)
+  # The crop's size as int32 scalars: under a shape-polymorphic export or with a padded crop
+  # the test "enlarged along both axes" is only known when running, so it selects between
+  # weights.
+  in_height = jnp.asarray(height, jnp.int32)
+  in_width = jnp.asarray(width, jnp.int32)
   if resize_mode == 'stretch':
-    enlarged = (in_height <= height) & (in_width <= width)
-    x = jnp.einsum('oh,bhwc->bowc',
-                   _resize_weights(images.shape[1], height, resize_filter, enlarged), x,
-                   precision=highest)
-    x = jnp.einsum('pw,bowc->bopc',
-                   _resize_weights(images.shape[2], width, resize_filter, enlarged), x,
-                   precision=highest)
+    enlarged = (in_height <= out_height) & (in_width <= out_width)
+    rows = _resize_weights(height, out_height, resize_filter, enlarged, in_length=padded_height)
+    columns = _resize_weights(width, out_width, resize_filter, enlarged,
+                              in_length=padded_width)
+    x = jnp.einsum('oh,bhwc->bowc', rows, x, precision=highest)
+    x = jnp.einsum('pw,bowc->bopc', columns, x, precision=highest)
   else:
-    content_height, content_width, top, left = letterbox_geometry(
-        images.shape[1], images.shape[2], image_size)
+    content_height, content_width, top, left = letterbox_geometry(height, width, image_size)
     # The resize goes to the content size: enlarged means it is at least the crop's.
     enlarged = (in_height <= content_height) & (in_width <= content_width)
-    rows, row_inside = _placed_weights(images.shape[1], height, content_height, top,
-                                       resize_filter, enlarged)
-    columns, column_inside = _placed_weights(images.shape[2], width, content_width, left,
-                                             resize_filter, enlarged)
+    rows, row_inside = _placed_weights(height, out_height, content_height, top, resize_filter,
+                                       enlarged, in_length=padded_height)
+    columns, column_inside = _placed_weights(width, out_width, content_width, left,
+                                             resize_filter, enlarged, in_length=padded_width)
     x = jnp.einsum('oh,bhwc->bowc', rows, x, precision=highest)
     x = jnp.einsum('pw,bowc->bopc', columns, x, precision=highest)
     # Border pixels got all-zero weights: 0 + 255 is exactly white.
@@ -195,5 +215,35 @@ def resize_images(images: jax.Array, image_size: tuple[int, int],
   return jnp.round(jnp.clip(x, 0.0, 255.0)).astype(jnp.uint8)
 
 
-preprocess = jax.jit(resize_images, static_argnames=('image_size', 'resize_mode',
-                                                     'resize_filter'))
+def bucket_length(n: int) -> int:
+  """The smallest 2**k or 3 * 2**k (k >= 0) that is at least n: 1, 2, 3, 4, 6, 8, 12, 16, 24,
+  ..., 256, 384, 512, 768, 1024, 1536, ...
+
+  Two rungs an octave keep the compilations few (14 lengths from 33 to 4,096 pixels, 51 up to
+  the decoder's 40M-pixel limit) and a padded axis under 1.5x the crop's, so a padded crop,
+  however thin, costs under 2.25x the memory and work of the crop (a floor such as 64 would
+  turn a 1 x 1M-pixel strip into 64M pixels).
+  """
+  power = 1 << max(n - 1, 0).bit_length()
+  return 3 * power // 4 if 3 * power // 4 >= n else power
+
+
+_resize_bucket = jax.jit(_resize_padded, static_argnames=('image_size', 'resize_mode',
+                                                          'resize_filter'))
+
+
+def preprocess(images, image_size: tuple[int, int], resize_mode: str = DEFAULT_RESIZE_MODE,
+               resize_filter: str = DEFAULT_RESIZE_FILTER) -> jax.Array:
+  """resize_images, compiled once per bucket instead of once per crop size: uint8 [B, h, w, 3]
+  (host memory) -> uint8 [B, H, W, 3], the same pixels.
+
+  The crops are zero-padded at the bottom and right to bucket_length(h) x bucket_length(w)
+  and their true size passed as traced int32 scalars, so a service meeting uploads of
+  every size holds a bounded set of compiled resizes.
+  """
+  images = np.asarray(images)
+  batch, height, width, channels = images.shape
+  padded = np.zeros((batch, bucket_length(height), bucket_length(width), channels), np.uint8)
+  padded[:, :height, :width] = images
+  return _resize_bucket(padded, np.int32(height), np.int32(width), image_size, resize_mode,
+                        resize_filter)

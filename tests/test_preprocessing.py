@@ -1,6 +1,8 @@
 """The one check of the resize names: a bad mode or filter is one line naming it and the ones
-there are, from check_resize, from a config's input section and from the config check."""
+there are, from check_resize, from a config's input section and from the config check. The
+bucket ladder of crop sizes and the weights of a padded crop."""
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -51,3 +53,32 @@ def test_settings_a_config_lacks_take_the_defaults():
   assert preprocessing.resize_settings(input_config) == ('letterbox', 'area')
   assert preprocessing.resize_settings(configlib.base_config().input) == (
       preprocessing.DEFAULT_RESIZE_MODE, preprocessing.DEFAULT_RESIZE_FILTER)
+
+
+def test_bucket_lengths_are_the_ladder_and_pad_under_half():
+  ladder = sorted({preprocessing.bucket_length(n) for n in range(1, 5000)})
+  assert ladder[:12] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+  assert all(b in (a * 4 // 3, a * 3 // 2) for a, b in zip(ladder[2:], ladder[3:]))
+  for n in range(1, 5000):
+    bucket = preprocessing.bucket_length(n)
+    assert n <= bucket < 1.5 * n
+    # The smallest rung that fits: the one below is too short.
+    assert ladder.index(bucket) == 0 or ladder[ladder.index(bucket) - 1] < n
+
+
+@pytest.mark.parametrize('resize_filter', preprocessing.RESIZE_FILTERS)
+def test_padded_weights_are_the_crops_then_zeros(resize_filter):
+  """Weights for a traced size on a padded axis: the crop's own weights, bit for bit, then zero
+  columns (kernels reaching past the crop's edge included)."""
+  padded, out, content, offset = 48, 24, 17, 3
+  sizes = np.array([1, 5, 17, 24, 25, 47, 48], np.int32)
+  placed = jax.jit(jax.vmap(lambda n, enlarged: preprocessing._placed_weights(
+      n, out, content, offset, resize_filter, enlarged, in_length=padded)[0]))
+  unpadded = jax.jit(lambda n, enlarged: preprocessing._placed_weights(
+      n, out, content, offset, resize_filter, enlarged)[0], static_argnums=0)
+  for enlarged in (False, True):
+    weights = np.asarray(placed(sizes, np.full(sizes.shape, enlarged)))
+    for n, padded_weights in zip(sizes, weights):
+      np.testing.assert_array_equal(padded_weights[:, :n],
+                                    np.asarray(unpadded(int(n), enlarged)), (n, enlarged))
+      assert (padded_weights[:, n:] == 0).all()
