@@ -5,6 +5,7 @@ from their own download, and a missing one fails with a message saying how.
 """
 
 import importlib
+import os
 
 import tensorflow_datasets as tfds
 
@@ -34,10 +35,23 @@ def _base_name(name: str) -> str:
   return name.split('/')[0].split(':')[0]
 
 
+def _check_data_dir(data_dir: str) -> None:
+  """DatasetMissingError when a file stands where data_dir or one of its parents would be (TFDS
+  fails deep inside, creating it). Paths of other filesystems (gs://...) never exist here."""
+  path = os.path.abspath(os.path.expanduser(data_dir))
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise DatasetMissingError(f'data_dir {data_dir!r} is not a directory: {path} is a file')
+
+
 def make_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """tfds.builder(name), the project's builders registered first; an unknown builder config
-  ('street2shop/max2000') raises DatasetMissingError naming the configs there are."""
+  ('street2shop/max2000') raises DatasetMissingError naming the configs there are, and so does a
+  data_dir under a file."""
   base = _base_name(name)
+  if data_dir:
+    _check_data_dir(data_dir)
   if base in BUILDER_MODULES:
     importlib.import_module(BUILDER_MODULES[base])
   try:

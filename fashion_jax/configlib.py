@@ -1,15 +1,25 @@
-"""Defaults shared by every experiment config, and the checks that run before any compilation.
+"""Defaults shared by every experiment config, each field's domain, and the checks that run
+before any compilation.
 
 Experiment files in `configs/` start from `base_config()` and change what differs.
 """
 
+import dataclasses
+import difflib
+import math
+import numbers
+from collections.abc import Callable, Sequence
+
 import ml_collections
+from ml_collections.config_flags import config_path
 
 from fashion_jax import evaluators, objective
 from fashion_jax import preprocessing
-from fashion_jax.models.backbones import check_options
+from fashion_jax.models.backbones import backbone_names, check_options
 
 MODES = ('train_and_evaluate', 'train', 'evaluate')
+# Computation dtypes (model.dtype) and the dtypes retrieval ranks in (eval.dtype).
+DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -57,11 +67,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.label_smoothing = 0.1
-  c.loss.metric = 'triplet'         # 'triplet', 'quadruplet' or 'none' (classification only)
-  c.loss.triplet_margin = 0.3
+  # 'triplet', 'quadruplet', 'centroid_triplet' (triplet + centroid triplet loss, docs/method.md
+  # section 8) or 'none' (classification only)
+  c.loss.metric = 'triplet'
+  c.loss.triplet_margin = 0.3       # also the centroid triplet loss's margin
   c.loss.quadruplet_margins = (0.3, 0.15)
   c.loss.center_weight = 5e-4       # beta
   c.loss.center_lr = 0.5
+  # Weights of the cross-entropy, of the loss.metric term and of the centroid triplet loss (read
+  # only with loss.metric='centroid_triplet'); 1 in the papers.
+  c.loss.id_weight = 1.0
+  c.loss.metric_weight = 1.0
+  c.loss.centroid_weight = 1.0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 3.5e-4
@@ -114,28 +131,250 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+@dataclasses.dataclass(frozen=True)
+class Domain:
+  """What one config field may hold.
+
+  kind: int, float (an int too; finite), bool, str or tuple; None only when `nullable`.
+  gt, ge, lt, le, multiple_of: bounds of a number. min_length: of a string or a tuple.
+  choices: the values allowed, or a function returning them (a registry's names, read when
+    checking, so that a backbone or a loss registered after this module loads is allowed).
+  A tuple: `item` is its items' domain, `length` its length (None: any, at least min_length),
+  `increasing` keeps its items in non-decreasing order. why: said after what is allowed.
+  """
+  kind: type
+  gt: float | None = None
+  ge: float | None = None
+  lt: float | None = None
+  le: float | None = None
+  multiple_of: int | None = None
+  choices: Sequence | Callable[[], Sequence] | None = None
+  min_length: int = 0
+  length: int | None = None
+  item: 'Domain | None' = None
+  increasing: bool = False
+  nullable: bool = False
+  why: str = ''
+
+  def allowed(self) -> tuple:
+    return tuple(self.choices() if callable(self.choices) else self.choices)
+
+  def problem(self, field: str, value) -> str | None:
+    """One line saying why `field` cannot hold `value`; None when it can."""
+    why = f' ({self.why})' if self.why else ''
+    if value is None and self.nullable:
+      return None
+    if self.kind is tuple:
+      if not self._holds_tuple(value):
+        return f'{field} must be {self._tuple_text()}{why}, got {value!r}'
+    elif not self._holds_kind(value):
+      return f'{field} must be {self._kind_text()}, got {value!r}'
+    elif self.choices is not None and value not in self.allowed():
+      return f'{field} {value!r} is not one of {", ".join(map(str, self.allowed()))}'
+    elif not self._in_bounds(value):
+      return f'{field} must be {self._bounds_text()}{why}, got {value!r}'
+    return None
+
+  def _holds_kind(self, value) -> bool:
+    if self.kind in (bool, str):
+      return isinstance(value, self.kind)
+    # bool is an int to Python, never to a config.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      return False
+    return isinstance(value, numbers.Integral) or (self.kind is float and math.isfinite(value))
+
+  def _in_bounds(self, value) -> bool:
+    if self.kind is str:
+      return len(value) >= self.min_length
+    return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+            and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le)
+            and (self.multiple_of is None or value % self.multiple_of == 0))
+
+  def _holds_tuple(self, value) -> bool:
+    return (isinstance(value, (tuple, list)) and len(value) >= self.min_length
+            and (self.length is None or len(value) == self.length)
+            and all(self.item.problem('', v) is None for v in value)
+            and (not self.increasing or list(value) == sorted(value)))
+
+  def _kind_text(self, plural: bool = False) -> str:
+    text = {int: ('an integer', 'integers'), float: ('a finite number', 'finite numbers'),
+            bool: ('True or False', 'booleans'), str: ('a string', 'strings')}[self.kind][plural]
+    return f'{text} or None' if self.nullable else text
+
+  def _bounds_text(self) -> str:
+    if self.kind is str:
+      return 'non-empty' if self.min_length else ''
+    bounds = [(op, bound) for op, bound in (('>', self.gt), ('>=', self.ge), ('<', self.lt),
+                                            ('<=', self.le)) if bound is not None]
+    if len(bounds) == 2:  # a low and a high bound: an interval
+      (low_op, low), (high_op, high) = bounds
+      parts = [f'in {"(" if low_op == ">" else "["}{low}, {high}{")" if high_op == "<" else "]"}']
+    elif bounds == [('>', 0)]:
+      parts = ['positive']
+    else:
+      parts = [f'{op} {bound}' for op, bound in bounds]
+    if self.multiple_of is not None:
+      parts.append(f'a multiple of {self.multiple_of}')
+    return ' and '.join(parts)
+
+  def _tuple_text(self) -> str:
+    if self.length is not None:
+      text = f'a tuple of {self.length} '
+    else:
+      text = 'a non-empty tuple of ' if self.min_length else 'a tuple of '
+    text += self.item._kind_text(plural=True)
+    if each := self.item._bounds_text():
+      text += f', each {each}'
+    return text + (', in increasing order' if self.increasing else '')
+
+
+_POSITIVE_INT = Domain(int, gt=0)
+_COUNT = Domain(int, ge=0)
+_PROBABILITY = Domain(float, ge=0, le=1)
+_NAME = Domain(str, min_length=1)
+_OPTIONAL_PATH = Domain(str, min_length=1, nullable=True)
+
+# Every field of base_config() and what it may hold; tests/test_config.py walks them all with
+# values outside. Checks involving several fields (batch layout, devices, a backbone's options)
+# are validate_config's.
+FIELDS: dict[str, Domain] = {
+    'mode': Domain(str, choices=MODES),
+    'seed': Domain(int, ge=0, le=2**31 - 1),
+    'dataset.name': Domain(str, min_length=1, why='a TFDS name, e.g. fashion_synth/demo'),
+    'dataset.data_dir': _OPTIONAL_PATH,
+    'dataset.train_split': _NAME,
+    'dataset.query_split': _NAME,
+    'dataset.gallery_split': _NAME,
+    'input.image_size': Domain(tuple, length=2, item=Domain(int, gt=0, multiple_of=16),
+                               why='height, width'),
+    'input.resize_mode': Domain(str, choices=preprocessing.RESIZE_MODES),
+    'input.resize_filter': Domain(str, choices=preprocessing.RESIZE_FILTERS),
+    'input.flip_prob': _PROBABILITY,
+    'input.pad': _COUNT,
+    'input.erasing_prob': _PROBABILITY,
+    'input.erasing_area': Domain(tuple, length=2, item=_PROBABILITY, increasing=True,
+                                 why='fractions of the image area'),
+    'input.erasing_aspect': Domain(float, gt=0, le=1, why='aspect ratios in [a, 1 / a]'),
+    'input.shuffle_buffer': _POSITIVE_INT,
+    'input.num_shards': Domain(int, gt=0, nullable=True),
+    'input.prefetch': _COUNT,
+    'model.backbone': Domain(str, choices=backbone_names),
+    'model.last_stride': Domain(int, choices=(1, 2)),
+    'model.width': _POSITIVE_INT,
+    'model.dtype': Domain(str, choices=DTYPES),
+    'model.sync_batch_norm': Domain(bool),
+    'model.drop_path_rate': Domain(float, ge=0, lt=1),
+    'model.pretrained': _OPTIONAL_PATH,
+    'loss.label_smoothing': Domain(float, ge=0, lt=1),
+    'loss.metric': Domain(str, choices=lambda: tuple(objective.METRICS)),
+    'loss.triplet_margin': Domain(float, ge=0),
+    'loss.quadruplet_margins': Domain(tuple, length=2, item=Domain(float, ge=0)),
+    'loss.center_weight': Domain(float, ge=0, why='0 switches the center loss off'),
+    'loss.center_lr': Domain(float, gt=0),
+    'loss.id_weight': Domain(float, ge=0),
+    'loss.metric_weight': Domain(float, ge=0),
+    'loss.centroid_weight': Domain(float, ge=0),
+    'optim.base_lr': Domain(float, gt=0),
+    'optim.weight_decay': Domain(float, ge=0),
+    'optim.warmup_epochs': _COUNT,
+    'optim.warmup_factor': Domain(float, ge=0, le=1, why='of base_lr, at the first epoch'),
+    'optim.milestones': Domain(tuple, item=_COUNT),
+    'optim.gamma': Domain(float, gt=0, le=1, why='the learning rate decays at each milestone'),
+    'train.batch_size': _POSITIVE_INT,
+    'train.k': Domain(int, ge=2, why='batch-hard mining needs a positive'),
+    'train.num_epochs': _COUNT,
+    'train.steps_per_epoch': Domain(int, gt=0, nullable=True),
+    'train.log_every_steps': _POSITIVE_INT,
+    'train.checkpoint_every_steps': _POSITIVE_INT,
+    'train.keep_checkpoints': _POSITIVE_INT,
+    'train.eval_every_epochs': _POSITIVE_INT,
+    'train.allow_config_change': Domain(bool),
+    'eval.batch_size': _POSITIVE_INT,
+    'eval.ks': Domain(tuple, min_length=1, item=_POSITIVE_INT),
+    'eval.num_ranked_queries': _COUNT,
+    'eval.top_k_shown': _POSITIVE_INT,
+    'eval.chunk_size': Domain(int, gt=0, nullable=True),
+    'eval.gallery_chunk_size': _POSITIVE_INT,
+    'eval.dtype': Domain(str, choices=DTYPES),
+    'eval.query_domain': Domain(str),
+    'eval.gallery_domain': Domain(str),
+    # Which names are registered, listed once and with 'retrieval': evaluators.check_config.
+    'eval.evaluators': Domain(tuple, min_length=1, item=_NAME),
+    'eval.per_category': Domain(bool),
+    'eval.rerank': Domain(bool),
+    'eval.rerank_k1': _POSITIVE_INT,
+    'eval.rerank_k2': _POSITIVE_INT,
+    'eval.rerank_lambda': _PROBABILITY,
+    'eval.centroids': Domain(bool),
+    'eval.recommendation': Domain(bool),
+    'eval.cmc_max_rank': _POSITIVE_INT,
+    'eval.dataset': Domain(str),
+    'eval.data_dir': _OPTIONAL_PATH,
+}
+_MISSING = object()
+
+
+def field_paths(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  """The dotted name of every field of `config` (not of its sections), e.g. 'train.batch_size'."""
+  paths = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      paths += field_paths(value, f'{prefix}{key}.')
+    else:
+      paths.append(prefix + key)
+  return paths
+
+
+def _value(config: ml_collections.ConfigDict, field: str):
+  *sections, key = field.split('.')
+  for section in sections:
+    config = config.get(section)
+    if not isinstance(config, ml_collections.ConfigDict):
+      return _MISSING
+  return config[key] if key in config else _MISSING
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError, one line, naming each field whose value is outside its domain in FIELDS:
+  `<field> must be <what is allowed>, got <value>` (or `<field> <value> is not one of ...`).
+
+  Only the fields FIELDS declares are checked. A declared field the config lacks is skipped: its
+  reader takes the default, as for a config.json written before the field existed. A field FIELDS
+  does not declare is left to whoever reads it: an experiment config's own, or an extension's
+  option (a registered loss's `loss.proxy_lr`, an evaluator's under `eval`). A misspelt field
+  therefore passes here; the command line refuses it (check_field_name), since a config there is
+  locked and an override must name a field it has.
+  """
+  problems = []
+  for field, domain in FIELDS.items():
+    value = _value(config, field)
+    if value is not _MISSING and (problem := domain.problem(field, value)):
+      problems.append(problem)
+  if problems:
+    raise ValueError('; '.join(problems))
+
+
+def check_field_name(config: ml_collections.ConfigDict, name: str) -> None:
+  """Raises a one-line ValueError when `name` (of a command-line override, 'train.batch_size',
+  read as ml_collections reads it) is no field of `config`, naming the closest field."""
+  try:
+    config_path.get_value(name, config)
+  except (AttributeError, KeyError, IndexError, ValueError):
+    close = difflib.get_close_matches(name, field_paths(config), n=1)
+    hint = f'; did you mean {close[0]}?' if close else ''
+    raise ValueError(f'the config has no field {name}{hint}') from None
+
+
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
                     num_processes: int = 1) -> None:
-  """Raises ValueError with a one-line message for a config that cannot run. No compilation."""
-  if config.mode not in MODES:
-    raise ValueError(f'unknown mode {config.mode!r}; choose one of {", ".join(MODES)}')
-  if not config.dataset.name:
-    raise ValueError('config.dataset.name is empty; name a TFDS dataset, e.g. fashion_synth/demo')
+  """Raises ValueError with a one-line message for a config that cannot run. No compilation.
+
+  Each field against its domain first (check_fields), then what involves several fields.
+  """
+  check_fields(config)
   check_options(config.model.backbone, width=config.model.get('width', 64),
                 drop_path_rate=config.model.get('drop_path_rate', 0.0))
-  if config.model.last_stride not in (1, 2):
-    raise ValueError(f'model.last_stride must be 1 or 2, got {config.model.last_stride}')
-  objective.check_metric(config.loss.metric)
-  height, width = config.input.image_size
-  if height % 16 or width % 16 or height <= 0 or width <= 0:
-    raise ValueError(f'input.image_size must be positive multiples of 16, got {height}x{width}')
-  preprocessing.resize_settings(config.input)
-  if config.loss.center_weight < 0:
-    raise ValueError(f'loss.center_weight must be >= 0 (0 switches the center loss off), got '
-                     f'{config.loss.center_weight}')
   k, batch = config.train.k, config.train.batch_size
-  if k < 2:
-    raise ValueError(f'train.k must be >= 2 (batch-hard mining needs a positive), got {k}')
   if batch % k:
     raise ValueError(f'train.batch_size {batch} is not a multiple of train.k {k}')
   p = batch // k
