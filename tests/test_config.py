@@ -24,8 +24,7 @@ def _tiny(data_dir):
 @pytest.mark.parametrize('field,value,message', [
     ('model.backbone', 'resnet51_ibn_a', "model.backbone 'resnet51_ibn_a' is not one of "
                                          'resnet10, resnet10_ibn_a'),
-    ('loss.metric', 'contrastive', "loss.metric 'contrastive' is not one of triplet, quadruplet, "
-                                   'none'),
+    ('loss.metric', 'contrastive', "loss.metric 'contrastive' is not one of triplet, quadruplet"),
     ('train.batch_size', 12, 'P = batch_size / k = 6 identities is not divisible by the 4 devices'),
     ('train.k', 1, 'train.k must be >= 2'),
     ('input.image_size', (40, 32), 'input.image_size must be a tuple of 2 integers, each positive '
@@ -192,12 +191,12 @@ def test_shipped_configs_have_every_field_in_its_domain():
   import importlib.util
   import tiny_config
   configs = [tiny_config.get_config()]
-  for name in os.listdir(os.path.join(REPO, 'configs')):
+  for name in sorted(n for n in os.listdir(os.path.join(REPO, 'configs')) if n.endswith('.py')):
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     configs.append(module.get_config())
-  assert len(configs) == 5
+  assert len(configs) >= 5
   for config in configs:
     assert set(configlib.FIELDS) <= set(configlib.field_paths(config))
     configlib.check_fields(config)
