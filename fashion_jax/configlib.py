@@ -113,8 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.gallery_domain = ''        # e.g. 'shop'
   # Evaluators run, in order (registered names, evaluators.EVALUATORS); each switch below that is
   # on appends the evaluator of its name. 'retrieval' (the top-level mAP / Acc@k, ranked lists)
-  # must be listed. An evaluator reads its options from this block (docs/retrieval.md).
-  c.eval.evaluators = ('retrieval',)
+  # must be listed; 'verification' (TPR at FPR over all pairs, roc.png) runs by default. An
+  # evaluator reads its options from this block (docs/retrieval.md).
+  c.eval.evaluators = ('retrieval', 'verification')
+  c.eval.verification_fprs = (1e-4, 1e-3, 1e-2)  # the FPRs whose TPR 'verification' reports
   c.eval.per_category = False       # category-constrained retrieval, table + average
   c.eval.rerank = False             # k-reciprocal re-ranking (docs/method.md section 6)
   c.eval.rerank_k1 = 20
@@ -307,6 +309,8 @@ FIELDS: dict[str, Domain] = {
     'eval.rerank_lambda': _PROBABILITY,
     'eval.centroids': Domain(bool),
     'eval.recommendation': Domain(bool),
+    'eval.verification_fprs': Domain(tuple, min_length=1, item=Domain(float, gt=0, le=1),
+                                     increasing=True),
     'eval.cmc_max_rank': _POSITIVE_INT,
     'eval.dataset': Domain(str),
     'eval.data_dir': _OPTIONAL_PATH,

@@ -192,8 +192,22 @@ def evaluate(config, *, embed: Callable[[jax.Array], jax.Array], builder, mesh, 
   logging.info('evaluation at step %d on %s: %s', step, builder.info.full_name,
                json.dumps(metrics))
   if writer is not None:
-    writer.write_scalars(step, {f'{folder}/{k}': v for k, v in metrics.items()
-                                if k.startswith(('mAP', 'acc@'))})
+    scalars = {f'{folder}/{k}': v for k, v in metrics.items()
+               if k.startswith(('mAP', 'mINP', 'acc@'))}
+    scalars.update({f'{folder}/{k}': v for k, v in metrics.get('verification', {}).items()
+                    if k.startswith('tpr@')})
+    writer.write_scalars(step, scalars)
   if jax.process_index() == 0:
     write_reports(metrics, result, os.path.join(workdir, folder))
   return metrics
+
+
+def console_line(metrics: dict, ks) -> str:
+  """'mAP 0.4695  mINP 0.2210  Acc@1 0.409 ...  TPR@FPR=0.001 0.312 ...  (342 queries)'."""
+  parts = [f'mAP {metrics["mAP"]:.4f}']
+  if 'mINP' in metrics:
+    parts.append(f'mINP {metrics["mINP"]:.4f}')
+  parts += [f'Acc@{k} {metrics[f"acc@{k}"]:.3f}' for k in ks]
+  parts += [f"{key.upper()} {value:.3f}"
+            for key, value in metrics.get('verification', {}).items() if key.startswith('tpr@')]
+  return '  '.join(parts) + f'  ({metrics["num_queries"]} queries)'

@@ -22,6 +22,7 @@ from fashion_jax import visualize
 from fashion_jax.retrieval import centroids as retrieval_centroids
 from fashion_jax.retrieval import metrics as retrieval_metrics
 from fashion_jax.retrieval import rerank as retrieval_rerank
+from fashion_jax.retrieval import verification as retrieval_verification
 from fashion_jax.retrieval.search import Reranked
 
 # Boolean switches of config.eval, each adding the evaluator of the same name after
@@ -164,10 +165,12 @@ def _cast(embeddings: np.ndarray, e) -> np.ndarray:
 
 class Ranking(NamedTuple):
   """Per-query results of one ranking: ap [Q] float32, first_rank [Q] int32 (0-based), valid [Q]
-  bool, and the re-ranking it used (a retrieval.search.Reranked of all queries, or None)."""
+  bool, inp [Q] float32 (mINP's term), and the re-ranking it used (a retrieval.search.Reranked
+  of all queries, or None)."""
   ap: np.ndarray
   first_rank: np.ndarray
   valid: np.ndarray
+  inp: np.ndarray
   reranked: Reranked | None = None
 
 
@@ -184,8 +187,9 @@ def _rank(e, legend: str, query_emb, gallery_emb, query_ids, gallery_ids, query_
 
 
 def _summary(e, legend: str, ranking: Ranking) -> tuple[dict, dict[str, np.ndarray]]:
-  """(mAP, Acc@k and query counts, {legend: CMC curve}) of a ranking."""
-  return (retrieval_metrics.summarize(ranking.ap, ranking.first_rank, ranking.valid, tuple(e.ks)),
+  """(mAP, mINP, Acc@k and query counts, {legend: CMC curve}) of a ranking."""
+  return (retrieval_metrics.summarize(ranking.ap, ranking.first_rank, ranking.valid, tuple(e.ks),
+                                      inp=ranking.inp),
           {legend: retrieval_metrics.cmc(ranking.first_rank, ranking.valid, e.cmc_max_rank)})
 
 
@@ -241,7 +245,7 @@ class PerCategory:
                     gallery_groups=data.gallery.category)
     summary, curves = _summary(e, legend, ranking)
     table, average = retrieval_metrics.per_category(*ranking[:3], data.query.category,
-                                                    tuple(e.ks))
+                                                    tuple(e.ks), inp=ranking.inp)
     names = data.category_names
     metrics = {'category_constrained': summary, 'category_average': average,
                'per_category': {names[c] if names else str(c): row for c, row in table.items()}}
@@ -285,9 +289,31 @@ class Recommendation:
     return EvalResult({self.name: metrics}, curves)
 
 
+class Verification:
+  """Every query-gallery pair as a same-product decision on its cosine similarity: section
+  'verification' with the TPR at each of eval.verification_fprs and the pair counts, and
+  roc.png (docs/method.md section 9)."""
+  name = 'verification'
+
+  def __init__(self, e: ml_collections.ConfigDict):
+    self.e = e
+
+  def run(self, data: EvalData) -> EvalResult:
+    fprs = tuple(float(f) for f in self.e.get('verification_fprs', (1e-4, 1e-3, 1e-2)))
+    result = retrieval_verification.verification(
+        data.query.embeddings, data.gallery.embeddings, data.query.item_id,
+        data.gallery.item_id, fprs, chunk_size=self.e.chunk_size)
+    metrics = {f'tpr@fpr={f:g}': result['tpr'][f] for f in fprs}
+    metrics.update(num_positive_pairs=result['num_positive_pairs'],
+                   num_negative_pairs=result['num_negative_pairs'])
+    fpr, tpr = result['roc']
+    picture = functools.partial(visualize.roc_image, fpr, tpr, result['tpr'])
+    return EvalResult({self.name: metrics}, pictures={'roc.png': picture})
+
+
 def category_tables(metrics: dict, ks: Sequence[int]) -> dict[str, str]:
   """per_category.csv and per_category.md: one row per category, then the average."""
-  columns = ['mAP'] + [f'acc@{k}' for k in ks]
+  columns = ['mAP', 'mINP'] + [f'acc@{k}' for k in ks]
   rows = [(name, row) for name, row in metrics['per_category'].items()]
   rows.append(('average over categories', metrics['category_average']))
   text = io.StringIO()
@@ -340,3 +366,4 @@ register_evaluator('per_category', PerCategory)
 register_evaluator('rerank', functools.partial(Retrieval, rerank=True))
 register_evaluator('centroids', Centroids)
 register_evaluator('recommendation', Recommendation)
+register_evaluator('verification', Verification)

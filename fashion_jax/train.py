@@ -168,9 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         config, embed=lambda images: embed_fn(state['params'], state['batch_stats'], images),
         builder=s['builder'], mesh=mesh, workdir=workdir, step=int(state['step']), writer=writer)
     if jax.process_index() == 0:
-      accs = '  '.join(f'Acc@{k} {metrics[f"acc@{k}"]:.3f}' for k in config.eval.ks)
-      print(f'step {metrics["step"]}: mAP {metrics["mAP"]:.4f}  {accs}  '
-            f'({metrics["num_queries"]} queries)', flush=True)
+      print(f'step {metrics["step"]}: {evaluate.console_line(metrics, config.eval.ks)}',
+            flush=True)
     return metrics
 
   start_step = int(state['step'])

@@ -86,3 +86,44 @@ def cmc_image(curves: dict[str, np.ndarray], size: tuple[int, int] = (640, 420))
     draw.text((width - right - 145, y), f'{name}: rank-1 {100 * curve[0]:.1f}%', fill=(0, 0, 0))
     legend += 1
   return sheet
+
+
+def roc_image(fpr: np.ndarray, tpr: np.ndarray, marks: dict[float, float],
+              size: tuple[int, int] = (640, 420), min_fpr: float = 1e-6) -> Image.Image:
+  """The ROC curve (TPR against FPR on a log axis from `min_fpr` to 1), with the operating
+  points `marks` {fpr: tpr} labelled.
+
+  Args:
+    fpr, tpr: [B] non-decreasing rates (retrieval.verification's 'roc').
+  """
+  width, height = size
+  left, right, top, bottom = 50, 20, 20, 40
+  sheet = Image.new('RGB', size, 'white')
+  draw = ImageDraw.Draw(sheet)
+  plot_w, plot_h = width - left - right, height - top - bottom
+  decades = -np.log10(min_fpr)
+  to_x = lambda f: left + plot_w * (np.log10(max(f, min_fpr)) + decades) / decades
+  to_y = lambda t: top + plot_h * (1.0 - t)
+  for tick in range(0, 11, 2):
+    y = to_y(tick / 10)
+    draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+    draw.text((8, y - 6), f'{tick * 10}%', fill=(0, 0, 0))
+  for power in range(-int(decades), 1):
+    x = to_x(10.0 ** power)
+    draw.line([(x, top), (x, height - bottom)], fill=(235, 235, 235))
+    draw.text((x - 12, height - bottom + 6), f'1e{power}' if power else '1', fill=(0, 0, 0))
+  draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+  draw.text((left + plot_w // 2 - 60, height - 16), 'false positive rate', fill=(0, 0, 0))
+  draw.text((left + 6, top + 4), 'true positive rate', fill=(0, 0, 0))
+  keep = np.concatenate([[True], (np.diff(fpr) > 0) | (np.diff(tpr) > 0)])
+  points = [(to_x(f), to_y(t)) for f, t in zip(fpr[keep], tpr[keep]) if f > 0]
+  if points:
+    draw.line(points if len(points) > 1 else points * 2, fill=CURVE_COLOURS[0], width=2)
+  for number, (f, t) in enumerate(sorted(marks.items())):
+    if np.isnan(t):
+      continue
+    x, y = to_x(f), to_y(t)
+    draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=(0, 0, 0), width=2)
+    draw.text((width - right - 190, height - bottom - 16 - 14 * number),
+              f'TPR at FPR {f:g}: {100 * t:.1f}%', fill=(0, 0, 0))
+  return sheet

@@ -64,9 +64,10 @@ def test_registered_evaluator_runs_through_evaluate(registry, tiny_data_dir, tin
 
 def test_evaluator_names_follow_the_list_then_the_switches():
   e = configlib.base_config().eval
-  assert evaluators.evaluator_names(e) == ('retrieval',)
+  assert evaluators.evaluator_names(e) == ('retrieval', 'verification')
   e.recommendation = e.per_category = True
-  assert evaluators.evaluator_names(e) == ('retrieval', 'per_category', 'recommendation')
+  assert evaluators.evaluator_names(e) == ('retrieval', 'verification', 'per_category',
+                                           'recommendation')
   e.evaluators = ('retrieval', 'recommendation', 'centroids')
   assert evaluators.evaluator_names(e) == ('retrieval', 'recommendation', 'centroids',
                                            'per_category')

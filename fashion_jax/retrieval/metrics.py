@@ -4,7 +4,7 @@ The rank of every positive is counted per query chunk: memory O((Q + G) x D + Q 
 """
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,7 @@ GALLERY_AXIS = search.GALLERY_AXIS
 @functools.partial(jax.jit, static_argnames=('gallery_chunk', 'mesh'))
 def _chunk_metrics(queries, query_ids, query_groups, positives, gallery, gallery_ids,
                    gallery_groups, gallery_size, rerank, gallery_chunk, mesh):
-  """AP, first-positive rank and validity of one query chunk (see per_query_metrics)."""
+  """AP, first-positive rank, validity and INP of one query chunk (see per_query_metrics)."""
   is_positive = positives >= 0
 
   def shard(queries, query_ids, query_groups, gallery, gallery_ids, gallery_groups,
@@ -125,15 +125,26 @@ def _chunk_metrics(queries, query_ids, query_groups, positives, gallery, gallery
   valid = num_positives > 0
   ap = jnp.sum(jnp.where(is_positive, precision, 0.0), axis=1) / jnp.maximum(num_positives, 1)
   first_rank = jnp.min(jnp.where(is_positive, rank, gallery_size), axis=1).astype(jnp.int32)
-  return ap, first_rank, valid
+  # INP: the positives over the rank (1-based) of the hardest one, the last to come.
+  last_rank = jnp.max(jnp.where(is_positive, rank, -1), axis=1)
+  inp = jnp.where(valid, num_positives / (last_rank + 1).astype(jnp.float32), 0.0)
+  return ap, first_rank, valid, inp
+
+
+class QueryMetrics(NamedTuple):
+  """Per-query results of a ranking, [Q] each."""
+  ap: np.ndarray          # float32 average precision (0 when invalid)
+  first_rank: np.ndarray  # int32 0-based rank of the first positive (G when invalid)
+  valid: np.ndarray       # bool: the query has at least one positive left in its ranking
+  inp: np.ndarray         # float32 inverse negative penalty, |positives| / (1 + last rank)
 
 
 def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams=None,
                       gallery_cams=None, *, query_groups=None, gallery_groups=None,
                       rerank: Reranked | None = None, chunk_size: int | None = None,
                       gallery_chunk_size: int = 2048,
-                      progress=None, devices=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Average precision and first-positive rank of every query.
+                      progress=None, devices=None) -> QueryMetrics:
+  """Average precision, first-positive rank and inverse negative penalty of every query.
 
   The gallery is ranked by distance ascending, ties by gallery index, exactly as a stable
   argsort of each row would rank it; no row is sorted: for every positive the gallery items
@@ -156,9 +167,8 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
     devices: the devices to shard the gallery over (default: all local devices).
 
   Returns:
-    ap: [Q] float32 (0 when invalid).
-    first_rank: [Q] int32, 0-based rank of the first positive (G when invalid).
-    valid: [Q] bool, the query has at least one positive left in its ranking.
+    QueryMetrics: ap, first_rank, valid and inp (mINP's per-query term, Ye et al. 2020: the
+    number of positives divided by the 1-based rank of the last of them; 0 when invalid).
   """
   query_emb, gallery_emb = np.asarray(query_emb), np.asarray(gallery_emb)
   num_queries, gallery_size = len(query_emb), len(gallery_emb)
@@ -210,20 +220,23 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
     if progress is not None:
       progress('metrics', min(start + q_chunk, num_queries), num_queries)
   # Padded rows are cut off here, so they need no mask inside the jitted function.
-  ap, first_rank, valid = (
-      np.concatenate([o[i] for o in outputs])[:num_queries] for i in range(3))
-  return ap, first_rank, valid
+  return QueryMetrics(*(np.concatenate([o[i] for o in outputs])[:num_queries]
+                        for i in range(4)))
 
 
 def summarize(ap: np.ndarray, first_rank: np.ndarray, valid: np.ndarray,
-              ks: Sequence[int]) -> dict[str, float | int]:
-  """{'mAP', 'acc@k' for k in ks, 'num_queries', 'num_skipped'} over the valid queries.
+              ks: Sequence[int], inp: np.ndarray | None = None) -> dict[str, float | int]:
+  """{'mAP', 'mINP' (when `inp` is given), 'acc@k' for k in ks, 'num_queries', 'num_skipped'}
+  over the valid queries.
 
   Acc@k is the fraction of evaluated queries with a positive among their first k results;
   metrics are NaN when no query is evaluated.
   """
   num_evaluated = int(valid.sum())
   metrics = {'mAP': float(ap[valid].mean(dtype=np.float64)) if num_evaluated else float('nan')}
+  if inp is not None:
+    metrics['mINP'] = (float(inp[valid].mean(dtype=np.float64)) if num_evaluated
+                       else float('nan'))
   for k in ks:
     metrics[f'acc@{k}'] = float((first_rank[valid] < k).mean()) if num_evaluated else float('nan')
   metrics['num_queries'] = num_evaluated
@@ -257,16 +270,17 @@ def evaluate_retrieval(
   progress, devices).
 
   Returns:
-    {'mAP': float, 'acc@k': float for k in ks, 'num_queries': evaluated queries,
-     'num_skipped': queries without a positive}.
+    {'mAP': float, 'mINP': float, 'acc@k': float for k in ks, 'num_queries': evaluated
+     queries, 'num_skipped': queries without a positive}.
   """
-  return summarize(*per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids,
-                                      query_cams, gallery_cams, chunk_size=chunk_size,
-                                      **options), ks)
+  result = per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams,
+                             gallery_cams, chunk_size=chunk_size, **options)
+  return summarize(result.ap, result.first_rank, result.valid, ks, inp=result.inp)
 
 
 def per_category(ap: np.ndarray, first_rank: np.ndarray, valid: np.ndarray,
-                 query_categories: np.ndarray, ks: Sequence[int]) -> tuple[dict, dict]:
+                 query_categories: np.ndarray, ks: Sequence[int],
+                 inp: np.ndarray | None = None) -> tuple[dict, dict]:
   """Per-category metrics and their unweighted average over categories (Street2Shop's protocol).
 
   Use the per-query arrays of a category-constrained ranking (groups = categories).
@@ -280,10 +294,12 @@ def per_category(ap: np.ndarray, first_rank: np.ndarray, valid: np.ndarray,
   table = {}
   for category in np.unique(query_categories):
     rows = query_categories == category
-    table[category.item()] = summarize(ap[rows], first_rank[rows], valid[rows], ks)
+    table[category.item()] = summarize(ap[rows], first_rank[rows], valid[rows], ks,
+                                       inp=None if inp is None else inp[rows])
   scored = [m for m in table.values() if m['num_queries'] > 0]
+  keys = ['mAP'] + (['mINP'] if inp is not None else []) + [f'acc@{k}' for k in ks]
   average = {key: float(np.mean([m[key] for m in scored])) if scored else float('nan')
-             for key in ['mAP'] + [f'acc@{k}' for k in ks]}
+             for key in keys}
   average['num_categories'] = len(scored)
   return table, average
 

@@ -13,8 +13,11 @@ def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def per_query(distances, query_ids, gallery_ids, query_cams=None, gallery_cams=None,
               query_groups=None, gallery_groups=None):
-  """AP, first-positive rank and validity per query from a dense [Q, G] distance matrix."""
-  aps, first_ranks, valid = [], [], []
+  """AP, first-positive rank, validity and INP per query from a dense [Q, G] distance matrix.
+
+  INP (Ye et al. 2020): the number of positives over the 1-based rank of the last positive.
+  """
+  aps, first_ranks, valid, inps = [], [], [], []
   for q in range(len(query_ids)):
     order = np.argsort(distances[q], kind='stable')
     if query_cams is not None:
@@ -27,15 +30,18 @@ def per_query(distances, query_ids, gallery_ids, query_cams=None, gallery_cams=N
     if not match.any():
       aps.append(0.0)
       first_ranks.append(len(gallery_ids))
+      inps.append(0.0)
       continue
     precision = np.cumsum(match) / np.arange(1, len(match) + 1)
     aps.append(precision[match].mean())
     first_ranks.append(np.flatnonzero(match)[0])
-  return np.array(aps), np.array(first_ranks), np.array(valid)
+    inps.append(match.sum() / (np.flatnonzero(match)[-1] + 1))
+  return np.array(aps), np.array(first_ranks), np.array(valid), np.array(inps)
 
 
-def summary(aps, first_ranks, valid, ks):
-  result = {'mAP': aps[valid].mean() if valid.any() else float('nan')}
+def summary(aps, first_ranks, valid, inps, ks):
+  result = {'mAP': aps[valid].mean() if valid.any() else float('nan'),
+            'mINP': inps[valid].mean() if valid.any() else float('nan')}
   result.update({f'acc@{k}': (first_ranks[valid] < k).mean() if valid.any() else float('nan')
                  for k in ks})
   result.update(num_queries=int(valid.sum()), num_skipped=int((~valid).sum()))

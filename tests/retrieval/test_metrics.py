@@ -49,27 +49,30 @@ def test_hand_computed_example():
   #   first positive at rank 1.
   # Query id 42: no positive, skipped.
   # mAP = (5/6 + 1/2) / 2 = 2/3; Acc@1 = 1/2; Acc@2 = 1; Acc@100 (k > G) = 1.
+  # INP: 2 positives, the last at rank 3 -> 2/3; 2 positives, the last at rank 4 -> 1/2;
+  # mINP = (2/3 + 1/2) / 2 = 7/12.
   queries = np.array([[0, 0], [5.5, 0], [3, 0]], np.float32)
   result = metrics.evaluate_retrieval(queries, HAND_GALLERY, np.array([7, 8, 42]),
                                       HAND_GALLERY_IDS, ks=(1, 2, 100))
-  assert result == pytest.approx({'mAP': 2 / 3, 'acc@1': 0.5, 'acc@2': 1.0, 'acc@100': 1.0,
-                                  'num_queries': 2, 'num_skipped': 1})
-  ap, first_rank, valid = metrics.per_query_metrics(queries, HAND_GALLERY, np.array([7, 8, 42]),
-                                                    HAND_GALLERY_IDS)
+  assert result == pytest.approx({'mAP': 2 / 3, 'mINP': 7 / 12, 'acc@1': 0.5, 'acc@2': 1.0,
+                                  'acc@100': 1.0, 'num_queries': 2, 'num_skipped': 1})
+  ap, first_rank, valid, inp = metrics.per_query_metrics(queries, HAND_GALLERY,
+                                                         np.array([7, 8, 42]), HAND_GALLERY_IDS)
   np.testing.assert_allclose(ap, [5 / 6, 1 / 2, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(inp, [2 / 3, 1 / 2, 0.0], rtol=1e-6)
   np.testing.assert_array_equal(first_rank, [0, 1, 5])
   np.testing.assert_array_equal(valid, [True, True, False])
 
 
 def test_hand_computed_cameras():
   # Query id 7, camera 0, at 0. g0 (id 7, camera 0) is dropped, g2 (id 7, camera 1) is kept:
-  # ranking g1 g2 g3 g4, matches 0 1 0 0 -> AP = 1/2, first positive at rank 1.
+  # ranking g1 g2 g3 g4, matches 0 1 0 0 -> AP = 1/2, first positive at rank 1, INP = 1/2.
   # Query id 9, camera 1, at 0: its only positive g4 has camera 1 -> skipped.
   gallery_cams = np.array([0, 1, 1, 1, 1])
   queries = np.array([[0, 0], [0, 0]], np.float32)
   result = metrics.evaluate_retrieval(queries, HAND_GALLERY, np.array([7, 9]), HAND_GALLERY_IDS,
                                       np.array([0, 1]), gallery_cams, ks=(1, 2))
-  assert result == pytest.approx({'mAP': 0.5, 'acc@1': 0.0, 'acc@2': 1.0,
+  assert result == pytest.approx({'mAP': 0.5, 'mINP': 0.5, 'acc@1': 0.0, 'acc@2': 1.0,
                                   'num_queries': 1, 'num_skipped': 1})
 
 
@@ -97,12 +100,13 @@ def test_matches_reference_with_ties(chunk_size, with_cams):
 def test_per_query_arrays_match_reference(seed):
   # 12 ids over 20 gallery items: several queries have no positive, some only same-camera ones.
   data = _tied_data(seed, num_queries=30, gallery_size=20, num_ids=12, num_cams=2)
-  _, (expected_ap, expected_first, expected_valid) = _reference(**data)
-  ap, first_rank, valid = metrics.per_query_metrics(**data)
+  _, (expected_ap, expected_first, expected_valid, expected_inp) = _reference(**data)
+  ap, first_rank, valid, inp = metrics.per_query_metrics(**data)
   assert 0 < expected_valid.sum() < len(expected_valid)
   np.testing.assert_array_equal(valid, expected_valid)
   np.testing.assert_array_equal(first_rank, expected_first)
   np.testing.assert_allclose(ap, expected_ap, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(inp, expected_inp, rtol=1e-6, atol=1e-7)
 
 
 def test_matches_reference_on_continuous_embeddings():
@@ -150,20 +154,22 @@ def test_cameras_must_come_in_pairs():
 @pytest.mark.parametrize('num_cams', [None, 2])
 def test_clustered_embeddings_match_reference(seed, chunk_size, gallery_chunk_size, num_cams):
   data = reference.clustered(seed, num_cams=num_cams)
-  expected, (expected_ap, expected_first, expected_valid) = _reference(**data)
-  ap, first_rank, valid = metrics.per_query_metrics(
+  expected, (expected_ap, expected_first, expected_valid, expected_inp) = _reference(**data)
+  ap, first_rank, valid, inp = metrics.per_query_metrics(
       **data, chunk_size=chunk_size, gallery_chunk_size=gallery_chunk_size)
   assert 0 < expected_valid.sum() < len(expected_valid)
   np.testing.assert_array_equal(valid, expected_valid)
   np.testing.assert_array_equal(first_rank, expected_first)
   np.testing.assert_allclose(ap, expected_ap, rtol=1e-6, atol=1e-7)
-  assert metrics.summarize(ap, first_rank, valid, KS) == pytest.approx(expected, rel=1e-6)
+  np.testing.assert_allclose(inp, expected_inp, rtol=1e-6, atol=1e-7)
+  assert metrics.summarize(ap, first_rank, valid, KS, inp=inp) == pytest.approx(expected,
+                                                                                rel=1e-6)
 
 
 def test_category_constrained_retrieval_and_table_match_reference():
   data = reference.clustered(4, num_queries=60, num_cams=2, num_categories=3)
-  _, (expected_ap, expected_first, expected_valid) = _reference(**data)
-  ap, first_rank, valid = metrics.per_query_metrics(**data, gallery_chunk_size=32)
+  _, (expected_ap, expected_first, expected_valid, expected_inp) = _reference(**data)
+  ap, first_rank, valid, inp = metrics.per_query_metrics(**data, gallery_chunk_size=32)
   np.testing.assert_array_equal(first_rank, expected_first)
   np.testing.assert_allclose(ap, expected_ap, rtol=1e-6, atol=1e-7)
   # The constraint must matter, or this test would not tell it from unconstrained retrieval.
@@ -171,11 +177,12 @@ def test_category_constrained_retrieval_and_table_match_reference():
                              data['gallery_ids'], data['query_cams'], data['gallery_cams'])[1]
   assert (unconstrained[1] != expected_first).any()
 
-  table, average = metrics.per_category(ap, first_rank, valid, data['query_groups'], KS)
+  table, average = metrics.per_category(ap, first_rank, valid, data['query_groups'], KS, inp=inp)
   assert sorted(table) == [0, 1, 2]
   for category, row in table.items():
     rows = data['query_groups'] == category
-    expected = reference.summary(expected_ap[rows], expected_first[rows], expected_valid[rows], KS)
+    expected = reference.summary(expected_ap[rows], expected_first[rows], expected_valid[rows],
+                                 expected_inp[rows], KS)
     assert row == pytest.approx(expected, rel=1e-6)
   assert average['mAP'] == pytest.approx(np.mean([row['mAP'] for row in table.values()]))
   assert average['acc@5'] == pytest.approx(np.mean([row['acc@5'] for row in table.values()]))

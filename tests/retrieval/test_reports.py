@@ -79,7 +79,7 @@ def test_ranked_lists_show_the_order_the_metrics_scored(splits, rerank):
   config.eval.top_k_shown = 150
   data = evaluators.EvalData(_embeddings(query), _embeddings(gallery))
   ranking = evaluators.Retrieval(config.eval, rerank=rerank).rank(data)
-  ap, first_rank, valid, reranked = ranking
+  ap, first_rank, valid, _, reranked = ranking
   assert (reranked is not None) == rerank
   chosen, indices = evaluators.ranked_list_rows(data, ranking, config.eval)
   assert len(chosen) == 10 and valid[chosen].all()
