@@ -124,6 +124,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.rerank_lambda = 0.3
   c.eval.centroids = False          # gallery averaged per item (docs/method.md section 8)
   c.eval.recommendation = False     # gallery against itself (shop->shop), self excluded
+  # Average query expansion (docs/method.md section 9): each query replaced by the normalised
+  # mean of itself and its k nearest gallery items weighted by similarity^alpha, ranked again
+  # (and re-ranked too when eval.rerank is on).
+  c.eval.query_expansion = False
+  c.eval.query_expansion_k = 2
+  c.eval.query_expansion_alpha = 3.0
   c.eval.cmc_max_rank = 50          # CMC curve length
   # Cross-domain evaluation (docs/method.md section 5): test on another dataset's query and gallery
   # splits, e.g. 'street2shop' for a model trained on DeepFashion. '' tests on the training
@@ -309,6 +315,9 @@ FIELDS: dict[str, Domain] = {
     'eval.rerank_lambda': _PROBABILITY,
     'eval.centroids': Domain(bool),
     'eval.recommendation': Domain(bool),
+    'eval.query_expansion': Domain(bool),
+    'eval.query_expansion_k': Domain(int, ge=1),
+    'eval.query_expansion_alpha': Domain(float, ge=0),
     'eval.verification_fprs': Domain(tuple, min_length=1, item=Domain(float, gt=0, le=1),
                                      increasing=True),
     'eval.cmc_max_rank': _POSITIVE_INT,

@@ -21,13 +21,14 @@ from tqdm import tqdm
 from fashion_jax import visualize
 from fashion_jax.retrieval import centroids as retrieval_centroids
 from fashion_jax.retrieval import metrics as retrieval_metrics
+from fashion_jax.retrieval import query_expansion as retrieval_qe
 from fashion_jax.retrieval import rerank as retrieval_rerank
 from fashion_jax.retrieval import verification as retrieval_verification
 from fashion_jax.retrieval.search import Reranked
 
 # Boolean switches of config.eval, each adding the evaluator of the same name after
 # config.eval.evaluators; this order is the order of their sections in metrics.json.
-SWITCHES = ('per_category', 'rerank', 'centroids', 'recommendation')
+SWITCHES = ('per_category', 'rerank', 'centroids', 'recommendation', 'query_expansion')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +230,43 @@ class Retrieval:
     return result
 
 
+class QueryExpansion:
+  """Queries replaced by their average query expansion (alpha-QE, docs/method.md section 9;
+  eval.query_expansion_k neighbours, exponent eval.query_expansion_alpha), then ranked again:
+  section 'query_expansion', and with eval.rerank also 'query_expansion_reranked' (the expanded
+  queries re-ranked)."""
+  name = 'query_expansion'
+
+  def __init__(self, e: ml_collections.ConfigDict):
+    self.e = e
+
+  def run(self, data: EvalData) -> EvalResult:
+    e = self.e
+    gallery_emb = _cast(data.gallery.embeddings, e)
+    expanded = retrieval_qe.expand_queries(
+        _cast(data.query.embeddings, e), gallery_emb, e.query_expansion_k,
+        e.query_expansion_alpha, chunk_size=e.chunk_size or 1024,
+        gallery_chunk_size=e.gallery_chunk_size)
+    expanded = _cast(expanded, e)
+    result = EvalResult()
+    for section, legend, rerank in (('query_expansion', 'query expansion', False),
+                                    ('query_expansion_reranked', 'query expansion + re-ranking',
+                                     True)):
+      if rerank and not e.rerank:
+        continue
+      reranked = None
+      if rerank:
+        bars = _Bars('re-ranking')
+        reranked = retrieval_rerank.k_reciprocal_rerank(
+            expanded, gallery_emb, e.rerank_k1, e.rerank_k2, e.rerank_lambda, progress=bars)
+        bars.close()
+      ranking = _rank(e, legend, expanded, gallery_emb, *_street_shop(data), rerank=reranked)
+      metrics, curves = _summary(e, legend, ranking)
+      result.metrics[section] = metrics
+      result.curves.update(curves)
+    return result
+
+
 class PerCategory:
   """Each query ranked against its own category only (Street2Shop's protocol): sections
   'category_constrained', 'category_average' (unweighted over categories) and 'per_category',
@@ -367,3 +405,4 @@ register_evaluator('rerank', functools.partial(Retrieval, rerank=True))
 register_evaluator('centroids', Centroids)
 register_evaluator('recommendation', Recommendation)
 register_evaluator('verification', Verification)
+register_evaluator('query_expansion', QueryExpansion)
