@@ -9,11 +9,14 @@ Evaluate the latest checkpoint of a workdir on another dataset (cross-domain eva
 The reports then go to runs/df/eval/street2shop/.
 """
 
+import os
+import re
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from data_pipelines.datasets import DatasetMissingError
 from fashion_jax import checkpointing, configlib, train
@@ -28,8 +31,8 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with -
 flags.DEFINE_integer('num_processes', None, 'Number of processes (with --distributed).')
 flags.DEFINE_integer('process_id', None, 'This process (with --distributed).')
 flags.DEFINE_enum('mode', None, configlib.MODES,
-                  'Overrides config.mode: evaluate runs no training step, only an evaluation of the '
-                  "workdir's latest checkpoint.")
+                  'Overrides config.mode: evaluate runs no training step, only an evaluation of '
+                  "the workdir's latest checkpoint.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -39,6 +42,45 @@ def _initialize_distributed():
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                              num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
+def _config_arguments(argv: list[str]) -> tuple[str | None, list[str]]:
+  """The config file argument and the overridden field names, found as ml_collections finds them
+  (config_flags._ConfigFlag): `--config[=]<file>`, `--[no]config.<field>[=<value>]`."""
+  path, names = None, []
+  for i, arg in enumerate(argv):
+    if match := re.match(r'-{1,2}config(=|$)', arg):
+      path = arg[match.end():] if match.group(1) else next(iter(argv[i + 1:]), None)
+    elif match := re.match(r'-{1,2}(?:no)?config\.([^=]+)', arg):
+      names.append(match.group(1))
+  return path, names
+
+
+def _exit_with(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with the config mistakes ml_collections reports as a traceback in one line
+  (exit status 2): a config file that does not exist, an override naming no field of the config.
+  """
+  path, names = _config_arguments(argv[1:])
+  file = path and path.split(':', 1)[0]  # after a colon: get_config's argument
+  if file is not None and not os.path.isfile(file):
+    _exit_with(f'config file {file!r} does not exist')
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, IndexError):
+    # ml_collections looks every override up in the loaded config. Load it again (only here, so
+    # a config runs once in a good command) to name the field and the closest one it has.
+    config = ConfigFileFlagParser('config').parse(path)
+    try:
+      for name in names:
+        configlib.check_field_name(config, name)
+    except ValueError as e:
+      _exit_with(str(e))
+    raise
 
 
 def main(argv):
@@ -57,8 +99,7 @@ def main(argv):
   except (ValueError, DatasetMissingError, FileNotFoundError,
           checkpointing.CheckpointDamaged) as e:
     # Config and data problems are the user's to fix: one line, no traceback.
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _exit_with(str(e))
   except train.NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)
@@ -68,4 +109,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

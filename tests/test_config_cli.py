@@ -29,3 +29,38 @@ def test_cli_bad_override_is_one_line(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
       'error: train.k must be >= 2 (batch-hard mining needs a positive), got 1')
+
+
+def _one_line(result) -> str:
+  """The error line of a command refused before it ran: last on stderr, no traceback."""
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+  return result.stderr.strip().splitlines()[-1]
+
+
+def test_cli_misspelt_field_names_the_closest_field(tmp_path):
+  result = _cli('--config', 'configs/demo.py', '--config.train.bach_size=8', tmp_path=tmp_path)
+  assert _one_line(result) == ('error: the config has no field train.bach_size; did you mean '
+                               'train.batch_size?')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_cli_missing_config_file_is_named(tmp_path):
+  result = _cli('--config=configs/no_such.py', '--config.train.k=2', tmp_path=tmp_path)
+  assert _one_line(result) == "error: config file 'configs/no_such.py' does not exist"
+
+
+def test_cli_values_outside_their_domains_are_one_line(tmp_path):
+  result = _cli('--config', 'tests/tiny_config.py', '--config.model.dtype=float8',
+                "--config.input.image_size=(320,)", tmp_path=tmp_path)
+  assert _one_line(result) == (
+      "error: input.image_size must be a tuple of 2 integers, each positive and a multiple of 16 "
+      "(height, width), got (320,); model.dtype 'float8' is not one of float32, bfloat16, float16")
+
+
+def test_config_arguments_are_found_in_every_spelling_absl_takes():
+  from fashion_jax import main
+  assert main._config_arguments(['--config', 'a.py', '--config.train.k=2', '-noconfig.eval.rerank',
+                                 '--workdir=w']) == ('a.py', ['train.k', 'eval.rerank'])
+  assert main._config_arguments(['-config=b.py:x', '--config.input.image_size', '(32, 32)']) == (
+      'b.py:x', ['input.image_size'])
+  assert main._config_arguments(['--workdir', 'w', '--config']) == (None, [])
