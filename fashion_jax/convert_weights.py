@@ -7,17 +7,22 @@ ResNet / IBN-Net, SE-ResNeXt (Cadene), EfficientNet (torchvision), OSNet-AIN (to
 
 import argparse
 import json
+import math
 import os
 import pickle
+import stat
 import struct
 import sys
+import warnings
+import zipfile
 from collections.abc import Mapping
 
 import numpy as np
 from flax import nnx
 
 from fashion_jax.models import build_backbone, get_backbone
-from fashion_jax.models.pretrained import mismatch_problems, save_backbone_weights, variables
+from fashion_jax.models.pretrained import (MAX_WEIGHTS_BYTES, mismatch_problems,
+                                           save_backbone_weights, variables)
 
 
 class ConversionError(ValueError):
@@ -32,6 +37,29 @@ def _is_dropped(key: str) -> bool:
           or key.endswith('num_batches_tracked'))
 
 
+_MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit on its JSON header
+_ZIP_MAGIC, _PICKLE_MAGIC = b'PK\x03\x04', b'\x80'
+
+
+def _open_checkpoint(path: str):
+  """The checkpoint opened for reading, once it is known to be a regular file (a FIFO or a
+  device would block or never end) within MAX_WEIGHTS_BYTES."""
+  # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; nothing changes for a file.
+  f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), 'rb')
+  info = os.fstat(f.fileno())
+  problem = ('not a regular file' if not stat.S_ISREG(info.st_mode) else
+             f'{info.st_size:,} bytes is over the limit of {MAX_WEIGHTS_BYTES:,} bytes'
+             if info.st_size > MAX_WEIGHTS_BYTES else None)
+  if problem:
+    f.close()
+    raise ConversionError(f'{path}: {problem}')
+  return f
+
+
+def _one_line(e: Exception) -> str:
+  return ' '.join(str(e).split()) or type(e).__name__
+
+
 def read_torch(path: str) -> dict[str, np.ndarray]:
   """A .pth state_dict (optionally wrapped in {'state_dict': ...}, DataParallel 'module.' keys)."""
   try:
@@ -39,20 +67,45 @@ def read_torch(path: str) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise ImportError(f'reading {path} needs PyTorch: pip install "fashion_jax[torch]" '
                       '(or convert the file to .safetensors)') from e
-  # weights_only: tensors and plain containers only, so a checkpoint cannot run code on load.
-  try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-  except pickle.UnpicklingError as e:
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConversionError(f'{path} holds more than tensors and is not loaded: {reason}') from e
+  with _open_checkpoint(path) as f:
+    magic = f.read(4)
+    if magic.startswith(_ZIP_MAGIC):
+      try:
+        names = zipfile.ZipFile(f).namelist()
+      except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ConversionError(f'{path}: damaged zip archive ({_one_line(e)})') from None
+      if not any(name.endswith('/data.pkl') for name in names):
+        raise ConversionError(f'{path}: a zip archive without data.pkl, not a PyTorch '
+                              'checkpoint (convert_weights reads .pth and .safetensors)')
+    elif not magic.startswith(_PICKLE_MAGIC):
+      raise ConversionError(f'{path}: not a PyTorch checkpoint (neither a zip archive nor a '
+                            'pickle)')
+    f.seek(0)
+    # weights_only: tensors and plain containers only, so a checkpoint cannot run code on load.
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # e.g. on the pickle protocol: the error says enough
+        obj = torch.load(f, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+      # torch's message is paragraphs of advice; its line naming the refused object is the news.
+      found = [line.strip() for line in str(e).splitlines() if line.strip().startswith(
+          'Unsupported')]
+      raise ConversionError(f'{path} holds more than tensors and is not loaded' +
+                            (f' ({found[0][:200]})' if found else '')) from None
+    except Exception as e:  # pylint: disable=broad-except
+      # torch.load parses untrusted bytes and fails in many ways on damaged ones (RuntimeError
+      # from its zip reader, EOFError, KeyError from the unpickler): all mean the same here.
+      raise ConversionError(f'{path}: damaged PyTorch checkpoint ({_one_line(e)[:300]})') \
+          from None
   if isinstance(obj, Mapping) and 'state_dict' in obj:
     obj = obj['state_dict']
   if not isinstance(obj, Mapping):
     raise ConversionError(f'{path} holds a {type(obj).__name__}, not a state_dict')
   tensors = {}
   for key, value in obj.items():
-    if not torch.is_tensor(value):
-      raise ConversionError(f'{path}: entry {key} is a {type(value).__name__}, not a tensor')
+    if not isinstance(key, str) or not torch.is_tensor(value):
+      raise ConversionError(f'{path}: entry {str(key)[:100]!r} is a {type(value).__name__}, not '
+                            'a named tensor')
     if value.is_floating_point():
       value = value.float()  # numpy has no bfloat16; parameters are float32 anyway
     tensors[key.removeprefix('module.')] = value.detach().cpu().numpy()
@@ -64,27 +117,58 @@ _SAFETENSORS_DTYPES = {'F64': '<f8', 'F32': '<f4', 'F16': '<f2', 'I64': '<i8', '
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """A .safetensors file, read directly (8-byte header length, JSON header, raw little-endian)."""
-  with open(path, 'rb') as f:
-    (header_len,) = struct.unpack('<Q', f.read(8))
-    header = json.loads(f.read(header_len))
+  """A .safetensors file, read directly (8-byte header length, JSON header, raw little-endian).
+  Every length and offset is checked against the file before it is used."""
+  with _open_checkpoint(path) as f:
+    size = os.fstat(f.fileno()).st_size
+    prefix = f.read(8)
+    if len(prefix) < 8:
+      raise ConversionError(f'{path}: {size} bytes, too short for a safetensors file')
+    (header_len,) = struct.unpack('<Q', prefix)
+    if header_len > min(size - 8, _MAX_HEADER_BYTES):
+      raise ConversionError(f'{path}: header length {header_len:,} does not fit the file '
+                            f'({size:,} bytes): truncated or not a safetensors file')
+    try:
+      header = json.loads(f.read(header_len).decode('utf-8'))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+      raise ConversionError(f'{path}: header is not JSON ({_one_line(e)[:200]})') from None
     data = f.read()
+  if not isinstance(header, dict):
+    raise ConversionError(f'{path}: header is a JSON {type(header).__name__}, not an object')
   header.pop('__metadata__', None)
   tensors = {}
   for key, info in header.items():
-    dtype = _SAFETENSORS_DTYPES.get(info['dtype'])
-    if dtype is None:
-      raise ConversionError(f'{path}: tensor {key} has unsupported dtype {info["dtype"]}')
-    start, end = info['data_offsets']
-    count = int(np.prod(info['shape'], dtype=np.int64))
-    if end - start != count * np.dtype(dtype).itemsize or end > len(data):
-      raise ConversionError(f'{path}: tensor {key} has {end - start} bytes for shape '
-                            f'{info["shape"]} {info["dtype"]}')
-    array = np.frombuffer(data[start:end], dtype)
+    start, end = _tensor_span(path, key, info, len(data))
+    array = np.frombuffer(data[start:end], _SAFETENSORS_DTYPES[info['dtype']])
     if info['dtype'] == 'BF16':  # bfloat16 is the top half of a float32
       array = (array.astype(np.uint32) << 16).view(np.float32)
     tensors[key.removeprefix('module.')] = array.reshape(info['shape'])
   return tensors
+
+
+def _tensor_span(path: str, key: str, info, data_bytes: int) -> tuple[int, int]:
+  """A header entry's data offsets, once its dtype, shape and offsets are known to agree with
+  each other and to lie within the file's `data_bytes` of data."""
+  if not isinstance(info, dict):
+    raise ConversionError(f'{path}: tensor {key[:100]!r} has no dtype, shape and offsets')
+  dtype, shape, offsets = info.get('dtype'), info.get('shape'), info.get('data_offsets')
+
+  def whole(values, length=None):
+    return (isinstance(values, list) and (length is None or len(values) == length) and
+            all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values))
+
+  if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+    raise ConversionError(f'{path}: tensor {key[:100]!r} has unsupported dtype '
+                          f'{str(dtype)[:20]!r}')
+  if not whole(shape) or not whole(offsets, 2) or offsets[0] > offsets[1]:
+    raise ConversionError(f'{path}: tensor {key[:100]!r} has a malformed shape or data offsets')
+  start, end = offsets
+  expected = math.prod(shape) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+  if end - start != expected or end > data_bytes:
+    raise ConversionError(f'{path}: tensor {key[:100]!r} has {end - start:,} bytes at '
+                          f'{start:,}-{end:,} for shape {shape} {dtype} ({expected:,} bytes) in '
+                          f'{data_bytes:,} bytes of data: truncated or damaged file')
+  return start, end
 
 
 def read_checkpoint(path: str) -> dict[str, np.ndarray]:
@@ -143,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     convert(args.arch, args.src, args.out)
   except (ValueError, ImportError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    print(f'error: {_one_line(e)}', file=sys.stderr)
+    return 2
   return 0
 
 

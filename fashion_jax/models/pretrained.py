@@ -4,6 +4,7 @@
 """
 
 import os
+import zipfile
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -17,6 +18,9 @@ from flax import nnx
 # name under ARCH_KEY. Plain numpy keeps it readable anywhere, without Orbax or a model template.
 WEIGHTS_FILE = 'backbone.npz'
 ARCH_KEY = '__arch__'
+# Far above any backbone's weights (a ResNet-152's are 240 MB): a bound on what is read, for
+# these files and the PyTorch checkpoints they are converted from.
+MAX_WEIGHTS_BYTES = 4 << 30
 
 
 class LoadReport(NamedTuple):
@@ -58,10 +62,31 @@ def read_backbone_weights(path: str) -> tuple[str, dict[str, np.ndarray]]:
   path = weights_path(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f'no converted weights at {path} (see docs/models.md to create them)')
-  with np.load(path, allow_pickle=False) as data:
-    if ARCH_KEY not in data:
-      raise ValueError(f'{path} is not a converted backbone file (no {ARCH_KEY} entry)')
-    return str(data[ARCH_KEY]), {k: data[k] for k in data.files if k != ARCH_KEY}
+  if not os.path.isfile(path):  # a FIFO or device would block or never end
+    raise ValueError(f'{path} is not a regular file')
+  if os.path.getsize(path) > MAX_WEIGHTS_BYTES:
+    raise ValueError(f'{path}: {os.path.getsize(path):,} bytes is over the limit of '
+                     f'{MAX_WEIGHTS_BYTES:,} bytes for backbone weights')
+  try:
+    data = np.load(path, allow_pickle=False)
+    if isinstance(data, np.lib.npyio.NpzFile):
+      with data:
+        arrays = {k: data[k] for k in data.files}
+  # The zip and .npy readers fail on damage in their own ways; MemoryError is an array header
+  # declaring more than memory holds, which a file within a backbone's size never needs.
+  except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, MemoryError,
+          ValueError) as e:
+    message = ' '.join(str(e).split())[:300] or type(e).__name__
+    raise ValueError(f'{path}: damaged or not a converted backbone file ({message})') from None
+  if not isinstance(data, np.lib.npyio.NpzFile) or ARCH_KEY not in arrays:
+    raise ValueError(f'{path} is not a converted backbone file (no {ARCH_KEY} entry)')
+  arch = arrays.pop(ARCH_KEY)
+  if arch.shape or arch.dtype.kind != 'U':
+    raise ValueError(f'{path}: {ARCH_KEY} is not an architecture name')
+  for key, value in arrays.items():
+    if value.dtype.kind != 'f':
+      raise ValueError(f'{path}: {key[:100]!r} holds {value.dtype}, not floating point numbers')
+  return str(arch), arrays
 
 
 def load_pretrained(model: nnx.Module, path: str, *, arch: str | None = None) -> LoadReport:

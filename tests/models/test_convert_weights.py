@@ -3,7 +3,10 @@
 Each error test breaks a valid checkpoint in one way and checks the message names the tensor.
 """
 
+import io
 import json
+import os
+import pickle
 import struct
 import sys
 
@@ -110,12 +113,12 @@ def test_cli_reports_one_line_error(tmp_path, capsys):
   del tensors['conv1.weight']
   _write_safetensors(tmp_path / 'bad.safetensors', tensors, {'bn1.num_batches_tracked': 'I64'})
   assert convert_weights.main(['--arch', ARCH, '--src', str(tmp_path / 'bad.safetensors'),
-                               '--out', str(tmp_path / 'out')]) == 1
+                               '--out', str(tmp_path / 'out')]) == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and 'missing tensors: conv1.weight' in err
   assert not (tmp_path / 'out').exists()
   assert convert_weights.main(['--arch', 'resnet51', '--src', str(tmp_path / 'bad.safetensors'),
-                               '--out', str(tmp_path / 'out')]) == 1
+                               '--out', str(tmp_path / 'out')]) == 2
   assert "unknown backbone 'resnet51'" in capsys.readouterr().err
 
 
@@ -148,3 +151,101 @@ def test_loading_checks_architecture_and_shapes(tmp_path):
                                'classifier.kernel']
   with pytest.raises(FileNotFoundError, match='no converted weights'):
     load_pretrained(model, str(tmp_path / 'nope.npz'))
+
+
+def _safetensors_bytes(tensors):
+  header = {key: {'dtype': 'F32', 'shape': list(value.shape), 'data_offsets': [0, value.nbytes]}
+            for key, value in tensors.items()}
+  text = json.dumps(header).encode()
+  return struct.pack('<Q', len(text)) + text + b''.join(v.tobytes() for v in tensors.values())
+
+
+def _damaged_checkpoints():
+  """name -> (file name, bytes, words its one-line error must contain)."""
+  good = _safetensors_bytes({'conv1.weight': np.ones((2, 2), np.float32)})
+  header_len = struct.unpack('<Q', good[:8])[0]
+
+  def with_header(header):
+    text = json.dumps(header).encode()
+    return struct.pack('<Q', len(text)) + text + bytes(16)
+
+  entry = {'dtype': 'F32', 'shape': [2, 2], 'data_offsets': [0, 16]}
+  npz = io.BytesIO()
+  np.savez(npz, __arch__=np.asarray(ARCH), w=np.asarray([{'run': 'code'}], dtype=object))
+  return {
+      'header_length_huge': ('a.safetensors', struct.pack('<Q', 1 << 60) + good[8:],
+                             'does not fit the file'),
+      'header_length_short': ('a.safetensors', good[:4], 'too short'),
+      'header_not_json': ('a.safetensors', good[:8] + b'\xff' * header_len + good[8 + header_len:],
+                          'header is not JSON'),
+      'header_a_list': ('a.safetensors', with_header([1, 2]), 'not an object'),
+      'offsets_out_of_range': ('a.safetensors',
+                               with_header({'w': {**entry, 'data_offsets': [0, 1 << 40]}}),
+                               'truncated or damaged'),
+      'offsets_negative': ('a.safetensors',
+                           with_header({'w': {**entry, 'data_offsets': [-16, 0]}}),
+                           'malformed shape or data offsets'),
+      'shape_not_numbers': ('a.safetensors', with_header({'w': {**entry, 'shape': 'x'}}),
+                            'malformed shape or data offsets'),
+      'entry_not_object': ('a.safetensors', with_header({'w': 5}), 'no dtype, shape'),
+      'truncated': ('a.safetensors', good[:-5], 'truncated or damaged'),
+      'npz_with_object_array': ('a.pth', npz.getvalue(), 'without data.pkl'),
+      'not_zip_nor_pickle': ('a.pth', b'hello, not a checkpoint', 'neither a zip archive'),
+      'truncated_zip': ('a.pth', npz.getvalue()[:100], 'damaged zip archive'),
+  }
+
+
+@pytest.mark.parametrize('case', sorted(_damaged_checkpoints()))
+def test_damaged_checkpoint_is_one_line_exit_2(tmp_path, capsys, case):
+  name, data, words = _damaged_checkpoints()[case]
+  (tmp_path / name).write_bytes(data)
+  assert convert_weights.main(['--arch', ARCH, '--src', str(tmp_path / name),
+                               '--out', str(tmp_path / 'out')]) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith('error: ') and words in err, err
+  assert not (tmp_path / 'out').exists()
+
+
+def test_a_pickled_object_is_never_unpickled(tmp_path, capsys):
+  pytest.importorskip('torch')
+
+  class Payload:
+    def __reduce__(self):
+      return (open, (str(tmp_path / 'ran'), 'w'))
+
+  (tmp_path / 'evil.pth').write_bytes(pickle.dumps({'conv1.weight': Payload()}))
+  assert convert_weights.main(['--arch', ARCH, '--src', str(tmp_path / 'evil.pth'),
+                               '--out', str(tmp_path / 'out')]) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'holds more than tensors and is not loaded' in err
+  assert not (tmp_path / 'ran').exists()
+
+
+def test_device_or_fifo_is_refused_by_type(tmp_path):
+  os.mkfifo(tmp_path / 'fifo.safetensors')
+  for path in ('/dev/zero', str(tmp_path / 'fifo.safetensors')):
+    with pytest.raises(convert_weights.ConversionError, match='not a regular file'):
+      convert_weights.read_safetensors(path)
+    with pytest.raises(ValueError, match='not a regular file'):
+      read_backbone_weights(path)
+
+
+def test_damaged_backbone_weights_are_one_line_value_errors(tmp_path):
+  converted, _ = convert_weights.convert_state_dict(ARCH, _torch_state_dict(ARCH))
+  path = save_backbone_weights(str(tmp_path), ARCH, converted)
+  with open(path, 'rb') as f:
+    good = f.read()
+  object_array = io.BytesIO()
+  np.savez(object_array, __arch__=np.asarray(ARCH), w=np.asarray([{'a': 1}], dtype=object))
+  strings = io.BytesIO()
+  np.savez(strings, __arch__=np.asarray(ARCH), w=np.asarray(['a', 'b']))
+  cases = {'truncated': (good[:len(good) // 2], 'damaged or not a converted backbone file'),
+           'object_array': (object_array.getvalue(), 'Object arrays cannot be loaded'),
+           'not_numbers': (strings.getvalue(), "'w' holds <U1, not floating point"),
+           'not_a_zip': (b'\x80\x04 a pickle', 'damaged or not a converted backbone file')}
+  for data, words in cases.values():
+    with open(path, 'wb') as f:
+      f.write(data)
+    with pytest.raises(ValueError) as error:
+      read_backbone_weights(path)
+    assert words in str(error.value) and '\n' not in str(error.value)
