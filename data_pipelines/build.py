@@ -44,7 +44,11 @@ def build(name: str, manual_dir: str | None, data_dir: str | None = None,
   config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   if pipeline_options:
     config.beam_options = beam_options(pipeline_options)
-  builder.download_and_prepare(download_config=config)
+  try:
+    builder.download_and_prepare(download_config=config)
+  except FileNotFoundError as e:
+    # The builders name the part of the raw download that is missing; a traceback adds nothing.
+    raise SystemExit(f'error: {e}') from None
   return builder
 
 

@@ -1,5 +1,6 @@
 """TFDS builder for DeepFashion Consumer-to-shop, built from the user's download (img/, Anno/,
-Eval/) into train / query / gallery with one example per item, per the official protocol.
+Eval/, optionally img_highres/) into train / query / gallery with one example per item, per the
+official protocol.
 """
 
 import dataclasses
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from data_pipelines import features, item_builds
 from data_pipelines.street2shop import raw_images
@@ -20,6 +22,10 @@ DOMAINS = features.DOMAINS  # consumer photos play the street role
 BBOX_FILE = os.path.join('Anno', 'list_bbox_consumer2shop.txt')
 PARTITION_FILE = os.path.join('Eval', 'list_eval_partition.txt')
 REPORT_FILE = item_builds.ItemBuilds.REPORT_FILE
+IMAGE_DIR, HIGHRES_DIR = 'img', 'img_highres'
+# The high-res archive names one folder differently (centroids-reid renames it back).
+HIGHRES_RENAMES = (('/CLOTHING/Summer_Wear/', '/CLOTHING/Summer_Suit/'),)
+_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Download DeepFashion Consumer-to-shop (https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion.html),
@@ -27,14 +33,18 @@ unpack the image archive so that img/ sits next to Anno/ and Eval/, and pass tha
   <manual_dir>/Anno/list_bbox_consumer2shop.txt
   <manual_dir>/Eval/list_eval_partition.txt
   <manual_dir>/img/<CATEGORY>/<Subcategory>/id_XXXXXXXX/{comsumer,shop}_NN.jpg  (300-px images)
+The `highres` config also needs the high-resolution archive unpacked next to img/:
+  <manual_dir>/img_highres/<CATEGORY>/<Subcategory>/id_XXXXXXXX/{comsumer,shop}_NN.jpg
 Missing or broken images are skipped and counted in build_report.json.
 """
 
 
 @dataclasses.dataclass(eq=False)
 class ConsumerToShopConfig(tfds.core.BuilderConfig):
-  """How stored images are bounded."""
+  """Which image tree the crops come from, and how stored images are bounded."""
   max_side: int = 640  # the 300-px images are never enlarged
+  # Crop from img_highres/, the boxes (drawn on the 300-px images) scaled to each image.
+  highres: bool = False
 
 
 @dataclasses.dataclass
@@ -102,18 +112,61 @@ def read_items(path: str, faults: raw_images.FaultCounter) -> dict[str, _Item]:
   return items
 
 
+def source_path(root: str, name: str, highres: bool) -> str | None:
+  """The file that `name` (`img/...`, as the list files write it) is cropped from, or None if
+  there is none: the same relative path under img/ or img_highres/ (or under the high-res
+  archive's other name of its folder, HIGHRES_RENAMES)."""
+  head, _, rest = name.partition('/')
+  if not highres:
+    candidates = [os.path.join(root, name)]
+  elif head == IMAGE_DIR and rest:
+    relative = f'/{rest}'
+    candidates = [os.path.join(root, HIGHRES_DIR + relative)] + [
+        os.path.join(root, HIGHRES_DIR + relative.replace(old, new))
+        for old, new in HIGHRES_RENAMES if old in relative]
+  else:
+    candidates = []
+  return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def lowres_size(root: str, name: str, faults: raw_images.FaultCounter) -> tuple[int, int] | None:
+  """(width, height) of the 300-px image `name`, the frame its box is drawn in, from the file's
+  header; None (`lowres_size_unknown`) if the file is missing or unreadable."""
+  try:
+    with Image.open(os.path.join(root, name)) as image:
+      return image.size
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    faults['lowres_size_unknown'] += 1
+    return None
+
+
+def scaled_box(corners: tuple[int, int, int, int], frame: tuple[int, int],
+               size: tuple[int, int]) -> tuple[int, int, int, int]:
+  """A corner box drawn on a `frame` (width, height) image, in the same picture at `size`: each
+  coordinate times the ratio of the sizes on its axis, rounded down, as the authors'
+  preparation (centroids-reid's deep_fashion2reid.py) truncates it."""
+  x1, y1, x2, y2 = corners
+  (frame_w, frame_h), (width, height) = frame, size
+  return (x1 * width // frame_w, y1 * height // frame_h,
+          x2 * width // frame_w, y2 * height // frame_h)
+
+
 def cropped_image(root: str, name: str, domain: str, boxes: dict, faults: raw_images.FaultCounter,
-                  max_side: int) -> tuple[dict | None, int | None]:
+                  max_side: int, highres: bool = False) -> tuple[dict | None, int | None]:
   """The image feature of `name` cropped to its corner box, and the clothes type of its box row.
+
+  With `highres`, the crop comes from the img_highres/ copy and the box, drawn on the 300-px
+  image, is scaled to it (`scaled_box`).
 
   Rules: a missing or unreadable file is skipped (`missing_image`, `corrupt_image`, see
   raw_images.load_rgb); an image without a bbox row is kept whole (`box_missing_whole_image`);
   an empty box, or one with nothing inside the image, drops the image (`box_empty`,
-  `box_outside_image`); a box reaching outside is clipped (`box_clipped`). The clothes type
-  is returned whenever the image is readable and has a box row.
+  `box_outside_image`); a box reaching outside is clipped (`box_clipped`); with `highres`, an
+  image whose 300-px file cannot give the box's frame is dropped (`lowres_size_unknown`). The
+  clothes type is returned whenever the image is readable and has a box row.
   """
-  path = os.path.join(root, name)
-  if not os.path.isfile(path):
+  path = source_path(root, name, highres)
+  if path is None:
     faults['missing_image'] += 1
     return None, None
   photo = raw_images.load_rgb(path, faults)
@@ -123,11 +176,17 @@ def cropped_image(root: str, name: str, domain: str, boxes: dict, faults: raw_im
   if corners is None:
     faults['box_missing_whole_image'] += 1
     corners = (0, 0, photo.width, photo.height)
-  x1, y1, x2, y2 = corners
-  if x2 <= x1 or y2 <= y1:
-    faults['box_empty'] += 1
-    return None, clothes_type
-  box = raw_images.clip_box(x1, y1, x2, y2, photo.width, photo.height)
+  else:
+    x1, y1, x2, y2 = corners
+    if x2 <= x1 or y2 <= y1:
+      faults['box_empty'] += 1
+      return None, clothes_type
+    if highres:
+      frame = lowres_size(root, name, faults)
+      if frame is None:
+        return None, clothes_type
+      corners = scaled_box(corners, frame, photo.size)
+  box = raw_images.clip_box(*corners, photo.width, photo.height)
   if box is None:
     faults['box_outside_image'] += 1
     return None, clothes_type
@@ -136,6 +195,22 @@ def cropped_image(root: str, name: str, domain: str, boxes: dict, faults: raw_im
   return ({'image': raw_images.encode_bounded(photo.crop(box), max_side), 'domain': domain,
            'image_id': name, 'bbox': raw_images.normalized_box(box, photo.width, photo.height)},
           clothes_type)
+
+
+def count_unlisted_images(root: str, items: dict[str, _Item],
+                          faults: raw_images.FaultCounter) -> None:
+  """Counts the image files in the items' folders of img/ that no pair row names
+  (`image_not_in_pairs`): they are not used, where centroids-reid's conversion takes every
+  file of an item's folder."""
+  listed = {name for entry in items.values() for name in entry.images}
+  for folder in sorted({os.path.dirname(name) for name in listed}):
+    try:
+      files = os.listdir(os.path.join(root, folder))
+    except OSError:
+      continue  # the images of a missing folder count as missing_image
+    faults['image_not_in_pairs'] += sum(
+        f'{folder}/{file}' not in listed for file in files
+        if file.lower().endswith(_IMAGE_EXTENSIONS))
 
 
 def _item_number(item: str) -> int | None:
@@ -150,7 +225,7 @@ def work_element(split: str, item: str, folder: str, images: list[tuple[str, str
                                               if name in boxes}
 
 
-def item_example(element: tuple, root: str, max_side: int
+def item_example(element: tuple, root: str, max_side: int, highres: bool = False
                  ) -> tuple[tuple[str, dict] | None, raw_images.FaultCounter]:
   """(key, example) of one work_element, or None if nothing of it is written; its faults.
 
@@ -168,7 +243,7 @@ def item_example(element: tuple, root: str, max_side: int
     return None, faults
   images, categories = [], []
   for name, domain in names:
-    image, clothes_type = cropped_image(root, name, domain, boxes, faults, max_side)
+    image, clothes_type = cropped_image(root, name, domain, boxes, faults, max_side, highres)
     if clothes_type is not None:
       categories.append(clothes_type)
     if image is not None:
@@ -186,32 +261,51 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
-  BUILDER_CONFIGS = [ConsumerToShopConfig(name='default', description='Images bounded to 640 px.')]
+  # Choose one by name: `deepfashion_consumer2shop` is `.../default`, cropped from the 300-px
+  # img/ images; `deepfashion_consumer2shop/highres` crops from img_highres/. Its bound is
+  # above the high-res images' size (In-shop's are 750 x 1101), so crops keep their full
+  # resolution; it only guards against an outsized file.
+  BUILDER_CONFIGS = [
+      ConsumerToShopConfig(name='default', description='Images bounded to 640 px.'),
+      ConsumerToShopConfig(name='highres', highres=True, max_side=2048,
+                           description='Cropped from img_highres/, bounded to 2048 px.'),
+  ]
 
   def _info(self) -> tfds.core.DatasetInfo:
+    crops = ('Images are cropped from img_highres/ to their boxes, scaled from the 300-px '
+             'images (bbox = the box in the high-res image).' if self.builder_config.highres
+             else 'Images are cropped to their boxes (bbox = the box in the 300-px image).')
     return tfds.core.DatasetInfo(
         builder=self,
         description=(
             'DeepFashion Consumer-to-shop. One example per item. train: consumer and shop '
             'images of train items; query: consumer images of test items; gallery: shop images '
-            'of val and test items. Images are cropped to their boxes (bbox = the box in the '
-            '300-px image).'),
+            f'of val and test items. {crops}'),
         features=features.item_features(CATEGORIES, folder=tf.string),
         metadata=tfds.core.MetadataDict(),
         homepage='https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/Consumer2ShopRetrieval.html',
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    config = self.builder_config
     root = os.fspath(dl_manager.manual_dir)
-    if not os.path.isdir(os.path.join(root, 'img')):
+    if not os.path.isdir(os.path.join(root, IMAGE_DIR)):
       raise FileNotFoundError(f'DeepFashion consumer-to-shop manual_dir {root} has no img/ '
                               'folder (unpack the image archive next to Anno/ and Eval/)')
+    # Checked before anything is read: the config is useless without this part of the download.
+    if config.highres and not os.path.isdir(os.path.join(root, HIGHRES_DIR)):
+      raise FileNotFoundError(
+          f'DeepFashion consumer-to-shop config {config.name!r} crops from img_highres/, and '
+          f'manual_dir {root} has no img_highres/ folder (unpack the high-resolution image '
+          'archive next to img/, or build the default config)')
     boxes = read_boxes(os.path.join(root, BBOX_FILE), self._faults)
     items = read_items(os.path.join(root, PARTITION_FILE), self._faults)
+    count_unlisted_images(root, items, self._faults)
     by_status = {status: {k: v for k, v in items.items() if v.status == status}
                  for status in ('train', 'val', 'test')}
     gallery = {**by_status['val'], **by_status['test']}
-    process = functools.partial(item_example, root=root, max_side=self.builder_config.max_side)
+    process = functools.partial(item_example, root=root, max_side=config.max_side,
+                                highres=config.highres)
 
     def work(split: str, items: dict[str, _Item], domains: tuple[str, ...]) -> list[tuple]:
       return [work_element(split, item, entry.folder,
