@@ -92,6 +92,17 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
   return builder
 
 
+def decoders() -> dict:
+  """TFDS decoders that leave each image encoded, so that any split reads:
+  `tfds.load(name, split=..., data_dir=..., decoders=datasets.decoders())`.
+
+  An item's images differ in size, and TFDS decodes a Sequence of images into one stacked
+  tensor, which fails on them ('Incompatible shapes during merge'). With these, `images/image`
+  is an [N] tf.string of JPEG bytes, each decoded on its own (tf.io.decode_jpeg, PIL).
+  """
+  return {'images': {'image': tfds.decode.SkipDecoding()}}
+
+
 def build_command(base: str, data_dir: str | None) -> str:
   """The command that builds `base` from the user's raw download."""
   target = f' --data_dir={data_dir}' if data_dir else ''
