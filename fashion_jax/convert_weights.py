@@ -45,15 +45,14 @@ def _open_checkpoint(path: str):
   """The checkpoint opened for reading, once it is known to be a regular file (a FIFO or a
   device would block or never end) within MAX_WEIGHTS_BYTES."""
   # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; nothing changes for a file.
-  f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), 'rb')
-  info = os.fstat(f.fileno())
-  problem = ('not a regular file' if not stat.S_ISREG(info.st_mode) else
-             f'{info.st_size:,} bytes is over the limit of {MAX_WEIGHTS_BYTES:,} bytes'
-             if info.st_size > MAX_WEIGHTS_BYTES else None)
-  if problem:
-    f.close()
-    raise ConversionError(f'{path}: {problem}')
-  return f
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+  info = os.fstat(fd)
+  if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_WEIGHTS_BYTES:
+    os.close(fd)
+    raise ConversionError(f'{path}: not a regular file' if not stat.S_ISREG(info.st_mode) else
+                          f'{path}: {info.st_size:,} bytes is over the limit of '
+                          f'{MAX_WEIGHTS_BYTES:,} bytes')
+  return os.fdopen(fd, 'rb')
 
 
 def _one_line(e: Exception) -> str:

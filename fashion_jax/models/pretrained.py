@@ -4,7 +4,6 @@
 """
 
 import os
-import zipfile
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -72,10 +71,10 @@ def read_backbone_weights(path: str) -> tuple[str, dict[str, np.ndarray]]:
     if isinstance(data, np.lib.npyio.NpzFile):
       with data:
         arrays = {k: data[k] for k in data.files}
-  # The zip and .npy readers fail on damage in their own ways; MemoryError is an array header
-  # declaring more than memory holds, which a file within a backbone's size never needs.
-  except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, MemoryError,
-          ValueError) as e:
+  # The zip and .npy readers fail on damage in their own ways (BadZipFile, NotImplementedError,
+  # tokenize.TokenError from a .npy header, ...); MemoryError is an array header declaring more
+  # than memory holds, which a file within a backbone's size never needs.
+  except Exception as e:  # pylint: disable=broad-except
     message = ' '.join(str(e).split())[:300] or type(e).__name__
     raise ValueError(f'{path}: damaged or not a converted backbone file ({message})') from None
   if not isinstance(data, np.lib.npyio.NpzFile) or ARCH_KEY not in arrays:

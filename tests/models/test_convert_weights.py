@@ -223,7 +223,9 @@ def test_a_pickled_object_is_never_unpickled(tmp_path, capsys):
 
 def test_device_or_fifo_is_refused_by_type(tmp_path):
   os.mkfifo(tmp_path / 'fifo.safetensors')
-  for path in ('/dev/zero', str(tmp_path / 'fifo.safetensors')):
+  (tmp_path / 'folder.safetensors').mkdir()
+  for path in ('/dev/zero', str(tmp_path / 'fifo.safetensors'),
+               str(tmp_path / 'folder.safetensors')):
     with pytest.raises(convert_weights.ConversionError, match='not a regular file'):
       convert_weights.read_safetensors(path)
     with pytest.raises(ValueError, match='not a regular file'):
