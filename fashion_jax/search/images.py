@@ -1,4 +1,5 @@
-"""Reading untrusted images: decode, size limits, boxes. Every failure is an InputError.
+"""Reading untrusted input: files (type and size checked before reading), images, boxes.
+Every failure is an InputError.
 
 Decoding mirrors the evaluation pipeline's `tf.io.decode_image(channels=3)`: the first frame,
 RGB, no EXIF rotation, alpha dropped (not composited). TensorFlow decodes JPEG with libjpeg's
@@ -9,6 +10,9 @@ evaluation; PIL decodes everything else, and JPEGs when simplejpeg is absent.
 """
 
 import io
+import logging
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -22,6 +26,11 @@ except ImportError:  # PIL's accurate IDCT instead: within a few grey levels of 
 # The default pixel limit: 40 megapixels (a 7,300 x 5,500 photo) is more than any phone makes.
 DEFAULT_MAX_PIXELS = 40_000_000
 
+# PIL logs some damage it finds (e.g. a TIFF's impossible sample count) before raising; with no
+# handler configured Python prints those records on stderr, a second line beside the one-line
+# error. Records still reach any handler the application configures.
+logging.getLogger('PIL').addHandler(logging.NullHandler())
+
 
 class InputError(ValueError):
   """A request or input file that cannot be used; the message is one line naming the problem."""
@@ -33,7 +42,10 @@ def decode(data: bytes, *, name: str = 'image', max_pixels: int = DEFAULT_MAX_PI
     raise InputError(f'{name}: empty file')
   try:
     with warnings.catch_warnings():
-      # PIL only warns between its limit and twice it; any bomb warning is an error here.
+      # PIL warns about damage it reads past (bad EXIF, short TIFF strips): phone photos often
+      # carry such metadata, and a picture that decodes is used. But PIL only warns between its
+      # limit and twice it; any bomb warning is an error here.
+      warnings.simplefilter('ignore')
       warnings.simplefilter('error', Image.DecompressionBombWarning)
       with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
@@ -57,21 +69,63 @@ def decode(data: bytes, *, name: str = 'image', max_pixels: int = DEFAULT_MAX_PI
     raise InputError(f'{name}: image is over the pixel limit ({e})') from None
   except Image.UnidentifiedImageError:
     raise InputError(f'{name}: not an image (unrecognised format)') from None
-  except (OSError, SyntaxError, ValueError, EOFError) as e:
-    raise InputError(f'{name}: truncated or corrupt image ({_one_line(e)})') from None
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL's plugins parse untrusted bytes and fail in their own ways (a truncated QOI raises
+    # IndexError, a DDS NotImplementedError): whatever they raise, the bytes are no image.
+    raise InputError(f'{name}: truncated or corrupt image ({one_line(e)})') from None
   return np.ascontiguousarray(array.reshape(height, width, 3))
+
+
+def default_max_bytes(max_pixels: int) -> int:
+  """The file size limit that goes with a pixel limit: an uncompressed RGBA picture of that
+  many pixels, plus 1 MiB of metadata."""
+  return 4 * max_pixels + (1 << 20)
+
+
+def read_file(path: str, max_bytes: int) -> bytes:
+  """The bytes of a regular file of at most `max_bytes`; anything else is an InputError.
+
+  Type and size are checked on the open file before reading: a device such as /dev/zero never
+  ends, and a huge (or sparse) file would be read whole before any check.
+  """
+  try:
+    # Without O_NONBLOCK, opening a FIFO waits for a writer; it changes nothing for a file.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+  except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+    raise InputError(f'{path}: cannot read ({getattr(e, "strerror", None) or e})') from None
+  info = os.fstat(fd)
+  if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+    os.close(fd)
+    raise InputError(f'{path}: not a regular file' if not stat.S_ISREG(info.st_mode) else
+                     f'{path}: {info.st_size:,} bytes is over the size limit of '
+                     f'{max_bytes:,} bytes')
+  with os.fdopen(fd, 'rb') as f:
+    try:
+      data = f.read(max_bytes + 1)  # the file may have grown since fstat
+    except OSError as e:
+      raise InputError(f'{path}: cannot read ({e.strerror or e})') from None
+  if len(data) > max_bytes:
+    raise InputError(f'{path}: file is over the size limit of {max_bytes:,} bytes')
+  return data
+
+
+def read_text(path: str, max_bytes: int) -> str:
+  """A UTF-8 text file (a byte-order mark is dropped) of at most `max_bytes`; a binary file
+  (NUL bytes, not UTF-8) is an InputError."""
+  data = read_file(path, max_bytes)
+  if b'\0' in data:
+    raise InputError(f'{path}: not a text file (it has NUL bytes)')
+  try:
+    return data.decode('utf-8-sig')
+  except UnicodeDecodeError as e:
+    raise InputError(f'{path}: not a UTF-8 text file ({e.reason} at byte {e.start:,})') from None
 
 
 def read(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None
          ) -> np.ndarray:
-  """Decodes an image file; a missing or oversized file is an InputError."""
-  try:
-    with open(path, 'rb') as f:
-      data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-  except OSError as e:
-    raise InputError(f'{path}: cannot read ({e.strerror or e})') from None
-  if max_bytes is not None and len(data) > max_bytes:
-    raise InputError(f'{path}: file is over the size limit of {max_bytes:,} bytes')
+  """Decodes an image file; a missing, oversized or not regular file is an InputError.
+  `max_bytes` defaults to `default_max_bytes(max_pixels)`."""
+  data = read_file(path, default_max_bytes(max_pixels) if max_bytes is None else max_bytes)
   return decode(data, name=path, max_pixels=max_pixels)
 
 
@@ -113,7 +167,8 @@ def _fmt(box) -> str:
   return ','.join(f'{v:g}' for v in box)
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
+  """The exception's message on one line (its type's name when it has none)."""
   return ' '.join(str(e).split()) or type(e).__name__
 
 
