@@ -9,7 +9,6 @@ Bad input ends the command with one line on stderr and exit status 2.
 """
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -24,8 +23,8 @@ from fashion_jax.search.images import InputError  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='python -m fashion_jax.search', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _Parser(prog='python -m fashion_jax.search', description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest='command', required=True)
 
   index = commands.add_parser('index', help='embed a catalogue into an index (or add to one)')
@@ -92,6 +91,26 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+class _Parser(argparse.ArgumentParser):
+  """Usage mistakes are one line on stderr and exit status 2, like every other bad input."""
+
+  def error(self, message):
+    self.exit(2, f'error: {" ".join(message.split())} (see {self.prog} --help)\n')
+
+
+def _check_numbers(args) -> None:
+  """The numbers' ranges, before any file is read (argparse only checks they are numbers)."""
+  for flag in ('k', 'max_pixels', 'batch_size', 'nprobe', 'ef_search', 'max_upload_bytes',
+               'max_in_flight', 'max_batch'):
+    value = getattr(args, flag, None)
+    if value is not None and value < 1:
+      raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+  if args.command == 'serve' and not 0 <= args.port <= 65535:
+    raise InputError(f'--port must be from 0 to 65535, got {args.port}')
+  if args.command == 'serve' and not 0 <= args.max_wait_ms <= 1000:
+    raise InputError(f'--max-wait-ms must be from 0 to 1000, got {args.max_wait_ms}')
+
+
 def _catalogue_flags(parser):
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--catalogue', help='CSV (image,product_id,category[,x,y,w,h]) or JSON')
@@ -135,13 +154,8 @@ def _query_inputs(args) -> list[dict]:
       queries += [{'path': f, 'box': None, 'category': None} for f in files]
     elif path.lower().endswith('.csv'):
       root = os.path.dirname(os.path.abspath(path))
-      try:
-        with open(path, newline='') as f:
-          rows = list(csv.DictReader(f))
-      except OSError as e:
-        raise InputError(f'{path}: cannot read ({e.strerror or e})') from None
-      for number, row in enumerate(rows, start=2):
-        if not row.get('image'):
+      for number, row in enumerate(search_index.read_csv(path, ('image',)), start=2):
+        if not row['image']:
           raise InputError(f'{path}: row {number} has no image')
         box = (','.join(row[c] for c in 'xywh')
                if all(row.get(c) not in (None, '') for c in 'xywh') else None)
@@ -198,11 +212,8 @@ def run_remove(args) -> int:
   from fashion_jax.search import index as search_index
   ids = list(args.products)
   if args.products_file:
-    try:
-      with open(args.products_file, encoding='utf-8') as f:
-        ids += [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-      raise InputError(f'{args.products_file}: cannot read ({e})') from None
+    text = image_io.read_text(args.products_file, search_index.MAX_CATALOGUE_BYTES)
+    ids += [line.strip() for line in text.splitlines() if line.strip()]
   if not ids:
     raise InputError('name the products to remove with --products or --products-file')
   result = search_index.remove_products(args.index, ids)
@@ -260,11 +271,6 @@ def run_serve(args) -> int:
   from fashion_jax.search import engine, server
   index, model = _index_and_model(args)
   searcher = engine.Searcher(index, model, max_pixels=args.max_pixels)
-  for flag in ('k', 'max_upload_bytes', 'max_in_flight', 'max_batch'):
-    if getattr(args, flag) < 1:
-      raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-  if not 0 <= args.max_wait_ms <= 1000:
-    raise InputError(f'--max-wait-ms must be from 0 to 1000, got {args.max_wait_ms}')
   httpd = server.make_server(searcher, host=args.host, port=args.port, quiet=args.quiet,
                              max_upload_bytes=args.max_upload_bytes, default_k=args.k,
                              max_in_flight=args.max_in_flight, max_batch=args.max_batch,
@@ -296,9 +302,11 @@ def main(argv=None) -> int:
   command = {'index': run_index, 'update': run_update, 'remove': run_remove,
              'query': run_query, 'serve': run_serve, 'export': run_export}[args.command]
   try:
+    _check_numbers(args)
     return command(args)
   except InputError as e:
-    print(f'error: {e}', file=sys.stderr)
+    # One line even when a file or product name brings a line break of its own.
+    print(f'error: {image_io.one_line(e)}', file=sys.stderr)
     return 2
 
 

@@ -13,8 +13,11 @@ product marks its rows and takes them out of the backend, keeping their files.
 """
 
 import csv
+import io
 import json
+import math
 import os
+import stat
 import tempfile
 
 import numpy as np
@@ -29,6 +32,11 @@ FORMAT = 1
 _INDEX_FILE = 'index.json'
 _EMBED_CHUNK = 256  # images read, resized and embedded at a time
 _IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif')
+_BOX_COLUMNS = ('x', 'y', 'w', 'h')
+# Size limits of files read whole: far above any real one, far below what hurts to read.
+MAX_CATALOGUE_BYTES = 1 << 30   # ten million rows of 100 bytes
+_MAX_META_BYTES = 64 << 20      # index.json: settings and category names
+_MAX_ITEM_BYTES = 1 << 20       # one items.jsonl line: a few paths and names
 
 
 class CatalogueEntry(dict):
@@ -41,18 +49,15 @@ def read_catalogue(path: str, images_root: str | None = None) -> list[CatalogueE
   {image, product_id, category, box}. Relative image paths are relative to `images_root`,
   by default the catalogue file's folder."""
   root = images_root or os.path.dirname(os.path.abspath(path))
-  try:
-    with open(path, newline='') as f:
-      if path.lower().endswith('.csv'):
-        rows = list(csv.DictReader(f))
-      else:
-        text = f.read()
-        rows = (json.loads(text) if text.lstrip().startswith('[')
-                else [json.loads(line) for line in text.splitlines() if line.strip()])
-  except OSError as e:
-    raise InputError(f'{path}: cannot read ({e.strerror or e})') from None
-  except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
-    raise InputError(f'{path}: not a valid catalogue ({e})') from None
+  if path.lower().endswith('.csv'):
+    rows = read_csv(path, ('image', 'product_id'))
+  else:
+    text = image_io.read_text(path, MAX_CATALOGUE_BYTES)
+    try:
+      rows = (json.loads(text) if text.lstrip().startswith('[')
+              else [json.loads(line) for line in text.splitlines() if line.strip()])
+    except (ValueError, RecursionError) as e:  # also json's digit limit on huge integers
+      raise InputError(f'{path}: not a valid catalogue ({image_io.one_line(e)})') from None
   entries = []
   for number, row in enumerate(rows, start=2 if path.lower().endswith('.csv') else 1):
     if not isinstance(row, dict) or not row.get('image') or row.get('product_id') in (None, ''):
@@ -61,8 +66,8 @@ def read_catalogue(path: str, images_root: str | None = None) -> list[CatalogueE
     box = row.get('box')
     if isinstance(box, (list, tuple)):
       box = ','.join(str(v) for v in box)
-    if box is None and all(row.get(c) not in (None, '') for c in 'xywh'):
-      box = ','.join(str(row[c]) for c in 'xywh')
+    if box is None and all(row.get(c) not in (None, '') for c in _BOX_COLUMNS):
+      box = ','.join(str(row[c]) for c in _BOX_COLUMNS)
     entries.append(CatalogueEntry(
         image=image if os.path.isabs(image) else os.path.normpath(os.path.join(root, image)),
         product_id=str(row['product_id']), category=str(row.get('category') or ''),
@@ -70,6 +75,33 @@ def read_catalogue(path: str, images_root: str | None = None) -> list[CatalogueE
   if not entries:
     raise InputError(f'{path}: the catalogue is empty')
   return entries
+
+
+def read_csv(path: str, required: tuple[str, ...]) -> list[dict]:
+  """The rows of a CSV file with a header naming `required` and all or none of the box columns
+  x, y, w, h. An empty or binary file, and a row with more fields than the header, are
+  InputErrors: nothing in the file is silently left out."""
+  text = image_io.read_text(path, MAX_CATALOGUE_BYTES)
+  try:
+    reader = csv.DictReader(io.StringIO(text, newline=''))
+    header, rows = reader.fieldnames, list(reader)
+  except csv.Error as e:
+    raise InputError(f'{path}: not a valid CSV file ({image_io.one_line(e)})') from None
+  if not header:
+    raise InputError(f'{path}: the file is empty (no header line)')
+  missing = [column for column in required if column not in header]
+  partial_box = 0 < sum(column in header for column in _BOX_COLUMNS) < len(_BOX_COLUMNS)
+  if partial_box:
+    missing += [column for column in _BOX_COLUMNS if column not in header]
+  if missing:
+    raise InputError(f"{path}: the header lacks the column(s) {', '.join(missing)}" +
+                     (' (a box needs all of x, y, w, h)' if partial_box else ''))
+  for number, row in enumerate(rows, start=2):
+    if None in row:  # DictReader's key for the fields past the header's
+      raise InputError(f'{path}: row {number} has more fields than the header')
+  if not rows:
+    raise InputError(f'{path}: the file is empty (a header and no rows)')
+  return rows
 
 
 def read_tfds_catalogue(name: str, split: str, data_dir: str | None = None,
@@ -177,11 +209,12 @@ def build(index_dir: str, model, entries: list[CatalogueEntry], *, dtype: str = 
   new_items, new_embeddings, prepared = [], [], []
   bar = tqdm(total=len(new), desc='indexing', unit='img', disable=not progress)
   for number, entry in enumerate(new):
-    if 'data' in entry:
-      image = image_io.decode(entry['data'], name=entry['image'], max_pixels=max_pixels)
-    else:
-      image = image_io.read(entry['image'], max_pixels=max_pixels)
-    crop = image_io.crop(image, entry['box'], name=entry['image'])
+    try:
+      crop = _read_crop(entry, max_pixels)
+    except InputError:
+      bar.leave = False  # erased, so the error is the one line a failed run leaves on stderr
+      bar.close()
+      raise
     row = len(items) + number
     thumb = os.path.join('thumbs', f'{row:08d}.jpg')
     with open(os.path.join(index_dir, thumb), 'wb') as f:
@@ -233,6 +266,14 @@ def build(index_dir: str, model, entries: list[CatalogueEntry], *, dtype: str = 
   result = {'added': len(new_items), 'skipped': len(entries) - len(new),
             'count': sum(not item.get('removed') for item in items)}
   return {**result, 'replaced': len(old_rows)} if replace else result
+
+
+def _read_crop(entry: CatalogueEntry, max_pixels: int) -> np.ndarray:
+  if 'data' in entry:
+    image = image_io.decode(entry['data'], name=entry['image'], max_pixels=max_pixels)
+  else:
+    image = image_io.read(entry['image'], max_pixels=max_pixels)
+  return image_io.crop(image, entry['box'], name=entry['image'])
 
 
 def _write(index_dir: str, meta: dict, items: list[dict], embeddings: np.ndarray) -> None:
@@ -330,22 +371,19 @@ class SearchIndex:
 
   def __init__(self, index_dir: str):
     self.directory = os.path.abspath(index_dir)
-    meta_path = os.path.join(self.directory, _INDEX_FILE)
-    try:
-      with open(meta_path) as f:
-        self.meta = json.load(f)
-    except FileNotFoundError:
-      raise InputError(f'{index_dir}: not a search index (no {_INDEX_FILE})') from None
-    if self.meta.get('format') != FORMAT:
-      raise InputError(f"{index_dir}: index format {self.meta.get('format')} is not {FORMAT}")
+    if not os.path.lexists(os.path.join(self.directory, _INDEX_FILE)):
+      raise InputError(f'{index_dir}: not a search index (no {_INDEX_FILE})')
+    self.meta = _check_meta(_read_json(index_dir, _INDEX_FILE, _MAX_META_BYTES), index_dir)
     # Memory-mapped: a catalogue's vectors are read as searched, not all at start.
-    try:
-      self.embeddings = np.load(os.path.join(self.directory, 'embeddings.npy'), mmap_mode='r',
-                                allow_pickle=False)
-    except (OSError, ValueError) as error:
-      raise InputError(f'{index_dir}: embeddings.npy cannot be read ({error})') from None
-    with open(os.path.join(self.directory, 'items.jsonl')) as f:
-      self.items = [json.loads(line) for line in f if line.strip()]
+    self.embeddings = _load_array(index_dir, 'embeddings.npy', self.meta['dtype'],
+                                  self.meta['dim'])
+    text = image_io.read_text(_regular_file(index_dir, 'items.jsonl'),
+                              (len(self.embeddings) + 1) * _MAX_ITEM_BYTES)
+    self.items = []
+    for number, line in enumerate(text.split('\n'), start=1):
+      if line.strip():
+        self.items.append(_check_item(_parse_json(line, index_dir, f'items.jsonl line {number}'),
+                                      index_dir, number))
     if len(self.items) != len(self.embeddings):
       raise InputError(f'{index_dir}: {len(self.items)} items but {len(self.embeddings)} '
                        f'embeddings (damaged index)')
@@ -364,8 +402,12 @@ class SearchIndex:
     first = order[np.searchsorted(self.row_product[order], np.arange(len(self.product_ids)))]
     self.product_category = self.row_category[first]
     self.centroids = None
-    if self.meta.get('centroids'):
-      self.centroids = np.load(os.path.join(self.directory, 'centroids.npy'))
+    if self.meta['centroids']:
+      self.centroids = np.array(_load_array(index_dir, 'centroids.npy', 'float32',
+                                            self.meta['dim']))
+      if len(self.centroids) != len(self.product_ids):
+        raise InputError(f'{index_dir}: {len(self.centroids)} centroids but '
+                         f'{len(self.product_ids)} products (damaged index)')
 
   def __len__(self) -> int:
     return len(self.items)
@@ -377,6 +419,107 @@ class SearchIndex:
         self.directory):
       raise InputError(f'row {row}: thumbnail outside the index')
     return path
+
+
+# What the code reads from index.json and each items.jsonl line, and the type it must have.
+_META_FIELDS = {'format': int, 'dtype': str, 'dim': int, 'centroids': bool, 'categories': list,
+                'model': dict}
+_MODEL_FIELDS = {'workdir': str, 'step': int, 'fingerprint': str, 'backbone': str}
+_OPTIONAL_META_FIELDS = {'backend': str, 'backend_settings': dict}
+_ITEM_FIELDS = {'image': str, 'product_id': str, 'category': str, 'thumb': str}
+
+
+def _has_type(value, kind) -> bool:
+  return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _wrong_fields(record: dict, fields: dict, optional: dict | None = None) -> list[str]:
+  wrong = [f'{key} (not {kind.__name__})' if key in record else f'{key} (missing)'
+           for key, kind in fields.items() if not _has_type(record.get(key), kind)]
+  return wrong + [f'{key} (not {kind.__name__})' for key, kind in (optional or {}).items()
+                  if key in record and not _has_type(record[key], kind)]
+
+
+def _check_meta(meta, index_dir: str) -> dict:
+  """index.json's fields checked for what the code does with them; InputError otherwise."""
+  if not isinstance(meta, dict):
+    raise InputError(f'{index_dir}: {_INDEX_FILE} is not a JSON object (damaged index)')
+  if meta.get('format') != FORMAT:
+    raise InputError(f"{index_dir}: index format {json.dumps(meta.get('format'))[:40]} is not "
+                     f'{FORMAT}')
+  wrong = _wrong_fields(meta, _META_FIELDS, _OPTIONAL_META_FIELDS)
+  if isinstance(meta.get('model'), dict):
+    wrong += [f'model.{problem}' for problem in _wrong_fields(meta['model'], _MODEL_FIELDS)]
+  if not wrong and meta['dtype'] not in ('float16', 'float32'):
+    wrong.append('dtype (not float16 or float32)')
+  if not wrong and meta['dim'] < 1:
+    wrong.append('dim (not positive)')
+  if not wrong and not all(isinstance(c, str) for c in meta['categories']):
+    wrong.append('categories (not all strings)')
+  if not wrong and not isinstance(meta['model'].get('preprocessing', {}), dict):
+    wrong.append('model.preprocessing (not a dict)')
+  if wrong:
+    raise InputError(f"{index_dir}: {_INDEX_FILE} has bad fields: {', '.join(wrong)} "
+                     '(damaged index)')
+  return meta
+
+
+def _check_item(item, index_dir: str, number: int) -> dict:
+  """One items.jsonl row checked for what the code does with it; InputError otherwise."""
+  wrong = (_wrong_fields(item, _ITEM_FIELDS, {'removed': bool}) if isinstance(item, dict)
+           else ['not a JSON object'])
+  if not wrong:
+    box = item.get('box')
+    if box is not None and not (isinstance(box, list) and len(box) == 4 and all(
+        _has_type(v, (int, float)) and math.isfinite(v) for v in box)):
+      wrong.append('box (not null or four numbers)')
+  if wrong:
+    raise InputError(f"{index_dir}: items.jsonl line {number} has bad fields: "
+                     f"{', '.join(wrong)} (damaged index)")
+  return item
+
+
+def _parse_json(text: str, index_dir: str, what: str):
+  try:
+    return json.loads(text)
+  except (ValueError, RecursionError) as e:  # also json's digit limit on huge integers
+    raise InputError(f'{index_dir}: {what} is not valid JSON ({image_io.one_line(e)}) '
+                     '(damaged index)') from None
+
+
+def _read_json(index_dir: str, name: str, max_bytes: int):
+  return _parse_json(image_io.read_text(_regular_file(index_dir, name), max_bytes), index_dir,
+                     name)
+
+
+def _regular_file(index_dir: str, name: str) -> str:
+  """The path of the index's file `name`; InputError when it is missing or not a plain file
+  (a FIFO or device would block or never end)."""
+  path = os.path.join(index_dir, name)
+  try:
+    mode = os.stat(path).st_mode
+  except OSError as e:
+    raise InputError(f'{index_dir}: {name} cannot be read ({e.strerror or e}) '
+                     '(damaged index)') from None
+  if not stat.S_ISREG(mode):
+    raise InputError(f'{index_dir}: {name} is not a regular file (damaged index)')
+  return path
+
+
+def _load_array(index_dir: str, name: str, dtype: str, dim: int) -> np.ndarray:
+  """The index's [N, dim] array `name`, memory-mapped; InputError unless it is one of `dtype`."""
+  path = _regular_file(index_dir, name)
+  try:
+    array = np.load(path, mmap_mode='r', allow_pickle=False)
+  except Exception as e:  # pylint: disable=broad-except
+    # numpy parses a damaged .npy header in several ways (ast, tokenize, dtype), each with its
+    # own errors: SyntaxError, tokenize.TokenError, TypeError, ValueError, EOFError.
+    raise InputError(f'{index_dir}: {name} cannot be read ({image_io.one_line(e)}) '
+                     '(damaged index)') from None
+  if array.dtype != np.dtype(dtype) or array.ndim != 2 or array.shape[1] != dim:
+    raise InputError(f'{index_dir}: {name} holds {array.dtype} {list(array.shape)}, not '
+                     f'{dtype} [N, {dim}] as {_INDEX_FILE} says (damaged index)')
+  return array
 
 
 def image_files(folder: str) -> list[str]:
