@@ -1,0 +1,538 @@
+"""Malformed input at every entry point: the cases once seen failing, then a deterministic fuzz.
+
+Each entry point answers bad input with its one documented error and nothing else: the image
+decoder, catalogue reader and index loader an InputError of one line; the service a 4xx JSON
+{'error': one line} naming no server path; the command line exit status 2 and one line on
+stderr; the weight readers a one-line ConversionError or ValueError. A 5xx, any other
+exception, a second line or a hang fails. Mutations come from fixed seeds, so a failure
+reproduces; the case's number and input are in the message.
+"""
+
+import io
+import json
+import os
+import re
+import shutil
+import struct
+import threading
+import urllib.parse
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import fashion_jax
+from fashion_jax import convert_weights
+from fashion_jax.models import pretrained
+from fashion_jax.search import engine, server
+from fashion_jax.search import images as image_io
+from fashion_jax.search import index as search_index
+from fashion_jax.search.__main__ import main
+from fashion_jax.search.images import InputError
+
+_FORMATS = ('PNG', 'JPEG', 'QOI', 'WEBP', 'GIF', 'BMP', 'TIFF')
+
+
+def _mutate(rng, data: bytes) -> bytes:
+  """One random damage to `data`: bit flips, a truncation, a span of random bytes, inserted
+  NULs, a huge 32- or 64-bit value over a header field, random bytes only, or nothing."""
+  data = bytearray(data)
+  kind = rng.integers(7)
+  if kind == 0:
+    for bit in rng.integers(0, 8 * len(data), rng.integers(1, 9)):
+      data[bit // 8] ^= 1 << (bit % 8)
+  elif kind == 1:
+    del data[rng.integers(len(data)):]
+  elif kind == 2:
+    start, size = rng.integers(len(data)), rng.integers(1, 33)
+    data[start:start + size] = rng.bytes(size)
+  elif kind == 3:
+    start = rng.integers(len(data) + 1)
+    data[start:start] = bytes(rng.integers(1, 9))
+  elif kind == 4:
+    start, size = rng.integers(min(len(data), 64)), (4, 8)[rng.integers(2)]
+    huge = b'\xff' * (size - 1) + b'\x7f'  # the largest signed value, either byte order
+    data[start:start + size] = huge if rng.integers(2) else huge[::-1]
+  elif kind == 5:
+    return rng.bytes(rng.integers(1, 2 * len(data) + 2))
+  else:
+    return b''
+  return bytes(data)
+
+
+_JSON_VALUES = (None, -1, 0, 2 ** 70, 1e308, True, '', 'x', '\n', [], {}, [1, 2, 3, 4], {'a': 1})
+
+
+def _mutate_json(rng, value):
+  """`value` with one member, at any depth, replaced by a value of another JSON type or
+  removed: valid JSON whose content is wrong."""
+  places = []
+
+  def walk(node):
+    children = (node.items() if isinstance(node, dict) else
+                enumerate(node) if isinstance(node, list) else ())
+    for key, child in children:
+      places.append((node, key))
+      walk(child)
+
+  value = json.loads(json.dumps(value))
+  walk(value)
+  if not places:
+    return _JSON_VALUES[rng.integers(len(_JSON_VALUES))]
+  node, key = places[rng.integers(len(places))]
+  if rng.integers(4) == 0:
+    del node[key]
+  else:
+    node[key] = _JSON_VALUES[rng.integers(len(_JSON_VALUES))]
+  return value
+
+
+def _one_line_error(error: Exception, case) -> None:
+  message = str(error)
+  assert message and '\n' not in message and '\r' not in message, (case, message)
+
+
+def _encoded(image: np.ndarray, fmt: str) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(image).save(out, format=fmt)
+  return out.getvalue()
+
+
+def _within(seconds: float, function, *args):
+  """`function(*args)`, failing the test if it has not returned after `seconds` (a read that
+  waits for a FIFO's writer or never ends)."""
+  result = {}
+
+  def run():
+    try:
+      result['value'] = function(*args)
+    except BaseException as error:  # pylint: disable=broad-except
+      result['error'] = error
+
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  assert not thread.is_alive(), f'{function.__name__}{args} still running after {seconds} s'
+  if 'error' in result:
+    raise result['error']
+  return result['value']
+
+
+def _exit_status(argv) -> int:
+  try:
+    return main(argv)
+  except SystemExit as e:  # argparse's usage errors
+    return e.code
+
+
+def _cli_error(capfd, argv) -> str:
+  """The one line a failed command leaves on stderr (a progress bar it erased aside)."""
+  status = _within(60, _exit_status, argv)
+  err = capfd.readouterr().err
+  assert status == 2, (argv, status, err)
+  assert err.count('\n') == 1 and err.endswith('\n'), (argv, err)
+  line = err.rsplit('\r', 1)[-1]
+  assert line.startswith('error: '), (argv, err)
+  return line
+
+
+@pytest.fixture(scope='module')
+def searcher(index_dir, model):
+  return engine.Searcher(search_index.SearchIndex(index_dir), model, max_pixels=1_000_000)
+
+
+@pytest.fixture(scope='module')
+def client(searcher):
+  app = server.create_app(searcher, server.Settings(max_upload_bytes=200_000, default_k=4),
+                          warm_up=False)
+  with TestClient(app, raise_server_exceptions=False) as client:
+    yield client
+
+
+@pytest.fixture(scope='module')
+def image_seeds(make_image):
+  return {fmt: _encoded(make_image(3, 1, (24, 20)), fmt) for fmt in _FORMATS}
+
+
+@pytest.fixture
+def loaded_model(monkeypatch, model):
+  """The command line's SearchModel is the session's model, loaded once: the fuzz is about
+  the inputs, and loading a checkpoint per command would take most of its time."""
+  from fashion_jax.search import model as search_model
+  monkeypatch.setattr(model, 'batch_size', model.batch_size)
+  monkeypatch.setattr(search_model, 'SearchModel', lambda *args, **kwargs: model)
+  return model
+
+
+# The cases seen failing.
+
+@pytest.mark.parametrize('cut', [14, 20, 2775])  # PIL raised IndexError, IndexError, ValueError
+def test_truncated_qoi_is_one_line_400_and_exit_2(client, index_dir, make_image, tmp_path,
+                                                  capfd, cut):
+  data = _encoded(make_image(0, 0, (40, 40)), 'QOI')[:cut]
+  response = client.post('/api/search', content=data)
+  assert response.status_code == 400, response.text
+  assert 'truncated or corrupt' in response.json()['error']
+  (tmp_path / 'photo.qoi').write_bytes(data)
+  line = _cli_error(capfd, ['query', '--index', index_dir, str(tmp_path / 'photo.qoi'),
+                            '--out', str(tmp_path / 'out')])
+  assert 'truncated or corrupt' in line and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.usefixtures('loaded_model')
+def test_devices_fifos_and_huge_files_are_refused_unread(index_dir, workdir, tmp_path, capfd):
+  os.mkfifo(tmp_path / 'fifo.png')
+  with open(tmp_path / 'sparse.png', 'wb') as f:
+    f.truncate(1 << 40)  # a terabyte that takes no disk
+  cases = {'/dev/zero': 'not a regular file', str(tmp_path / 'fifo.png'): 'not a regular file',
+           str(tmp_path / 'sparse.png'): 'over the size limit'}
+  for path, words in cases.items():
+    with pytest.raises(InputError, match=re.escape(words)):
+      _within(10, image_io.read, path)
+    with pytest.raises(InputError, match=re.escape(words)):
+      _within(10, search_index.read_catalogue, path)
+    assert words in _cli_error(capfd, ['query', '--index', index_dir, path, '--out',
+                                       str(tmp_path / 'out')])
+    new = ['index', '--workdir', workdir, '--index', str(tmp_path / 'new'), '--catalogue']
+    assert words in _cli_error(capfd, new + [path])  # the catalogue itself
+    (tmp_path / 'catalogue.csv').write_text(f'image,product_id\n{path},sku-1\n')
+    assert words in _cli_error(capfd, new + [str(tmp_path / 'catalogue.csv')])  # one image
+  assert not (tmp_path / 'out').exists() and not (tmp_path / 'new' / 'index.json').exists()
+
+
+_CSV_CASES = {
+    'nul_byte': ('image,product_id,category\np0_0.png,sku\x00-0,dress\n', 'NUL'),
+    'binary': (bytes(np.random.default_rng(0).integers(128, 256, 300, np.uint8)), 'not a UTF-8'),
+    'empty': ('', 'empty'),
+    'header_only': ('image,product_id,category\n', 'empty'),
+    'partial_box_columns': ('image,product_id,category,x,y\np0_0.png,sku-0,dress,1,2\n',
+                            'lacks the column(s) w, h'),
+    'more_fields_than_header': ('image,product_id\np0_0.png,sku-0,dress\n', 'more fields'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(_CSV_CASES))
+def test_malformed_csv_is_one_line_exit_2(index_dir, workdir, catalogue, tmp_path, capfd, case):
+  text, words = _CSV_CASES[case]
+  path = tmp_path / 'rows.csv'
+  if isinstance(text, bytes):
+    path.write_bytes(text)
+  else:
+    path.write_text(text)
+  with pytest.raises(InputError, match=re.escape(words)):
+    search_index.read_catalogue(str(path), catalogue['dir'])
+  assert words in _cli_error(capfd, ['index', '--workdir', workdir, '--index',
+                                     str(tmp_path / 'new'), '--catalogue', str(path),
+                                     '--images-root', catalogue['dir']])
+  assert not (tmp_path / 'new' / 'index.json').exists()
+  # The same file as queries (their CSV needs only an image column).
+  assert words in _cli_error(capfd, ['query', '--index', index_dir, str(path), '--out',
+                                     str(tmp_path / 'out')])
+
+
+def _damage(path, how: str) -> None:
+  """Removes or truncates the file, or writes `how` over it ('+...': appends it)."""
+  if how == 'missing':
+    os.remove(path)
+  elif how == 'truncated':
+    with open(path, 'rb') as f:
+      data = f.read()
+    with open(path, 'wb') as f:
+      f.write(data[:len(data) // 2])
+  else:
+    with open(path, 'a' if how.startswith('+') else 'w') as f:
+      f.write(how.lstrip('+'))
+
+
+_INDEX_CASES = {
+    'index_json_corrupt': ('index.json', '{"format": 1, "mod', 'not valid JSON'),
+    'index_json_missing': ('index.json', 'missing', 'not a search index'),
+    'index_json_a_list': ('index.json', '[1, 2]', 'not a JSON object'),
+    'embeddings_missing': ('embeddings.npy', 'missing', 'embeddings.npy cannot be read'),
+    'embeddings_truncated': ('embeddings.npy', 'truncated', 'embeddings.npy cannot be read'),
+    'items_missing': ('items.jsonl', 'missing', 'items.jsonl cannot be read'),
+    'items_bad_line': ('items.jsonl', '+{"image": oops\n', 'is not valid JSON'),
+    'items_one_too_many': ('items.jsonl', '+{"image": "a", "product_id": "p", "category": "", '
+                           '"box": null, "thumb": "t"}\n', 'damaged index'),
+    'items_wrong_type': ('items.jsonl', '+[1]\n', 'not a JSON object'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(_INDEX_CASES))
+def test_damaged_index_is_one_line_exit_2(index_dir, catalogue, tmp_path, capfd, case):
+  name, how, words = _INDEX_CASES[case]
+  damaged = tmp_path / 'index'
+  shutil.copytree(index_dir, damaged)
+  _damage(damaged / name, how)
+  with pytest.raises(InputError, match=re.escape(words)) as error:
+    search_index.SearchIndex(str(damaged))
+  _one_line_error(error.value, case)
+  line = _cli_error(capfd, ['query', '--index', str(damaged),
+                            os.path.join(catalogue['dir'], 'p0_0.png'), '--out',
+                            str(tmp_path / 'out')])
+  assert words in line
+
+
+@pytest.mark.parametrize('field, value, words', [
+    ('dtype', 'float64', 'dtype'), ('dim', 3, 'float32 [N, 3]'), ('categories', 'dress', 'list'),
+    ('model', {'workdir': 'w'}, 'model.step (missing)'), ('centroids', True, 'centroids.npy'),
+    ('format', 2, 'format 2 is not 1')])
+def test_index_json_fields_are_checked(index_dir, tmp_path, field, value, words):
+  damaged = tmp_path / 'index'
+  shutil.copytree(index_dir, damaged)
+  meta = json.loads((damaged / 'index.json').read_text())
+  (damaged / 'index.json').write_text(json.dumps({**meta, field: value}))
+  with pytest.raises(InputError, match=re.escape(words)):
+    search_index.SearchIndex(str(damaged))
+
+
+def test_usage_mistakes_are_one_line(index_dir, capfd):
+  for argv in (['query'], ['query', '--index', index_dir, 'x.png', '-k', 'many'],
+               ['query', '--index', index_dir, 'x.png', '-k', '0'],
+               ['serve', '--index', index_dir, '--port', '70000'], ['nonsense']):
+    _cli_error(capfd, argv)
+
+
+# The fuzz.
+
+def test_fuzz_image_decoder(image_seeds, capfd):
+  rng = np.random.default_rng(1)
+  decoded = 0
+  for case in range(280):
+    fmt = _FORMATS[case % len(_FORMATS)]
+    data = _mutate(rng, image_seeds[fmt])
+    try:
+      image = image_io.decode(data, max_pixels=1_000_000)
+    except InputError as error:
+      _one_line_error(error, (case, fmt))
+    else:
+      assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, (case, fmt)
+      decoded += 1
+  out, err = capfd.readouterr()
+  assert not out and not err  # nothing printed by PIL's plugins or C libraries
+  assert 0 < decoded < 280
+
+
+def _random_text(rng) -> str:
+  return rng.bytes(rng.integers(0, 24)).decode('latin-1')
+
+
+_QUERY_VALUES = ('', '0', '1', '4', '-3', '101', '1e309', 'nan', 'inf', '0x10', '\u00b2',
+                 '1,2,3,4', '0,0,10,10', '1,2,3', ',,,', 'nan,0,1,1', '1e308,1e308,1,1',
+                 'dress', 'shoe', 'hats', '\x00', '\u2028', '..%2f..%2f', '9' * 5000)
+
+
+def _random_query(rng) -> str:
+  """box, category and k (and unknown names) with odd values, some of them bytes that are not
+  UTF-8 once decoded."""
+  parts = []
+  for _ in range(rng.integers(0, 4)):
+    key = ('box', 'category', 'k', 'colour')[rng.integers(4)]
+    if rng.integers(5) == 0:
+      key = _random_text(rng)
+    value = (urllib.parse.quote_from_bytes(rng.bytes(rng.integers(1, 12)))
+             if rng.integers(6) == 0 else urllib.parse.quote(
+                 _QUERY_VALUES[rng.integers(len(_QUERY_VALUES))] if rng.integers(3)
+                 else _random_text(rng), safe=''))
+    parts.append(f"{urllib.parse.quote(key, safe='')}={value}")
+  return '&'.join(parts)
+
+
+def test_fuzz_http_service(client, image_seeds, index_dir, catalogue):
+  rng = np.random.default_rng(2)
+  server_paths = (index_dir, catalogue['dir'], os.path.dirname(fashion_jax.__file__),
+                  'site-packages')
+  seeds = [image_seeds[fmt] for fmt in ('PNG', 'JPEG', 'QOI', 'GIF')]
+  statuses = {}
+  for case in range(300):
+    # Half damaged photos alone; half odd query strings, with a damaged photo or a whole one.
+    query = _random_query(rng) if case % 2 else ''
+    if case % 10 == 9:  # the other routes, with odd paths
+      path = ('/thumb/' + urllib.parse.quote(_random_text(rng) or '-1') if case % 20 == 9 else
+              '/' + urllib.parse.quote_from_bytes(rng.bytes(rng.integers(1, 12))))
+      response = client.get(path)
+      request = ('GET', path)
+    else:
+      body = seeds[rng.integers(len(seeds))]
+      body = body if case % 4 == 1 else _mutate(rng, body)
+      response = client.post('/api/search' + ('?' + query if query else ''), content=body)
+      request = ('POST', query, body[:64])
+    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+    assert response.status_code < 500, (case, request, response.text)
+    if response.status_code == 200 and request[0] == 'POST':
+      assert isinstance(response.json()['results'], list), (case, request)
+    elif response.status_code != 200:
+      assert response.headers['content-type'] == 'application/json', (case, request)
+      error = response.json()['error']
+      assert isinstance(error, str) and '\n' not in error, (case, request, error)
+      assert not any(path in error for path in server_paths), (case, request, error)
+  assert statuses.get(200) and statuses.get(400) and statuses.get(422), statuses
+
+
+def _catalogue_seeds(catalogue) -> dict[str, bytes]:
+  rows = [{'image': r['image'], 'product_id': r['product_id'], 'category': r['category'],
+           'box': [float(v) for v in r['box'].split(',')] if r['box'] else None}
+          for r in catalogue['rows']]
+  with open(catalogue['csv_first'], 'rb') as f:
+    csv_bytes = f.read()
+  return {'.csv': csv_bytes, '.json': json.dumps(rows).encode(),
+          '.jsonl': ''.join(json.dumps(row) + '\n' for row in rows).encode()}
+
+
+def test_fuzz_catalogue_reader(catalogue, tmp_path):
+  rng = np.random.default_rng(3)
+  seeds = _catalogue_seeds(catalogue)
+  read = 0
+  for case in range(240):
+    suffix = ('.csv', '.json', '.jsonl')[case % 3]
+    if suffix != '.csv' and rng.integers(2):
+      rows = _mutate_json(rng, json.loads(seeds['.json']))
+      data = (json.dumps(rows) if suffix == '.json' or not isinstance(rows, list) else
+              ''.join(json.dumps(row) + '\n' for row in rows)).encode()
+    else:
+      data = _mutate(rng, seeds[suffix])
+    path = tmp_path / f'catalogue{suffix}'
+    path.write_bytes(data)
+    try:
+      entries = search_index.read_catalogue(str(path), catalogue['dir'])
+    except InputError as error:
+      _one_line_error(error, (case, data[:200]))
+    else:
+      assert entries and all(isinstance(e['product_id'], str) for e in entries), case
+      read += 1
+  assert 0 < read < 240
+
+
+def test_fuzz_index_loader(index_dir, model, tmp_path):
+  rng = np.random.default_rng(4)
+  copy = tmp_path / 'index'
+  shutil.copytree(index_dir, copy)
+  originals = {name: (copy / name).read_bytes()
+               for name in ('index.json', 'items.jsonl', 'embeddings.npy')}
+  loaded = 0
+  for case in range(240):
+    name = ('index.json', 'items.jsonl', 'embeddings.npy')[case % 3]
+    data = originals[name]
+    if name == 'index.json' and rng.integers(2):
+      data = json.dumps(_mutate_json(rng, json.loads(data))).encode()
+    elif name == 'items.jsonl' and rng.integers(2):
+      lines = data.decode().splitlines()
+      line = rng.integers(len(lines))
+      lines[line] = json.dumps(_mutate_json(rng, json.loads(lines[line])))
+      data = ('\n'.join(lines) + '\n').encode()
+    elif name == 'embeddings.npy' and rng.integers(2):  # the header, where sizes are declared
+      data = _mutate(rng, data[:128]) + data[128:]
+    else:
+      data = _mutate(rng, data)
+    (copy / name).write_bytes(data)
+    try:
+      index = search_index.SearchIndex(str(copy))
+      engine.Searcher(index, model)
+    except InputError as error:
+      _one_line_error(error, (case, name, data[:200]))
+    else:
+      loaded += 1
+    (copy / name).write_bytes(originals[name])
+  assert 0 < loaded < 240
+
+
+def _query_csv(catalogue) -> bytes:
+  folder = catalogue['dir']
+  return (f'image,x,y,w,h,category\n{os.path.join(folder, "p5_1.jpg")},16,0,64,48,\n'
+          f'{os.path.join(folder, "p4_0.png")},,,,,dress\n').encode()
+
+
+@pytest.mark.usefixtures('loaded_model')
+def test_fuzz_command_line(index_dir, workdir, catalogue, image_seeds, tmp_path, capfd):
+  rng = np.random.default_rng(5)
+  copy = str(tmp_path / 'index')
+  shutil.copytree(index_dir, copy)
+  catalogues = _catalogue_seeds(catalogue)
+  os.mkfifo(tmp_path / 'fifo.png')
+  with open(tmp_path / 'sparse.jpg', 'wb') as f:
+    f.truncate(1 << 36)
+  specials = ['/dev/zero', str(tmp_path / 'fifo.png'), str(tmp_path / 'sparse.jpg'),
+              str(tmp_path / 'missing.png'), copy, os.path.join(copy, 'index.json')]
+  flags = ['-k', '0', '-k', 'x', '--box', '1,2,3', '--box', '0,0,5,5', '--category', 'hats',
+           '--category', 'dress', '--max-pixels', '-1', '--nope', '--out', '--index']
+  statuses = {}
+  for case in range(150):
+    folder = tmp_path / f'case{case}'
+    folder.mkdir()
+    out = ['--out', str(folder / 'out')]
+    kind = case % 6
+    if kind == 0:
+      fmt = _FORMATS[rng.integers(len(_FORMATS))]
+      photo = folder / f'photo{(".png", ".jpg", ".qoi")[rng.integers(3)]}'
+      photo.write_bytes(_mutate(rng, image_seeds[fmt]))
+      argv = ['query', '--index', index_dir, str(photo), '--max-pixels', '1000000', *out]
+    elif kind == 1:
+      (folder / 'queries.csv').write_bytes(_mutate(rng, _query_csv(catalogue)))
+      argv = ['query', '--index', index_dir, str(folder / 'queries.csv'), *out]
+    elif kind in (2, 3):
+      suffix = ('.csv', '.json', '.jsonl')[rng.integers(3)]
+      (folder / f'catalogue{suffix}').write_bytes(_mutate(rng, catalogues[suffix]))
+      argv = (['index', '--workdir', workdir, '--index', str(folder / 'new')] if kind == 2 else
+              ['update', '--index', copy]) + [
+                  '--catalogue', str(folder / f'catalogue{suffix}'), '--images-root',
+                  catalogue['dir']]
+    elif kind == 4:
+      (folder / 'products.txt').write_bytes(_mutate(rng, b'sku-0\nsku-1\n'))
+      argv = ['remove', '--index', copy, '--products-file', str(folder / 'products.txt')]
+    else:
+      special = specials[rng.integers(len(specials))]
+      argv = (['query', '--index', index_dir, special, *out] if rng.integers(2) else
+              ['index', '--workdir', workdir, '--index', str(folder / 'new'), '--catalogue',
+               special])
+    if rng.integers(4) == 0:
+      start = rng.integers(0, len(flags) - 1)
+      argv = argv + flags[start:start + rng.integers(1, 3)]
+    status = _within(120, _exit_status, argv)
+    err = capfd.readouterr().err
+    statuses[status] = statuses.get(status, 0) + 1
+    assert status in (0, 2), (case, argv, status, err)
+    if status == 2:
+      assert err.count('\n') == 1 and err.rsplit('\r', 1)[-1].startswith('error: '), (
+          case, argv, err)
+  assert statuses.get(0) and statuses.get(2), statuses
+
+
+def test_fuzz_weight_readers(tmp_path):
+  rng = np.random.default_rng(6)
+  arrays = {'conv1.weight': np.ones((4, 3, 3, 3), np.float32), 'bn1.bias': np.zeros(4, np.float32)}
+  header, offset = {'__metadata__': {'format': 'pt'}}, 0
+  for key, value in arrays.items():
+    header[key] = {'dtype': 'F32', 'shape': list(value.shape),
+                   'data_offsets': [offset, offset + value.nbytes]}
+    offset += value.nbytes
+  text = json.dumps(header).encode()
+  npz = io.BytesIO()
+  np.savez(npz, **{pretrained.ARCH_KEY: np.asarray('resnet18')}, **arrays)
+  seeds = {'.safetensors': (struct.pack('<Q', len(text)) + text +
+                            b''.join(v.tobytes() for v in arrays.values()),
+                            convert_weights.read_safetensors),
+           '.npz': (npz.getvalue(), pretrained.read_backbone_weights)}
+  try:
+    import torch
+  except ImportError:
+    torch = None
+  if torch is not None:
+    pth = io.BytesIO()
+    torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, pth)
+    seeds['.pth'] = (pth.getvalue(), convert_weights.read_torch)
+  read = 0
+  for case in range(100 * len(seeds)):
+    suffix = sorted(seeds)[case % len(seeds)]
+    data, reader = seeds[suffix]
+    path = tmp_path / f'weights{suffix}'
+    path.write_bytes(_mutate(rng, data))
+    try:
+      tensors = reader(str(path))
+    except ValueError as error:  # ConversionError is one
+      _one_line_error(error, (case, suffix))
+    else:
+      read += 1
+      tensors = tensors[1] if isinstance(tensors, tuple) else tensors
+      assert all(isinstance(v, np.ndarray) for v in tensors.values()), case
+  assert 0 < read < 100 * len(seeds)
