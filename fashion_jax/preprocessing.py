@@ -1,5 +1,6 @@
 """How an image becomes the model's input: the resize modes and filters, their check, the
-letterbox geometry and the resize in JAX. No TensorFlow: the tf.data pipeline imports it too.
+letterbox geometry and the resize in JAX, compiled per size (resize_images) or per bucket of
+sizes (preprocess). No TensorFlow: the tf.data pipeline imports it too.
 
 The evaluation pipeline (data_pipelines.input_pipeline), the search and the exports resize with
 these names and this geometry, so an image gives the same pixels in training, search and serving
@@ -123,10 +124,9 @@ def _numerators(i: jax.Array, j: jax.Array, n_in, n_out, resize_filter: str = 't
   raise ValueError(_not_one_of('resize filter', resize_filter, RESIZE_FILTERS))
 
 
-def _resize_weights(in_size, out_size, resize_filter: str = 'triangle', enlarged=None, *,
-                    in_length=None) -> jax.Array:
-  """[out, in_length] float32 weights resizing one axis with `resize_filter` (see
-  _numerators); `in_length` as in _placed_weights.
+def _resize_weights(in_size, out_size, resize_filter: str = 'triangle',
+                    enlarged=None) -> jax.Array:
+  """[out, in] float32 weights resizing one axis with `resize_filter` (see _numerators).
 
   Integer numerators normalised by one division each, so the weights come out bit-identical
   whether the sizes are known when compiling or only when running (a shape-polymorphic
@@ -134,7 +134,7 @@ def _resize_weights(in_size, out_size, resize_filter: str = 'triangle', enlarged
   """
   # The whole axis is content: the placed weights with no offset.
   weights, _ = _placed_weights(in_size, out_size, jnp.asarray(out_size, jnp.int32), 0,
-                               resize_filter, enlarged, in_length=in_length)
+                               resize_filter, enlarged)
   return weights
 
 
@@ -147,8 +147,8 @@ def _placed_weights(in_size, out_size: int, content, offset, resize_filter: str 
   numerators, so the same float32 weights); the other rows are zero. `content`, `offset` and
   `enlarged` may be traced: the export computes them from symbolic image sizes.
   `in_length` (static, default `in_size`): the length of the axis the weights apply to, a crop
-  padded to a bucket; the columns from `in_size` on get zero weight, so `in_size` may be traced
-  and one compilation serves every size up to `in_length`.
+  padded to a bucket; the input pixels from `in_size` on get zero weight, so `in_size` may be
+  traced and one compilation serves every size up to `in_length`.
   """
   i = jnp.arange(in_size if in_length is None else in_length, dtype=jnp.int32)
   j = jnp.arange(out_size, dtype=jnp.int32) - offset
@@ -159,7 +159,13 @@ def _placed_weights(in_size, out_size: int, content, offset, resize_filter: str 
   # totals then sum the same integers as for the crop alone.
   numerator = jnp.where(inside[:, None] & (i < n_in)[None, :], numerator, 0)
   total = jnp.maximum(jnp.sum(numerator, axis=1, keepdims=True), 1)
-  return numerator.astype(jnp.float32) / total.astype(jnp.float32), inside
+  weights = numerator.astype(jnp.float32) / total.astype(jnp.float32)
+  # XLA (on CPU at least) turns this division by totals broadcast along the input axis into a
+  # product with their reciprocals, which can miss 1 (41 * (1 / 41) < 1); along a one-pixel
+  # axis nothing is broadcast and it divides exactly. A one-pixel crop padded to more keeps
+  # those exact weights, the ones resize_images always gave it.
+  weights = jnp.where(n_in == 1, (numerator > 0).astype(jnp.float32), weights)
+  return weights, inside
 
 
 def resize_images(images: jax.Array, image_size: tuple[int, int],
@@ -169,46 +175,57 @@ def resize_images(images: jax.Array, image_size: tuple[int, int],
   with `resize_filter` (plain bilinear where the crop is enlarged along both axes), clipped,
   rounded; stretched to (H, W), or letterboxed (aspect ratio kept, never enlarged, centred on
   white). h and w may be symbolic (a shape-polymorphic export)."""
-  return _resize_padded(images, images.shape[1], images.shape[2], image_size, resize_mode,
-                        resize_filter)
-
-
-def _resize_padded(images: jax.Array, height, width, image_size: tuple[int, int],
-                   resize_mode: str, resize_filter: str) -> jax.Array:
-  """resize_images of the crops images[:, :height, :width]: uint8 [B, h_pad, w_pad, 3], the
-  crops zero-padded at the bottom and right, -> uint8 [B, H, W, 3].
-
-  height, width: int32 scalars, static, symbolic or traced (then one compilation serves every
-  crop size that fits h_pad x w_pad). The padding gets zero weight: the same float32 weights
-  as for the crop alone, only zero terms added to the sums.
-  """
   check_resize(resize_mode, resize_filter)
+  height, width = images.shape[1], images.shape[2]
+  rows = _resize_rows(images, height, width, image_size, resize_mode, resize_filter)
+  return _resize_columns((rows,), height, width, image_size, resize_mode, resize_filter)
+
+
+def _placement(height, width, image_size: tuple[int, int], resize_mode: str):
+  """int32 (content height, content width, top, left) of a crop of height x width in the
+  output, and whether the resize enlarges it along both axes (bool)."""
   out_height, out_width = image_size
-  padded_height, padded_width = images.shape[1], images.shape[2]
-  x = images.astype(jnp.float32)
-  highest = jax.lax.Precision.HIGHEST
-  # The crop's size as int32 scalars: under a shape-polymorphic export or with a padded crop
-  # the test "enlarged along both axes" is only known when running, so it selects between
-  # weights.
-  in_height = jnp.asarray(height, jnp.int32)
-  in_width = jnp.asarray(width, jnp.int32)
   if resize_mode == 'stretch':
-    enlarged = (in_height <= out_height) & (in_width <= out_width)
-    rows = _resize_weights(height, out_height, resize_filter, enlarged, in_length=padded_height)
-    columns = _resize_weights(width, out_width, resize_filter, enlarged,
-                              in_length=padded_width)
-    x = jnp.einsum('oh,bhwc->bowc', rows, x, precision=highest)
-    x = jnp.einsum('pw,bowc->bopc', columns, x, precision=highest)
+    content_height, content_width, top, left = (jnp.asarray(v, jnp.int32) for v in
+                                                (out_height, out_width, 0, 0))
   else:
     content_height, content_width, top, left = letterbox_geometry(height, width, image_size)
-    # The resize goes to the content size: enlarged means it is at least the crop's.
-    enlarged = (in_height <= content_height) & (in_width <= content_width)
-    rows, row_inside = _placed_weights(height, out_height, content_height, top, resize_filter,
-                                       enlarged, in_length=padded_height)
-    columns, column_inside = _placed_weights(width, out_width, content_width, left,
-                                             resize_filter, enlarged, in_length=padded_width)
-    x = jnp.einsum('oh,bhwc->bowc', rows, x, precision=highest)
-    x = jnp.einsum('pw,bowc->bopc', columns, x, precision=highest)
+  # The crop's size as int32 scalars: under a shape-polymorphic export or with a padded crop
+  # the test is only known when running, so it selects between weights.
+  enlarged = ((jnp.asarray(height, jnp.int32) <= content_height) &
+              (jnp.asarray(width, jnp.int32) <= content_width))
+  return content_height, content_width, top, left, enlarged
+
+
+def _resize_rows(images: jax.Array, height, width, image_size: tuple[int, int],
+                 resize_mode: str, resize_filter: str) -> jax.Array:
+  """The first pass of resize_images, along the rows: uint8 [B, h_pad, w_pad, 3] -> float32
+  [B, H, w_pad, 3]. The crop is images[:, :height] (height, width: int32 scalars, static,
+  symbolic or traced; width only places a letterbox); rows from height on get zero weight.
+  Each output column is its input column's alone, so columns can be resized in pieces."""
+  content_height, _, top, _, enlarged = _placement(height, width, image_size, resize_mode)
+  rows, _ = _placed_weights(height, image_size[0], content_height, top, resize_filter,
+                            enlarged, in_length=images.shape[1])
+  return jnp.einsum('oh,bhwc->bowc', rows, images.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def _resize_columns(pieces: tuple[jax.Array, ...], height, width,
+                    image_size: tuple[int, int], resize_mode: str,
+                    resize_filter: str) -> jax.Array:
+  """The second pass, along the columns: _resize_rows' float32 [B, H, w_i, 3] pieces, side by
+  side, -> uint8 [B, H, W, 3], clipped, rounded, letterbox borders white. Columns from `width`
+  on get zero weight."""
+  out_height, out_width = image_size
+  content_height, content_width, top, left, enlarged = _placement(height, width, image_size,
+                                                                  resize_mode)
+  x = jnp.concatenate(pieces, axis=2)
+  columns, column_inside = _placed_weights(width, out_width, content_width, left,
+                                           resize_filter, enlarged, in_length=x.shape[2])
+  x = jnp.einsum('pw,bowc->bopc', columns, x, precision=jax.lax.Precision.HIGHEST)
+  if resize_mode == 'letterbox':
+    row = jnp.arange(out_height, dtype=jnp.int32)
+    row_inside = (row >= top) & (row < top + content_height)
     # Border pixels got all-zero weights: 0 + 255 is exactly white.
     border = ~(row_inside[:, None] & column_inside[None, :])
     x = x + jnp.where(border, _WHITE, 0.0)[None, :, :, None]
@@ -217,33 +234,52 @@ def _resize_padded(images: jax.Array, height, width, image_size: tuple[int, int]
 
 def bucket_length(n: int) -> int:
   """The smallest 2**k or 3 * 2**k (k >= 0) that is at least n: 1, 2, 3, 4, 6, 8, 12, 16, 24,
-  ..., 256, 384, 512, 768, 1024, 1536, ...
-
-  Two rungs an octave keep the compilations few (14 lengths from 33 to 4,096 pixels, 51 up to
-  the decoder's 40M-pixel limit) and a padded axis under 1.5x the crop's, so a padded crop,
-  however thin, costs under 2.25x the memory and work of the crop (a floor such as 64 would
-  turn a 1 x 1M-pixel strip into 64M pixels).
-  """
+  ..., 256, 384, 512, 768, 1024, 1536, ... Two rungs an octave: few lengths (14 from 33 to
+  4,096, 51 up to the decoder's 40M-pixel limit), each under 1.5 n."""
   power = 1 << max(n - 1, 0).bit_length()
   return 3 * power // 4 if 3 * power // 4 >= n else power
 
 
-_resize_bucket = jax.jit(_resize_padded, static_argnames=('image_size', 'resize_mode',
-                                                          'resize_filter'))
+# The rows pass resizes the columns in pieces this wide, so it compiles once per padded height
+# and the columns pass once per number of pieces; one pass over both padded axes would compile
+# once per pair of them (about 4 MB each on CPU).
+_PIECE = 128
+_STATIC = ('image_size', 'resize_mode', 'resize_filter')
+_resize_rows_jit = jax.jit(_resize_rows, static_argnames=_STATIC)
+_resize_columns_jit = jax.jit(_resize_columns, static_argnames=_STATIC)
+
+
+def padded_size(height: int, width: int) -> tuple[int, int]:
+  """(rows, columns) preprocess pads an h x w crop to: bucket_length(h) rows, and
+  bucket_length(ceil(w / 128)) pieces of 128 columns."""
+  return bucket_length(height), _PIECE * bucket_length(-(-width // _PIECE))
 
 
 def preprocess(images, image_size: tuple[int, int], resize_mode: str = DEFAULT_RESIZE_MODE,
                resize_filter: str = DEFAULT_RESIZE_FILTER) -> jax.Array:
-  """resize_images, compiled once per bucket instead of once per crop size: uint8 [B, h, w, 3]
+  """resize_images compiled per bucket of crop sizes instead of per size: uint8 [B, h, w, 3]
   (host memory) -> uint8 [B, H, W, 3], the same pixels.
 
-  The crops are zero-padded at the bottom and right to bucket_length(h) x bucket_length(w)
-  and their true size passed as traced int32 scalars, so a service meeting uploads of
-  every size holds a bounded set of compiled resizes.
+  The crops are zero-padded at the bottom and right to padded_size(h, w); their true size goes
+  in as traced int32 scalars, and the padding gets zero weight. The rows pass runs piece by
+  piece, so a service meeting uploads of every size holds one compiled resize per padded
+  height and one per padded width (preprocess_compilations()).
   """
+  check_resize(resize_mode, resize_filter)
   images = np.asarray(images)
   batch, height, width, channels = images.shape
-  padded = np.zeros((batch, bucket_length(height), bucket_length(width), channels), np.uint8)
-  padded[:, :height, :width] = images
-  return _resize_bucket(padded, np.int32(height), np.int32(width), image_size, resize_mode,
-                        resize_filter)
+  padded_height, padded_width = padded_size(height, width)
+  sizes = (np.int32(height), np.int32(width))
+  pieces = []
+  for start in range(0, padded_width, _PIECE):
+    piece = np.zeros((batch, padded_height, _PIECE, channels), np.uint8)
+    content = images[:, :, start:start + _PIECE]
+    piece[:, :height, :content.shape[2]] = content
+    pieces.append(_resize_rows_jit(piece, *sizes, image_size, resize_mode, resize_filter))
+  return _resize_columns_jit(tuple(pieces), *sizes, image_size, resize_mode, resize_filter)
+
+
+def preprocess_compilations() -> int:
+  """How many resizes preprocess holds compiled, over all image sizes, modes, filters and
+  batch sizes: one per padded height and one per number of pieces met for each."""
+  return _resize_rows_jit._cache_size() + _resize_columns_jit._cache_size()

@@ -69,8 +69,9 @@ def test_bucket_lengths_are_the_ladder_and_pad_under_half():
 @pytest.mark.parametrize('resize_filter', preprocessing.RESIZE_FILTERS)
 def test_padded_weights_are_the_crops_then_zeros(resize_filter):
   """Weights for a traced size on a padded axis: the crop's own weights, bit for bit, then zero
-  columns (kernels reaching past the crop's edge included)."""
-  padded, out, content, offset = 48, 24, 17, 3
+  columns (kernels reaching past the crop's edge included). One pixel to 24: numerators 41 and
+  47, whose reciprocals times themselves miss 1."""
+  padded, out, content, offset = 48, 32, 24, 3
   sizes = np.array([1, 5, 17, 24, 25, 47, 48], np.int32)
   placed = jax.jit(jax.vmap(lambda n, enlarged: preprocessing._placed_weights(
       n, out, content, offset, resize_filter, enlarged, in_length=padded)[0]))

@@ -114,9 +114,9 @@ class SearchModel:
   def prepare(self, crop: np.ndarray) -> np.ndarray:
     """uint8 [h, w, 3] -> uint8 [H, W, 3] model input.
 
-    The resize is compiled per bucket of crop sizes, not per size (preprocessing.preprocess),
-    with resize_images' pixels: a service's memory stays flat whatever sizes are uploaded,
-    and indexes and queries prepare alike.
+    preprocessing.preprocess: resize_images' pixels, compiled per padded height and width
+    rather than per crop size, so a service's memory stays flat whatever sizes are uploaded;
+    indexes and queries prepare alike.
     """
     return np.asarray(preprocess(crop[None], self.image_size, self.resize_mode,
                                  self.resize_filter))[0]
