@@ -1,6 +1,7 @@
 """Training losses of the ReID strong baseline (docs/method.md section 3), pure and jittable.
 
-Label-smoothed cross-entropy, batch-hard triplet and quadruplet, and center loss.
+Label-smoothed cross-entropy, batch-hard triplet and quadruplet, center loss, and the centroid
+triplet loss of the follow-up paper (section 8).
 """
 
 import jax
@@ -149,6 +150,65 @@ def batch_hard_quadruplet_loss(
   triplet_term = jax.nn.relu(hardest_positive - hardest_negative + margin1)
   pair_term = jax.nn.relu(hardest_positive - closest_pair + margin2)
   return jnp.mean(triplet_term + pair_term)
+
+
+def centroid_triplet_loss(
+    embeddings: jax.Array, labels: jax.Array, margin: float
+) -> jax.Array:
+  """Centroid triplet loss (Wieczorek et al., 2021) as the authors' training code computes it.
+
+  An image's round is its rank among the images of its label, in batch order (the r-th image of
+  every label is in round r); its centroid is the mean of the other images of its label. Each
+  round's queries and their centroids, labelled, go through the batch-hard triplet loss
+  together: anchors, positives and negatives are queries and centroids alike. A label with a
+  single image has no centroid and takes no part; a round with fewer than two labels taking part
+  is skipped. The loss is the mean over the remaining rounds, 0 when none remains.
+
+  Rounds come from the labels, not from a K: on a P x K batch (any order) round r holds the P
+  r-th images, and a label with fewer images simply misses the later rounds, its centroids
+  made of the images it has. All rounds are mined at once on the [2B, 2B] distances, pairs
+  from different rounds masked out.
+
+  Args:
+    embeddings: [B, D] float, e.g. a P x K batch.
+    labels: [B] int.
+    margin: hinge margin, the triplet loss's.
+
+  Returns:
+    Scalar float32.
+  """
+  count = embeddings.shape[0]
+  embeddings = embeddings.astype(jnp.float32)
+  same = labels[:, None] == labels[None, :]
+  others = same & ~jnp.eye(count, dtype=bool)
+  num_others = jnp.sum(others, axis=1)
+  # HIGHEST: the 0/1 matrix must sum the features in full float32, as pairwise_euclidean does.
+  centroids = jnp.matmul(others.astype(jnp.float32), embeddings,
+                         precision=jax.lax.Precision.HIGHEST)
+  centroids = centroids / jnp.maximum(num_others, 1)[:, None]
+  rounds = jnp.sum(jnp.tril(same, -1), axis=1)
+  has_centroid = num_others > 0
+
+  # Queries [0, B) and centroids [B, 2B), the centroid of query i at B + i.
+  points = jnp.concatenate([embeddings, centroids])
+  point_labels = jnp.tile(labels, 2)
+  point_rounds = jnp.where(jnp.tile(has_centroid, 2), jnp.tile(rounds, 2), -1)
+  together = (point_rounds[:, None] == point_rounds[None, :]) & (point_rounds[:, None] >= 0)
+  distances = jnp.where(together, pairwise_euclidean(points, points), jnp.inf)
+  same_point_label = point_labels[:, None] == point_labels[None, :]
+  hardest_positive, hardest_negative = _hardest_positive_and_negative(
+      distances, together & same_point_label)
+  # 0 for an anchor outside every round or alone in its round (no negative: +inf).
+  per_anchor = jax.nn.relu(hardest_positive - hardest_negative + margin)
+
+  # [round, query]: the queries of each round, one per label taking part.
+  in_round = (jnp.arange(count)[:, None] == rounds[None, :]) & has_centroid[None, :]
+  num_labels = jnp.sum(in_round, axis=1)
+  round_sums = jnp.matmul(in_round.astype(jnp.float32), per_anchor[:count] + per_anchor[count:],
+                          precision=jax.lax.Precision.HIGHEST)
+  round_losses = round_sums / (2 * jnp.maximum(num_labels, 1))
+  kept = num_labels >= 2
+  return jnp.sum(jnp.where(kept, round_losses, 0.0)) / jnp.maximum(jnp.sum(kept), 1)
 
 
 def center_loss(features: jax.Array, labels: jax.Array, centers: jax.Array) -> jax.Array:
