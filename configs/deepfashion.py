@@ -1,7 +1,7 @@
 """DeepFashion Consumer-to-shop with the paper's setting: ResNet50-IBN-A, last stride 1,
 320x320, quadruplet + label-smoothed cross-entropy + center loss, 120 epochs.
 
-Needs the `deepfashion_consumer2shop` TFDS dataset built from your own download (README):
+Needs the `deepfashion_consumer2shop` TFDS dataset built from your own download (docs/datasets.md):
 
   python -m fashion_jax.main --config configs/deepfashion.py --workdir runs/df \
       --config.dataset.data_dir=/path/to/tensorflow_datasets

@@ -1,7 +1,7 @@
 """Exact Street2Shop with the paper's best setting: ResNet50-IBN-A, last stride 1, 320x320,
 quadruplet + label-smoothed cross-entropy + center loss, 120 epochs (docs/method.md sections 2-4).
 
-Needs the `street2shop` TFDS dataset built from your own download (README, "Datasets"):
+Needs the `street2shop` TFDS dataset built from your own download (docs/datasets.md):
 
   python -m fashion_jax.main --config configs/street2shop.py --workdir runs/s2s \
       --config.dataset.data_dir=/path/to/tensorflow_datasets
