@@ -19,7 +19,7 @@ BUILDER_MODULES = {
 }
 # Generated from a seed, no download: safe to prepare automatically.
 _GENERATED = frozenset({'fashion_synth'})
-# Real datasets need the user's raw download (see README, "Datasets").
+# Real datasets need the user's raw download (see docs/datasets.md).
 _RAW_DATASETS = {
     'street2shop': 'Exact Street2Shop (meta/json + downloaded photos)',
     'deepfashion_consumer2shop': 'DeepFashion Consumer-to-shop (img/ + Anno/ + Eval/)',

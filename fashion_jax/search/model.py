@@ -28,12 +28,25 @@ from fashion_jax.search.images import InputError
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The workdir's config.json; one-line InputError when it is missing, unreadable or lacks
+  what the search needs (model.backbone, input.image_size)."""
   path = os.path.join(workdir, 'config.json')
   try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    with open(path, encoding='utf-8') as f:
+      data = json.load(f)
   except FileNotFoundError:
     raise InputError(f'{workdir}: not a training workdir (no config.json)') from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise InputError(f'{path}: cannot be read as a config ({error})') from None
+  sections = isinstance(data, dict) and all(isinstance(data.get(k), dict)
+                                            for k in ('model', 'input'))
+  if (not sections or not isinstance(data['model'].get('backbone'), str)
+      or not isinstance(data['input'].get('image_size'), list)
+      or len(data['input']['image_size']) != 2
+      or not all(isinstance(v, int) and v > 0 for v in data['input']['image_size'])):
+    raise InputError(f'{path}: not a training config (needs model.backbone and a two-number '
+                     'input.image_size)')
+  return ml_collections.ConfigDict(data)
 
 
 class SearchModel:
@@ -68,7 +81,10 @@ class SearchModel:
       checkpointer.close()
     num_classes = int(np.shape(state['params']['classifier']['kernel'])[-1])
     # Shapes only: the checkpoint supplies every value, so nothing is initialised or compiled.
-    model = nnx.eval_shape(lambda: build_model(self.config.model, num_classes, seed=0))
+    try:
+      model = nnx.eval_shape(lambda: build_model(self.config.model, num_classes, seed=0))
+    except ValueError as error:
+      raise InputError(f'{os.path.join(self.workdir, "config.json")}: {error}') from None
     self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, batch_stats = nnx.as_pure((params, batch_stats))
     # Same tree as the model's, the checkpoint's values.

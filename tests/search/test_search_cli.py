@@ -140,3 +140,23 @@ def test_index_a_tfds_split(tmp_path, workdir, tiny_data_dir, capsys, model):
   # Thumbnails live in the index; searching with one finds its own product first.
   with open(index.thumb_path(0), 'rb') as f:
     assert f.read(2) == b'\xff\xd8'
+
+
+@pytest.mark.parametrize('text, words', [
+    ('{"model": ', 'cannot be read as a config'),
+    ('[1]', 'not a training config'),
+    ('{}', 'not a training config'),
+    ('{"model": {"backbone": "resnet10_ibn_a"}, "input": {"image_size": [32]}}',
+     'not a training config'),
+])
+def test_a_damaged_workdir_config_is_one_line(workdir, index_dir, catalogue, tmp_path, capsys,
+                                              text, words):
+  import shutil
+  other = tmp_path / 'workdir'
+  shutil.copytree(workdir, other)
+  (other / 'config.json').write_text(text)
+  photo = os.path.join(catalogue['dir'], 'p0_0.png')
+  code = main(['query', '--index', index_dir, photo, '--workdir', str(other),
+               '--out', str(tmp_path / 'out')])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1 and words in err, err
