@@ -107,16 +107,25 @@ def _zero(features: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.zeros((), jnp.float32)
 
 
+def _triplet(c) -> LossTerm:
+  return FeatureLoss('metric', functools.partial(
+      losses.batch_hard_triplet_loss, margin=c.triplet_margin), c.metric_weight)
+
+
 # loss.metric -> the terms it adds between the cross-entropy and the center loss. The triplet
 # and quadruplet terms keep the name 'metric' ('metric_loss' in the logs); 'none' trains with
 # the classification loss alone (as the paper trains OSNet-AIN) and reports a zero there.
+# 'centroid_triplet' adds the centroid triplet loss ('centroid_loss', docs/method.md section 8)
+# to the triplet loss, with the triplet's margin, as the follow-up paper trains. Every term but
+# the zero takes its weight from the config (loss.*_weight, 1 in the papers).
 METRICS: dict[str, Callable[..., list[LossTerm]]] = {
-    'triplet': lambda c: [FeatureLoss('metric', functools.partial(
-        losses.batch_hard_triplet_loss, margin=c.triplet_margin))],
+    'triplet': lambda c: [_triplet(c)],
     'quadruplet': lambda c: [FeatureLoss('metric', functools.partial(
         losses.batch_hard_quadruplet_loss, margin1=c.quadruplet_margins[0],
-        margin2=c.quadruplet_margins[1]))],
+        margin2=c.quadruplet_margins[1]), c.metric_weight)],
     'none': lambda c: [FeatureLoss('metric', _zero)],
+    'centroid_triplet': lambda c: [_triplet(c), FeatureLoss('centroid', functools.partial(
+        losses.centroid_triplet_loss, margin=c.triplet_margin), c.centroid_weight)],
 }
 
 
@@ -142,7 +151,7 @@ class Objective:
   def __init__(self, loss_config):
     check_metric(loss_config.metric)
     self.terms: list[LossTerm] = [
-        IdentityLoss(loss_config.label_smoothing),
+        IdentityLoss(loss_config.label_smoothing, loss_config.id_weight),
         *METRICS[loss_config.metric](loss_config),
         CenterLoss(loss_config.center_weight, loss_config.center_lr),
     ]

@@ -1,12 +1,17 @@
 """The centroid triplet loss (docs/method.md section 8): against a NumPy reference written round
-by round."""
+by round, inside the objective, and trained end to end on fashion_synth/tiny."""
+
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fashion_jax import losses
+import tiny_config
+from fashion_jax import configlib, losses, objective, train
+from fashion_jax.models.reid import ReIDOutput
 
 MARGIN = 0.5
 centroid_triplet_loss = jax.jit(losses.centroid_triplet_loss)
@@ -102,3 +107,44 @@ def test_jit_matches_eager():
   x, labels = _pk_batch(10, 4, 4)
   np.testing.assert_allclose(centroid_triplet_loss(x, labels, MARGIN),
                              losses.centroid_triplet_loss(x, labels, MARGIN), rtol=1e-6)
+
+
+def test_objective_adds_triplet_and_centroid_terms_with_their_weights():
+  config = configlib.base_config().loss
+  config.metric = 'centroid_triplet'
+  config.triplet_margin = MARGIN
+  config.id_weight, config.metric_weight, config.centroid_weight = 0.5, 2.0, 3.0
+  obj = objective.Objective(config)
+  assert [(t.name, t.weight) for t in obj.terms] == [
+      ('id', 0.5), ('metric', 2.0), ('centroid', 3.0), ('center', config.center_weight)]
+  x, labels = _pk_batch(11, 4, 4)
+  logits = np.random.default_rng(11).normal(size=(len(labels), 100)).astype(np.float32)
+  outputs = ReIDOutput(logits=jnp.asarray(logits), global_feat=jnp.asarray(x),
+                       neck_feat=jnp.asarray(x))
+  state = obj.init_state(jax.random.key(0), 100, x.shape[1])
+  total, values = obj(state, outputs, labels)
+  np.testing.assert_allclose(values['metric_loss'],
+                             losses.batch_hard_triplet_loss(x, labels, MARGIN), rtol=1e-6)
+  np.testing.assert_allclose(values['centroid_loss'], _reference(x, labels, MARGIN), rtol=1e-5)
+  np.testing.assert_allclose(
+      total, 0.5 * values['id_loss'] + 2.0 * values['metric_loss']
+      + 3.0 * values['centroid_loss'] + config.center_weight * values['center_loss'], rtol=1e-6)
+
+
+def test_training_at_least_doubles_the_untrained_map(tiny_data_dir, tmp_path):
+  # 88 steps of P = 8 x K = 4 at a from-scratch learning rate: mAP 0.182 -> 0.488 at seed 0
+  # (seeds 1-4: 2.0x-3.0x). The 14 tiny queries make mAP coarse, so the margin is kept wide.
+  c = tiny_config.get_config()
+  c.dataset.data_dir = tiny_data_dir
+  c.loss.metric = 'centroid_triplet'
+  c.train.batch_size, c.train.k = 32, 4
+  c.train.num_epochs = c.train.eval_every_epochs = 44
+  c.train.checkpoint_every_steps = 1000
+  c.train.log_every_steps = 1000
+  c.optim.base_lr = 1e-2
+  c.optim.milestones = (1000,)
+  final = train.train_and_evaluate(c, str(tmp_path))
+  with open(os.path.join(tmp_path, 'eval', 'history.jsonl')) as f:
+    untrained = json.loads(f.readline())
+  assert untrained['step'] == 0
+  assert final['mAP'] >= 2 * untrained['mAP'], (untrained['mAP'], final['mAP'])

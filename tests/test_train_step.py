@@ -26,11 +26,11 @@ def _config(metric='triplet', sync=False):
   return c
 
 
-def _batch():
-  # 8 identities x K = 2, identity-contiguous: each of 4 devices holds 2 whole identities.
+def _batch(k=2):
+  # 8 identities x K, identity-contiguous: each of 4 devices holds 2 whole identities.
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
-  labels = np.repeat(rng.permutation(NUM_CLASSES), 2).astype(np.int32)
+  images = rng.integers(0, 256, (NUM_CLASSES * k, 32, 32, 3), dtype=np.uint8)
+  labels = np.repeat(rng.permutation(NUM_CLASSES), k).astype(np.int32)
   return images, labels
 
 
@@ -41,15 +41,20 @@ def _fresh_state(config):
   return graphdef, state, tx, schedule
 
 
-@pytest.mark.parametrize('metric', ['triplet', 'quadruplet'])
-def test_sharded_step_equals_averaged_per_shard_gradients(metric):
+# K = 4 for the centroid triplet loss: with K = 2 each of its rounds is the whole shard, and the
+# loss equals the plain triplet loss.
+@pytest.mark.parametrize('metric, k', [('triplet', 2), ('quadruplet', 2),
+                                       ('centroid_triplet', 4)])
+def test_sharded_step_equals_averaged_per_shard_gradients(metric, k):
   assert jax.device_count() == 4, 'tests/conftest.py sets 4 simulated CPU devices'
   config = _config(metric)
-  images, labels = _batch()
+  images, labels = _batch(k)
   graphdef, state, tx, schedule = _fresh_state(config)
 
   # Reference: the four shards one after another on one device, gradients averaged by hand.
-  shards = [(images[i * 4:(i + 1) * 4], labels[i * 4:(i + 1) * 4]) for i in range(4)]
+  shard = len(labels) // 4
+  shards = [(images[i * shard:(i + 1) * shard], labels[i * shard:(i + 1) * shard])
+            for i in range(4)]
   per_shard = jax.jit(lambda s, x, y: ts.loss_and_grads(graphdef, s, x, y, config.loss))
   results = [per_shard(state, jnp.asarray(x), jnp.asarray(y)) for x, y in shards]
   mean = lambda trees: jax.tree.map(lambda *leaves: sum(leaves) / len(leaves), *trees)
@@ -57,6 +62,9 @@ def test_sharded_step_equals_averaged_per_shard_gradients(metric):
                                 mean([r[1] for r in results]), mean([r[2] for r in results]),
                                 tx, config.loss)
   expected_loss = np.mean([float(r[3]['loss']) for r in results])
+  if metric == 'centroid_triplet':
+    # Each shard's centroids are its own; a nonzero term shows the step includes it.
+    assert min(float(r[3]['centroid_loss']) for r in results) > 0
 
   params_before = state['params']
   mesh = ts.make_mesh()
