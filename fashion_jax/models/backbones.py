@@ -8,10 +8,10 @@ and the docs all read this table.
 import jax.numpy as jnp
 from flax import nnx
 
-from fashion_jax.models import efficientnet, osnet, resnet, senet
+from fashion_jax.models import efficientnet, osnet, resnet, senet, vit
 from fashion_jax.models.base import NEUTRAL_OPTIONS, Backbone
 
-FAMILIES = (resnet, senet, efficientnet, osnet)
+FAMILIES = (resnet, senet, efficientnet, osnet, vit)
 
 _REGISTRY: dict[str, Backbone] = {}
 
