@@ -1,6 +1,8 @@
 """Converts a PyTorch backbone checkpoint into the backbone weights this project loads.
 
-ResNet / IBN-Net, SE-ResNeXt (Cadene), EfficientNet (torchvision), OSNet-AIN (torchreid) naming:
+ResNet / IBN-Net, SE-ResNeXt (Cadene), EfficientNet (torchvision), OSNet-AIN (torchreid) naming;
+ViTs from timm (.safetensors), DINOv2 (.pth), OpenAI / open_clip CLIP (the `visual.` tower) and
+big_vision / vision_transformer (.npz) checkpoints (models/vit_checkpoints.py):
 
   python -m fashion_jax.convert_weights --arch resnet50_ibn_a --src r50_ibn_a.pth --out <dir>
 """
@@ -20,7 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 from flax import nnx
 
-from fashion_jax.models import build_backbone, get_backbone
+from fashion_jax.models import build_backbone, get_backbone, vit_checkpoints
 from fashion_jax.models.pretrained import (MAX_WEIGHTS_BYTES, mismatch_problems,
                                            save_backbone_weights, variables)
 
@@ -170,12 +172,34 @@ def _tensor_span(path: str, key: str, info, data_bytes: int) -> tuple[int, int]:
   return start, end
 
 
+def read_npz(path: str) -> dict[str, np.ndarray]:
+  """A NumPy .npz archive of named float arrays (big_vision, vision_transformer); never
+  unpickles."""
+  with _open_checkpoint(path) as f:
+    try:
+      with np.load(f, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    # Like the .npz reader of models/pretrained.py: damage surfaces as many exception types.
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConversionError(f'{path}: damaged or not an .npz archive ({_one_line(e)[:300]})') \
+          from None
+  for key, value in arrays.items():
+    if value.dtype.kind != 'f':
+      raise ConversionError(f'{path}: {key[:100]!r} holds {value.dtype}, not floating point '
+                            'numbers')
+  return {k: v.astype(np.float32) for k, v in arrays.items()}
+
+
 def read_checkpoint(path: str) -> dict[str, np.ndarray]:
-  return read_safetensors(path) if path.endswith('.safetensors') else read_torch(path)
+  if path.endswith('.safetensors'):
+    return read_safetensors(path)
+  return read_npz(path) if path.endswith('.npz') else read_torch(path)
 
 
 def _torch_layout(shape: tuple) -> tuple:
-  return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return shape[::-1] if len(shape) == 2 else shape
 
 
 def convert_state_dict(arch: str, tensors: Mapping[str, np.ndarray], *,
@@ -184,10 +208,13 @@ def convert_state_dict(arch: str, tensors: Mapping[str, np.ndarray], *,
 
   Raises ConversionError naming every unknown, missing and mis-shaped tensor.
   """
-  torch_name = get_backbone(arch).torch_name
+  entry = get_backbone(arch)
+  dropped = []
+  if entry.family == 'vit':
+    tensors, dropped = vit_checkpoints.to_timm(tensors, entry.arch['spec'])
   abstract = nnx.eval_shape(lambda: build_backbone(arch, rngs=nnx.Rngs(0)))
-  expected = {torch_name(k): (k, tuple(v.shape)) for k, v in variables(abstract).items()}
-  dropped = sorted(k for k in tensors if _is_dropped(k))
+  expected = {entry.torch_name(k): (k, tuple(v.shape)) for k, v in variables(abstract).items()}
+  dropped = sorted(dropped + [k for k in tensors if _is_dropped(k)])
   unknown = sorted(k for k in tensors if k not in expected and not _is_dropped(k))
   missing = sorted(k for k in expected if k not in tensors)
   converted, misshaped = {}, []
@@ -197,6 +224,8 @@ def convert_state_dict(arch: str, tensors: Mapping[str, np.ndarray], *,
     value = np.asarray(tensors[key], np.float32)
     if value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)  # conv OIHW -> HWIO
+    elif value.ndim == 2:
+      value = value.T  # Linear [out, in] -> kernel [in, out]
     if value.shape != shape:
       misshaped.append(f'{key} {tuple(tensors[key].shape)} (expected {_torch_layout(shape)})')
     converted[flax_key] = value
@@ -212,15 +241,18 @@ def convert(arch: str, src: str, out: str) -> str:
   os.makedirs(out, exist_ok=True)
   path = save_backbone_weights(out, arch, converted)
   head = [k for k in dropped if not k.endswith('num_batches_tracked')]
-  print(f'wrote {len(converted)} tensors of {arch} to {path}; dropped the ImageNet head '
-        f'({", ".join(head) or "none"}) and {len(dropped) - len(head)} BatchNorm step counters')
+  # A CLIP checkpoint's text tower is hundreds of tensors: its first few name it.
+  named = ', '.join(head[:8]) + (f' and {len(head) - 8} more' if len(head) > 8 else '')
+  print(f'wrote {len(converted)} tensors of {arch} to {path}; dropped the heads and other '
+        f'towers ({named or "none"}) and {len(dropped) - len(head)} BatchNorm step counters')
   return path
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--arch', required=True, help='backbone name, e.g. resnet50_ibn_a')
-  parser.add_argument('--src', required=True, help='PyTorch checkpoint: .pth or .safetensors')
+  parser.add_argument('--src', required=True,
+                      help='checkpoint: .pth, .safetensors or (big_vision ViTs) .npz')
   parser.add_argument('--out', required=True, help='output directory (gets backbone.npz)')
   args = parser.parse_args(argv)
   try:

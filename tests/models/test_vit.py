@@ -1,5 +1,6 @@
-"""ViT backbones: published sizes, token layout, the bicubic position-embedding resampling
-(against PyTorch's), stochastic depth, bfloat16, and training through the data-parallel step."""
+"""ViT backbones: published sizes, conversion of each checkpoint layout checked against its
+reference implementation (timm, DINOv2 through timm, open_clip, a NumPy big_vision forward), the
+bicubic position-embedding resampling, and training through the data-parallel step."""
 
 import functools
 import math
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fashion_jax import convert_weights
 from fashion_jax.models import build_backbone, get_backbone, register, reid, vit
 from fashion_jax.models.backbones import unregister
-from fashion_jax.models.pretrained import variables
+from fashion_jax.models.pretrained import read_backbone_weights, variables
 
 # Tiny architectures of each kind, registered for the tests (conversion builds by name).
 TINY = {
@@ -122,8 +124,30 @@ def test_stochastic_depth_and_bfloat16():
 
 # ---- References in PyTorch ------------------------------------------------------------------
 
-torch = pytest.importorskip('torch', reason='the reference resampling needs torch')
+torch = pytest.importorskip('torch', reason='the reference models need torch')
+timm = pytest.importorskip('timm', reason='the ViT reference models need timm')
 F = torch.nn.functional
+
+
+def _randomise(model, seed):
+  """Every parameter random, so no layer is an identity: norms' scales near 1, LayerScale O(1)."""
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith('.gamma') or ('norm' in name or 'ln_' in name) and name.endswith('weight'):
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(0.2 * torch.randn_like(p))
+  return model.eval()
+
+
+def _numpy(state_dict):
+  return {k: v.detach().numpy() for k, v in state_dict.items()}
+
+
+def _nchw(pixels, stats):
+  mean, std = stats
+  return torch.from_numpy(((pixels - mean) / std).transpose(0, 3, 1, 2).astype(np.float32))
 
 
 @pytest.mark.parametrize('old,new', [(2, 3), (14, 16), (37, 16), (7, 3), (5, 5)])
@@ -139,6 +163,296 @@ def test_resampling_is_torchs_antialiased_bicubic(old, new):
                              expected[0].transpose(1, 2, 0), atol=1e-5)
   np.testing.assert_allclose(jax.jit(vit.resample_pos_embed, static_argnums=(1, 2, 3))(
       jnp.asarray(pos), (old, old + 1), (new, new + 2), 1), resampled, atol=1e-5)
+
+
+def _timm_vit(img_size, patch=16, **kwargs):
+  from timm.models.vision_transformer import VisionTransformer
+  return VisionTransformer(img_size=img_size, patch_size=patch, embed_dim=64, depth=2,
+                           num_heads=4, num_classes=10, dynamic_img_size=True, **kwargs)
+
+
+def _timm_tokens(model, pixels, stats):
+  with torch.no_grad():
+    return model.forward_features(_nchw(pixels, stats)).numpy()
+
+
+ERRORS = {}  # name -> max relative error, printed at the end of the module (pytest -s)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _report_errors():
+  yield
+  for name, error in sorted(ERRORS.items()):
+    print(f'{name}: max relative error {error:.2e}')
+
+
+def _check(case, ours, reference):
+  error = _relative_error(ours, reference)
+  ERRORS[case] = error
+  assert np.abs(reference).mean() > 0.1  # a meaningful comparison
+  assert error < 1e-4, (case, error)
+
+
+@pytest.mark.parametrize('size', [(32, 32), (48, 32)])
+def test_timm_vit_matches(size, tmp_path):
+  """timm's VisionTransformer state_dict, through a .safetensors file and the command line; at
+  48x32 both resample the 2x2 position grid to 3x2 in the forward pass."""
+  reference = _randomise(_timm_vit(32), seed=0)
+  path = str(tmp_path / 'model.safetensors')
+  _save_safetensors(_numpy(reference.state_dict()), path)
+  assert convert_weights.main(['--arch', 'vit_tiny_timm', '--src', path,
+                               '--out', str(tmp_path / 'out')]) == 0
+  arch, converted = read_backbone_weights(str(tmp_path / 'out'))
+  assert arch == 'vit_tiny_timm'
+  pixels = _pixels(1, *size)
+  _check(f'timm {size[0]}x{size[1]}', _ours('vit_tiny_timm', converted, pixels),
+         _timm_tokens(reference, pixels, vit.INCEPTION_STATS))
+
+
+def test_timm_vit_resampled_at_conversion():
+  """A checkpoint on another grid (64 px: 4x4) is resampled to the entry's 2x2 grid as timm's
+  checkpoint filter resamples it for a 32 px model."""
+  from timm.models.vision_transformer import checkpoint_filter_fn
+  source = _randomise(_timm_vit(64), seed=1)
+  reference = _timm_vit(32).eval()
+  reference.load_state_dict(checkpoint_filter_fn(source.state_dict(), reference))
+  converted, dropped = convert_weights.convert_state_dict('vit_tiny_timm',
+                                                          _numpy(source.state_dict()))
+  assert dropped == ['head.bias', 'head.weight']
+  pixels = _pixels(2, 32, 32)
+  _check('timm resampled at conversion', _ours('vit_tiny_timm', converted, pixels),
+         _timm_tokens(reference, pixels, vit.INCEPTION_STATS))
+
+
+@pytest.mark.parametrize('registers', [0, 4])
+@pytest.mark.parametrize('layout', ['timm', 'dinov2'])
+def test_dinov2_matches(registers, layout, tmp_path):
+  """timm's DINOv2 architecture (LayerScale; registers without positions) from its own
+  state_dict and from the facebookresearch layout (`mask_token`, `register_tokens`, the class
+  token's position in `pos_embed`), the latter through a .pth file."""
+  kwargs = dict(reg_tokens=4, no_embed_class=True) if registers else {}
+  reference = _randomise(_timm_vit(28, patch=14, init_values=1e-5, **kwargs), seed=registers)
+  tensors = _numpy(reference.state_dict())
+  name = 'vit_tiny_dinov2_reg4' if registers else 'vit_tiny_dinov2'
+  if layout == 'dinov2':
+    tensors = _to_dinov2_layout(tensors)
+    path = str(tmp_path / 'dinov2.pth')
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, path)
+    tensors = convert_weights.read_checkpoint(path)
+  converted, dropped = convert_weights.convert_state_dict(name, tensors)
+  assert dropped == (['mask_token'] if layout == 'dinov2' else ['head.bias', 'head.weight'])
+  for size in ((28, 28), (42, 28)):
+    pixels = _pixels(3, *size)
+    _check(f'dinov2 {layout} layout, {registers} registers, {size[0]}x{size[1]}',
+           _ours(name, converted, pixels),
+           _timm_tokens(reference, pixels, vit.IMAGENET_STATS))
+
+
+def _to_dinov2_layout(tensors):
+  """timm's DINOv2 state_dict -> facebookresearch's (timm's `_convert_dinov2` inverted)."""
+  out = {k: v for k, v in tensors.items() if not k.startswith('head.')}
+  out['mask_token'] = np.zeros((1, 64), np.float32)
+  if 'reg_token' in out:
+    class_pos = np.random.default_rng(5).normal(size=(1, 1, 64)).astype(np.float32)
+    out['register_tokens'] = out.pop('reg_token')
+    out['cls_token'] = out['cls_token'] - class_pos
+    out['pos_embed'] = np.concatenate([class_pos, out['pos_embed']], axis=1)
+  return out
+
+
+def test_open_clip_tower_matches(tmp_path):
+  """A whole open_clip CLIP model (QuickGELU, as OpenAI's): the `visual.` tower converts, the
+  text tower and the image projection are dropped; images re-normalised to CLIP's statistics."""
+  open_clip = pytest.importorskip('open_clip')
+  model = open_clip.model.CLIP(
+      embed_dim=32, quick_gelu=True,
+      vision_cfg=dict(image_size=32, patch_size=16, width=64, layers=2, head_width=16),
+      text_cfg=dict(context_length=8, vocab_size=50, width=32, heads=2, layers=1))
+  _randomise(model, seed=3)
+  path = str(tmp_path / 'open_clip.safetensors')
+  _save_safetensors(_numpy(model.state_dict()), path)
+  converted, dropped = convert_weights.convert_state_dict(
+      'vit_tiny_clip_quickgelu', convert_weights.read_checkpoint(path))
+  assert 'visual.proj' in dropped and 'token_embedding.weight' in dropped
+  assert not [k for k in dropped if k.startswith('visual.') and k != 'visual.proj']
+  pixels = _pixels(4, 32, 32)
+  visual = model.visual
+  with torch.no_grad():
+    expected = visual.ln_post(visual.transformer(visual._embeds(
+        _nchw(pixels, vit.CLIP_STATS)))).numpy()
+  _check('open_clip', _ours('vit_tiny_clip_quickgelu', converted, pixels), expected)
+
+
+def _save_safetensors(tensors, path):
+  from safetensors.numpy import save_file
+  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
+
+
+# ---- big_vision, against a NumPy forward written from its definition ----------------------
+
+
+def _big_vision_checkpoint(seed, *, scanned, class_token, heads=4, dim=64, depth=2, patch=16):
+  """Random arrays named as big_vision (scanned: one stacked `encoderblock`, patches-only
+  positions, SigLIP's image tower under `params/img/`) or as vision_transformer (augreg:
+  `encoderblock_N`, layers numbered 1, 3, 2, a class-token row in the positions)."""
+  rng = np.random.default_rng(seed)
+  r = lambda *shape: (0.2 * rng.normal(size=shape)).astype(np.float32)
+  hd, stack = dim // heads, (depth,) if scanned else ()
+  block = {'LayerNorm_0/scale': 1 + r(*stack, dim), 'LayerNorm_0/bias': r(*stack, dim)}
+  mha, mlp, ln2 = ('MultiHeadDotProductAttention_0', 'MlpBlock_0', 'LayerNorm_1') if scanned \
+      else ('MultiHeadDotProductAttention_1', 'MlpBlock_3', 'LayerNorm_2')
+  for n in ('query', 'key', 'value'):
+    block[f'{mha}/{n}/kernel'] = r(*stack, dim, heads, hd)
+    block[f'{mha}/{n}/bias'] = r(*stack, heads, hd)
+  block[f'{mha}/out/kernel'] = r(*stack, heads, hd, dim)
+  block[f'{mha}/out/bias'] = r(*stack, dim)
+  block[f'{ln2}/scale'], block[f'{ln2}/bias'] = 1 + r(*stack, dim), r(*stack, dim)
+  block[f'{mlp}/Dense_0/kernel'], block[f'{mlp}/Dense_0/bias'] = r(*stack, dim, 4 * dim), r(
+      *stack, 4 * dim)
+  block[f'{mlp}/Dense_1/kernel'], block[f'{mlp}/Dense_1/bias'] = r(*stack, 4 * dim, dim), r(
+      *stack, dim)
+  prefix = 'params/img/' if scanned else ''
+  w = {'embedding/kernel': r(patch, patch, 3, dim), 'embedding/bias': r(dim),
+       'Transformer/encoder_norm/scale': 1 + r(dim), 'Transformer/encoder_norm/bias': r(dim),
+       'head/kernel': r(dim, 10), 'head/bias': r(10)}
+  if scanned:
+    w.update({f'Transformer/encoderblock/{k}': v for k, v in block.items()})
+    w['pos_embedding'] = r(1, 4, dim)
+    w['MAPHead_0/probe'] = r(1, 1, dim)
+  else:
+    for i in range(depth):
+      w.update({f'Transformer/encoderblock_{i}/{k}': v + 0.1 * i for k, v in block.items()})
+    w['Transformer/posembed_input/pos_embedding'] = r(1, 1 + 4, dim)
+  if class_token:
+    w['cls'] = r(1, 1, dim)
+  w = {prefix + k: v for k, v in w.items()}
+  if scanned:
+    w['params/txt/Embed_0/embedding'] = r(50, dim)  # the text tower: dropped
+  return w, prefix
+
+
+def _layer_norm(x, w, name, eps=1e-6):
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * w[f'{name}/scale'] + w[f'{name}/bias']
+
+
+def _big_vision_forward(w, prefix, x, *, scanned, act, patch=16, depth=2):
+  """x [B, H, W, 3] -> tokens, float64, as big_vision's / vision_transformer's ViT computes."""
+  w = {k.removeprefix(prefix): np.asarray(v, np.float64) for k, v in w.items()}
+  b, h, wd, _ = x.shape
+  patches = x.reshape(b, h // patch, patch, wd // patch, patch, 3).transpose(0, 1, 3, 2, 4, 5)
+  tokens = patches.reshape(b, -1, patch * patch * 3) @ w['embedding/kernel'].reshape(
+      -1, w['embedding/bias'].shape[0]) + w['embedding/bias']
+  if scanned:  # big_vision: positions, then the class token
+    tokens = tokens + w['pos_embedding']
+    if 'cls' in w:
+      tokens = np.concatenate([np.broadcast_to(w['cls'], (b, 1, tokens.shape[-1])), tokens], 1)
+  else:
+    tokens = np.concatenate([np.broadcast_to(w['cls'], (b, 1, tokens.shape[-1])), tokens], 1)
+    tokens = tokens + w['Transformer/posembed_input/pos_embedding']
+  mha, mlp, ln2 = ('MultiHeadDotProductAttention_0', 'MlpBlock_0', 'LayerNorm_1') if scanned \
+      else ('MultiHeadDotProductAttention_1', 'MlpBlock_3', 'LayerNorm_2')
+  for i in range(depth):
+    if scanned:
+      p = {k.removeprefix('Transformer/encoderblock/'): v[i] for k, v in w.items()
+           if k.startswith('Transformer/encoderblock/')}
+    else:
+      p = {k.removeprefix(f'Transformer/encoderblock_{i}/'): v for k, v in w.items()
+           if k.startswith(f'Transformer/encoderblock_{i}/')}
+    y = _layer_norm(tokens, p, 'LayerNorm_0')
+    q, k, v = (np.einsum('btd,dhk->bhtk', y, p[f'{mha}/{n}/kernel']) +
+               p[f'{mha}/{n}/bias'][None, :, None] for n in ('query', 'key', 'value'))
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    tokens = tokens + np.einsum('bhtk,hkd->btd', probs @ v, p[f'{mha}/out/kernel']) + p[
+        f'{mha}/out/bias']
+    y = _layer_norm(tokens, p, ln2)
+    y = act(y @ p[f'{mlp}/Dense_0/kernel'] + p[f'{mlp}/Dense_0/bias'])
+    tokens = tokens + y @ p[f'{mlp}/Dense_1/kernel'] + p[f'{mlp}/Dense_1/bias']
+  return _layer_norm(tokens, w, 'Transformer/encoder_norm')
+
+
+def _gelu(x, tanh):
+  if tanh:
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
+
+
+@pytest.mark.parametrize('scanned', [True, False])
+def test_big_vision_npz_matches_numpy_reference(scanned, tmp_path):
+  """SigLIP's image tower (scanned, no class token, tanh GELU) and an augreg ViT
+  (vision_transformer naming, class token, exact GELU as timm computes it), from .npz files."""
+  name = 'vit_tiny_siglip' if scanned else 'vit_tiny_timm'
+  w, prefix = _big_vision_checkpoint(6, scanned=scanned, class_token=not scanned)
+  path = str(tmp_path / 'big_vision.npz')
+  np.savez(path, **w)
+  converted, dropped = convert_weights.convert_state_dict(name,
+                                                          convert_weights.read_checkpoint(path))
+  heads = ['head/bias', 'head/kernel'] + (['MAPHead_0/probe'] if scanned else [])
+  assert dropped == sorted([prefix + k for k in heads] +
+                           (['params/txt/Embed_0/embedding'] if scanned else []))
+  pixels = _pixels(7, 32, 32)
+  mean, std = vit.INCEPTION_STATS
+  expected = _big_vision_forward(w, prefix, (pixels - mean) / std, scanned=scanned,
+                                 act=functools.partial(_gelu, tanh=scanned))
+  _check(f'big_vision {"scanned (SigLIP)" if scanned else "encoderblock_N (augreg)"}',
+         _ours(name, converted, pixels), expected)
+
+
+def test_mismatched_or_damaged_checkpoints_are_one_line_errors(tmp_path):
+  """A checkpoint of another layout names the tensors that do not fit (a CLIP tower for a
+  timm ViT: its ln_pre, its conv without a bias); .npz files must hold float arrays."""
+  model = _randomise(_timm_vit(32, pre_norm=True, norm_layer=functools.partial(
+      torch.nn.LayerNorm, eps=1e-5)), seed=8)
+  with pytest.raises(convert_weights.ConversionError,
+                     match='does not match vit_tiny_timm: unknown tensors: norm_pre.bias, '
+                           'norm_pre.weight'):
+    convert_weights.convert_state_dict('vit_tiny_timm', _numpy(model.state_dict()))
+  w, _ = _big_vision_checkpoint(9, scanned=False, class_token=True)
+  del w['Transformer/encoderblock_1/LayerNorm_2/scale']
+  with pytest.raises(convert_weights.ConversionError,
+                     match='missing tensors: blocks.1.norm2.weight'):
+    convert_weights.convert_state_dict('vit_tiny_timm', w)
+  path = str(tmp_path / 'ints.npz')
+  np.savez(path, step=np.arange(3))
+  assert convert_weights.main(['--arch', 'vit_tiny_timm', '--src', path,
+                               '--out', str(tmp_path)]) == 2
+  with pytest.raises(convert_weights.ConversionError, match="'step' holds int64"):
+    convert_weights.read_checkpoint(path)
+  (tmp_path / 'bad.npz').write_bytes(b'not an archive')
+  with pytest.raises(convert_weights.ConversionError, match='damaged or not an .npz archive'):
+    convert_weights.read_checkpoint(str(tmp_path / 'bad.npz'))
+
+
+# ---- Full-size checkpoints: every name and shape maps (meta tensors, no memory) -------------
+
+
+def _open_clip_model(name):
+  open_clip = pytest.importorskip('open_clip')
+  return open_clip.model.CLIP(**open_clip.get_model_config(name))
+
+
+def _meta_state_dict(build):
+  with torch.device('meta'):
+    model = build()
+  return {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize('name,build,head', [
+    ('vit_b16', lambda: timm.create_model('vit_base_patch16_224', pretrained=False),
+     ['head.bias', 'head.weight']),
+    ('vit_s14_dinov2_reg4', lambda: timm.create_model('vit_small_patch14_reg4_dinov2',
+                                                      pretrained=False), []),
+    ('vit_l14_clip_quickgelu', lambda: _open_clip_model('ViT-L-14-quickgelu'), ['visual.proj']),
+])
+def test_full_size_checkpoints_convert(name, build, head):
+  """The published architectures' state_dicts (timm's names; open_clip's whole model) map
+  name for name and shape for shape onto the registered backbones."""
+  converted, dropped = convert_weights.convert_state_dict(name, _meta_state_dict(build))
+  backbone = nnx.eval_shape(lambda: build_backbone(name, rngs=nnx.Rngs(0)))
+  assert set(converted) == set(variables(backbone))
+  assert [k for k in dropped if k.startswith(('head.', 'visual.'))] == head
 
 
 # ---- Training ------------------------------------------------------------------------------
