@@ -116,7 +116,7 @@ def test_terms_and_their_metric_names_for_the_shipped_losses():
     assert [t.name for t in terms] == ['id', 'metric', 'center']
     assert [t.weight for t in terms] == [1.0, 1.0, config.center_weight]
   with pytest.raises(ValueError, match="unknown metric loss 'contrastive'; choose one of "
-                                       "triplet, quadruplet, none"):
+                                       "triplet, quadruplet, none, centroid_triplet"):
     objective.check_metric('contrastive')
   with pytest.raises(ValueError, match="'triplet' is already registered"):
     objective.register_metric('triplet', lambda c: [])
