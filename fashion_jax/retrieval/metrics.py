@@ -160,7 +160,7 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
     rerank: rank by these re-ranked distances instead of the Euclidean ones.
     chunk_size: queries per jitted call; working memory holds chunk_size x G / devices
       distances. None: the most, up to 1,024, that keep them within 256 MB per CPU device or
-      2 GB per accelerator (1,024 was the fastest setting measured on CPU).
+      2 GB per accelerator (bench/retrieval_bench.py measures the choice).
     gallery_chunk_size: gallery items per block of the counting loop (its temporaries are
       chunk x block x P, P the largest number of positives of a query).
     progress: optional callable(stage, num_done, total) called after each query chunk.

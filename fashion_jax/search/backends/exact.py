@@ -1,7 +1,7 @@
 """Exact search: every query against every row, jitted, rows sharded over the local devices.
 
-The reference the other backends are measured against, and the default for catalogues that a
-brute-force scan answers in time (about 40 ms per query at 100,000 x 2,048 on two CPU cores).
+The reference the other backends are measured against, and the default for catalogues small
+enough for a scan of every row per query (figures in bench/README.md).
 """
 
 import functools
