@@ -6,10 +6,15 @@ Apache Beam (needs the `beam` extra) with `--beam_pipeline_options=runner=Direct
 
 import sys
 
-import tensorflow_datasets as tfds
-from absl import app, flags
+from fashion_jax import console
 
-from data_pipelines import datasets
+if __name__ == '__main__':
+  console.quiet_start(sys.argv)  # before TensorFlow loads
+
+import tensorflow_datasets as tfds  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from data_pipelines import datasets  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('manual_dir', None, 'Root of the raw download (see docs/datasets.md).')
@@ -53,6 +58,7 @@ def build(name: str, manual_dir: str | None, data_dir: str | None = None,
 
 
 def main(argv):
+  console.set_verbosity()
   if len(argv) != 2:
     raise app.UsageError(f'name one dataset: {", ".join(sorted(datasets.BUILDER_MODULES))}')
   try:

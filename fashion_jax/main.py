@@ -7,19 +7,27 @@ Evaluate the latest checkpoint of a workdir on another dataset (cross-domain eva
       --config.eval.dataset=street2shop --config.eval.data_dir=/data/tfds
 
 The reports then go to runs/df/eval/street2shop/.
+
+The console shows the run's setup, a progress bar and a line per evaluation; --verbosity=0 adds
+the libraries' INFO records (absl, orbax, TensorFlow, clu, jax), --verbosity=1 their DEBUG ones.
 """
 
 import os
 import re
 import sys
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
-from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+from fashion_jax import console
 
-from data_pipelines.datasets import DatasetMissingError
-from fashion_jax import checkpointing, configlib, train
+if __name__ == '__main__':
+  console.quiet_start(sys.argv)  # before TensorFlow and JAX load
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser  # noqa: E402
+
+from data_pipelines.datasets import DatasetMissingError  # noqa: E402
+from fashion_jax import checkpointing, configlib, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and evaluation reports.')
@@ -56,19 +64,19 @@ def _config_arguments(argv: list[str]) -> tuple[str | None, list[str]]:
   return path, names
 
 
-def _exit_with(message: str):
+def exit_with(message: str):
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with the config mistakes ml_collections reports as a traceback in one line
   (exit status 2): a config file that does not exist, an override naming no field of the config.
   """
   path, names = _config_arguments(argv[1:])
   file = path and path.split(':', 1)[0]  # after a colon: get_config's argument
   if file is not None and not os.path.isfile(file):
-    _exit_with(f'config file {file!r} does not exist')
+    exit_with(f'config file {file!r} does not exist')
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError, IndexError):
@@ -79,18 +87,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
       for name in names:
         configlib.check_field_name(config, name)
     except ValueError as e:
-      _exit_with(str(e))
+      exit_with(str(e))
     raise
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  console.set_verbosity()
   if FLAGS.distributed:
     _initialize_distributed()
-  logging.info('JAX %s: process %d of %d, %d local and %d global devices (%s)', jax.__version__,
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.default_backend())
+    console.set_verbosity(jax.process_index())  # the others print errors only
   config = FLAGS.config
   if FLAGS.mode:
     config.mode = FLAGS.mode
@@ -99,7 +106,7 @@ def main(argv):
   except (ValueError, DatasetMissingError, FileNotFoundError,
           checkpointing.CheckpointDamaged) as e:
     # Config and data problems are the user's to fix: one line, no traceback.
-    _exit_with(str(e))
+    exit_with(str(e))
   except train.NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)
@@ -109,4 +116,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

@@ -4,9 +4,11 @@
 """
 
 import collections
+import contextlib
 import json
 import os
 import signal
+import time
 
 import jax
 import ml_collections
@@ -17,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from data_pipelines import datasets, input_pipeline
-from fashion_jax import checkpointing, configlib, evaluate, optim
+from fashion_jax import checkpointing, configlib, console, evaluate, optim
 from fashion_jax import train_step as ts
 from fashion_jax.models import build_model
 from fashion_jax.models.pretrained import load_pretrained_from_config
@@ -91,6 +93,13 @@ def check_workdir_config(config, workdir: str) -> None:
                      f'another workdir or --config.train.allow_config_change=True')
 
 
+def epoch_steps(config, num_identities: int) -> int:
+  """config.train.steps_per_epoch, or by default about one visit of each identity."""
+  return (config.train.steps_per_epoch
+          or input_pipeline.steps_per_epoch(num_identities,
+                                            config.train.batch_size // config.train.k))
+
+
 def setup(config, workdir: str):
   """Validates the config, finds the dataset and builds the model, optimizer and state.
 
@@ -108,9 +117,7 @@ def setup(config, workdir: str):
     check_workdir_config(config, workdir)
   builder = datasets.get_builder(config.dataset.name, config.dataset.data_dir)
   item_ids = input_pipeline.train_item_ids(builder, config.dataset.train_split)
-  global_p = config.train.batch_size // config.train.k
-  steps_per_epoch = (config.train.steps_per_epoch
-                     or input_pipeline.steps_per_epoch(len(item_ids), global_p))
+  steps_per_epoch = epoch_steps(config, len(item_ids))
   model = build_model(config.model, len(item_ids), seed=config.seed)
   load_pretrained_from_config(model, config.model)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch)
@@ -150,45 +157,91 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _plural(count: int, noun: str, plural: str | None = None) -> str:
+  return f'{count} {noun if count == 1 else plural or noun + "s"}'
+
+
+def _split_items(builder, split: str) -> str:
+  try:
+    return f'{builder.info.splits[split].num_examples} {split}'
+  except (KeyError, ValueError):  # a split TFDS keeps no count for
+    return split
+
+
+def _setup_lines(config, s: dict, workdir: str, start_step: int, total_steps: int) -> list[str]:
+  """The run in a few lines: devices, data, steps, where the results go."""
+  devices = _plural(jax.device_count(), f'{jax.default_backend()} device')
+  lines = [f'JAX {jax.__version__}: {devices} in '
+           f'{_plural(jax.process_count(), "process", "processes")}']
+  builder = s['builder']
+  data = f'{builder.info.full_name}: {len(s["item_ids"])} training identities'
+  eval_builder = evaluate.eval_builder(config, builder)
+  if config.mode != 'train':
+    on = '' if eval_builder is builder else f' of {eval_builder.info.full_name}'
+    data += (f'; {_split_items(eval_builder, config.dataset.query_split)} and '
+             f'{_split_items(eval_builder, config.dataset.gallery_split)} items{on}')
+  lines.append(data)
+  if config.mode == 'evaluate':
+    lines.append(f'evaluating the checkpoint of step {start_step}')
+  else:
+    t = config.train
+    steps = (f'{total_steps} steps: {_plural(t.num_epochs, "epoch")} of {s["steps_per_epoch"]}, '
+             f'batch {t.batch_size} ({t.batch_size // t.k} identities x {t.k})')
+    if config.mode == 'train_and_evaluate':
+      steps += f', evaluated every {_plural(t.eval_every_epochs, "epoch")}'
+    if start_step:
+      steps += f'; resuming at step {start_step}'
+    lines.append(steps)
+  lines.append(f'workdir {workdir}: checkpoints, {evaluate.report_folder(config)}/ reports; '
+               f'tensorboard --logdir {workdir}')
+  return lines
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates, per config.mode.
 
   Returns the last evaluation's metrics (None when mode is 'train'). Raises Preempted after
   checkpointing when SIGTERM arrives, NonFiniteLossError when the loss stops being finite.
+  Process 0 prints the run's setup, a progress bar and a line per evaluation.
   """
+  started = time.monotonic()
   os.makedirs(workdir, exist_ok=True)
   s = setup(config, workdir)
   state, mesh, checkpointer = s['state'], s['mesh'], s['checkpointer']
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   embed_fn = ts.make_embed_fn(s['graphdef'], mesh)
   do_eval = config.mode in ('train_and_evaluate', 'evaluate')
+
+  def say(line: str):
+    if is_main:
+      console.print_result(line)
 
   def run_eval(state):
     metrics = evaluate.evaluate(
         config, embed=lambda images: embed_fn(state['params'], state['batch_stats'], images),
         builder=s['builder'], mesh=mesh, workdir=workdir, step=int(state['step']), writer=writer)
-    if jax.process_index() == 0:
-      print(f'step {metrics["step"]}: {evaluate.console_line(metrics, config.eval.ks)}',
-            flush=True)
+    say(f'step {metrics["step"]}: {evaluate.console_line(metrics, config.eval.ks)}')
     return metrics
 
   start_step = int(state['step'])
+  steps_per_epoch = s['steps_per_epoch']
+  total_steps = config.train.num_epochs * steps_per_epoch
+  if is_main:
+    for line in _setup_lines(config, s, workdir, start_step, total_steps):
+      say(line)
   if config.mode == 'evaluate':
     if checkpointer.latest_step() is None:
       raise FileNotFoundError(f'mode=evaluate needs a checkpoint in {checkpointer.directory}')
     return run_eval(state)
 
-  steps_per_epoch = s['steps_per_epoch']
-  total_steps = config.train.num_epochs * steps_per_epoch
   if start_step >= total_steps:
-    logging.info('training already finished at step %d', start_step)
+    say(f'training already finished at step {start_step}')
     return run_eval(state) if do_eval else None
   eval_every = config.train.eval_every_epochs * steps_per_epoch
-  if jax.process_index() == 0 and (start_step == 0 or config.train.allow_config_change):
+  if is_main and (start_step == 0 or config.train.allow_config_change):
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  logging.info('%d identities, %d steps per epoch, %d steps in all, starting at step %d',
-               len(s['item_ids']), steps_per_epoch, total_steps, start_step)
 
   metrics = None
   if do_eval and start_step == 0:
@@ -201,6 +254,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   step_fn = ts.make_train_step(s['graphdef'], s['tx'], mesh, config.loss, s['schedule'],
                                seed=config.seed)
   report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  progress = console.TrainingProgress(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                                      start_step=start_step, enabled=is_main)
   last_checkpoint = checkpointer.latest_step()
 
   def check_finite(state):
@@ -212,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       raise NonFiniteLossError(
           f'non-finite loss or gradient at step {bad_step}; training stopped, {good}')
 
-  with _SigtermFlag() as sigterm:
+  with _SigtermFlag() as sigterm, contextlib.closing(progress):
     for step in range(start_step + 1, total_steps + 1):
       images, labels = next(batches)
       state, train_metrics = step_fn(state, images, labels)
@@ -224,10 +279,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         # All processes must stop at the same step, or the next collective hangs; agreeing costs
         # a host synchronisation, so it is done on logging steps only.
         stop = is_log_step and bool(multihost_utils.process_allgather(stop).any())
+      loss = None
       if is_log_step:
         check_finite(state)
-        writer.write_scalars(step, {f'train/{k}': v
-                                    for k, v in jax.device_get(train_metrics).items()})
+        fetched = jax.device_get(train_metrics)
+        writer.write_scalars(step, {f'train/{k}': v for k, v in fetched.items()})
+        loss = float(fetched['loss'])
+      progress.update(step, loss)
       if step % config.train.checkpoint_every_steps == 0 or is_last or stop:
         check_finite(state)  # a non-finite state is never saved
         checkpointer.save(step, state)
@@ -239,11 +297,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         raise Preempted(f'SIGTERM at step {step}: checkpoint saved in {checkpointer.directory}; '
                         f'run the same command to resume')
       if do_eval and (step % eval_every == 0 or is_last):
-        metrics = run_eval(state)
+        with progress.paused():
+          metrics = run_eval(state)
 
   checkpointer.wait()
   checkpointer.close()
   writer.flush()
+  minutes, seconds = divmod(round(time.monotonic() - started), 60)
+  where = os.path.join(workdir, evaluate.report_folder(config) if do_eval else 'checkpoints')
+  say(f'done: step {total_steps} in {minutes}m{seconds:02d}s; results in {where}')
   if metrics is not None:
     logging.info('final metrics: %s', json.dumps(metrics))
   return metrics

@@ -14,6 +14,7 @@ import os
 import sys
 
 import fashion_jax.search
+from fashion_jax import console
 
 fashion_jax.search.use_every_cpu_core()  # before JAX starts
 
@@ -299,6 +300,9 @@ def run_export(args) -> int:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  # TensorFlow (and its start-up notices) only for a SavedModel or a TFDS catalogue.
+  console.quiet_start(tensorflow=(args.command == 'export' and not args.no_saved_model)
+                      or bool(getattr(args, 'tfds', None)))
   command = {'index': run_index, 'update': run_update, 'remove': run_remove,
              'query': run_query, 'serve': run_serve, 'export': run_export}[args.command]
   try:

@@ -1,0 +1,158 @@
+"""What the command-line programs print: libraries' start-up notices and INFO records kept out of
+the console unless --verbosity is given, and the training progress bar.
+"""
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+
+from absl import flags
+from absl import logging as absl_logging
+from tqdm import tqdm
+
+# absl's C++ INFO line ('I0512 13:02:01.123456   8112 port.cc:153] ...'; before
+# absl::InitializeLog(), 'I0000 00:00:1796018809.365773'), and the notice absl prints above the
+# first of them.
+_NATIVE_INFO = re.compile(r'I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] '
+                          r'|WARNING: All log messages before absl::InitializeLog\(\) is called')
+_PROJECT_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   package) + os.sep
+                      for package in ('fashion_jax', 'data_pipelines'))
+
+
+def verbosity_requested(argv: list[str]) -> bool:
+  """Whether the command line sets absl's --verbosity (-v), as absl spells it."""
+  return any(re.match(r'-{1,2}(v|verbosity)(=|$)', arg) for arg in argv[1:])
+
+
+def quiet_start(argv: list[str] = (), *, tensorflow: bool = True) -> None:
+  """Keeps TensorFlow's C++ start-up notices off the console. Call before TF or JAX is imported.
+
+  TF_CPP_MIN_LOG_LEVEL=1 drops the C++ INFO lines of TensorFlow and XLA, but not the oneDNN
+  notice (and absl's 'All log messages before absl::InitializeLog()' line above it): TensorFlow
+  prints it while its shared library loads, before it reads that variable, and the notice has no
+  switch of its own (TF_ENABLE_ONEDNN_OPTS=0 would silence it by changing the numerics). So
+  TensorFlow is imported here with native stderr captured, and whatever it printed apart from
+  INFO lines is printed again. Nothing changes with --verbosity or TF_CPP_MIN_LOG_LEVEL=0.
+  """
+  if argv and verbosity_requested(argv):
+    return
+  if os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1') == '0':
+    return
+  if tensorflow and 'tensorflow' not in sys.modules:
+    # TensorFlow gives its logger a handler of its own when the root logger has none yet, which
+    # would print its records a second time, past absl's; absl's handler is the one app.run sets.
+    absl_logging.use_absl_handler()
+    with _native_info_dropped():
+      try:
+        import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+      except ImportError:
+        pass  # the JAX side runs without TensorFlow; whoever needs it reports it missing
+
+
+@contextlib.contextmanager
+def _native_info_dropped():
+  """Captures file descriptor 2 (C++ writes there, not to sys.stderr) and prints again, once the
+  block is over, every line but absl's C++ INFO lines."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      text = capture.read().decode(errors='replace')
+      sys.stderr.write(''.join(line for line in text.splitlines(keepends=True)
+                               if not _NATIVE_INFO.match(line)))
+      sys.stderr.flush()
+
+
+class _LibraryDeprecations(logging.Filter):
+  """Drops libraries' warnings that an API they call is deprecated (TFDS's `TensorInfo.dtype`,
+  TensorFlow's map_fn `dtype`): notes to their developers that nobody running this can act on."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno == logging.WARNING and 'deprecated' in record.getMessage()
+                and not record.pathname.startswith(_PROJECT_DIRS))
+
+
+_DEPRECATIONS = _LibraryDeprecations()
+
+
+def set_verbosity(process_index: int = 0) -> None:
+  """Libraries' INFO records off (absl, orbax, TensorFlow, clu, jax all log through Python's
+  logging), unless --verbosity was given; on processes other than 0, errors only. Call after absl
+  has parsed the flags."""
+  if flags.FLAGS['verbosity'].present:
+    return
+  absl_logging.set_verbosity(absl_logging.ERROR if process_index else absl_logging.WARNING)
+  handler = absl_logging.get_absl_handler()
+  if _DEPRECATIONS not in handler.filters:
+    handler.addFilter(_DEPRECATIONS)
+
+
+def print_result(line: str) -> None:
+  """Prints a line of results (stdout) without breaking a progress bar on the terminal."""
+  tqdm.write(line, file=sys.stdout)
+  sys.stdout.flush()
+
+
+class TrainingProgress:
+  """The training phase's progress on stderr: step, epoch, loss, steps/s and time left.
+
+  On a terminal one bar refreshed in place; otherwise (a log file, a scheduler's output) one line
+  per `update` that brings a loss, since refreshes by carriage return make such files unreadable.
+  Time spent in a `paused()` block (evaluations) counts in neither steps/s nor the time left.
+  """
+
+  def __init__(self, *, total_steps: int, steps_per_epoch: int, start_step: int,
+               enabled: bool = True, stream=None):
+    self._stream = stream or sys.stderr
+    self._total, self._per_epoch = total_steps, steps_per_epoch
+    self._enabled = enabled
+    self._bar = None
+    if enabled and self._stream.isatty():
+      self._bar = tqdm(total=total_steps, initial=start_step, unit='step', file=self._stream,
+                       desc=self._epoch(start_step + 1), dynamic_ncols=True)
+    self._since, self._since_step = time.monotonic(), start_step
+
+  def _epoch(self, step: int) -> str:
+    epochs = -(-self._total // self._per_epoch)
+    return f'epoch {min(epochs, (step - 1) // self._per_epoch + 1)}/{epochs}'
+
+  def update(self, step: int, loss: float | None = None) -> None:
+    """Step `step` is done; `loss` on the steps whose metrics were fetched."""
+    if self._bar is not None:
+      self._bar.set_description_str(self._epoch(step), refresh=False)
+      if loss is not None:
+        self._bar.set_postfix_str(f'loss {loss:.4f}', refresh=False)
+      self._bar.update(step - self._bar.n)
+    elif self._enabled and loss is not None:
+      now = time.monotonic()
+      rate = (step - self._since_step) / max(now - self._since, 1e-9)
+      left = tqdm.format_interval((self._total - step) / rate) if rate > 0 else '?'
+      print(f'step {step}/{self._total}  {self._epoch(step)}  loss {loss:.4f}  '
+            f'{rate:.2f} steps/s  ETA {left}', file=self._stream, flush=True)
+      self._since, self._since_step = now, step
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = time.monotonic()
+    try:
+      yield
+    finally:
+      self._since += time.monotonic() - start
+      if self._bar is not None:
+        self._bar.unpause()
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()

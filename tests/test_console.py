@@ -1,0 +1,96 @@
+"""The console of a run: its setup, a progress bar, a line per evaluation and nothing from the
+libraries unless --verbosity asks for it."""
+
+import io
+import os
+import re
+import subprocess
+import sys
+
+from fashion_jax import console
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# An INFO record as absl prints it, from Python ('I0512 13:02:01.123456 1401 file.py:12]') or C++.
+_INFO_RECORD = re.compile(r'I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\]')
+
+
+def _main(*args, workdir, data_dir):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('TF_CPP_MIN_LOG_LEVEL', None)  # the tests' own setting would hide what users see
+  return subprocess.run(
+      [sys.executable, '-m', 'fashion_jax.main', '--config', 'tests/tiny_config.py',
+       f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}', *args],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _shown(text: str) -> list[str]:
+  """The lines a terminal would end up showing: a progress bar's refreshes (carriage returns)
+  leave only their last state, blank lines none."""
+  lines = (line.rsplit('\r', 1)[-1].strip() for line in text.split('\n'))
+  return [line for line in lines if line]
+
+
+def test_run_prints_setup_progress_and_results_only(tiny_data_dir, tmp_path):
+  result = _main(workdir=tmp_path / 'run', data_dir=tiny_data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  shown = _shown(result.stdout) + _shown(result.stderr)
+  assert len(shown) < 40, '\n'.join(shown)
+  assert not [line for line in shown if _INFO_RECORD.search(line)], '\n'.join(shown)
+  assert 'oneDNN' not in result.stderr and 'absl::InitializeLog' not in result.stderr
+  assert 'deprecated' not in result.stderr
+  out = result.stdout.splitlines()
+  assert out[0].startswith('JAX ') and ' cpu devices in 1 process' in out[0]
+  assert out[1].startswith('fashion_synth/tiny/1.0.0: 16 training identities; 8 query and 11 '
+                           'gallery items')
+  assert out[2].startswith('4 steps: 2 epochs of 2, batch 16 (8 identities x 2)')
+  assert [line.split(':')[0] for line in out if line.startswith('step ')] == ['step 0', 'step 4']
+  assert out[-1].startswith('done: step 4 in ')
+  # Not a terminal: one line per logging step (the tiny config logs every step).
+  progress = [line for line in shown if re.match(r'step \d/4  epoch \d/2  loss \d', line)]
+  assert len(progress) == 4, '\n'.join(shown)
+
+  verbose = _main('--verbosity=0', '--mode=evaluate', workdir=tmp_path / 'run',
+                  data_dir=tiny_data_dir)
+  assert verbose.returncode == 0, verbose.stderr[-3000:]
+  records = [line for line in verbose.stderr.splitlines() if _INFO_RECORD.search(line)]
+  assert any('checkpoint' in line for line in records), verbose.stderr[-3000:]
+
+
+def test_native_info_lines_are_dropped_and_the_rest_kept(capfd):
+  with console._native_info_dropped():
+    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written '
+                b'to STDERR\nI0000 00:00:1796018809.365773   14333 port.cc:153] oneDNN custom '
+                b'operations are on.\nE0000 00:00:1796018809.4   14333 x.cc:1] a real error\n')
+  err = capfd.readouterr().err
+  assert err == 'E0000 00:00:1796018809.4   14333 x.cc:1] a real error\n'
+
+
+def test_verbosity_is_found_in_every_spelling_absl_takes():
+  assert console.verbosity_requested(['main', '--verbosity=1'])
+  assert console.verbosity_requested(['main', '-v', '0'])
+  assert console.verbosity_requested(['main', '--v=1'])
+  assert not console.verbosity_requested(['main', '--config.eval.verification_fprs=(1e-3,)'])
+  assert not console.verbosity_requested(['main', '--workdir=-v'])
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_progress_bar_on_a_terminal_and_lines_elsewhere():
+  terminal = _Terminal()
+  bar = console.TrainingProgress(total_steps=6, steps_per_epoch=3, start_step=2, stream=terminal)
+  bar.update(3)
+  bar.update(4, loss=1.25)
+  bar.close()
+  last = terminal.getvalue().rsplit('\r', 1)[-1]
+  assert 'epoch 2/2' in last and '4/6' in last and 'loss 1.2500' in last and 'step/s' in last
+
+  log = io.StringIO()
+  lines = console.TrainingProgress(total_steps=6, steps_per_epoch=3, start_step=0, stream=log)
+  for step in range(1, 7):
+    lines.update(step, loss=0.5 if step % 3 == 0 else None)
+  assert re.fullmatch(r'step 3/6  epoch 1/2  loss 0.5000  [\d.]+ steps/s  ETA \S+\n'
+                      r'step 6/6  epoch 2/2  loss 0.5000  [\d.]+ steps/s  ETA 00:00\n',
+                      log.getvalue())
