@@ -159,8 +159,11 @@ def eval_data(embed: Callable[[jax.Array], jax.Array], builder, config, mesh) ->
                   category_names=_label_names(builder, 'category'), read_images=read_images)
 
 
-def write_reports(metrics: dict, result: EvalResult, out_dir: str) -> None:
-  """metrics.json, a line of history.jsonl, cmc.png, and the evaluators' tables and pictures."""
+def write_reports(metrics: dict, result: EvalResult, out_dir: str) -> dict:
+  """metrics.json, a line of history.jsonl, cmc.png, and the evaluators' tables and pictures.
+
+  Returns the pictures drawn, {file name: PIL image}, so that TensorBoard gets them too.
+  """
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
     json.dump(metrics, f, indent=2)
@@ -169,9 +172,11 @@ def write_reports(metrics: dict, result: EvalResult, out_dir: str) -> None:
   for name, text in result.tables.items():
     with open(os.path.join(out_dir, name), 'w', newline='') as f:  # keeps csv's \r\n
       f.write(text)
-  visualize.cmc_image(result.curves).save(os.path.join(out_dir, 'cmc.png'))
-  for name, draw in result.pictures.items():
-    draw().save(os.path.join(out_dir, name))
+  pictures = {'cmc.png': visualize.cmc_image(result.curves)}
+  pictures.update((name, draw()) for name, draw in result.pictures.items())
+  for name, picture in pictures.items():
+    picture.save(os.path.join(out_dir, name))
+  return pictures
 
 
 def evaluate(config, *, embed: Callable[[jax.Array], jax.Array], builder, mesh, workdir: str,
@@ -198,7 +203,12 @@ def evaluate(config, *, embed: Callable[[jax.Array], jax.Array], builder, mesh, 
                     if k.startswith('tpr@')})
     writer.write_scalars(step, scalars)
   if jax.process_index() == 0:
-    write_reports(metrics, result, os.path.join(workdir, folder))
+    pictures = write_reports(metrics, result, os.path.join(workdir, folder))
+    if writer is not None:
+      # 'eval/ranked_lists', 'eval/cmc', 'eval/roc': TensorBoard's Images tab, one per step.
+      writer.write_images(step, {f'{folder}/{os.path.splitext(name)[0]}':
+                                 np.asarray(picture.convert('RGB'))
+                                 for name, picture in pictures.items()})
   return metrics
 
 

@@ -197,6 +197,23 @@ def _setup_lines(config, s: dict, workdir: str, start_step: int, total_steps: in
   return lines
 
 
+def hparams(config) -> dict:
+  """The config's fields as TensorBoard hparams ('optim.base_lr': 0.002, ...): numbers, booleans
+  and strings stay; tuples and None become the text an override would take ('(64, 64)')."""
+  flat = _flatten(json.loads(config.to_json_best_effort()))
+  return {key: value if isinstance(value, (bool, int, float, str))
+          else str(tuple(value) if isinstance(value, list) else value)
+          for key, value in flat.items()}
+
+
+def _write_config(writer, config, step: int) -> None:
+  """The config in TensorBoard: hparams, so runs compare in the HParams tab, and its JSON."""
+  writer.write_hparams(hparams(config))
+  json_text = config.to_json_best_effort(indent=2)
+  # The text plugin renders Markdown: an indented block keeps the JSON as it is.
+  writer.write_texts(step, {'config': '\n'.join('    ' + line for line in json_text.splitlines())})
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates, per config.mode.
 
@@ -230,6 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   if is_main:
     for line in _setup_lines(config, s, workdir, start_step, total_steps):
       say(line)
+    _write_config(writer, config, start_step)
   if config.mode == 'evaluate':
     if checkpointer.latest_step() is None:
       raise FileNotFoundError(f'mode=evaluate needs a checkpoint in {checkpointer.directory}')
