@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 import ml_collections
 from ml_collections.config_flags import config_path
 
-from fashion_jax import evaluators, objective
+from fashion_jax import evaluators, objective, optim
 from fashion_jax import preprocessing
-from fashion_jax.models.backbones import backbone_names, check_options
+from fashion_jax.models.backbones import backbone_names, check_options, get_backbone
 
 MODES = ('train_and_evaluate', 'train', 'evaluate')
 # Computation dtypes (model.dtype) and the dtypes retrieval ranks in (eval.dtype).
@@ -58,8 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 64
   c.model.dtype = 'float32'         # computation dtype; parameters stay float32
   c.model.sync_batch_norm = False   # per-device statistics, as a single-GPU PyTorch run
-  # Stochastic depth, EfficientNet only: block i of N skips its branch with probability
-  # rate * i / N in training (torchvision trains ImageNet EfficientNets with 0.2).
+  # Stochastic depth, EfficientNet and ViTs: block i of N skips its branches with probability
+  # rate * i / N in training (EfficientNet; torchvision trains ImageNet ones with 0.2), rate *
+  # i / (N - 1) for ViTs (timm's rule; DeiT-B uses 0.1).
   c.model.drop_path_rate = 0.0
   # Converted ImageNet weights for the backbone (`python -m fashion_jax.convert_weights`);
   # None trains from scratch. A resumed run restores its checkpoint over them.
@@ -87,6 +88,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_factor = 0.01
   c.optim.milestones = (40, 70)
   c.optim.gamma = 0.1
+  # 'adam': coupled L2 decay on every parameter (the strong baseline); 'adamw': decoupled decay,
+  # none on norms, biases, position embeddings and tokens (the ViT fine-tuning recipe).
+  c.optim.optimizer = 'adam'
+  # 'multistep': warmup, then x gamma at each milestone, per epoch; 'cosine': per step, warmup,
+  # then half a cosine to final_lr_factor x base_lr at the end of epoch cosine_epochs (set it to
+  # train.num_epochs).
+  c.optim.schedule = 'multistep'
+  c.optim.cosine_epochs = 120
+  c.optim.final_lr_factor = 0.0
+  # Layer-wise learning-rate decay, ViTs only: block i of L learns at layer_decay ** (L - i)
+  # times the head's rate, the embeddings at layer_decay ** (L + 1); 1 switches it off.
+  c.optim.layer_decay = 1.0
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64           # global P x K
@@ -288,6 +301,11 @@ FIELDS: dict[str, Domain] = {
     'optim.warmup_factor': Domain(float, ge=0, le=1, why='of base_lr, at the first epoch'),
     'optim.milestones': Domain(tuple, item=_COUNT),
     'optim.gamma': Domain(float, gt=0, le=1, why='the learning rate decays at each milestone'),
+    'optim.optimizer': Domain(str, choices=optim.OPTIMIZERS),
+    'optim.schedule': Domain(str, choices=optim.SCHEDULES),
+    'optim.cosine_epochs': _POSITIVE_INT,
+    'optim.final_lr_factor': Domain(float, ge=0, le=1, why='of base_lr, at the end of the cosine'),
+    'optim.layer_decay': Domain(float, gt=0, le=1, why='1 switches it off'),
     'train.batch_size': _POSITIVE_INT,
     'train.k': Domain(int, ge=2, why='batch-hard mining needs a positive'),
     'train.num_epochs': _COUNT,
@@ -387,6 +405,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
   check_fields(config)
   check_options(config.model.backbone, width=config.model.get('width', 64),
                 drop_path_rate=config.model.get('drop_path_rate', 0.0))
+  if (config.optim.get('layer_decay', 1.0) != 1.0
+      and get_backbone(config.model.backbone).family != 'vit'):
+    raise ValueError(f'optim.layer_decay applies to the ViT backbones (built of blocks), not '
+                     f'{config.model.backbone}; leave it at 1')
   k, batch = config.train.k, config.train.batch_size
   if batch % k:
     raise ValueError(f'train.batch_size {batch} is not a multiple of train.k {k}')

@@ -460,7 +460,8 @@ def test_full_size_checkpoints_convert(name, build, head):
 
 def test_tiny_vit_trains_through_the_data_parallel_step(tiny_builder):
   """Two steps of the project's training step (4 simulated devices, fashion_synth/tiny at 32x32)
-  with stochastic depth: finite losses, and every backbone parameter moved."""
+  with stochastic depth, AdamW, layer-wise decay and the cosine schedule: finite losses, and
+  every backbone parameter moved."""
   import tiny_config
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
@@ -473,6 +474,7 @@ def test_tiny_vit_trains_through_the_data_parallel_step(tiny_builder):
   config = tiny_config.get_config()
   config.model.backbone, config.model.width = 'vit_tiny_timm', 64
   config.model.drop_path_rate = 0.1
+  config.optim.optimizer, config.optim.schedule, config.optim.layer_decay = 'adamw', 'cosine', 0.75
   item_ids = input_pipeline.train_item_ids(tiny_builder)
   ds = input_pipeline.create_train_dataset(tiny_builder, config, item_ids=item_ids)
   batches = list(ds.take(2).as_numpy_iterator())
