@@ -1,0 +1,134 @@
+"""Sweeps: values parsed as --config overrides, one workdir per point, finished points skipped,
+the table of final metrics; mistakes on the command line are one line (exit 2)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import tiny_config
+from fashion_jax import sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data_dir=None):
+  c = tiny_config.get_config()
+  c.dataset.data_dir = data_dir
+  c.train.num_epochs = 1  # 2 steps a point
+  c.lock()
+  return c
+
+
+def test_values_parse_as_overrides_of_the_fields_type():
+  c = _config()
+  assert sweep.parse_axis(c, 'optim.base_lr=1e-3, 2e-3').values == (1e-3, 2e-3)
+  assert sweep.parse_axis(c, 'train.k=2,4').values == (2, 4)
+  assert sweep.parse_axis(c, 'input.image_size=(32, 32),(64,64)').values == ((32, 32), (64, 64))
+  assert sweep.parse_axis(c, 'loss.metric=triplet,quadruplet').values == ('triplet', 'quadruplet')
+  assert sweep.parse_axis(c, 'eval.rerank=true,False').values == (True, False)
+  assert sweep.parse_axis(c, 'train.steps_per_epoch=3').values == (3,)  # None by default
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('optim.base_lrr=1e-3', 'the config has no field optim.base_lrr; did you mean optim.base_lr?'),
+    ('optim.base_lr=1e-3,fast', "--sweep optim.base_lr: 'fast' is not a number"),
+    ('train.k=2.5', "--sweep train.k: '2.5' is not an integer"),
+    ('optim.base_lr', "--sweep 'optim.base_lr': write a field and its values, e.g. "
+                      "--sweep 'optim.base_lr=1e-3,2e-3'"),
+    ('optim=1', '--sweep optim: a group of fields cannot be swept; name one of its fields'),
+    ('seed=1,1', '--sweep seed: a value is listed twice (1, 1)'),
+])
+def test_bad_sweeps_are_one_line(spec, message):
+  with pytest.raises(ValueError) as error:
+    sweep.parse_axis(_config(), spec)
+  assert str(error.value) == message
+
+
+def test_grid_names_each_point_by_its_values():
+  c = _config()
+  points = sweep.grid(c, [sweep.parse_axis(c, 'optim.base_lr=1e-3,2e-3'),
+                          sweep.parse_axis(c, 'dataset.name=fashion_synth/tiny')])
+  assert [p.name for p in points] == ['optim.base_lr=1e-3,dataset.name=fashion_synth_tiny',
+                                      'optim.base_lr=2e-3,dataset.name=fashion_synth_tiny']
+  assert [p.config.optim.base_lr for p in points] == [1e-3, 2e-3]
+  assert c.optim.base_lr == 3.5e-4  # the base config is left as it was
+  with pytest.raises(ValueError, match="fashion_synth_tiny: loss.metric 'x' is not one of"):
+    sweep.check_points(sweep.grid(c, [sweep.parse_axis(c, 'loss.metric=x'), sweep.parse_axis(
+        c, 'dataset.name=fashion_synth/tiny')]), num_devices=4)
+
+
+def _history_lines(workdir):
+  with open(os.path.join(workdir, 'eval', 'history.jsonl')) as f:
+    return f.read()
+
+
+def test_two_by_two_sweep_writes_its_table_and_skips_finished_points(tiny_data_dir, tmp_path):
+  c = _config(tiny_data_dir)
+  # Seeds change no program: two compilations of the step, not four.
+  points = sweep.grid(c, [sweep.parse_axis(c, 'loss.metric=triplet,quadruplet'),
+                          sweep.parse_axis(c, 'seed=0,1')])
+  workdir = str(tmp_path)
+  first = sweep.run(points, workdir)
+  assert [r.skipped for r in first] == [False] * 4
+  markdown = sweep.write_tables(first, workdir)
+  with open(os.path.join(workdir, 'sweep.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ['loss.metric', 'seed', 'mAP', 'mINP', 'Acc@1', 'Acc@10',
+                           'TPR@FPR=0.0001', 'TPR@FPR=0.001', 'TPR@FPR=0.01', 'step', 'workdir']
+  assert sorted(r['workdir'] for r in rows) == sorted(p.name for p in points)
+  maps = [float(r['mAP']) for r in rows]
+  assert maps == sorted(maps, reverse=True)
+  for row in rows:
+    with open(os.path.join(workdir, row['workdir'], 'eval', 'metrics.json')) as f:
+      metrics = json.load(f)
+    assert metrics['step'] == int(row['step']) == 2
+    assert float(row['mAP']) == metrics['mAP']
+    assert f"| {row['loss.metric']} | {row['seed']} | {metrics['mAP']:.4f} |" in markdown
+  assert markdown.splitlines()[0].startswith('| loss.metric | seed | mAP |')
+
+  histories = [_history_lines(os.path.join(workdir, p.name)) for p in points]
+  os.remove(os.path.join(workdir, points[1].name, 'eval', 'metrics.json'))  # unfinished again
+  second = sweep.run(points, workdir)
+  assert [r.skipped for r in second] == [True, False, True, True]
+  assert [r.metrics for r in second] == [r.metrics for r in first]
+  for i, point in enumerate(points):
+    again = _history_lines(os.path.join(workdir, point.name))
+    # Skipped points are not evaluated again; the unfinished one is, from its last checkpoint.
+    assert again == histories[i] if i != 1 else again.startswith(histories[i])
+
+
+def _sweep_cli(*args, tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run(
+      [sys.executable, '-m', 'fashion_jax.sweep', '--config', 'tests/tiny_config.py',
+       '--workdir', str(tmp_path / 'sweep'), *args],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_print_commands_gives_one_training_command_per_point(tmp_path):
+  result = _sweep_cli('--sweep', 'optim.base_lr=1e-3,2e-3', '--sweep',
+                      'input.image_size=(32,32),(64,64)', '--config.train.num_epochs=1',
+                      '--print_commands', tmp_path=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  workdir = tmp_path / 'sweep'
+  assert result.stdout.splitlines() == [
+      f"python -m fashion_jax.main --config tests/tiny_config.py --workdir "
+      f"'{workdir}/optim.base_lr={lr},input.image_size=({size},{size})' "
+      f"--config.train.num_epochs=1 --config.optim.base_lr={lr} "
+      f"'--config.input.image_size=({size},{size})'"
+      for lr in ('1e-3', '2e-3') for size in (32, 64)]
+  assert not workdir.exists()
+
+
+def test_cli_mistakes_are_one_line(tmp_path):
+  result = _sweep_cli('--sweep', 'optim.base_lr=1e-3', '--sweep', 'loss.metric=triplet,tripplet',
+                      tmp_path=tmp_path)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(  # the losses' registry grows
+      "error: optim.base_lr=1e-3,loss.metric=tripplet: loss.metric 'tripplet' is not one of "
+      'triplet, ')
+  assert not (tmp_path / 'sweep').exists()
