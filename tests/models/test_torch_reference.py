@@ -181,6 +181,6 @@ class Payload:
 def test_pth_with_pickled_code_is_refused(tmp_path, capsys):
   torch.save({'conv1.weight': torch.zeros(1), 'hook': Payload()}, tmp_path / 'unsafe.pth')
   assert convert_weights.main(['--arch', 'resnet18', '--src', str(tmp_path / 'unsafe.pth'),
-                               '--out', str(tmp_path / 'out')]) == 1
+                               '--out', str(tmp_path / 'out')]) == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and 'holds more than tensors and is not loaded' in err
