@@ -14,13 +14,13 @@ import argparse
 import collections
 import csv
 import io
-import logging
 import math
 import os
 import sys
 
-from absl import logging as absl_logging
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from fashion_jax import console
 
 SHEET_FILE = 'contact_sheet.png'
 CSV_FILE = 'images.csv'
@@ -154,14 +154,7 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-def _quiet_tensorflow() -> None:
-  """TensorFlow's start-up notices and TFDS's deprecation warnings are not this command's
-  output (set before TensorFlow is imported)."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  absl_logging.set_verbosity(absl_logging.ERROR)
-  logging.getLogger('tensorflow').setLevel(logging.ERROR)
-
-
 if __name__ == '__main__':
-  _quiet_tensorflow()
+  console.quiet_start(sys.argv)  # before TensorFlow loads
+  console.set_verbosity(requested=False)
   sys.exit(main())

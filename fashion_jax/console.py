@@ -87,11 +87,11 @@ class _LibraryDeprecations(logging.Filter):
 _DEPRECATIONS = _LibraryDeprecations()
 
 
-def set_verbosity(process_index: int = 0) -> None:
+def set_verbosity(process_index: int = 0, *, requested: bool | None = None) -> None:
   """Libraries' INFO records off (absl, orbax, TensorFlow, clu, jax all log through Python's
   logging), unless --verbosity was given; on processes other than 0, errors only. Call after absl
-  has parsed the flags."""
-  if flags.FLAGS['verbosity'].present:
+  has parsed the flags, or pass `requested` (a program with its own arguments)."""
+  if flags.FLAGS['verbosity'].present if requested is None else requested:
     return
   absl_logging.set_verbosity(absl_logging.ERROR if process_index else absl_logging.WARNING)
   handler = absl_logging.get_absl_handler()

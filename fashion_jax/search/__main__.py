@@ -303,6 +303,7 @@ def main(argv=None) -> int:
   # TensorFlow (and its start-up notices) only for a SavedModel or a TFDS catalogue.
   console.quiet_start(tensorflow=(args.command == 'export' and not args.no_saved_model)
                       or bool(getattr(args, 'tfds', None)))
+  console.set_verbosity(requested=False)
   command = {'index': run_index, 'update': run_update, 'remove': run_remove,
              'query': run_query, 'serve': run_serve, 'export': run_export}[args.command]
   try:
