@@ -15,6 +15,7 @@ from ml_collections.config_flags import config_path
 
 from fashion_jax import evaluators, objective, optim
 from fashion_jax import preprocessing
+from fashion_jax.models import vit
 from fashion_jax.models.backbones import backbone_names, check_options, get_backbone
 
 MODES = ('train_and_evaluate', 'train', 'evaluate')
@@ -405,10 +406,15 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
   check_fields(config)
   check_options(config.model.backbone, width=config.model.get('width', 64),
                 drop_path_rate=config.model.get('drop_path_rate', 0.0))
-  if (config.optim.get('layer_decay', 1.0) != 1.0
-      and get_backbone(config.model.backbone).family != 'vit'):
+  backbone = get_backbone(config.model.backbone)
+  if config.optim.get('layer_decay', 1.0) != 1.0 and backbone.family != 'vit':
     raise ValueError(f'optim.layer_decay applies to the ViT backbones (built of blocks), not '
                      f'{config.model.backbone}; leave it at 1')
+  if backbone.family == 'vit':
+    try:
+      vit.patch_grid(backbone.arch['spec'], *config.input.image_size)
+    except ValueError as e:
+      raise ValueError(f'input.image_size: {e} for {config.model.backbone}') from None
   k, batch = config.train.k, config.train.batch_size
   if batch % k:
     raise ValueError(f'train.batch_size {batch} is not a multiple of train.k {k}')

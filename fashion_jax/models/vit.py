@@ -115,6 +115,17 @@ def resample_pos_embed(pos, old_grid: tuple[int, int], new_grid: tuple[int, int]
   return xp.concatenate([pos[:, :prefix].astype(xp.float32), grid], axis=1)
 
 
+def patch_grid(spec: ViTSpec, height: int, width: int) -> tuple[int, int]:
+  """The patch grid (h, w) of an input; ValueError if the patches do not tile it."""
+  patch, stride = spec.patch, spec.stride
+  if min(height, width) < patch or (height - patch) % stride or (width - patch) % stride:
+    what = (f'a multiple of the patch size {patch}' if stride == patch else
+            f'{patch} + a multiple of the patch stride {stride}')
+    raise ValueError(f'image size {height}x{width} does not fit the ViT patches: each side '
+                     f'must be {what}')
+  return (height - patch) // stride + 1, (width - patch) // stride + 1
+
+
 def _linear(in_dim, out_dim, *, dtype, rngs):
   # timm's init for every Linear: truncated normal, std 0.02; zero bias.
   return nnx.Linear(in_dim, out_dim, kernel_init=nnx.initializers.truncated_normal(0.02),
@@ -202,12 +213,18 @@ class VisionTransformer(nnx.Module):
   non-overlapping patches, a multiple of the patch) works: the position embedding, stored on
   the pretrained grid, is resampled bicubically to (h, w) in the forward pass, as timm's
   `dynamic_img_size`. `drop_path_rate`: block i of N drops its branches with probability
-  drop_path_rate * i / (N - 1) (timm's linear rule); training calls then need `key`.
+  drop_path_rate * i / (N - 1) (timm's linear rule); training calls then need `key`. `width`
+  scales the channels by width / 64 (64: the published size; the heads stay, each narrower),
+  for CPU-sized runs.
   """
 
-  def __init__(self, spec: ViTSpec, *, drop_path_rate: float = 0.0, dtype=jnp.float32,
-               axis_name: str | None = None, rngs: nnx.Rngs):
+  def __init__(self, spec: ViTSpec, *, width: int = 64, drop_path_rate: float = 0.0,
+               dtype=jnp.float32, axis_name: str | None = None, rngs: nnx.Rngs):
     del axis_name  # no batch statistics
+    if spec.dim * width % (64 * spec.heads):
+      raise ValueError(f'model.width {width} gives {spec.dim * width / 64:g} channels, not a '
+                       f'multiple of the {spec.heads} heads')
+    spec = dataclasses.replace(spec, dim=spec.dim * width // 64)
     self.spec = spec
     self.dtype = dtype
     self.patch_embed = PatchEmbed(spec, dtype=dtype, rngs=rngs)
@@ -225,14 +242,7 @@ class VisionTransformer(nnx.Module):
     self.out_features = spec.dim
 
   def grid_for(self, height: int, width: int) -> tuple[int, int]:
-    """The patch grid (h, w) of an input; ValueError if the patches do not tile it."""
-    patch, stride = self.spec.patch, self.spec.stride
-    if min(height, width) < patch or (height - patch) % stride or (width - patch) % stride:
-      what = (f'a multiple of the patch size {patch}' if stride == patch else
-              f'{patch} + a multiple of the patch stride {stride}')
-      raise ValueError(f'image size {height}x{width} does not fit the ViT patches: each side '
-                       f'must be {what}')
-    return (height - patch) // stride + 1, (width - patch) // stride + 1
+    return patch_grid(self.spec, height, width)
 
   def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> jax.Array:
     spec = self.spec
@@ -286,12 +296,12 @@ def entry(name: str, spec: ViTSpec, pool: str = 'token') -> Backbone:
   pool_fn = (class_token_pool if pool == 'token' else
              functools.partial(mean_patch_pool, num_prefix=spec.num_prefix))
   return Backbone(name=name, family='vit', build=functools.partial(VisionTransformer, spec),
-                  torch_name=torch_name, pool=pool_fn, options=('drop_path_rate',),
+                  torch_name=torch_name, pool=pool_fn, options=('width', 'drop_path_rate'),
                   arch={'spec': spec, 'pool': pool})
 
 
 # (dim, depth, heads) of the published sizes.
-SIZES = {'s': (384, 12, 6), 'b': (768, 12, 12), 'l': (1024, 24, 16)}
+SIZES = {'t': (192, 12, 3), 's': (384, 12, 6), 'b': (768, 12, 12), 'l': (1024, 24, 16)}
 
 
 def _spec(size: str, patch: int, grid: int, **kwargs) -> ViTSpec:
@@ -304,7 +314,7 @@ _CLIP = dict(norm_pre=True, patch_bias=False, eps=1e-5, stats=CLIP_STATS)
 
 BACKBONES = (
     # timm / augreg (ImageNet-21k), 224 px.
-    *(entry(f'vit_{s}16', _spec(s, 16, 14)) for s in 'sbl'),
+    *(entry(f'vit_{s}16', _spec(s, 16, 14)) for s in 'tsbl'),
     # TransReID's overlapping patches: 16 x 16 every 12 pixels.
     entry('vit_b16_s12', _spec('b', 16, 14, patch_stride=12)),
     *(entry(f'vit_{s}14_dinov2', _spec(s, 14, 37, **_DINOV2)) for s in 'sbl'),
