@@ -143,9 +143,14 @@ def test_stochastic_depth_and_bfloat16():
 
 # ---- References in PyTorch ------------------------------------------------------------------
 
-torch = pytest.importorskip('torch', reason='the reference models need torch')
-timm = pytest.importorskip('timm', reason='the ViT reference models need timm')
-F = torch.nn.functional
+try:
+  import timm
+  import torch
+except ImportError:
+  timm = torch = None
+needs_reference = pytest.mark.skipif(
+    timm is None, reason='the reference models need torch and timm: pip install '
+                         '"fashion_jax[reference]"')
 
 
 def _randomise(model, seed):
@@ -169,11 +174,13 @@ def _nchw(pixels, stats):
   return torch.from_numpy(((pixels - mean) / std).transpose(0, 3, 1, 2).astype(np.float32))
 
 
+@needs_reference
 @pytest.mark.parametrize('old,new', [(2, 3), (14, 16), (37, 16), (7, 3), (5, 5)])
 def test_resampling_is_torchs_antialiased_bicubic(old, new):
   grid = np.random.default_rng(old).normal(size=(1, 3, old, old + 1)).astype(np.float32)
-  expected = F.interpolate(torch.from_numpy(grid), size=(new, new + 2), mode='bicubic',
-                           antialias=True, align_corners=False).numpy()
+  expected = torch.nn.functional.interpolate(torch.from_numpy(grid), size=(new, new + 2),
+                                             mode='bicubic', antialias=True,
+                                             align_corners=False).numpy()
   pos = np.concatenate([np.ones((1, 1, 3), np.float32),
                         grid[0].transpose(1, 2, 0).reshape(1, -1, 3)], axis=1)
   resampled = vit.resample_pos_embed(pos, (old, old + 1), (new, new + 2), prefix=1)
@@ -212,6 +219,7 @@ def _check(case, ours, reference):
   assert error < 1e-4, (case, error)
 
 
+@needs_reference
 @pytest.mark.parametrize('size', [(32, 32), (48, 32)])
 def test_timm_vit_matches(size, tmp_path):
   """timm's VisionTransformer state_dict, through a .safetensors file and the command line; at
@@ -228,6 +236,7 @@ def test_timm_vit_matches(size, tmp_path):
          _timm_tokens(reference, pixels, vit.INCEPTION_STATS))
 
 
+@needs_reference
 def test_timm_vit_resampled_at_conversion():
   """A checkpoint on another grid (64 px: 4x4) is resampled to the entry's 2x2 grid as timm's
   checkpoint filter resamples it for a 32 px model."""
@@ -243,6 +252,7 @@ def test_timm_vit_resampled_at_conversion():
          _timm_tokens(reference, pixels, vit.INCEPTION_STATS))
 
 
+@needs_reference
 @pytest.mark.parametrize('registers', [0, 4])
 @pytest.mark.parametrize('layout', ['timm', 'dinov2'])
 def test_dinov2_matches(registers, layout, tmp_path):
@@ -279,6 +289,7 @@ def _to_dinov2_layout(tensors):
   return out
 
 
+@needs_reference
 def test_open_clip_tower_matches(tmp_path):
   """A whole open_clip CLIP model (QuickGELU, as OpenAI's): the `visual.` tower converts, the
   text tower and the image projection are dropped; images re-normalised to CLIP's statistics."""
@@ -419,6 +430,7 @@ def test_big_vision_npz_matches_numpy_reference(scanned, tmp_path):
          _ours(name, converted, pixels), expected)
 
 
+@needs_reference
 def test_mismatched_or_damaged_checkpoints_are_one_line_errors(tmp_path):
   """A checkpoint of another layout names the tensors that do not fit (a CLIP tower for a
   timm ViT: its ln_pre, its conv without a bias); .npz files must hold float arrays."""
@@ -458,6 +470,7 @@ def _meta_state_dict(build):
   return {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in model.state_dict().items()}
 
 
+@needs_reference
 @pytest.mark.parametrize('name,build,head', [
     ('vit_b16', lambda: timm.create_model('vit_base_patch16_224', pretrained=False),
      ['head.bias', 'head.weight']),
