@@ -15,7 +15,7 @@ from ml_collections.config_flags import config_path
 
 from fashion_jax import evaluators, objective, optim
 from fashion_jax import preprocessing
-from fashion_jax.models import vit
+from fashion_jax.models import reid, vit
 from fashion_jax.models.backbones import backbone_names, check_options, get_backbone
 
 MODES = ('train_and_evaluate', 'train', 'evaluate')
@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
   # rate * i / N in training (EfficientNet; torchvision trains ImageNet ones with 0.2), rate *
   # i / (N - 1) for ViTs (timm's rule; DeiT-B uses 0.1).
   c.model.drop_path_rate = 0.0
+  # How the backbone's output becomes the global feature: '' for the backbone's own (global
+  # average pooling for CNNs, the class token for ViTs), or one it offers ('token', 'mean').
+  c.model.pool = ''
   # Converted ImageNet weights for the backbone (`python -m fashion_jax.convert_weights`);
   # None trains from scratch. A resumed run restores its checkpoint over them.
   c.model.pretrained = ml_collections.config_dict.placeholder(str)
@@ -286,6 +289,7 @@ FIELDS: dict[str, Domain] = {
     'model.dtype': Domain(str, choices=DTYPES),
     'model.sync_batch_norm': Domain(bool),
     'model.drop_path_rate': Domain(float, ge=0, lt=1),
+    'model.pool': Domain(str),
     'model.pretrained': _OPTIONAL_PATH,
     'loss.label_smoothing': Domain(float, ge=0, lt=1),
     'loss.metric': Domain(str, choices=lambda: tuple(objective.METRICS)),
@@ -407,6 +411,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
   check_options(config.model.backbone, width=config.model.get('width', 64),
                 drop_path_rate=config.model.get('drop_path_rate', 0.0))
   backbone = get_backbone(config.model.backbone)
+  reid.pooling(config.model.backbone, config.model.get('pool', ''))
   if config.optim.get('layer_decay', 1.0) != 1.0 and backbone.family != 'vit':
     raise ValueError(f'optim.layer_decay applies to the ViT backbones (built of blocks), not '
                      f'{config.model.backbone}; leave it at 1')

@@ -36,6 +36,8 @@ class Backbone:
     torch_name: Flax variable path -> the PyTorch state_dict key of the reference code, for
       `fashion_jax.convert_weights`.
     pool: the backbone's output -> [B, out_features] float32 (the global feature f_t).
+    pools: other poolings the backbone offers, by name (`model.pool`; e.g. a ViT's 'token' and
+      'mean'); empty when `pool` is the only one.
     options: which of 'last_stride', 'width', 'drop_path_rate' the backbone takes.
     arch: facts of the family that other code may need (e.g. {'depth': 50, 'ibn': 'a'}).
   """
@@ -44,5 +46,6 @@ class Backbone:
   build: Callable[..., nnx.Module]
   torch_name: Callable[[str], str]
   pool: Callable[[jax.Array], jax.Array] = global_average_pool
+  pools: Mapping[str, Callable[[jax.Array], jax.Array]] = dataclasses.field(default_factory=dict)
   options: tuple[str, ...] = ('last_stride',)
   arch: Mapping[str, Any] = dataclasses.field(default_factory=dict)

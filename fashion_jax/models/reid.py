@@ -77,4 +77,15 @@ def build_model(model_config, num_classes: int, *, seed: int = 0) -> ReIDModel:
                             width=model_config.get('width', 64), dtype=dtype, axis_name=axis_name,
                             drop_path_rate=model_config.get('drop_path_rate', 0.0), rngs=rngs)
   return ReIDModel(backbone, num_classes, axis_name=axis_name,
-                   pool=get_backbone(model_config.backbone).pool, rngs=rngs)
+                   pool=pooling(model_config.backbone, model_config.get('pool', '')), rngs=rngs)
+
+
+def pooling(backbone: str, name: str = ''):
+  """The pooling `model.pool` names for `backbone` ('' : the backbone's own default)."""
+  entry = get_backbone(backbone)
+  if not name:
+    return entry.pool
+  if name not in entry.pools:
+    offered = ', '.join(entry.pools) or "none but the default ''"
+    raise ValueError(f'model.pool {name!r} is not offered by {backbone} (it offers: {offered})')
+  return entry.pools[name]

@@ -293,11 +293,12 @@ def torch_name(path: str) -> str:
 def entry(name: str, spec: ViTSpec, pool: str = 'token') -> Backbone:
   """A registry entry for `spec`; `pool` 'token' embeds with the class token, 'mean' with the
   mean of the patch tokens."""
-  pool_fn = (class_token_pool if pool == 'token' else
-             functools.partial(mean_patch_pool, num_prefix=spec.num_prefix))
+  pools = {'mean': functools.partial(mean_patch_pool, num_prefix=spec.num_prefix)}
+  if spec.class_token:
+    pools['token'] = class_token_pool
   return Backbone(name=name, family='vit', build=functools.partial(VisionTransformer, spec),
-                  torch_name=torch_name, pool=pool_fn, options=('width', 'drop_path_rate'),
-                  arch={'spec': spec, 'pool': pool})
+                  torch_name=torch_name, pool=pools[pool], pools=pools,
+                  options=('width', 'drop_path_rate'), arch={'spec': spec, 'pool': pool})
 
 
 # (dim, depth, heads) of the published sizes.

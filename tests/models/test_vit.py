@@ -556,3 +556,20 @@ def test_demo_recipe_doubles_the_untrained_map_on_tiny(tiny_data_dir, tmp_path):
   with open(tmp_path / 'eval' / 'history.jsonl') as f:
     maps = [json.loads(line)['mAP'] for line in f]
   assert maps[-1] >= 2 * maps[0], maps
+
+
+def test_model_pool_chooses_the_token_or_the_mean_and_refuses_what_a_backbone_lacks():
+  from fashion_jax import configlib
+  from fashion_jax.models import reid as reid_module
+  assert reid_module.pooling('vit_t16') is reid_module.pooling('vit_t16', 'token')
+  tokens = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
+  np.testing.assert_allclose(reid_module.pooling('vit_t16', 'mean')(tokens),
+                             tokens[:, 1:].mean(axis=1))
+  config = configlib.base_config()
+  config.dataset.name = 'fashion_synth/tiny'
+  config.model.backbone, config.model.pool = 'resnet50', 'mean'
+  with pytest.raises(ValueError, match="model.pool 'mean' is not offered by resnet50"):
+    configlib.validate_config(config, num_devices=1)
+  config.model.backbone, config.model.pool = 'vit_b16_siglip', 'token'
+  with pytest.raises(ValueError, match=r"not offered by vit_b16_siglip \(it offers: mean\)"):
+    configlib.validate_config(config, num_devices=1)
