@@ -99,14 +99,22 @@ def read_file(path: str, max_bytes: int) -> bytes:
     raise InputError(f'{path}: not a regular file' if not stat.S_ISREG(info.st_mode) else
                      f'{path}: {info.st_size:,} bytes is over the size limit of '
                      f'{max_bytes:,} bytes')
+  # In pieces, not f.read(max_bytes + 1): Python reserves the whole count up front, and a limit
+  # proportional to a large index would not fit in memory. The file may grow after fstat.
+  chunks, total = [], 0
   with os.fdopen(fd, 'rb') as f:
     try:
-      data = f.read(max_bytes + 1)  # the file may have grown since fstat
+      while total <= max_bytes:
+        chunk = f.read(min(max(info.st_size - total, 0) + 1, max_bytes + 1 - total, 1 << 24))
+        if not chunk:
+          break
+        chunks.append(chunk)
+        total += len(chunk)
     except OSError as e:
       raise InputError(f'{path}: cannot read ({e.strerror or e})') from None
-  if len(data) > max_bytes:
+  if total > max_bytes:
     raise InputError(f'{path}: file is over the size limit of {max_bytes:,} bytes')
-  return data
+  return b''.join(chunks)
 
 
 def read_text(path: str, max_bytes: int) -> str:

@@ -160,3 +160,13 @@ def test_a_damaged_workdir_config_is_one_line(workdir, index_dir, catalogue, tmp
                '--out', str(tmp_path / 'out')])
   err = capsys.readouterr().err.strip()
   assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_a_large_size_limit_reserves_no_memory(tmp_path):
+  # The items of an index are allowed 1 MiB a row; reading them must not reserve that much
+  # (a 100,000-row index once failed to open with MemoryError).
+  path = tmp_path / 'items.jsonl'
+  path.write_bytes(b'{"a": 1}\n' * 1000)
+  assert image_io.read_file(str(path), 1 << 42) == b'{"a": 1}\n' * 1000
+  with pytest.raises(image_io.InputError, match='over the size limit of 8,999 bytes'):
+    image_io.read_file(str(path), 8999)
