@@ -20,7 +20,7 @@ def _model_config(backbone: str, rate: float):
 
 
 @pytest.mark.parametrize('backbone, rate, problem', [
-    ('resnet18_ibn_b', 0.2, 'take it (efficientnet_b2, efficientnet_b4), not resnet18_ibn_b'),
+    ('resnet18_ibn_b', 0.2, 'take it (efficientnet_b2, efficientnet_b4, vit_t16, '),
     ('efficientnet_b2', 1.0, 'must be in [0, 1), got 1.0'),
 ])
 def test_bad_drop_path_rates_are_refused_by_name(backbone, rate, problem):
