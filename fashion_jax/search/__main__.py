@@ -19,6 +19,7 @@ from fashion_jax import console
 fashion_jax.search.use_every_cpu_core()  # before JAX starts
 
 from fashion_jax.search import backends  # noqa: E402
+from fashion_jax.search import catalogue as search_catalogue  # noqa: E402
 from fashion_jax.search import images as image_io  # noqa: E402
 from fashion_jax.search.images import InputError  # noqa: E402
 
@@ -145,17 +146,16 @@ def _index_and_model(args, index=None):
 
 def _query_inputs(args) -> list[dict]:
   """Every query photo as {'name', 'path', 'box', 'category'}."""
-  from fashion_jax.search import index as search_index
   queries = []
   for path in args.inputs:
     if os.path.isdir(path):
-      files = search_index.image_files(path)
+      files = search_catalogue.image_files(path)
       if not files:
         raise InputError(f'{path}: no image files in this folder')
       queries += [{'path': f, 'box': None, 'category': None} for f in files]
     elif path.lower().endswith('.csv'):
       root = os.path.dirname(os.path.abspath(path))
-      for number, row in enumerate(search_index.read_csv(path, ('image',)), start=2):
+      for number, row in enumerate(search_catalogue.read_csv(path, ('image',)), start=2):
         if not row['image']:
           raise InputError(f'{path}: row {number} has no image')
         box = (','.join(row[c] for c in 'xywh')
@@ -172,10 +172,9 @@ def _query_inputs(args) -> list[dict]:
 
 
 def _catalogue(args):
-  from fashion_jax.search import index as search_index
   if args.catalogue:
-    return search_index.read_catalogue(args.catalogue, args.images_root)
-  return search_index.read_tfds_catalogue(args.tfds, args.split, args.data_dir, args.domain)
+    return search_catalogue.read_catalogue(args.catalogue, args.images_root)
+  return search_catalogue.read_tfds_catalogue(args.tfds, args.split, args.data_dir, args.domain)
 
 
 def run_index(args) -> int:
@@ -213,7 +212,7 @@ def run_remove(args) -> int:
   from fashion_jax.search import index as search_index
   ids = list(args.products)
   if args.products_file:
-    text = image_io.read_text(args.products_file, search_index.MAX_CATALOGUE_BYTES)
+    text = image_io.read_text(args.products_file, search_catalogue.MAX_CATALOGUE_BYTES)
     ids += [line.strip() for line in text.splitlines() if line.strip()]
   if not ids:
     raise InputError('name the products to remove with --products or --products-file')

@@ -12,8 +12,6 @@ Rows are only ever appended, so adding images never recomputes the old ones; rem
 product marks its rows and takes them out of the backend, keeping their files.
 """
 
-import csv
-import io
 import json
 import math
 import os
@@ -24,126 +22,16 @@ import numpy as np
 from tqdm import tqdm
 
 from fashion_jax import preprocessing
-from fashion_jax.search import backends
+from fashion_jax.search import backends, catalogue
 from fashion_jax.search import images as image_io
 from fashion_jax.search.images import InputError
 
 FORMAT = 1
 _INDEX_FILE = 'index.json'
 _EMBED_CHUNK = 256  # images read, resized and embedded at a time
-_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif')
-_BOX_COLUMNS = ('x', 'y', 'w', 'h')
 # Size limits of files read whole: far above any real one, far below what hurts to read.
-MAX_CATALOGUE_BYTES = 1 << 30   # ten million rows of 100 bytes
 _MAX_META_BYTES = 64 << 20      # index.json: settings and category names
 _MAX_ITEM_BYTES = 1 << 20       # one items.jsonl line: a few paths and names
-
-
-class CatalogueEntry(dict):
-  """{'image': path or reference, 'product_id': str, 'category': str, 'box': [x, y, w, h] | None}
-  plus, for entries not read from files, 'data': encoded bytes."""
-
-
-def read_catalogue(path: str, images_root: str | None = None) -> list[CatalogueEntry]:
-  """Rows of a CSV (header: image, product_id[, category][, x, y, w, h]) or a JSON list / JSONL of
-  {image, product_id, category, box}. Relative image paths are relative to `images_root`,
-  by default the catalogue file's folder."""
-  root = images_root or os.path.dirname(os.path.abspath(path))
-  if path.lower().endswith('.csv'):
-    rows = read_csv(path, ('image', 'product_id'))
-  else:
-    text = image_io.read_text(path, MAX_CATALOGUE_BYTES)
-    try:
-      rows = (json.loads(text) if text.lstrip().startswith('[')
-              else [json.loads(line) for line in text.splitlines() if line.strip()])
-    except (ValueError, RecursionError) as e:  # also json's digit limit on huge integers
-      raise InputError(f'{path}: not a valid catalogue ({image_io.one_line(e)})') from None
-  entries = []
-  for number, row in enumerate(rows, start=2 if path.lower().endswith('.csv') else 1):
-    if not isinstance(row, dict) or not row.get('image') or row.get('product_id') in (None, ''):
-      raise InputError(f'{path}: row {number} needs an image and a product_id')
-    image = str(row['image'])
-    box = row.get('box')
-    if isinstance(box, (list, tuple)):
-      box = ','.join(str(v) for v in box)
-    if box is None and all(row.get(c) not in (None, '') for c in _BOX_COLUMNS):
-      box = ','.join(str(row[c]) for c in _BOX_COLUMNS)
-    entries.append(CatalogueEntry(
-        image=image if os.path.isabs(image) else os.path.normpath(os.path.join(root, image)),
-        product_id=str(row['product_id']), category=str(row.get('category') or ''),
-        box=image_io.parse_box(box)))
-  if not entries:
-    raise InputError(f'{path}: the catalogue is empty')
-  return entries
-
-
-def read_csv(path: str, required: tuple[str, ...]) -> list[dict]:
-  """The rows of a CSV file with a header naming `required` and all or none of the box columns
-  x, y, w, h. An empty or binary file, and a row with more fields than the header, are
-  InputErrors: nothing in the file is silently left out."""
-  text = image_io.read_text(path, MAX_CATALOGUE_BYTES)
-  try:
-    reader = csv.DictReader(io.StringIO(text, newline=''))
-    header, rows = reader.fieldnames, list(reader)
-  except csv.Error as e:
-    raise InputError(f'{path}: not a valid CSV file ({image_io.one_line(e)})') from None
-  if not header:
-    raise InputError(f'{path}: the file is empty (no header line)')
-  missing = [column for column in required if column not in header]
-  partial_box = 0 < sum(column in header for column in _BOX_COLUMNS) < len(_BOX_COLUMNS)
-  if partial_box:
-    missing += [column for column in _BOX_COLUMNS if column not in header]
-  if missing:
-    raise InputError(f"{path}: the header lacks the column(s) {', '.join(missing)}" +
-                     (' (a box needs all of x, y, w, h)' if partial_box else ''))
-  for number, row in enumerate(rows, start=2):
-    if None in row:  # DictReader's key for the fields past the header's
-      raise InputError(f'{path}: row {number} has more fields than the header')
-  if not rows:
-    raise InputError(f'{path}: the file is empty (a header and no rows)')
-  return rows
-
-
-def read_tfds_catalogue(name: str, split: str, data_dir: str | None = None,
-                        domain: str = '') -> list[CatalogueEntry]:
-  """Every image of a TFDS split (optionally of one domain, e.g. 'shop') as catalogue entries.
-
-  The encoded bytes are kept and decoded here like any file, so a TFDS catalogue is embedded
-  exactly as photos are. Needs TensorFlow Datasets.
-  """
-  from data_pipelines import datasets  # TensorFlow only on this path
-  import tensorflow_datasets as tfds
-  builder = datasets.get_builder(name, data_dir)
-  features = builder.info.features
-  categories = _names(features, 'category')
-  domains = _names(features['images'], 'domain')
-  if domain and (domains is None or domain not in domains):
-    raise InputError(f'{name}: {domain!r} is not a domain of this dataset ({domains})')
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={'images': {'image': tfds.decode.SkipDecoding()}})
-  entries = []
-  for example in tfds.as_numpy(ds):
-    category = int(example['category'])
-    images = example['images']
-    for position in range(len(images['image'])):
-      if domain and domains[int(images['domain'][position])] != domain:
-        continue
-      image_id = images['image_id'][position]
-      image_id = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
-      entries.append(CatalogueEntry(
-          image=f'tfds:{name}/{split}/{image_id}', product_id=str(int(example['item_id'])),
-          category=categories[category] if categories else str(category), box=None,
-          data=bytes(images['image'][position])))
-  if not entries:
-    raise InputError(f'{name} split {split!r} has no images')
-  return entries
-
-
-def _names(feature, key):
-  try:
-    return list(feature[key].names)
-  except (KeyError, AttributeError, TypeError):
-    return None
 
 
 def _atomic_write(path: str, write) -> None:
@@ -159,7 +47,7 @@ def _atomic_write(path: str, write) -> None:
     raise
 
 
-def build(index_dir: str, model, entries: list[CatalogueEntry], *, dtype: str = 'float16',
+def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *, dtype: str = 'float16',
           centroids: bool | None = None, max_pixels: int = image_io.DEFAULT_MAX_PIXELS,
           progress: bool = True, backend: str | None = None,
           backend_settings: dict | None = None, replace: bool = False) -> dict:
@@ -268,7 +156,7 @@ def build(index_dir: str, model, entries: list[CatalogueEntry], *, dtype: str = 
   return {**result, 'replaced': len(old_rows)} if replace else result
 
 
-def _read_crop(entry: CatalogueEntry, max_pixels: int) -> np.ndarray:
+def _read_crop(entry: catalogue.CatalogueEntry, max_pixels: int) -> np.ndarray:
   if 'data' in entry:
     image = image_io.decode(entry['data'], name=entry['image'], max_pixels=max_pixels)
   else:
@@ -520,10 +408,3 @@ def _load_array(index_dir: str, name: str, dtype: str, dim: int) -> np.ndarray:
     raise InputError(f'{index_dir}: {name} holds {array.dtype} {list(array.shape)}, not '
                      f'{dtype} [N, {dim}] as {_INDEX_FILE} says (damaged index)')
   return array
-
-
-def image_files(folder: str) -> list[str]:
-  """The image files of a folder (by extension), sorted."""
-  return sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                if name.lower().endswith(_IMAGE_EXTENSIONS) and
-                os.path.isfile(os.path.join(folder, name)))

@@ -27,6 +27,7 @@ from fashion_jax import convert_weights
 from fashion_jax.models import pretrained
 from fashion_jax.search import engine, server
 from fashion_jax.search import images as image_io
+from fashion_jax.search import catalogue as search_catalogue
 from fashion_jax.search import index as search_index
 from fashion_jax.search.__main__ import main
 from fashion_jax.search.images import InputError
@@ -191,7 +192,7 @@ def test_devices_fifos_and_huge_files_are_refused_unread(index_dir, workdir, tmp
     with pytest.raises(InputError, match=re.escape(words)):
       _within(10, image_io.read, path)
     with pytest.raises(InputError, match=re.escape(words)):
-      _within(10, search_index.read_catalogue, path)
+      _within(10, search_catalogue.read_catalogue, path)
     assert words in _cli_error(capfd, ['query', '--index', index_dir, path, '--out',
                                        str(tmp_path / 'out')])
     new = ['index', '--workdir', workdir, '--index', str(tmp_path / 'new'), '--catalogue']
@@ -221,7 +222,7 @@ def test_malformed_csv_is_one_line_exit_2(index_dir, workdir, catalogue, tmp_pat
   else:
     path.write_text(text)
   with pytest.raises(InputError, match=re.escape(words)):
-    search_index.read_catalogue(str(path), catalogue['dir'])
+    search_catalogue.read_catalogue(str(path), catalogue['dir'])
   assert words in _cli_error(capfd, ['index', '--workdir', workdir, '--index',
                                      str(tmp_path / 'new'), '--catalogue', str(path),
                                      '--images-root', catalogue['dir']])
@@ -395,7 +396,7 @@ def test_fuzz_catalogue_reader(catalogue, tmp_path):
     path = tmp_path / f'catalogue{suffix}'
     path.write_bytes(data)
     try:
-      entries = search_index.read_catalogue(str(path), catalogue['dir'])
+      entries = search_catalogue.read_catalogue(str(path), catalogue['dir'])
     except InputError as error:
       _one_line_error(error, (case, data[:200]))
     else:
