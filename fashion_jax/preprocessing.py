@@ -124,27 +124,15 @@ def _numerators(i: jax.Array, j: jax.Array, n_in, n_out, resize_filter: str = 't
   raise ValueError(_not_one_of('resize filter', resize_filter, RESIZE_FILTERS))
 
 
-def _resize_weights(in_size, out_size, resize_filter: str = 'triangle',
-                    enlarged=None) -> jax.Array:
-  """[out, in] float32 weights resizing one axis with `resize_filter` (see _numerators).
-
-  Integer numerators normalised by one division each, so the weights come out bit-identical
-  whether the sizes are known when compiling or only when running (a shape-polymorphic
-  export, a padded crop): rounding to uint8 then cannot differ between them.
-  """
-  # The whole axis is content: the placed weights with no offset.
-  weights, _ = _placed_weights(in_size, out_size, jnp.asarray(out_size, jnp.int32), 0,
-                               resize_filter, enlarged)
-  return weights
-
-
 def _placed_weights(in_size, out_size: int, content, offset, resize_filter: str = 'triangle',
                     enlarged=None, *, in_length=None):
   """[out, in_length] weights resizing `in_size` pixels to `content` pixels placed at `offset`
   of `out_size`, and [out] bool: which output pixels are content.
 
-  Content row o holds _resize_weights(in_size, content, ...)[o - offset] (the same integer
-  numerators, so the same float32 weights); the other rows are zero. `content`, `offset` and
+  Content row o holds the weights of resizing `in_size` pixels to `content`, row o - offset;
+  the other rows are zero. Integer numerators are normalised by one division each, so the
+  weights come out bit-identical whether the sizes are known when compiling or only when running
+  (a shape-polymorphic export, a padded crop): rounding to uint8 then cannot differ. `content`, `offset` and
   `enlarged` may be traced: the export computes them from symbolic image sizes.
   `in_length` (static, default `in_size`): the length of the axis the weights apply to, a crop
   padded to a bucket; the input pixels from `in_size` on get zero weight, so `in_size` may be

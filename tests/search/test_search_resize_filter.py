@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fashion_jax.preprocessing import (RESIZE_FILTERS, _numerators, _resize_weights, preprocess,
+from fashion_jax.preprocessing import (RESIZE_FILTERS, _numerators, _placed_weights, preprocess,
                                       resize_images)
 from fashion_jax.search import index as search_index
 from fashion_jax.search.images import InputError
@@ -66,7 +66,7 @@ def test_weights_are_tensorflows():
                                  err_msg=f'{name} {in_size} -> {out_size}')
     # The float32 weights are those numerators over their sums.
     kernel = kernels[pairs.tolist().index([61, 25]), :25, :61]
-    np.testing.assert_allclose(np.asarray(_resize_weights(61, 25, name)),
+    np.testing.assert_allclose(np.asarray(_placed_weights(61, 25, 25, 0, name)[0]),
                                kernel / kernel.sum(axis=1, keepdims=True), rtol=1e-6)
 
 
