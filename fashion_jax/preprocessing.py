@@ -132,8 +132,9 @@ def _placed_weights(in_size, out_size: int, content, offset, resize_filter: str 
   Content row o holds the weights of resizing `in_size` pixels to `content`, row o - offset;
   the other rows are zero. Integer numerators are normalised by one division each, so the
   weights come out bit-identical whether the sizes are known when compiling or only when running
-  (a shape-polymorphic export, a padded crop): rounding to uint8 then cannot differ. `content`, `offset` and
-  `enlarged` may be traced: the export computes them from symbolic image sizes.
+  (a shape-polymorphic export, a padded crop): rounding to uint8 then cannot differ.
+  `content`, `offset` and `enlarged` may be traced: the export computes them from symbolic
+  image sizes.
   `in_length` (static, default `in_size`): the length of the axis the weights apply to, a crop
   padded to a bucket; the input pixels from `in_size` on get zero weight, so `in_size` may be
   traced and one compilation serves every size up to `in_length`.
