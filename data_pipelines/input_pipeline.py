@@ -14,11 +14,10 @@ import tensorflow.experimental.numpy as tnp
 import tensorflow_datasets as tfds
 
 from data_pipelines import resample
-from fashion_jax import preprocessing
+from fashion_jax import augment, preprocessing
 
-# The ImageNet mean pixel in [0, 255]: random erasing fills with it, which becomes ~0 once
-# the model normalises, as erasing after normalisation with the mean does.
-MEAN_PIXEL = (124, 116, 104)
+# Random erasing's fill, the ImageNet mean pixel: the same as on the device.
+MEAN_PIXEL = augment.MEAN_PIXEL
 _SKIP_IMAGES = {'images': {'image': tfds.decode.SkipDecoding()}}
 
 
@@ -71,19 +70,25 @@ _warned_uncompiled = False
 
 
 def _resize(image: tf.Tensor, size, resize_filter: str) -> tf.Tensor:
-  """uint8 [h, w, 3] -> uint8 [height, width, 3]; size: (height, width), ints or int32 scalars."""
+  """uint8 [h, w, 3] -> uint8 [height, width, 3]; size: (height, width), ints or int32 scalars.
+
+  An image already of that size is returned as it is (every filter maps it to itself), so a
+  build that stores crops at the training size (docs/datasets.md) costs no resize.
+  """
   global _warned_uncompiled
   height, width = size
   if resize_filter == 'triangle' and resample.available():
     # The compiled resize releases the GIL, so parallel map calls run it side by side.
-    resized = tf.numpy_function(lambda x, h, w: resample.resize_uint8(x, (h, w)),
-                                [image, height, width], tf.uint8, stateful=False)
+    resize = lambda: tf.numpy_function(lambda x, h, w: resample.resize_uint8(x, (h, w)),
+                                       [image, height, width], tf.uint8, stateful=False)
   else:
     if resize_filter == 'triangle' and not _warned_uncompiled:
       logging.warning('data_pipelines._resample is not built: the triangle resize runs on '
                       "TensorFlow's kernel, about 5x slower (reinstall with a C compiler)")
       _warned_uncompiled = True
-    resized = resize_tf(image, size, resize_filter)
+    resize = lambda: resize_tf(image, size, resize_filter)
+  shape = tf.shape(image)
+  resized = tf.cond((shape[0] == height) & (shape[1] == width), lambda: image, resize)
   static = [v if isinstance(v, int) else None for v in (height, width)]
   return tf.ensure_shape(resized, static + [3])
 
@@ -170,10 +175,16 @@ def train_augment(encoded: tf.Tensor, seed: tf.Tensor, input_config) -> tf.Tenso
   Everything after the resize moves or overwrites whole pixels, so it runs on the rounded
   uint8 image: the same result as on floats, at a quarter of the memory traffic.
   """
-  height, width = input_config.image_size
-  seeds = tf.random.experimental.stateless_split(seed, 3)
   resize_mode, resize_filter = preprocessing.resize_settings(input_config)
-  image = decode_resized_uint8(encoded, (height, width), resize_filter, resize_mode)
+  image = decode_resized_uint8(encoded, tuple(input_config.image_size), resize_filter,
+                               resize_mode)
+  return augment_resized(image, seed, input_config)
+
+
+def augment_resized(image: tf.Tensor, seed: tf.Tensor, input_config) -> tf.Tensor:
+  """The random part of train_augment: uint8 [H, W, 3] at input.image_size -> the same shape,
+  flipped, padded + cropped and erased (fashion_jax/augment.py does this on the device)."""
+  seeds = tf.random.experimental.stateless_split(seed, 3)
   flip = tf.random.stateless_uniform([], seeds[0]) < input_config.flip_prob
   image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
   image = _pad_and_crop(image, input_config.pad, seeds[1])
@@ -210,8 +221,14 @@ def _identity_stream(builder, config, table, *, shard: int, num_shards: int, sha
             'seed': tf.random.experimental.stateless_split(image_seed, k)}
 
   ds = ds.map(pick_k).unbatch()
-  ds = ds.map(lambda ex: {'images': train_augment(ex['encoded'], ex['seed'], config.input),
-                          'labels': ex['label']},
+  if config.input.get('augment_on_device', False):
+    # The step augments (fashion_jax/augment.py); the same images are picked either way.
+    resize_mode, resize_filter = preprocessing.resize_settings(config.input)
+    prepare = lambda ex: decode_resized_uint8(ex['encoded'], tuple(config.input.image_size),
+                                              resize_filter, resize_mode)
+  else:
+    prepare = lambda ex: train_augment(ex['encoded'], ex['seed'], config.input)
+  ds = ds.map(lambda ex: {'images': prepare(ex), 'labels': ex['label']},
               num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(shard_p * k, drop_remainder=True)
 

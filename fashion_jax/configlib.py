@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.erasing_prob = 0.5
   c.input.erasing_area = (0.02, 0.4)
   c.input.erasing_aspect = 0.3      # aspect ratios in [0.3, 1 / 0.3]
+  # Flip, pad + crop and erasing inside the jitted step (fashion_jax/augment.py) instead of on
+  # the host, which then only decodes and resizes: the same distribution, other draws.
+  c.input.augment_on_device = False
   c.input.shuffle_buffer = 2048     # identities
   # Independent identity streams concatenated into each batch; None: one per process. Fix it
   # to get the same batches whatever the number of processes (e.g. when moving hosts).
@@ -280,6 +283,7 @@ FIELDS: dict[str, Domain] = {
     'input.erasing_area': Domain(tuple, length=2, item=_PROBABILITY, increasing=True,
                                  why='fractions of the image area'),
     'input.erasing_aspect': Domain(float, gt=0, le=1, why='aspect ratios in [a, 1 / a]'),
+    'input.augment_on_device': Domain(bool),
     'input.shuffle_buffer': _POSITIVE_INT,
     'input.num_shards': Domain(int, gt=0, nullable=True),
     'input.prefetch': _COUNT,

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from data_pipelines import datasets, input_pipeline
-from fashion_jax import checkpointing, configlib, console, evaluate, optim
+from fashion_jax import augment, checkpointing, configlib, console, evaluate, optim
 from fashion_jax import train_step as ts
 from fashion_jax.models import build_model
 from fashion_jax.models.pretrained import load_pretrained_from_config
@@ -269,8 +269,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       s['builder'], config, item_ids=s['item_ids'], start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
   batches = _device_batches(train_ds.as_numpy_iterator(), mesh, config.input.prefetch)
+  augmentation = (augment.Augmentation.from_config(config.input)
+                  if config.input.get('augment_on_device', False) else None)
   step_fn = ts.make_train_step(s['graphdef'], s['tx'], mesh, config.loss, s['schedule'],
-                               seed=config.seed)
+                               seed=config.seed, augmentation=augmentation)
   report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   progress = console.TrainingProgress(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                                       start_step=start_step, enabled=is_main)

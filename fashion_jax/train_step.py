@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fashion_jax import augment
 from fashion_jax.objective import Objective
 
 DATA_AXIS = 'data'
@@ -112,15 +113,23 @@ def step_key(seed: int, step: jax.Array, device: jax.Array) -> jax.Array:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh: Mesh,
-                    loss_config, schedule: optax.Schedule, *, seed: int = 0):
+                    loss_config, schedule: optax.Schedule, *, seed: int = 0,
+                    augmentation: augment.Augmentation | None = None):
   """Returns step(state, images, labels) -> (state, metrics), jitted, with the state donated.
 
   `state` is replicated on `mesh`; `images` [B, H, W, 3] uint8 and `labels` [B] are sharded
   along the batch, identity-contiguous (each identity's K images adjacent). `seed` seeds the
-  per-step random keys (stochastic depth; unused by models without it).
+  per-step random keys (stochastic depth; unused by models without it). With `augmentation`
+  the images arrive resized but not augmented, and the step augments them first, each from
+  the key of (seed, step, its index in the global batch) (`augment.example_keys`).
   """
 
   def per_device(state, images, labels):
+    if augmentation is not None:
+      local = images.shape[0]
+      examples = jax.lax.axis_index(DATA_AXIS) * local + jnp.arange(local)
+      keys = augment.example_keys(seed, state['step'], examples)
+      images = augment.augment_batch(images, keys, augmentation)
     # Differentiating a replicated value inside shard_map sums its gradient over devices
     # implicitly; marking the state per-device keeps pmap's semantics (local gradients,
     # averaged explicitly below).
