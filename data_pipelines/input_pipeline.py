@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow.experimental.numpy as tnp
 import tensorflow_datasets as tfds
 
-from data_pipelines import resample
+from data_pipelines import resample, stored_size
 from fashion_jax import augment, preprocessing
 
 # Random erasing's fill, the ImageNet mean pixel: the same as on the device.
@@ -253,6 +253,7 @@ def create_train_dataset(builder, config, *, item_ids: np.ndarray, start_step: i
   starting at `start_step` yields exactly the batches an uninterrupted run would have seen
   from that step on.
   """
+  stored_size.check(builder, config.input)
   num_shards = num_input_shards(config, process_count)
   shard_p = config.train.batch_size // config.train.k // num_shards
   table = tf.lookup.StaticHashTable(
@@ -277,6 +278,7 @@ def create_eval_dataset(builder, split: str, config, *, batch_size: int, process
   Yields {'images': [B, H, W, 3] uint8, 'item_id', 'category', 'domain': [B] int64,
   'image_id': [B] bytes}.
   """
+  stored_size.check(builder, config.input)
   split = tfds.split_for_jax_process(split, process_index=process_index,
                                      process_count=process_count)
   ds = _read(builder, split, shuffle=False)

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_pipelines import features, item_builds
+from data_pipelines import features, item_builds, stored_size
 from data_pipelines.street2shop import raw_images
 
 # clothes_type codes 1, 2, 3 of list_bbox_consumer2shop.txt.
@@ -41,10 +41,13 @@ Missing or broken images are skipped and counted in build_report.json.
 
 @dataclasses.dataclass(eq=False)
 class ConsumerToShopConfig(tfds.core.BuilderConfig):
-  """Which image tree the crops come from, and how stored images are bounded."""
+  """Which image tree the crops come from, and how stored images are bounded or resized."""
   max_side: int = 640  # the 300-px images are never enlarged
   # Crop from img_highres/, the boxes (drawn on the 300-px images) scaled to each image.
   highres: bool = False
+  # (height, width): every bounded crop is then resized as training resizes it
+  # (data_pipelines/stored_size.py); None keeps the crops as cut.
+  image_size: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -152,11 +155,13 @@ def scaled_box(corners: tuple[int, int, int, int], frame: tuple[int, int],
 
 
 def cropped_image(root: str, name: str, domain: str, boxes: dict, faults: raw_images.FaultCounter,
-                  max_side: int, highres: bool = False) -> tuple[dict | None, int | None]:
+                  max_side: int, highres: bool = False, image_size: tuple[int, int] | None = None
+                  ) -> tuple[dict | None, int | None]:
   """The image feature of `name` cropped to its corner box, and the clothes type of its box row.
 
   With `highres`, the crop comes from the img_highres/ copy and the box, drawn on the 300-px
-  image, is scaled to it (`scaled_box`).
+  image, is scaled to it (`scaled_box`). With `image_size`, the bounded crop is stored resized
+  to it (`stored_size.resize_stored`).
 
   Rules: a missing or unreadable file is skipped (`missing_image`, `corrupt_image`, see
   raw_images.load_rgb); an image without a bbox row is kept whole (`box_missing_whole_image`);
@@ -192,7 +197,10 @@ def cropped_image(root: str, name: str, domain: str, boxes: dict, faults: raw_im
     return None, clothes_type
   if box != corners:
     faults['box_clipped'] += 1
-  return ({'image': raw_images.encode_bounded(photo.crop(box), max_side), 'domain': domain,
+  jpeg = raw_images.encode_bounded(photo.crop(box), max_side)
+  if image_size is not None:
+    jpeg = stored_size.resize_stored(jpeg, image_size)
+  return ({'image': jpeg, 'domain': domain,
            'image_id': name, 'bbox': raw_images.normalized_box(box, photo.width, photo.height)},
           clothes_type)
 
@@ -225,7 +233,8 @@ def work_element(split: str, item: str, folder: str, images: list[tuple[str, str
                                               if name in boxes}
 
 
-def item_example(element: tuple, root: str, max_side: int, highres: bool = False
+def item_example(element: tuple, root: str, max_side: int, highres: bool = False,
+                 image_size: tuple[int, int] | None = None
                  ) -> tuple[tuple[str, dict] | None, raw_images.FaultCounter]:
   """(key, example) of one work_element, or None if nothing of it is written; its faults.
 
@@ -243,7 +252,8 @@ def item_example(element: tuple, root: str, max_side: int, highres: bool = False
     return None, faults
   images, categories = [], []
   for name, domain in names:
-    image, clothes_type = cropped_image(root, name, domain, boxes, faults, max_side, highres)
+    image, clothes_type = cropped_image(root, name, domain, boxes, faults, max_side, highres,
+                                        image_size)
     if clothes_type is not None:
       categories.append(clothes_type)
     if image is not None:
@@ -269,6 +279,11 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
       ConsumerToShopConfig(name='default', description='Images bounded to 640 px.'),
       ConsumerToShopConfig(name='highres', highres=True, max_side=2048,
                            description='Cropped from img_highres/, bounded to 2048 px.'),
+      # The default's crops stored resized to 320x320 as training resizes them: training at
+      # that size then only decodes.
+      ConsumerToShopConfig(name='resized320', image_size=(320, 320),
+                           description='Cropped from img/, resized to 320x320 (stretch, '
+                           'triangle filter) as training resizes them.'),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -305,7 +320,7 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
                  for status in ('train', 'val', 'test')}
     gallery = {**by_status['val'], **by_status['test']}
     process = functools.partial(item_example, root=root, max_side=config.max_side,
-                                highres=config.highres)
+                                highres=config.highres, image_size=config.image_size)
 
     def work(split: str, items: dict[str, _Item], domains: tuple[str, ...]) -> list[tuple]:
       return [work_element(split, item, entry.folder,

@@ -40,8 +40,11 @@ Missing or broken images are skipped and counted in build_report.json.
 
 @dataclasses.dataclass(eq=False)
 class InShopConfig(tfds.core.BuilderConfig):
-  """How stored images are bounded."""
+  """How stored images are bounded, or resized to the training size."""
   max_side: int = 640  # the 256-px images are never enlarged
+  # (height, width): every crop is then resized as training resizes it
+  # (data_pipelines/stored_size.py); None keeps the crops as cut.
+  image_size: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -113,7 +116,12 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
-  BUILDER_CONFIGS = [InShopConfig(name='default', description='Images bounded to 640 px.')]
+  BUILDER_CONFIGS = [
+      InShopConfig(name='default', description='Images bounded to 640 px.'),
+      InShopConfig(name='resized320', image_size=(320, 320),
+                   description='Crops resized to 320x320 (stretch, triangle filter) as training '
+                   'resizes them.'),
+  ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -140,6 +148,7 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
     boxes = c2s.read_boxes(bbox_path, self._faults)
     items = read_partition(os.path.join(root, PARTITION_FILE), self._faults)
     process = functools.partial(c2s.item_example, root=root,
-                                max_side=self.builder_config.max_side)
+                                max_side=self.builder_config.max_side,
+                                image_size=self.builder_config.image_size)
     return {split: self._generate_examples(split, work_list(split, items, boxes), process)
             for split in SPLITS}

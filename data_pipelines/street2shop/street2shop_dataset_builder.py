@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data_pipelines import features, item_builds
+from data_pipelines import features, item_builds, stored_size
 from data_pipelines.street2shop import raw_images
 
 # centroids-reid's order; the index is the category label and part of the item id.
@@ -40,8 +40,11 @@ def item_id(category: int, product: int) -> int:
 
 @dataclasses.dataclass(eq=False)
 class Street2ShopConfig(tfds.core.BuilderConfig):
-  """How stored images are bounded."""
+  """How stored images are bounded, or resized to the training size."""
   max_side: int = 640  # longest side of a stored image; enough for 480x480 training
+  # (height, width): every bounded image is then resized as training resizes it
+  # (data_pipelines/stored_size.py); None keeps the crops as cut.
+  image_size: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +233,7 @@ def work_list(plan: _Plan, paths: dict[int, str]) -> dict[str, list[tuple]]:
   return work
 
 
-def item_example(element: tuple, max_side: int
+def item_example(element: tuple, max_side: int, image_size: tuple[int, int] | None = None
                  ) -> tuple[tuple[str, dict] | None, raw_images.FaultCounter]:
   """(key, example) of one work_list element, or None if no usable image is left; its faults.
 
@@ -253,7 +256,7 @@ def item_example(element: tuple, max_side: int
     photo = last[1]
     if photo is None:
       continue
-    images.append(_image(use, photo, faults, max_side))
+    images.append(_image(use, photo, faults, max_side, image_size))
   images = [image for image in images if image is not None]
   if not raw_images.keep_item(split, images, faults):
     return None, faults
@@ -262,10 +265,16 @@ def item_example(element: tuple, max_side: int
                      'images': images}), faults
 
 
-def _image(use: _Use, photo, faults, max_side: int) -> dict | None:
+def _encode(image, max_side: int, image_size: tuple[int, int] | None) -> bytes:
+  jpeg = raw_images.encode_bounded(image, max_side)
+  return jpeg if image_size is None else stored_size.resize_stored(jpeg, image_size)
+
+
+def _image(use: _Use, photo, faults, max_side: int,
+           image_size: tuple[int, int] | None = None) -> dict | None:
   width, height = photo.size
   if use.box is None:
-    return {'image': raw_images.encode_bounded(photo, max_side), 'domain': 'shop',
+    return {'image': _encode(photo, max_side, image_size), 'domain': 'shop',
             'image_id': f'{use.photo:09d}',
             'bbox': np.array([0.0, 0.0, 1.0, 1.0], np.float32)}
   left, top, w, h = use.box
@@ -276,7 +285,7 @@ def _image(use: _Use, photo, faults, max_side: int) -> dict | None:
   if box != (left, top, left + w, top + h):
     faults['box_clipped'] += 1
   crop = photo.crop(box)
-  return {'image': raw_images.encode_bounded(crop, max_side), 'domain': 'street',
+  return {'image': _encode(crop, max_side, image_size), 'domain': 'street',
           'image_id': f'{use.photo:09d}@{box[0]},{box[1]},{box[2]},{box[3]}',
           'bbox': raw_images.normalized_box(box, width, height)}
 
@@ -288,10 +297,15 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
   # Choose one by name: `street2shop` is `street2shop/default`; `street2shop/max1024` keeps
-  # more of the photos' resolution, for inputs larger than 480x480.
+  # more of the photos' resolution, for inputs larger than 480x480; `street2shop/resized320`
+  # stores the default's images resized to 320x320 as training resizes them, so training at
+  # that size decodes a third of the pixels and resizes nothing.
   BUILDER_CONFIGS = [
       Street2ShopConfig(name='default', description='Images bounded to 640 px.'),
       Street2ShopConfig(name='max1024', max_side=1024, description='Images bounded to 1024 px.'),
+      Street2ShopConfig(name='resized320', image_size=(320, 320),
+                        description='Images bounded to 640 px, then resized to 320x320 '
+                        '(stretch, triangle filter) as training resizes them.'),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -312,6 +326,7 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
     manual_dir = os.fspath(dl_manager.manual_dir)
     plan = plan_splits(_meta_dir(manual_dir), self._faults)
     paths = index_images(manual_dir, self._faults)
-    process = functools.partial(item_example, max_side=self.builder_config.max_side)
+    process = functools.partial(item_example, max_side=self.builder_config.max_side,
+                                image_size=self.builder_config.image_size)
     return {split: self._generate_examples(split, work, process)
             for split, work in work_list(plan, paths).items()}

@@ -247,7 +247,8 @@ def test_registry_loads_built_and_refuses_unbuilt(built, tmp_path):
   with pytest.raises(datasets.DatasetMissingError, match='python -m data_pipelines.build street2shop'):
     datasets.get_builder('street2shop', str(tmp_path))
   # An unknown builder config is named in one line, with the ones there are.
-  message = "dataset 'street2shop' has no config 'max2000'; choose one of default, max1024$"
+  message = ("dataset 'street2shop' has no config 'max2000'; choose one of default, max1024, "
+             "resized320$")
   with pytest.raises(datasets.DatasetMissingError, match=message):
     datasets.get_builder('street2shop/max2000', root)
   with pytest.raises(SystemExit, match='error: ' + message):
