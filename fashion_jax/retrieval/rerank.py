@@ -1,213 +1,230 @@
 """k-reciprocal re-ranking (Zhong et al., CVPR 2017; docs/method.md section 6) on neighbour lists.
 
-Only top-k lists and sparse rows are built, never an N x N matrix (memory: k_reciprocal_rerank).
+Only top-k lists and padded sparse rows are built, never an N x N matrix; every stage is jitted
+array code over rows dealt out to the devices (memory: k_reciprocal_rerank).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fashion_jax.retrieval import search
+from fashion_jax.retrieval import knn, search
 from fashion_jax.retrieval.search import Reranked
 
-# Rows of the neighbour-list steps handled at once by NumPy: bounds their temporaries to a few
-# hundred MB at k1 = 20.
-_ROWS = 4096
+# Rows of the sparse stages are padded to a multiple of this (times the devices); each stage
+# handles them in chunks of a power of two up to it.
+_ROW_UNIT = 256
 
 
-def _reciprocal(neighbours: np.ndarray, k: int) -> np.ndarray:
-  """R(i, k) of every point: [N, k+1] int64, its top-(k+1) list with non-reciprocal slots -1."""
-  forward = neighbours[:, :k + 1]
-  out = np.empty_like(forward)
-  for start in range(0, len(forward), _ROWS):
-    rows = forward[start:start + _ROWS]
-    me = np.arange(start, start + len(rows))[:, None, None]
-    mutual = (forward[rows] == me).any(axis=2)
-    out[start:start + _ROWS] = np.where(mutual, rows, -1)
-  return out
+def _chunk(bytes_per_row: int, budget: int = 1 << 24) -> int:
+  """The largest power-of-two chunk up to _ROW_UNIT rows whose temporaries take ~budget bytes."""
+  return 1 << int(np.clip(np.log2(budget / max(bytes_per_row, 1)), 0, np.log2(_ROW_UNIT)))
 
 
-def _compact(index: np.ndarray) -> np.ndarray:
-  """Sorts the valid (>= 0) entries of each row first; trims the padding columns all rows share."""
-  order = np.argsort(np.where(index < 0, np.iinfo(index.dtype).max, index), axis=1, kind='stable')
-  index = np.take_along_axis(index, order, axis=1)
-  return index[:, :max(int((index >= 0).sum(axis=1).max(initial=0)), 1)]
+# Sums of V entries run in fixed point, 2^30 units per 1: integer sums do not depend on the order
+# of the additions (results are the same on any number of devices, and with a GPU's unordered
+# scatter-adds), and they are more accurate than float32 ones: every row of V sums to 1, so each
+# sum lies in [0, 1] and each term is off by at most 2^-31.
+_ONE = 1 << 30
 
 
-def _expanded_sets(neighbours: np.ndarray, k1: int) -> np.ndarray:
+def _fixed(x):
+  return jnp.round(x * np.float32(_ONE)).astype(jnp.int32)
+
+
+def _unfixed(x):
+  return x.astype(jnp.float32) * np.float32(1.0 / _ONE)
+
+
+def _reciprocal(rows, neighbours, k):
+  """R(i, k) of the rows: [n, k+1] int32, their top-(k+1) lists with non-reciprocal slots -1.
+
+  neighbours: [Nr, K] int32 lists of every point (rows past N all -1).
+  """
+  forward = neighbours[rows, :k + 1]
+  back = neighbours[jnp.maximum(forward, 0), :k + 1]
+  mutual = jnp.any(back == rows[:, None, None], axis=2) & (forward >= 0)
+  return jnp.where(mutual, forward, -1)
+
+
+def _compact(entries, width):
+  """Valid (>= 0) entries of each row moved to its front, in order: [n, width], -1 padded."""
+  valid = entries >= 0
+  slot = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, width)
+  rows = jnp.broadcast_to(jnp.arange(entries.shape[0])[:, None], entries.shape)
+  out = jnp.full((entries.shape[0], width), -1, entries.dtype)
+  return out.at[rows, slot].set(entries, mode='drop'), jnp.sum(valid, axis=1)
+
+
+def _expanded_sets(rows, neighbours, half, k1):
   """R*(i): R(i, k1) plus every R(c, round(k1/2)), c in R(i, k1), that lies > 2/3 inside it.
 
-  Returns [N, W] int64 distinct point indices per row, -1 padded.
+  half: [Nr, H] the R(c, round(k1/2)) of every point. An accepted c's set has fewer than a third
+  of its H members outside R(i, k1), so at most K x (ceil(H/3) - 1) points are added (K = k1+1):
+  the duplicates among them are found pairwise, no sort. Returns [n, K + that] distinct point
+  indices per row, -1 padded, and their counts.
   """
-  full = _reciprocal(neighbours, k1)
-  # np.around, as the reference implementation: halves round to even (k1 = 5 -> 2).
-  half = _reciprocal(neighbours, int(np.around(k1 / 2.0)))
-  half_size = (half >= 0).sum(axis=1)
-  out = []
-  for start in range(0, len(full), _ROWS):
-    own = full[start:start + _ROWS]
-    candidate_sets = np.where((own >= 0)[:, :, None], half[np.maximum(own, 0)], -1)
-    inside = ((candidate_sets[:, :, :, None] == own[:, None, None, :])
-              & (candidate_sets[:, :, :, None] >= 0)).any(axis=3).sum(axis=2)
-    size = np.where(own >= 0, half_size[np.maximum(own, 0)], 0)
-    # The same float comparison as the reference, so sizes like 6 (2/3 * 6 = 4.0) agree.
-    accepted = (own >= 0) & (inside > 2.0 / 3.0 * size)
-    added = np.where(accepted[:, :, None], candidate_sets, -1).reshape(len(own), -1)
-    union = np.sort(np.concatenate([own, added], axis=1), axis=1)
-    repeated = np.zeros_like(union, dtype=bool)
-    repeated[:, 1:] = union[:, 1:] == union[:, :-1]
-    out.append(np.where(repeated, -1, union))
-  return _compact(np.concatenate(out))
+  own = _reciprocal(rows, neighbours, k1)
+  n, slots = own.shape
+  members = jnp.where(own[:, :, None] >= 0, half[jnp.maximum(own, 0)], -1)
+  in_own = jnp.any(members[..., None] == own[:, None, None, :], axis=3) & (members >= 0)
+  size = jnp.sum(members >= 0, axis=2)
+  # inside > 2/3 size in integers: the reference's float comparison gives the same answers.
+  accepted = (own >= 0) & (3 * jnp.sum(in_own, axis=2) > 2 * size)
+  outside = jnp.where(accepted[:, :, None] & ~in_own, members, -1).reshape(n, -1)
+  limit = max(slots * (-(-half.shape[1] // 3) - 1), 1)
+  added, _ = _compact(outside, limit)
+  earlier = jnp.tril(jnp.ones((limit, limit), bool), -1)
+  repeated = jnp.any((added[:, :, None] == added[:, None, :]) & earlier, axis=2)
+  return _compact(jnp.concatenate([own, jnp.where(repeated, -1, added)], axis=1),
+                  slots + limit)
+
+
+def _weights(rows, index, points, row_max):
+  """V rows: exp(-d(i, j) / M_i) over R*(i) (index: [n, W], -1 padded), normalised to sum 1."""
+  rows_clipped = jnp.minimum(rows, row_max.shape[0] - 1)
+  d = search.gathered_squared_distances(points[rows_clipped], points, index)
+  w = jnp.where(index >= 0, jnp.exp(-d / row_max[rows_clipped][:, None]), 0.0)
+  return w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+
+
+def _expanded_query(rows, neighbours, index, values, k2):
+  """V[i] <- mean of V[n] over the top-k2 neighbours n of i (i itself first), on sparse rows.
+
+  The k2 rows' entries are sorted by (column, position), one int32 key each, and equal
+  columns summed in fixed point (_fixed). Returns [n, k2 x W] columns (ascending, -1
+  padded), values, and the counts.
+  """
+  near = neighbours[rows, :k2]
+  columns = jnp.where(near[:, :, None] >= 0, index[jnp.maximum(near, 0)], -1)
+  n = columns.shape[0]
+  columns = columns.reshape(n, -1)
+  weights = values[jnp.maximum(near, 0)].reshape(n, -1)
+  width = columns.shape[1]
+  bits = max(width - 1, 1).bit_length()
+  last = jnp.iinfo(jnp.int32).max
+  position = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), columns.shape)
+  if index.shape[0] << bits < 1 << 31:
+    # XLA's CPU sort of one key array is ~5x faster than of a key and a payload.
+    key = jnp.sort(jnp.where(columns >= 0, columns * (1 << bits) + position, last), axis=1)
+    valid = key != last
+    sorted_columns, order = jnp.where(valid, key >> bits, -1), key & ((1 << bits) - 1)
+  else:
+    sorted_columns, order = jax.lax.sort((jnp.where(columns >= 0, columns, last), position),
+                                         dimension=1, num_keys=2)
+    valid = sorted_columns != last
+    sorted_columns = jnp.where(valid, sorted_columns, -1)
+  sorted_weights = jnp.take_along_axis(weights, order, axis=1)
+  first = valid & jnp.concatenate([jnp.ones((n, 1), bool),
+                                   sorted_columns[:, 1:] != sorted_columns[:, :-1]], axis=1)
+  run = jnp.where(valid, jnp.cumsum(first, axis=1) - 1, width)
+  line = jnp.broadcast_to(jnp.arange(n)[:, None], run.shape)
+  sums = jnp.zeros((n, width), jnp.int32).at[line, run].add(
+      _fixed(sorted_weights / k2), mode='drop')
+  out = jnp.full((n, width), -1, jnp.int32).at[line, jnp.where(first, run, width)].set(
+      sorted_columns, mode='drop')
+  return out, jnp.where(out >= 0, _unfixed(sums), 0.0), jnp.sum(first, axis=1)
 
 
 @jax.jit
-def _weights(everything, index, row_max, start):
-  """V rows start .. start + n - 1: exp(-d(i, j) / M_i) normalised over the row's valid entries.
+def _inverted_index(index, values, num_points):
+  """Gallery rows by support column: where each column's entries start, their rows and values.
 
-  everything: [N, D] all points; index: [n, W] R*(i) (-1 padded); row_max: [n]. Rows past N
-  (padding of the last chunk) give meaningless values. Returns [n, W] float32.
+  index, values: [G, W] the gallery's sparse rows; num_points: [N + 1] any array (its length
+  gives the columns). Returns col_start [N + 1] int32 (entries of column c at col_start[c] ..
+  col_start[c + 1] - 1), rows [G x W] int32 (gallery-relative) and values [G x W].
   """
-  rows = jnp.minimum(start + jnp.arange(index.shape[0]), everything.shape[0] - 1)
-  d = search.gathered_squared_distances(everything[rows], everything, index) / row_max[:, None]
-  w = jnp.where(index >= 0, jnp.exp(-d), 0.0)
-  return w / jnp.sum(w, axis=1, keepdims=True)
+  num_columns = num_points.shape[0] - 1
+  columns = index.ravel()
+  valid = columns >= 0
+  key, entry = jax.lax.sort((jnp.where(valid, columns, num_columns),
+                             jnp.arange(columns.shape[0], dtype=jnp.int32)), num_keys=1,
+                            is_stable=True)
+  counts = jax.ops.segment_sum(valid.astype(jnp.int32), jnp.where(valid, columns, num_columns),
+                               num_columns + 1)
+  col_start = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts)])[:num_columns + 1]
+  return col_start, entry // index.shape[1], values.ravel()[entry]
 
 
-def _query_expansion(index: np.ndarray, values: np.ndarray, neighbours: np.ndarray,
-                     k2: int) -> tuple[np.ndarray, np.ndarray]:
-  """V[i] <- mean of V[n] over the top-k2 neighbours n of i (i itself first), on sparse rows.
-
-  Each row's k2 neighbour rows are stacked and sorted by column; a stable sort keeps equal
-  columns in neighbour order, so each run sums in the order of the dense mean. Work and memory
-  O(N x k2 x W), W the widest sparse row.
-
-  Returns:
-    index: [N, W'] int64 columns, ascending, -1 padded; values: [N, W'] float32.
-  """
-  parts_index, parts_values = [], []
-  for start in range(0, len(index), _ROWS):
-    near = neighbours[start:start + _ROWS, :k2]
-    columns = index[near].reshape(len(near), -1)
-    order = np.argsort(np.where(columns < 0, len(index), columns), axis=1, kind='stable')
-    columns = np.take_along_axis(columns, order, axis=1)
-    weights = np.take_along_axis(values[near].reshape(len(near), -1), order, axis=1)
-    valid = columns >= 0
-    first = valid.copy()
-    first[:, 1:] &= columns[:, 1:] != columns[:, :-1]
-    # Run number of every entry; padding (at the end of its row) adds zeros to the last run.
-    run = np.maximum(np.cumsum(first.ravel()) - 1, 0)
-    sums = np.bincount(run, weights=np.where(valid, weights / k2, 0.0).ravel(),
-                       minlength=int(first.sum()))
-    counts = first.sum(axis=1)
-    rows = np.repeat(np.arange(len(near)), counts)
-    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
-    part_index = np.full((len(near), max(int(counts.max(initial=0)), 1)), -1, np.int64)
-    part_values = np.zeros(part_index.shape, np.float32)
-    part_index[rows, slot] = columns[first]
-    part_values[rows, slot] = sums[:len(rows)]
-    parts_index.append(part_index)
-    parts_values.append(part_values)
-  return _stack(parts_index, -1), _stack(parts_values, 0.0)
+def _pair_counts(columns, col_start):
+  """Per query row (columns: [n, W]): the (query entry, gallery entry) pairs sharing a column."""
+  safe = jnp.maximum(columns, 0)
+  return jnp.sum(jnp.where(columns >= 0, col_start[safe + 1] - col_start[safe], 0), axis=1)
 
 
-def _nonzero_rows(present: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Dense [R, C] rows to sparse padded rows: column index [R, W] (-1 padded, ascending), values."""
-  flat = np.flatnonzero(present)
-  counts = np.count_nonzero(present, axis=1)
-  width = max(int(counts.max(initial=0)), 1)
-  # Entry n of row r goes to slot n - (entries before row r) of that row.
-  target = np.arange(len(flat)) + np.repeat(np.arange(len(present)) * width
-                                            - (np.cumsum(counts) - counts), counts)
-  index = np.full(len(present) * width, -1, np.int64)
-  out = np.zeros(len(present) * width, np.float32)
-  index[target] = flat - np.repeat(np.arange(len(present)) * present.shape[1], counts)
-  out[target] = values.ravel()[flat]
-  return index.reshape(-1, width), out.reshape(-1, width)
-
-
-def _stack(parts: list[np.ndarray], fill) -> np.ndarray:
-  """Row blocks of different widths, padded with `fill` to the widest and stacked."""
-  width = max(p.shape[1] for p in parts)
-  return np.concatenate([np.pad(p, [(0, 0), (0, width - p.shape[1])], constant_values=fill)
-                         for p in parts])
-
-
-def _jaccard(index: np.ndarray, values: np.ndarray, num_queries: int,
-             max_pairs: int = 1 << 22, max_cells: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+def _jaccard_rows(columns, weights, col_start, gallery_rows, gallery_values, *, pairs,
+                  gallery_size):
   """Jaccard distances of query rows to the gallery rows sharing support with them.
 
-  sum_k min(V[i,k], V[j,k]) is gathered through an inverted index (support column -> gallery
-  rows), for batches of query rows holding about `max_pairs` (query entry, gallery entry)
-  pairs and at most `max_cells` (row, gallery item) sums.
+  sum_k min(V[i,k], V[j,k]) is gathered through the inverted index: pair p of a row belongs to
+  the query entry whose pairs start at or before p (a running maximum of marks), and is
+  summed into a dense [n, G] block by gallery row.
 
-  Returns:
-    index: [Q, W] int64 gallery indices (0-based in the gallery), -1 padded.
-    jaccard: [Q, W] float32, 1 - m / (2 - m) with m the sum of minima.
+  columns, weights: [n, W] the query rows. Returns [n, G] gallery indices (those with a
+  shared column first, ascending, -1 padded), their distances 1 - m / (2 - m) (m the sum of
+  minima), and the counts.
   """
-  num_points, num_gallery = len(index), len(index) - num_queries
-  gallery_index = index[num_queries:]
-  keep = gallery_index >= 0
-  by_col = np.argsort(gallery_index[keep], kind='stable')
-  col_rows = np.nonzero(keep)[0][by_col]
-  col_values = values[num_queries:][keep][by_col]
-  col_start = np.searchsorted(gallery_index[keep][by_col], np.arange(num_points + 1))
-  col_count = np.diff(col_start)
+  n, width = columns.shape
+  safe = jnp.maximum(columns, 0)
+  count = jnp.where(columns >= 0, col_start[safe + 1] - col_start[safe], 0)
+  start = jnp.cumsum(count, axis=1) - count
+  line = jnp.arange(n)[:, None]
+  marks = jnp.zeros((n, pairs), jnp.int32).at[
+      line, jnp.where(count > 0, start, pairs)].max(jnp.arange(width, dtype=jnp.int32),
+                                                   mode='drop')
+  entry = jax.lax.cummax(marks, axis=1)
+  position = jnp.arange(pairs, dtype=jnp.int32)
+  at = col_start[jnp.take_along_axis(safe, entry, axis=1)] + position - jnp.take_along_axis(
+      start, entry, axis=1)
+  at = jnp.clip(at, 0, gallery_rows.shape[0] - 1)
+  real = position < jnp.sum(count, axis=1, keepdims=True)
+  minima = jnp.minimum(jnp.take_along_axis(weights, entry, axis=1), gallery_values[at])
+  sums = jnp.zeros((n, gallery_size), jnp.int32).at[
+      line, jnp.where(real, gallery_rows[at], gallery_size)].add(_fixed(minima), mode='drop')
+  # Where the rows share a column the sum is positive: V's entries are at least 2^-31 (exp of
+  # a distance of at most 1 over at most 2^23 entries, fixed-point rounded: see _fixed).
+  shared = sums > 0
+  slot = jnp.where(shared, jnp.cumsum(shared, axis=1) - 1, gallery_size)
+  found = jnp.full((n, gallery_size), -1, jnp.int32).at[line, slot].set(
+      jnp.arange(gallery_size, dtype=jnp.int32), mode='drop')
+  # 1 - m / (2 - m) = 2 (1 - m) / (2 - m), with 1 - m exact in fixed point.
+  rest = (_ONE - jnp.zeros((n, gallery_size), jnp.int32).at[line, slot].set(
+      sums, mode='drop')).astype(jnp.float32)
+  jaccard = jnp.where(found >= 0, 2.0 * rest / (rest + np.float32(_ONE)), 1.0)
+  return found, jaccard, jnp.sum(shared, axis=1)
 
-  q_keep = index[:num_queries] >= 0
-  q_rows = np.nonzero(q_keep)[0]
-  q_cols = index[:num_queries][q_keep]
-  q_values = values[:num_queries][q_keep]
-  pairs = col_count[q_cols]
-  # Batch boundaries: every max_pairs pairs (a single row may exceed it), and every
-  # max_cells // G rows.
-  row_pairs = np.cumsum(np.bincount(q_rows, weights=pairs, minlength=num_queries))
-  by_pairs = np.searchsorted(row_pairs, np.arange(max_pairs, row_pairs[-1], max_pairs)) + 1
-  by_cells = np.arange(0, num_queries, max(max_cells // max(num_gallery, 1), 1))
-  bounds = np.unique(np.concatenate([by_pairs, by_cells, [num_queries]]).clip(0, num_queries))
-  parts_index, parts_minima = [], []
-  for first_row, end_row in zip(bounds[:-1], bounds[1:]):
-    lo, hi = np.searchsorted(q_rows, [first_row, end_row])
-    count = pairs[lo:hi]
-    # Pair p of query entry e reads the inverted list of e's column at col_start + (p's rank
-    # among e's pairs); every per-entry quantity is repeated once per pair.
-    position = np.arange(count.sum()) + np.repeat(col_start[q_cols[lo:hi]] - (np.cumsum(count)
-                                                                              - count), count)
-    # Dense sums over this batch's rows x the gallery: a bincount, no sort of the pairs.
-    cell = np.repeat((q_rows[lo:hi] - first_row) * num_gallery, count) + col_rows[position]
-    sums = np.bincount(cell, weights=np.minimum(np.repeat(q_values[lo:hi], count),
-                                                col_values[position]),
-                       minlength=(end_row - first_row) * num_gallery)
-    sums = sums.reshape(end_row - first_row, num_gallery)
-    # V's entries are positive (exp of a bounded distance, then means of them), so a sum of
-    # minima is positive exactly where the rows share a column.
-    parts = _nonzero_rows(sums > 0, sums)
-    parts_index.append(parts[0])
-    parts_minima.append(parts[1])
-  index_out, minima_sum = _stack(parts_index, -1), _stack(parts_minima, 0.0)
-  jaccard = np.where(index_out >= 0, 1.0 - minima_sum / (2.0 - minima_sum), 1.0)
-  return index_out, jaccard.astype(np.float32)
+
+def _trimmed(arrays, counts):
+  """Host copies of [R, W] arrays cut to the widest row's count (at least one column)."""
+  width = max(int(np.max(np.asarray(counts), initial=0)), 1)
+  return [np.asarray(a[:, :width]) for a in arrays]
 
 
 def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: float = 0.3, *,
                         chunk_size: int | None = None, gallery_chunk_size: int = 1024,
-                        progress=None, devices=None) -> Reranked:
+                        knn_precision: str | None = None, progress=None,
+                        devices=None) -> Reranked:
   """Re-ranked query-gallery distances, as docs/method.md section 6's dense algorithm gives them.
 
   Distances among all N = Q + G points are squared Euclidean, each row divided by its maximum
   over all N points (the common implementation divides columns, then transposes), and
   final = (1 - lam) * Jaccard + lam * that distance. Neighbour lists are ordered by distance,
-  ties by index. Memory O(N x (D + k1^2) + Q x J), J the most gallery items sharing a
-  neighbour with one query (a few thousand at N = 10,000 on random data).
+  ties by index. Device memory O(N x (D + k1^2 + k2 W)) plus per-chunk blocks, host memory
+  the embeddings plus O(N x k1) and the result, O(Q x J): W is the widest expanded row, J the
+  most gallery items sharing a neighbour with one query (a few thousand at N = 10,000 on
+  random data).
 
   Args:
     query_emb: [Q, D] float.
     gallery_emb: [G, D] of the same dtype.
     k1, k2, lam: the method's parameters (k1 >= 1, k2 >= 1, 0 <= lam <= 1).
-    chunk_size: block side of the all-pairs kNN search (search.all_pairs_top_k); None: 1,024
-      on CPU (larger blocks were slower there), 4,096 on accelerators.
+    chunk_size: block side of the all-pairs kNN search (knn.all_pairs_top_k); None: 2,048 on
+      CPU, 4,096 on accelerators.
     gallery_chunk_size: accepted for compatibility; the kNN blocks are square.
+    knn_precision: the kNN products' inputs, 'float32' or 'bfloat16' (re-scored in float32,
+      same results); None: float32 on CPU, bfloat16 on accelerators.
     progress: optional callable(stage, num_done, total).
-    devices: the devices the kNN search runs on (default: all local devices).
+    devices: the devices every stage runs on (default: all local devices).
 
   Returns:
     Reranked, to pass as `rerank=` to the metrics and top-k functions with the same arrays.
@@ -219,36 +236,80 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
   if k1 < 1 or k2 < 1 or not 0.0 <= lam <= 1.0:
     raise ValueError(f'need k1 >= 1, k2 >= 1 and 0 <= lam <= 1, got {k1}, {k2}, {lam}')
   report = progress or (lambda *args: None)
-  num_queries = len(query_emb)
-  everything = np.concatenate([query_emb, gallery_emb])
-  if chunk_size is None:
-    cpu = search.gallery_mesh(devices).devices.flat[0].platform == 'cpu'
-    chunk_size = 1024 if cpu else 4096
-  neighbours, _, row_max = search.all_pairs_top_k(everything, k1 + 1, block_size=chunk_size,
-                                                  progress=progress, devices=devices)
-  neighbours = neighbours.astype(np.int64)
-  if neighbours.shape[1] < k2:
-    raise ValueError(f'k2={k2} exceeds the {neighbours.shape[1]} neighbour lists of N points')
+  num_queries, num_points = len(query_emb), len(query_emb) + len(gallery_emb)
+  mesh = search.gallery_mesh(devices)
+  cpu = mesh.devices.flat[0].platform == 'cpu'
+  block = search.chunk_length(num_points, chunk_size or (2048 if cpu else 4096))
+  points = knn.placed_points([query_emb, gallery_emb], mesh, block)
+  k = min(k1 + 1, num_points)
+  neighbours, _, row_max = knn.all_pairs_top_k(
+      points, num_points, k, block=block, mesh=mesh,
+      precision=knn_precision or ('float32' if cpu else 'bfloat16'), progress=progress)
+  if k < k2:
+    raise ValueError(f'k2={k2} exceeds the {k} neighbour lists of N points')
   row_max = np.maximum(row_max, np.finfo(np.float32).tiny)
-  expanded = _expanded_sets(neighbours, k1)
-  report('expansion', len(everything), len(everything))
 
-  device_points = jnp.asarray(everything)
-  # Chunks of rows whose gathered [rows, W, D] neighbours take at most 64 MB, padded to whole
-  # chunks so one compilation serves every chunk.
-  gathered = expanded.shape[1] * everything.shape[1]
-  rows = 1 << int(np.clip(np.log2((1 << 24) / gathered), 6, 12))
-  lists = search.pad_rows(expanded, rows, -1)
-  scales = search.pad_rows(row_max, rows, 1.0)
-  values = np.concatenate([
-      np.asarray(_weights(device_points, lists[start:start + rows], scales[start:start + rows],
-                          start))
-      for start in range(0, len(lists), rows)])[:len(everything)]
+  unit = _ROW_UNIT * mesh.devices.size
+  rows = np.arange(-(-num_points // unit) * unit, dtype=np.int32)
+  # Padding rows have empty lists, so every stage leaves them empty.
+  table = search.pad_rows(neighbours.astype(np.int32), unit, -1)
+  half = knn.map_rows(_reciprocal, mesh, _ROW_UNIT, (rows,), (table,),
+                      k=int(np.around(k1 / 2.0)))
+  expanded, counts = knn.map_rows(_expanded_sets, mesh, _chunk(k * k * 64), (rows,),
+                                  (table, half), k1=k1)
+  (expanded,) = _trimmed([expanded], counts)
+  del half
+  report('expansion', num_points, num_points)
+
+  width = expanded.shape[1]
+  values = knn.map_rows(_weights, mesh, _chunk(width * points.shape[1] * 8), (rows, expanded),
+                        (points, search.pad_rows(row_max, unit, 1.0)))
+  del points
   index = expanded
   if k2 > 1:
-    index, values = _query_expansion(index, values, neighbours, k2)
-  report('query expansion', len(everything), len(everything))
-  jaccard_index, jaccard = _jaccard(index, values, num_queries)
+    index, values, counts = knn.map_rows(_expanded_query, mesh, _chunk(k2 * width * 32),
+                                         (rows,), (table, expanded, values), k2=k2)
+    index, values = _trimmed([index, values], counts)
+  else:
+    values = np.asarray(values)
+  report('query expansion', num_points, num_points)
+
+  jaccard_index, jaccard = _jaccard(index, values, num_queries, num_points, mesh)
   report('jaccard', num_queries, num_queries)
   return Reranked(scale=(lam / row_max[:num_queries]).astype(np.float32),
-                  jaccard_index=jaccard_index.astype(np.int32), jaccard=jaccard, lam=float(lam))
+                  jaccard_index=jaccard_index, jaccard=jaccard, lam=float(lam))
+
+
+def _jaccard(index, values, num_queries, num_points, mesh):
+  """The query rows' Jaccard distances to the gallery: [Q, J] indices (-1 padded) and values."""
+  gallery_size = num_points - num_queries
+  col_start, gallery_rows, gallery_values = _inverted_index(
+      index[num_queries:num_points], values[num_queries:num_points], np.zeros(num_points + 1))
+  unit = _ROW_UNIT * mesh.devices.size
+  columns = search.pad_rows(index[:num_queries], unit, -1)
+  weights = search.pad_rows(values[:num_queries], unit, 0.0)
+  totals = np.asarray(knn.map_rows(_pair_counts, mesh, _ROW_UNIT, (columns,), (col_start,)))
+  # One pair budget for all rows, rounded so that similar data reuses the compiled program.
+  pairs = max(-(-int(totals.max(initial=0)) // 1024) * 1024, 1024)
+  chunk = _chunk(pairs * 28 + gallery_size * 16)
+  # Rows per call: their [rows, G] results stay within ~64 MB before they are trimmed.
+  call = max(_chunk(gallery_size * 8 * mesh.devices.size, 1 << 26), chunk) * mesh.devices.size
+  found, distances = [], []
+  for start in range(0, num_queries, call):
+    part = slice(start, start + call)
+    piece = knn.map_rows(_jaccard_rows, mesh, chunk, (columns[part], weights[part]),
+                         (col_start, gallery_rows, gallery_values), pairs=pairs,
+                         gallery_size=gallery_size)
+    trimmed = _trimmed(piece[:2], piece[2])
+    found.append(trimmed[0])
+    distances.append(trimmed[1])
+  width = max(f.shape[1] for f in found)
+  index_out = np.full((len(columns), width), -1, np.int32)
+  jaccard = np.ones((len(columns), width), np.float32)
+  row = 0
+  for f, d in zip(found, distances):
+    index_out[row:row + len(f), :f.shape[1]] = f
+    jaccard[row:row + len(f), :f.shape[1]] = d
+    row += len(f)
+  return index_out[:num_queries], jaccard[:num_queries]
+
