@@ -105,8 +105,8 @@ def readme_commands(text: str) -> list[Command]:
       fence, language, block_line = match.group(1), match.group(2).lower(), number
       continue
     if marker and line.strip():
-      raise ValueError(f'line {number}: a "not run in CI" marker must be the line just before '
-                       'a ```bash block')
+      raise ValueError(f'line {number}: a "not run in CI" marker must be followed by a '
+                       '```bash block')
     if match := _SKIP_MARKER.match(line):
       end_paragraph()
       marker = match.group(1) or 'marked not to run'
@@ -119,6 +119,8 @@ def readme_commands(text: str) -> list[Command]:
       paragraph.append((number, line))
   if fence:
     raise ValueError(f'line {block_line}: a code block that is never closed')
+  if marker:
+    raise ValueError('a "not run in CI" marker must be followed by a ```bash block')
   end_paragraph()
   return commands
 
@@ -291,7 +293,8 @@ def run_server(command: Command, server: Server, env: dict, earlier: list[Comman
       status = process.poll()
       raise Failed(f'ended with exit status {status} before serving' if status is not None
                    else f'printed no URL in {SERVER_START_TIMEOUT_S} s')
-    checked = server.probe(found[0], earlier)
+    for check in server.probe(found[0], earlier):
+      print(f'--- {check}', flush=True)
     _stop(process, signal.SIGINT)
     try:
       status = process.wait(timeout=SERVER_STOP_TIMEOUT_S)
@@ -300,7 +303,7 @@ def run_server(command: Command, server: Server, env: dict, earlier: list[Comman
     if status not in (0, -signal.SIGINT, 128 + signal.SIGINT):
       raise Failed(f'exit status {status} on Ctrl-C')
     reader.join(timeout=10)
-    return '; '.join(checked + [f'stopped by Ctrl-C ({found[0]})'])
+    return f'{found[0]} answered, then stopped by Ctrl-C'
   finally:
     _stop(process)
 
@@ -322,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--skip-tests', action='store_true',
                       help='not the command that runs pytest (.ci/run has just run it)')
   args = parser.parse_args(argv)
+  # Servers are stopped with Ctrl-C. A shell starts a background job with SIGINT ignored, which
+  # its children would inherit (and Python then never raises KeyboardInterrupt); a handler of
+  # ours is reset to the default in every child.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   with open(args.readme, encoding='utf-8') as f:
     commands = readme_commands(f.read())
   start, report = time.monotonic(), []

@@ -180,6 +180,7 @@ def test_extraction_of_a_sample_readme():
 @pytest.mark.parametrize('text, message', [
     ('<!-- not run in CI: x -->\ntext\n```bash\nls\n```\n', 'line 2: a "not run in CI" marker'),
     ('<!-- not run in CI: x -->\n```\nls\n```\n', 'not bash'),
+    ('text\n\n<!-- not run in CI: x -->\n', 'must be followed by a ```bash block'),
     ('```bash\nls\n', 'line 1: a code block that is never closed'),
     ('```bash\nls \\\n```\n', 'line 2: the command ends with a line continuation'),
 ])
