@@ -166,11 +166,17 @@ def _activated_env() -> dict:
   return env
 
 
+def _default_sigint() -> None:
+  # Servers are stopped with Ctrl-C. A shell starts a background job (CI's, say) with SIGINT
+  # ignored, which its children inherit, and then nothing they start would stop on it.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(command: Command, env: dict, **kwargs) -> subprocess.Popen:
   sys.stdout.flush()
   # A session of its own, so the command and everything it starts are stopped together.
   return subprocess.Popen(['bash', '-o', 'pipefail', '-c', command.text], cwd=ROOT, env=env,
-                          start_new_session=True, **kwargs)
+                          start_new_session=True, preexec_fn=_default_sigint, **kwargs)
 
 
 def _stop(process: subprocess.Popen, sig=signal.SIGKILL) -> None:
@@ -180,7 +186,7 @@ def _stop(process: subprocess.Popen, sig=signal.SIGKILL) -> None:
     pass
 
 
-def run_to_end(command: Command, env: dict) -> str:
+def run_to_end(command: Command, env: dict) -> None:
   process = _start(command, env)
   try:
     status = process.wait(timeout=COMMAND_TIMEOUT_S)
@@ -190,7 +196,6 @@ def run_to_end(command: Command, env: dict) -> str:
     _stop(process)
   if status:
     raise Failed(f'exit status {status}')
-  return ''
 
 
 def _get(url: str, data: bytes | None = None, timeout: float = 120) -> tuple[int, str, bytes]:
@@ -213,11 +218,6 @@ def _expect_page(base: str) -> str:
 
 
 def _probe_search(base: str, earlier: list[Command]) -> list[str]:
-  deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-  while (status := _get(base + '/readyz', timeout=10)[0]) != 200:
-    if time.monotonic() > deadline:
-      raise Failed(f'/readyz still answers {status} after {SERVER_START_TIMEOUT_S} s')
-    time.sleep(1)
   photos = [path for command in earlier for path in _IMAGE.findall(command.one_line)
             if os.path.isfile(os.path.join(ROOT, path))]
   if not photos:
@@ -230,7 +230,7 @@ def _probe_search(base: str, earlier: list[Command]) -> list[str]:
   if not results:
     raise Failed(f'POST /api/search with {photos[0]} found no product')
   best = results[0]
-  return ['GET /readyz 200', _expect_page(base),
+  return [_expect_page(base),
           f"POST /api/search {photos[0]} 200: {len(results)} products, first "
           f"{best['product_id']} ({best['category']}, score {best['score']:.4f})"]
 
@@ -251,16 +251,17 @@ def _probe_tensorboard(base: str, earlier: list[Command]) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class Server:
   """A README command that serves until stopped: how to know it and to check it works."""
-  pattern: str   # searched in the command
-  url: str       # the line it prints once listening; group 1: the base URL
+  pattern: str  # searched in the command
+  url: str      # the line it prints once listening; group 1: the base URL
+  ready: str    # the path that answers 200 once it is ready
   probe: Callable[[str, list[Command]], list[str]]  # (base URL, earlier commands) -> checks
   missing: str = ''  # when its program may be absent: what to say instead of failing
 
 
 SERVERS = (
     Server(r'-m\s+fashion_jax\.search\s+serve\b', r'^serving .* on (http://[^/\s]+)/',
-           _probe_search),
-    Server(r'(^|&&\s*)tensorboard\b', r'^TensorBoard .* at (http://[^/\s]+)/',
+           '/readyz', _probe_search),
+    Server(r'(^|&&\s*)tensorboard\b', r'^TensorBoard .* at (http://[^/\s]+)/', '/',
            _probe_tensorboard,
            missing='tensorboard is not installed here (the data extra brings it)'),
 )
@@ -293,6 +294,14 @@ def run_server(command: Command, server: Server, env: dict, earlier: list[Comman
       status = process.poll()
       raise Failed(f'ended with exit status {status} before serving' if status is not None
                    else f'printed no URL in {SERVER_START_TIMEOUT_S} s')
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while (status := _get(found[0] + server.ready, timeout=10)[0]) != 200:
+      if process.poll() is not None:
+        raise Failed(f'ended with exit status {process.returncode} before it was ready')
+      if time.monotonic() > deadline:
+        raise Failed(f'{server.ready} still answers {status} after {SERVER_START_TIMEOUT_S} s')
+      time.sleep(1)
+    print(f'--- GET {server.ready} 200', flush=True)
     for check in server.probe(found[0], earlier):
       print(f'--- {check}', flush=True)
     _stop(process, signal.SIGINT)
@@ -325,10 +334,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--skip-tests', action='store_true',
                       help='not the command that runs pytest (.ci/run has just run it)')
   args = parser.parse_args(argv)
-  # Servers are stopped with Ctrl-C. A shell starts a background job with SIGINT ignored, which
-  # its children would inherit (and Python then never raises KeyboardInterrupt); a handler of
-  # ours is reset to the default in every child.
-  signal.signal(signal.SIGINT, signal.default_int_handler)
   with open(args.readme, encoding='utf-8') as f:
     commands = readme_commands(f.read())
   start, report = time.monotonic(), []

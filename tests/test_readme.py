@@ -3,6 +3,7 @@ each `python -m` module the README names imports and accepts the flags it is giv
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -208,3 +209,29 @@ def test_a_run_that_passes_reports_each_command(tmp_path, capfd):
   out = capfd.readouterr().out
   assert 'first-ran' in out and 'skipped-ran' not in out.replace('$ echo skipped-ran', '')
   assert 'README commands: 1 ran, 1 skipped, none failed' in out
+
+
+def _http_server(probe=lambda base, earlier: [f'probed {base}']):
+  # Python's own file server: prints its URL once listening, exits 0 on Ctrl-C.
+  return readme_commands.Server(r'http\.server', r'\((http://[^/\s]+)/\)', '/', probe)
+
+
+def test_a_server_is_started_probed_and_stopped_with_ctrl_c(capfd):
+  command = readme_commands.Command(
+      f'{sys.executable} -m http.server 0 --bind 127.0.0.1', 1, 'Serve')
+  note = readme_commands.run_server(command, _http_server(), dict(os.environ), [])
+  out = capfd.readouterr().out
+  assert re.search(r'^--- probed http://127\.0\.0\.1:\d+$', out, re.M)
+  assert note.endswith('answered, then stopped by Ctrl-C')
+  assert 'Keyboard interrupt received, exiting' in out
+
+
+def test_a_server_that_fails_its_probe_or_never_serves_fails():
+  def refuse(base, earlier):
+    raise readme_commands.Failed('the probe refused')
+  serve = readme_commands.Command(f'{sys.executable} -m http.server 0 --bind 127.0.0.1', 1, 'S')
+  with pytest.raises(readme_commands.Failed, match='the probe refused'):
+    readme_commands.run_server(serve, _http_server(refuse), dict(os.environ), [])
+  crash = readme_commands.Command(f'{sys.executable} -c "import sys; sys.exit(3)"', 1, 'S')
+  with pytest.raises(readme_commands.Failed, match='ended with exit status 3 before serving'):
+    readme_commands.run_server(crash, _http_server(), dict(os.environ), [])
