@@ -291,9 +291,11 @@ def run_server(command: Command, server: Server, env: dict, earlier: list[Comman
   reader.start()
   try:
     if not url.wait(SERVER_START_TIMEOUT_S) or not found:
-      status = process.poll()
-      raise Failed(f'ended with exit status {status} before serving' if status is not None
-                   else f'printed no URL in {SERVER_START_TIMEOUT_S} s')
+      try:  # its output has ended, its exit may take a moment to be seen
+        status = process.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        raise Failed(f'printed no URL in {SERVER_START_TIMEOUT_S} s') from None
+      raise Failed(f'ended with exit status {status} before serving')
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while (status := _get(found[0] + server.ready, timeout=10)[0]) != 200:
       if process.poll() is not None:
