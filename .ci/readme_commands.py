@@ -3,15 +3,15 @@
 
   python3 .ci/readme_commands.py [--list] [--skip-tests]
 
-From the repository root and in the README's order: every command of each ```bash block (one
-per line or backslash-continued lines; comment lines dropped), then, where the prose quotes
-one, the command in a code span that starts with python, python3, tensorboard or .venv/bin/
-(those run as in an activated virtual environment: .venv/bin first on PATH). A block whose last
-line before the fence is `<!-- not run in CI: <why> -->` (not shown to readers) is listed, not
-run. Servers are started in the background, probed over HTTP and stopped with Ctrl-C: the
-search service (/readyz, its page, one POST /api/search with the first photo an earlier
-command names) and TensorBoard (its page and the runs it found). The first command that fails
-ends the run with a line naming it, and exit status 1. Standard library only.
+From the repository root, in the README's order: each command of every ```bash block (a line,
+or lines joined by a trailing backslash; comment lines dropped) and each command the prose
+quotes in a code span starting with python, python3, tensorboard or .venv/bin/ (run as in an
+activated virtual environment: .venv/bin first on PATH). A block whose line before the fence is
+`<!-- not run in CI: <why> -->` (readers do not see it) is listed, not run. Servers are started
+in the background, probed over HTTP and stopped with Ctrl-C: the search service (/readyz, its
+page, one POST /api/search with the first photo an earlier command names) and TensorBoard (its
+page, the runs it found). The first command that fails ends the run with a line naming it and
+exit status 1. Standard library only.
 """
 
 import argparse
@@ -331,7 +331,8 @@ def _where(command: Command, readme: str) -> str:
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--readme', default=os.path.join(ROOT, 'README.md'))
+  parser.add_argument('--readme', default=os.path.join(ROOT, 'README.md'),
+                      help='the file to read (default: README.md)')
   parser.add_argument('--list', action='store_true', help='list the commands, run nothing')
   parser.add_argument('--skip-tests', action='store_true',
                       help='not the command that runs pytest (.ci/run has just run it)')
