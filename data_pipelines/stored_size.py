@@ -32,7 +32,7 @@ def resize_stored(jpeg: bytes, image_size: tuple[int, int], quality: int = JPEG_
 
 def stored_size(builder) -> tuple[int, int] | None:
   """The (height, width) every image of the build is stored at, or None (crops kept as cut)."""
-  size = getattr(builder.builder_config, 'image_size', None)
+  size = getattr(builder.builder_config, 'resized_to', None)
   return tuple(size) if size else None
 
 

@@ -47,7 +47,7 @@ class ConsumerToShopConfig(tfds.core.BuilderConfig):
   highres: bool = False
   # (height, width): every bounded crop is then resized as training resizes it
   # (data_pipelines/stored_size.py); None keeps the crops as cut.
-  image_size: tuple[int, int] | None = None
+  resized_to: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -155,12 +155,12 @@ def scaled_box(corners: tuple[int, int, int, int], frame: tuple[int, int],
 
 
 def cropped_image(root: str, name: str, domain: str, boxes: dict, faults: raw_images.FaultCounter,
-                  max_side: int, highres: bool = False, image_size: tuple[int, int] | None = None
+                  max_side: int, highres: bool = False, resized_to: tuple[int, int] | None = None
                   ) -> tuple[dict | None, int | None]:
   """The image feature of `name` cropped to its corner box, and the clothes type of its box row.
 
   With `highres`, the crop comes from the img_highres/ copy and the box, drawn on the 300-px
-  image, is scaled to it (`scaled_box`). With `image_size`, the bounded crop is stored resized
+  image, is scaled to it (`scaled_box`). With `resized_to`, the bounded crop is stored resized
   to it (`stored_size.resize_stored`).
 
   Rules: a missing or unreadable file is skipped (`missing_image`, `corrupt_image`, see
@@ -198,8 +198,8 @@ def cropped_image(root: str, name: str, domain: str, boxes: dict, faults: raw_im
   if box != corners:
     faults['box_clipped'] += 1
   jpeg = raw_images.encode_bounded(photo.crop(box), max_side)
-  if image_size is not None:
-    jpeg = stored_size.resize_stored(jpeg, image_size)
+  if resized_to is not None:
+    jpeg = stored_size.resize_stored(jpeg, resized_to)
   return ({'image': jpeg, 'domain': domain,
            'image_id': name, 'bbox': raw_images.normalized_box(box, photo.width, photo.height)},
           clothes_type)
@@ -234,7 +234,7 @@ def work_element(split: str, item: str, folder: str, images: list[tuple[str, str
 
 
 def item_example(element: tuple, root: str, max_side: int, highres: bool = False,
-                 image_size: tuple[int, int] | None = None
+                 resized_to: tuple[int, int] | None = None
                  ) -> tuple[tuple[str, dict] | None, raw_images.FaultCounter]:
   """(key, example) of one work_element, or None if nothing of it is written; its faults.
 
@@ -253,7 +253,7 @@ def item_example(element: tuple, root: str, max_side: int, highres: bool = False
   images, categories = [], []
   for name, domain in names:
     image, clothes_type = cropped_image(root, name, domain, boxes, faults, max_side, highres,
-                                        image_size)
+                                        resized_to)
     if clothes_type is not None:
       categories.append(clothes_type)
     if image is not None:
@@ -281,7 +281,7 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
                            description='Cropped from img_highres/, bounded to 2048 px.'),
       # The default's crops stored resized to 320x320 as training resizes them: training at
       # that size then only decodes.
-      ConsumerToShopConfig(name='resized320', image_size=(320, 320),
+      ConsumerToShopConfig(name='resized320', resized_to=(320, 320),
                            description='Cropped from img/, resized to 320x320 (stretch, '
                            'triangle filter) as training resizes them.'),
   ]
@@ -320,7 +320,7 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
                  for status in ('train', 'val', 'test')}
     gallery = {**by_status['val'], **by_status['test']}
     process = functools.partial(item_example, root=root, max_side=config.max_side,
-                                highres=config.highres, image_size=config.image_size)
+                                highres=config.highres, resized_to=config.resized_to)
 
     def work(split: str, items: dict[str, _Item], domains: tuple[str, ...]) -> list[tuple]:
       return [work_element(split, item, entry.folder,

@@ -44,7 +44,7 @@ class InShopConfig(tfds.core.BuilderConfig):
   max_side: int = 640  # the 256-px images are never enlarged
   # (height, width): every crop is then resized as training resizes it
   # (data_pipelines/stored_size.py); None keeps the crops as cut.
-  image_size: tuple[int, int] | None = None
+  resized_to: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -118,7 +118,7 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
       InShopConfig(name='default', description='Images bounded to 640 px.'),
-      InShopConfig(name='resized320', image_size=(320, 320),
+      InShopConfig(name='resized320', resized_to=(320, 320),
                    description='Crops resized to 320x320 (stretch, triangle filter) as training '
                    'resizes them.'),
   ]
@@ -149,6 +149,6 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
     items = read_partition(os.path.join(root, PARTITION_FILE), self._faults)
     process = functools.partial(c2s.item_example, root=root,
                                 max_side=self.builder_config.max_side,
-                                image_size=self.builder_config.image_size)
+                                resized_to=self.builder_config.resized_to)
     return {split: self._generate_examples(split, work_list(split, items, boxes), process)
             for split in SPLITS}

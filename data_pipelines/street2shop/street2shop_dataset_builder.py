@@ -44,7 +44,7 @@ class Street2ShopConfig(tfds.core.BuilderConfig):
   max_side: int = 640  # longest side of a stored image; enough for 480x480 training
   # (height, width): every bounded image is then resized as training resizes it
   # (data_pipelines/stored_size.py); None keeps the crops as cut.
-  image_size: tuple[int, int] | None = None
+  resized_to: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +233,7 @@ def work_list(plan: _Plan, paths: dict[int, str]) -> dict[str, list[tuple]]:
   return work
 
 
-def item_example(element: tuple, max_side: int, image_size: tuple[int, int] | None = None
+def item_example(element: tuple, max_side: int, resized_to: tuple[int, int] | None = None
                  ) -> tuple[tuple[str, dict] | None, raw_images.FaultCounter]:
   """(key, example) of one work_list element, or None if no usable image is left; its faults.
 
@@ -256,7 +256,7 @@ def item_example(element: tuple, max_side: int, image_size: tuple[int, int] | No
     photo = last[1]
     if photo is None:
       continue
-    images.append(_image(use, photo, faults, max_side, image_size))
+    images.append(_image(use, photo, faults, max_side, resized_to))
   images = [image for image in images if image is not None]
   if not raw_images.keep_item(split, images, faults):
     return None, faults
@@ -265,16 +265,16 @@ def item_example(element: tuple, max_side: int, image_size: tuple[int, int] | No
                      'images': images}), faults
 
 
-def _encode(image, max_side: int, image_size: tuple[int, int] | None) -> bytes:
+def _encode(image, max_side: int, resized_to: tuple[int, int] | None) -> bytes:
   jpeg = raw_images.encode_bounded(image, max_side)
-  return jpeg if image_size is None else stored_size.resize_stored(jpeg, image_size)
+  return jpeg if resized_to is None else stored_size.resize_stored(jpeg, resized_to)
 
 
 def _image(use: _Use, photo, faults, max_side: int,
-           image_size: tuple[int, int] | None = None) -> dict | None:
+           resized_to: tuple[int, int] | None = None) -> dict | None:
   width, height = photo.size
   if use.box is None:
-    return {'image': _encode(photo, max_side, image_size), 'domain': 'shop',
+    return {'image': _encode(photo, max_side, resized_to), 'domain': 'shop',
             'image_id': f'{use.photo:09d}',
             'bbox': np.array([0.0, 0.0, 1.0, 1.0], np.float32)}
   left, top, w, h = use.box
@@ -285,7 +285,7 @@ def _image(use: _Use, photo, faults, max_side: int,
   if box != (left, top, left + w, top + h):
     faults['box_clipped'] += 1
   crop = photo.crop(box)
-  return {'image': _encode(crop, max_side, image_size), 'domain': 'street',
+  return {'image': _encode(crop, max_side, resized_to), 'domain': 'street',
           'image_id': f'{use.photo:09d}@{box[0]},{box[1]},{box[2]},{box[3]}',
           'bbox': raw_images.normalized_box(box, width, height)}
 
@@ -303,7 +303,7 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       Street2ShopConfig(name='default', description='Images bounded to 640 px.'),
       Street2ShopConfig(name='max1024', max_side=1024, description='Images bounded to 1024 px.'),
-      Street2ShopConfig(name='resized320', image_size=(320, 320),
+      Street2ShopConfig(name='resized320', resized_to=(320, 320),
                         description='Images bounded to 640 px, then resized to 320x320 '
                         '(stretch, triangle filter) as training resizes them.'),
   ]
@@ -327,6 +327,6 @@ class Builder(item_builds.ItemBuilds, tfds.core.GeneratorBasedBuilder):
     plan = plan_splits(_meta_dir(manual_dir), self._faults)
     paths = index_images(manual_dir, self._faults)
     process = functools.partial(item_example, max_side=self.builder_config.max_side,
-                                image_size=self.builder_config.image_size)
+                                resized_to=self.builder_config.resized_to)
     return {split: self._generate_examples(split, work, process)
             for split, work in work_list(plan, paths).items()}

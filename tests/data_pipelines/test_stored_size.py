@@ -92,3 +92,15 @@ def test_resize_is_skipped_only_at_the_training_size():
     np.testing.assert_array_equal(out, image)
     assert input_pipeline.decode_resized_uint8(encoded, (32, 32), resize_filter).shape == (
         32, 32, 3)
+
+
+def test_builds_that_keep_their_crops_train_at_any_size(tiny_builder):
+  # fashion_synth's config has an int `image_size` (its shop images' side): not a stored size.
+  assert stored_size.stored_size(tiny_builder) is None
+  config = configlib.base_config()
+  config.input.image_size = (48, 32)
+  config.train.batch_size, config.train.k = 8, 2
+  stored_size.check(tiny_builder, config.input)
+  batch = next(iter(input_pipeline.create_train_dataset(
+      tiny_builder, config, item_ids=input_pipeline.train_item_ids(tiny_builder))))
+  assert batch['images'].shape == (8, 48, 32, 3)
