@@ -193,11 +193,7 @@ def run_backend(job: dict) -> dict:
     from fashion_jax.search.backends import faiss_index
     del backend
     faiss.omp_set_num_threads(1)
-    index = faiss.read_index(os.path.join(directory, faiss_index.INDEX_FILE),
-                             faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    ivf = faiss.try_extract_index_ivf(index)
-    figures['structure'] = type(index).__name__ if ivf is None else (
-        f"IVF{ivf.nlist}, nprobe {settings.get('nprobe') or faiss_index.default_nprobe(ivf.nlist)}")
+    figures['structure'] = faiss_index.FaissBackend.load(directory, settings).describe()
     figures['sweep'] = []
     for nprobe in job.get('nprobes', []):
       # Reopened as `open` does, at another nprobe.
@@ -443,7 +439,7 @@ def backend_table(figures: list[dict], found: dict, truths: dict, exact_queries:
 
 def sweep_table(figures: list[dict], found: dict, truth: dict, queries: int) -> None:
   exact, faiss = figures[0], figures[1]
-  print(f"| faiss ({faiss['structure'].split(',')[0]}), nprobe | queries | p50 / p95 (ms) | "
+  print(f"| faiss ({faiss['structure'].split(', nprobe')[0]}), nprobe | queries | p50 / p95 (ms) | "
         'p50 / p95, filter (ms) | recall@10 | recall@10, filter | exact p50 / p50 | '
         'other category |')
   print('|---|---|---|---|---|---|---|---|')

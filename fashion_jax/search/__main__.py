@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
   index.add_argument('--faiss-factory', help='FAISS index_factory string (default: from size)')
   index.add_argument('--nprobe', type=int, help='FAISS IVF lists searched per query')
   index.add_argument('--ef-search', type=int, help='FAISS HNSW search breadth')
+  index.add_argument('--faiss-refine', type=float,
+                     help='FAISS candidates re-scored per result (a factory with Refine)')
   index.add_argument('--qdrant-url', help='Qdrant server or cluster, e.g. http://host:6333')
   index.add_argument('--qdrant-path', help="Qdrant's embedded local mode: a folder")
   index.add_argument('--collection', help='Qdrant collection (default: from the index folder)')
@@ -183,6 +185,7 @@ def run_index(args) -> int:
   entries = _catalogue(args)
   settings = {key: value for key, value in (
       ('factory', args.faiss_factory), ('nprobe', args.nprobe), ('ef_search', args.ef_search),
+      ('refine', args.faiss_refine),
       ('url', args.qdrant_url), ('path', args.qdrant_path), ('collection', args.collection),
       ('shards', args.qdrant_shards), ('replicas', args.qdrant_replicas))
       if value is not None}

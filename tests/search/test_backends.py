@@ -19,6 +19,9 @@ CASES = {
     'faiss': ('faiss', {}),  # a flat index at this size
     'faiss-ivf': ('faiss', {'factory': 'IVF3,SQfp16', 'nprobe': 3}),
     'faiss-hnsw': ('faiss', {'factory': 'HNSW16,SQfp16'}),
+    # The default for large catalogues: PQ fast-scan lists of a rotation, re-scored candidates.
+    'faiss-refined': ('faiss', {'factory': 'PCAR16,IVF3,PQ8x4fs,Refine(SQfp16)', 'nprobe': 3,
+                                'refine': 64}),
     'qdrant': ('qdrant', {'path': ':memory:'}),
 }
 pytestmark = pytest.mark.filterwarnings('ignore:Payload indexes have no effect:UserWarning')
@@ -186,7 +189,7 @@ def test_save_and_open(case, catalogue, tmp_path):
     assert_same(got, exact.search(catalogue.queries, 5, category))
 
 
-@pytest.mark.parametrize('case', ['faiss', 'faiss-ivf', 'faiss-hnsw'])
+@pytest.mark.parametrize('case', ['faiss', 'faiss-ivf', 'faiss-hnsw', 'faiss-refined'])
 def test_faiss_changes_a_mapped_index_and_saves_it_again(case, catalogue, tmp_path):
   rows = np.arange(len(catalogue.embeddings))
   backend = make(case, tmp_path)
@@ -203,12 +206,18 @@ def test_faiss_changes_a_mapped_index_and_saves_it_again(case, catalogue, tmp_pa
 
 
 def test_faiss_default_index_follows_the_catalogue_size():
-  assert faiss_index.default_factory(4000, 4000) == 'Flat'
+  assert faiss_index.default_factory(4000, 4000, 64) == 'Flat'
   # 4 sqrt(N) lists, but no fewer than 39 training rows each.
-  assert faiss_index.default_factory(5000, 5000) == 'IVF128,SQfp16'
-  assert faiss_index.default_factory(10**6, 10**6, 'SQ8') == 'IVF4000,SQ8'
-  assert faiss_index.default_factory(10**6, 65536) == 'IVF1680,SQfp16'
-  assert faiss_index.default_factory(10**10, 10**7) == 'IVF65536,SQfp16'
+  assert faiss_index.default_factory(5000, 5000, 64) == 'IVF128,SQfp16'
+  assert faiss_index.default_factory(200_000, 65536, 2048) == 'IVF1680,SQfp16'
+  # From 2^18 rows: 4-bit PQ codes of a 256-dim rotation, candidates re-scored on float16.
+  assert (faiss_index.default_factory(10**6, 65536, 2048) ==
+          'PCAR256,IVF1680,PQ128x4fs,Refine(SQfp16)')
+  assert faiss_index.default_factory(10**6, 10**6, 128) == 'IVF4000,PQ64x4fs,Refine(SQfp16)'
+  assert faiss_index.default_factory(10**10, 10**7, 2048) == (
+      'PCAR256,IVF65536,PQ128x4fs,Refine(SQfp16)')
+  # Named codes ask for an IVF of them.
+  assert faiss_index.default_factory(10**6, 10**6, 2048, 'SQ8') == 'IVF4000,SQ8'
   assert [faiss_index.default_nprobe(n) for n in (16, 128, 4000)] == [16, 16, 500]
 
 

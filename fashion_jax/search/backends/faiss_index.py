@@ -1,19 +1,27 @@
-"""FAISS search: an inverted file (IVF) of float16 codes, a flat scan for small catalogues, or
-any FAISS index_factory string (HNSW, PQ, SQ8). Needs `pip install faiss-cpu`.
+"""FAISS search: an inverted file (IVF) over float16 codes, or over 4-bit PQ codes whose candidates
+are re-scored on float16 copies, a flat scan for small catalogues, or any FAISS index_factory
+string (HNSW, PQ, SQ8, OPQ, RFlat). Needs `pip install faiss-cpu`.
 
 Settings (all optional): `factory` (an index_factory string, e.g. 'IVF1024,SQ8',
 'IVF1024,PQ64', 'HNSW32,SQfp16'; it replaces the rule below), `codes` (the IVF's codes:
-'SQfp16', 'SQ8', 'PQ<m>', 'Flat'), `nprobe` (IVF lists searched), `ef_search` (HNSW),
-`rows` (the catalogue size to plan for, when it is larger than the training sample) and
-`train_rows` (the training sample).
+'SQfp16', 'SQ8', 'PQ<m>', 'Flat'; an IVF of them replaces the rule's re-scored index),
+`nprobe` (IVF lists searched), `ef_search` (HNSW), `refine` (candidates fetched and re-scored
+per result wanted, for a factory ending in Refine or RFlat), `rows` (the catalogue size to plan
+for, when it is larger than the training sample) and `train_rows` (the training sample).
 
-The default index, for N rows (`rows`, else the rows added before training):
+The default index, for N rows of D dims (`rows`, else the rows added before training):
   N < 4,096   Flat: scanning a few thousand rows costs less than any list structure, and is exact
-  otherwise   IVF<nlist>,SQfp16 over spherical k-means lists (float16 codes: half of float32,
-              lossless for a float16 index); nlist = 4 sqrt(N), clamped to [16, 65,536] and to
-              one list per 39 training rows (FAISS's minimum); nprobe = max(16, nlist / 8), which
-              keeps product recall@10 >= 0.95 on the clustered test data (tests/search), and a
-              category filter that keeps a share s of the rows probes nprobe / s lists.
+  N < 2^18    IVF<nlist>,SQfp16 over spherical k-means lists (float16 codes: half of float32,
+              lossless for a float16 index)
+  otherwise   PCAR<d>,IVF<nlist>,PQ<d/2>x4fs,Refine(SQfp16): the lists hold 4-bit PQ codes of a
+              d = min(D, 256)-dim PCA rotation (d/4 bytes a row, scanned with SIMD lookups, ~30x
+              less to read than float16 codes at D = 2,048), and the best `refine` (8) times as
+              many candidates as results are re-scored exactly on float16 copies of the rows
+nlist = 4 sqrt(N), clamped to [16, 65,536] and to one list per 39 training rows (FAISS's
+minimum); nprobe = max(16, nlist / 8), which keeps product recall@10 >= 0.95 on the clustered
+test data (tests/search) and on the 1M-row benchmark (bench/search_bench.py); a category
+filter that keeps a share s of the rows probes nprobe / s lists, and the filter is a FAISS ID
+selector applied inside the scan.
 Training waits for the training sample (`train_rows`, by default what 512 MiB of float32 holds,
 capped at N), so a catalogue larger than memory is indexed in chunks: the first chunks fill the
 sample, the index is trained on it, and every later chunk goes straight in.
@@ -28,8 +36,11 @@ from fashion_jax.search.backends.base import NO_CATEGORY, Backend, register
 
 INDEX_FILE = 'faiss.index'
 ROWS_FILE = 'faiss_rows.npz'  # each row's product, category and whether it is held
-SETTINGS = ('factory', 'codes', 'nprobe', 'ef_search', 'rows', 'train_rows')
+SETTINGS = ('factory', 'codes', 'nprobe', 'ef_search', 'refine', 'rows', 'train_rows')
 _FLAT_BELOW = 4096
+_REFINED_FROM = 1 << 18  # rows: below, scanning float16 codes of nlist / 8 lists is fast enough
+_REDUCED_DIM = 256  # of the PCA rotation whose PQ codes the lists hold
+_REFINE = 8
 _MIN_TRAIN_PER_LIST = 39  # FAISS warns and clusters poorly below this many points per list
 _TRAIN_BYTES = 512 * 2**20
 _ADD_CHUNK = 65536  # rows converted to float32 and added at a time
@@ -44,13 +55,18 @@ def _faiss():
   return faiss
 
 
-def default_factory(rows: int, train_rows: int, codes: str = 'SQfp16') -> str:
-  """The index_factory string for a catalogue of `rows` rows trained on `train_rows` rows."""
+def default_factory(rows: int, train_rows: int, dim: int, codes: str | None = None) -> str:
+  """The index_factory string for a catalogue of `rows` rows of `dim` dims trained on
+  `train_rows` rows (see the module docstring); `codes` asks for an IVF of those codes."""
   if rows < _FLAT_BELOW:
     return 'Flat'
   nlist = min(max(16, round(4 * math.sqrt(rows))), 65536)
   nlist = max(1, min(nlist, train_rows // _MIN_TRAIN_PER_LIST))
-  return f'IVF{nlist},{codes}'
+  reduced = min(dim, _REDUCED_DIM) // 2 * 2  # two dims per 4-bit sub-quantizer
+  if codes is not None or rows < _REFINED_FROM or reduced < 8:
+    return f'IVF{nlist},{codes or "SQfp16"}'
+  rotation = f'PCAR{reduced},' if reduced < dim else ''
+  return f'{rotation}IVF{nlist},PQ{reduced // 2}x4fs,Refine(SQfp16)'
 
 
 def default_nprobe(nlist: int) -> int:
@@ -75,8 +91,9 @@ def _collapse(scores, rows, row_product, k):
 @register
 class FaissBackend(Backend):
   """Row numbers are the FAISS ids: IVF lists hold ids themselves (an IndexIDMap2 over an IVF
-  renumbers wrongly after `remove_ids`), every other index sits in an IndexIDMap2. HNSW cannot
-  remove vectors; its removed rows stay in the graph and the search's ID selector skips them."""
+  renumbers wrongly after `remove_ids`), every other index sits in an IndexIDMap2. HNSW and
+  re-scored (Refine) indexes cannot remove vectors; their removed rows stay in the index and
+  the search's ID selector skips them."""
 
   name = 'faiss'
 
@@ -87,13 +104,15 @@ class FaissBackend(Backend):
     self._faiss = _faiss()
     self._dim, self._dtype, self._settings = dim, np.dtype(dtype), dict(settings)
     self._index = None
-    self._kind = None  # 'ivf', 'hnsw' or 'flat' once built
+    self._kind = None  # the search structure once built: 'ivf', 'hnsw' or 'flat'
+    self._refined = False  # candidates re-scored by an IndexRefine
     self._mapped = None  # the file the index is memory-mapped from, until it is changed
     self._pending = []  # (rows, vectors) added before training
     self._product = np.zeros(0, np.int64)  # [R] by row number
     self._category = np.zeros(0, np.int32)
     self._held = np.zeros(0, bool)
     self._rows_per_product = None
+    self._selectors = {}  # category -> (rows allowed, their ID selector), until rows change
 
   @classmethod
   def create(cls, directory, dim, dtype, settings):
@@ -121,14 +140,15 @@ class FaissBackend(Backend):
       raise FileNotFoundError(f'{directory}: no FAISS index ({ROWS_FILE}): index the catalogue '
                               'again with this backend')
     with np.load(os.path.join(directory, ROWS_FILE)) as saved:
-      kind = str(saved['kind'])
+      mapped_lists = str(saved['kind']) == 'ivf'  # an IVF holding its ids: lists mmap
       product, category, held = saved['product'], saved['category'], saved['held']
     path = os.path.join(directory, INDEX_FILE)
     # FAISS releases without IO_FLAG_MMAP_IFC read flat and HNSW indexes whole.
-    flag = faiss.IO_FLAG_MMAP if kind == 'ivf' else getattr(faiss, 'IO_FLAG_MMAP_IFC', 0)
+    flag = faiss.IO_FLAG_MMAP if mapped_lists else getattr(faiss, 'IO_FLAG_MMAP_IFC', 0)
     index = faiss.read_index(path, flag | faiss.IO_FLAG_READ_ONLY)
     backend = cls(index.d, np.float32, settings or {})
-    backend._index, backend._kind, backend._mapped = index, kind, path
+    backend._index, backend._mapped = index, path
+    backend._kind, backend._refined = _structure(faiss, index)
     backend._product, backend._category, backend._held = product, category, held
     return backend
 
@@ -143,7 +163,7 @@ class FaissBackend(Backend):
     self._product[rows] = products
     self._category[rows] = categories
     self._held[rows] = True
-    self._rows_per_product = None
+    self._changed()
     if self._index is None:
       self._pending.append((rows, np.asarray(vectors, self._dtype)))
       if sum(len(r) for r, _ in self._pending) >= self._train_rows():
@@ -155,14 +175,14 @@ class FaissBackend(Backend):
     rows = np.asarray(rows, np.int64)
     rows = rows[rows < len(self._held)]
     self._held[rows] = False
-    self._rows_per_product = None
+    self._changed()
     if self._index is None:
       kept = []
       for held_rows, vectors in self._pending:
         keep = ~np.isin(held_rows, rows)
         kept.append((held_rows[keep], vectors[keep]))
       self._pending = kept
-    elif self._kind != 'hnsw':
+    elif self._kind != 'hnsw' and not self._refined:
       self._writable().remove_ids(self._faiss.IDSelectorBatch(rows))
 
   def save(self, directory) -> None:
@@ -172,7 +192,7 @@ class FaissBackend(Backend):
     # A mapped IVF would be written as a reference to its on-disk lists, not as the lists.
     self._faiss.write_index(self._writable(), index_path + '.tmp')
     with open(rows_path + '.tmp', 'wb') as f:
-      np.savez(f, kind=np.array(self._kind), product=self._product, category=self._category,
+      np.savez(f, kind=np.array('refine' if self._refined else self._kind), product=self._product, category=self._category,
                held=self._held)
     os.replace(index_path + '.tmp', index_path)
     os.replace(rows_path + '.tmp', rows_path)
@@ -186,18 +206,14 @@ class FaissBackend(Backend):
     scores = np.full((len(queries), k), -np.inf, np.float32)
     products = np.full((len(queries), k), -1, np.int64)
     self._ready()
-    allowed = self._held if category < 0 else self._held & (self._category == category)
-    qualifying = int(allowed.sum())
+    qualifying, selector = self._selector(category)
     if not qualifying or not k:
       return scores, products
-    params = {}
-    # Rows that HNSW still holds but were removed need the selector even without a category.
-    if category >= 0 or self._index.ntotal > qualifying:
-      params['sel'] = self._faiss.IDSelectorBitmap(np.packbits(allowed, bitorder='little'))
+    params = {} if selector is None else {'sel': selector}
     reach, most = self._reach()
     # The k-th allowed neighbour lies about as deep as the (k / share)-th of all rows: probe
     # (or explore) as much more as the filter keeps fewer rows.
-    reach = min(most, math.ceil(reach * int(self._held.sum()) / qualifying))
+    reach = min(most, math.ceil(reach * self._selector(NO_CATEGORY)[0] / qualifying))
     fetch = min(qualifying, math.ceil(2 * k * self._products_spread()))
     pending = np.arange(len(queries))
     while len(pending):
@@ -219,12 +235,56 @@ class FaissBackend(Backend):
       fetch = min(2 * fetch, qualifying)
     return scores, products
 
+  def describe(self) -> str:
+    """The index's layers and search settings, e.g. 'IndexIDMap2 > IndexRefine >
+    IndexPreTransform > IndexIVFPQFastScan; nlist 1680, nprobe 210, refine 8'."""
+    self._ready()
+    names = ' > '.join(type(layer).__name__ for layer in _layers(self._faiss, self._index))
+    reach, most = self._reach()
+    settings = {'ivf': f'nlist {most}, nprobe {reach}', 'hnsw': f'efSearch {reach}'}.get(
+        self._kind)
+    if self._refined:
+      refine = f"refine {self._settings.get('refine') or _REFINE:g}"
+      settings = f'{settings}, {refine}' if settings else refine
+    return f'{names}; {settings}' if settings else names
+
+  def _selector(self, category):
+    """(rows allowed, the ID selector that keeps them, or None when every row FAISS holds
+    is): the query's category among the rows held. Packing a bitmap of a large catalogue
+    costs about what a search does, so each category's is kept until the rows change."""
+    if category not in self._selectors:
+      allowed = self._held if category < 0 else self._held & (self._category == category)
+      qualifying = int(allowed.sum())
+      # Rows that HNSW (or a Refine index) still holds but were removed need the selector even
+      # without a category.
+      selector = None
+      if category >= 0 or (self._index is not None and self._index.ntotal > qualifying):
+        if self._refined:
+          # The selector reaches the Refine's base index unchanged, where ids are positions
+          # in the IndexIDMap2, not rows (the IDMap translates only its own parameters').
+          allowed = allowed[self._faiss.vector_to_array(self._index.id_map)]
+        selector = self._faiss.IDSelectorBitmap(np.packbits(allowed, bitorder='little'))
+      self._selectors[category] = (qualifying, selector)
+    return self._selectors[category]
+
+  def _changed(self):
+    self._rows_per_product = None
+    self._selectors = {}
+
   def _params(self, reach, params):
     if self._kind == 'ivf':
-      return self._faiss.SearchParametersIVF(nprobe=reach, **params)
-    if self._kind == 'hnsw':
-      return self._faiss.SearchParametersHNSW(efSearch=reach, **params)
-    return self._faiss.SearchParameters(**params) if params else None
+      base = self._faiss.SearchParametersIVF(nprobe=reach, **params)
+    elif self._kind == 'hnsw':
+      base = self._faiss.SearchParametersHNSW(efSearch=reach, **params)
+    else:
+      base = self._faiss.SearchParameters(**params) if params else None
+    if not self._refined:
+      return base
+    refine = self._faiss.IndexRefineSearchParameters(
+        k_factor=float(self._settings.get('refine') or _REFINE))
+    if base is not None:
+      refine.base_index_params = base
+    return refine
 
   def _reach(self):
     """(the nprobe or efSearch to start from, the most it grows to); 1 and 1 for a scan."""
@@ -267,7 +327,7 @@ class FaissBackend(Backend):
     self._pending = []
     factory = self._settings.get('factory') or default_factory(
         max(self._settings.get('rows') or 0, len(rows)), min(len(rows), self._train_rows()),
-        self._settings.get('codes') or 'SQfp16')
+        self._dim, self._settings.get('codes'))
     if factory.startswith('IDMap'):
       raise ValueError(f'faiss factory {factory!r}: leave out IDMap, the backend adds ids itself')
     index = faiss.index_factory(self._dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -280,9 +340,9 @@ class FaissBackend(Backend):
         # float16 codes of the vectors themselves (not of their offsets from the list centre)
         # hold a float16 index exactly.
         ivf.by_residual = False
-      self._kind = 'ivf'
-    else:
-      self._kind = 'hnsw' if isinstance(index, faiss.IndexHNSW) else 'flat'
+    self._kind, self._refined = _structure(faiss, index)
+    # Only an IVF (bare or behind a rotation) keeps the ids it is given, and removes rows.
+    if self._kind != 'ivf' or self._refined:
       index = faiss.IndexIDMap2(index)
     if not index.is_trained:
       sample = vectors
@@ -294,6 +354,7 @@ class FaissBackend(Backend):
     self._insert(rows, vectors)
 
   def _insert(self, rows, vectors):
+    self._selectors = {}  # FAISS may now hold rows that are not held
     index = self._writable()
     for start in range(0, len(rows), _ADD_CHUNK):
       part = slice(start, start + _ADD_CHUNK)
@@ -306,3 +367,27 @@ class FaissBackend(Backend):
       self._index = self._faiss.read_index(self._mapped)
       self._mapped = None
     return self._index
+
+
+def _layers(faiss, index) -> list:
+  """The index and those it wraps, outermost first (an IndexRefine's base, not its copies)."""
+  layers = []
+  while index is not None:
+    index = faiss.downcast_index(index)
+    layers.append(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+      index = index.index
+    elif isinstance(index, faiss.IndexRefine):
+      index = index.base_index
+    else:
+      index = None
+  return layers
+
+
+def _structure(faiss, index) -> tuple[str, bool]:
+  """(the search structure: 'ivf', 'hnsw' or 'flat'; whether an IndexRefine re-scores its
+  candidates) of an index and the indexes it wraps."""
+  layers = _layers(faiss, index)
+  kind = ('ivf' if any(isinstance(layer, faiss.IndexIVF) for layer in layers) else
+          'hnsw' if any(isinstance(layer, faiss.IndexHNSW) for layer in layers) else 'flat')
+  return kind, any(isinstance(layer, faiss.IndexRefine) for layer in layers)
