@@ -12,6 +12,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 
+_POLL_S = 0.0005
+
+
 class Busy(Exception):
   """The queue is full: the caller should answer 503 and let the client retry."""
 
@@ -25,13 +28,18 @@ class Batcher:
     max_batch: the most items per call (1 switches batching off; calls stay serialised).
     max_wait_s: how long the first item of a batch waits for company.
     max_queue: the most items waiting; `submit` raises Busy beyond it.
+    coming: () -> how many items are on their way (a service's requests still being read and
+      decoded). When given, a batch waits for company only while some are: a lone request
+      runs at once instead of waiting `max_wait_s` for nobody.
   """
 
   def __init__(self, run: Callable[[list], list], *, max_batch: int = 16,
-               max_wait_s: float = 0.005, max_queue: int = 64):
+               max_wait_s: float = 0.005, max_queue: int = 64,
+               coming: Callable[[], int] | None = None):
     if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
       raise ValueError('max_batch and max_queue must be >= 1 and max_wait_s >= 0')
     self._run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
+    self._coming = coming
     self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
     self._stopped = threading.Event()
     self.batches = 0  # calls of `run` so far, for tests and the info page
@@ -61,11 +69,15 @@ class Batcher:
       deadline = time.monotonic() + self.max_wait_s
       while len(batch) < self.max_batch:
         remaining = deadline - time.monotonic()
+        if remaining > 0 and self._coming is not None and not self._coming():
+          remaining = 0  # nothing else is on its way: waiting would only delay this batch
         try:
-          batch.append(self._queue.get(timeout=remaining) if remaining > 0
-                       else self._queue.get_nowait())
+          # With `coming`, wait in short steps, to notice when the last one on its way fails.
+          batch.append(self._queue.get_nowait() if remaining <= 0 else self._queue.get(
+              timeout=remaining if self._coming is None else min(remaining, _POLL_S)))
         except queue.Empty:
-          break
+          if remaining <= 0:
+            break
       # A client that gave up (cancelled future) costs nothing more.
       batch = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]
       if not batch:

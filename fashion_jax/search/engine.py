@@ -88,14 +88,18 @@ class Searcher:
     start = time.perf_counter()
     embeddings = self.model.embed_crops([r['crop'] for r in requests])
     embedded = time.perf_counter()
-    answers = []
-    for request, embedding in zip(requests, embeddings):
+    # One backend search for the requests that ask the same (k, category).
+    groups = {}
+    for number, request in enumerate(requests):
+      groups.setdefault((request['k'], request['category']), []).append(number)
+    answers = [None] * len(requests)
+    for (k, category), numbers in groups.items():
       before = time.perf_counter()
-      results = self.search_embeddings(embedding[None], k=request['k'],
-                                       category=request['category'])[0]
-      answers.append({'results': results, 'timing_ms': {
-          'embed': round(1e3 * (embedded - start), 2),
-          'search': round(1e3 * (time.perf_counter() - before), 2)}})
+      results = self.search_embeddings(embeddings[numbers], k=k, category=category)
+      searched = round(1e3 * (time.perf_counter() - before), 2)
+      for number, result in zip(numbers, results):
+        answers[number] = {'results': result, 'timing_ms': {
+            'embed': round(1e3 * (embedded - start), 2), 'search': searched}}
     return answers
 
   def answer(self, data: bytes, *, box=None, category: str | None = None, k: int = 10) -> dict:

@@ -156,10 +156,19 @@ class SearchModel:
     return np.concatenate(outputs).astype(np.float32)
 
   def embed_crops(self, crops: list[np.ndarray]) -> np.ndarray:
-    """uint8 [h, w, 3] crops of any sizes -> [N, F] float32 unit vectors."""
+    """uint8 [h, w, 3] crops of any sizes -> [N, F] float32 unit vectors. Crops of one size
+    are resized in one call (the service's batches of same-sized photos)."""
     if not crops:
       return np.zeros((0, self.embedding_dim), np.float32)
-    return self.embed_prepared(np.stack([self.prepare(c) for c in crops]))
+    prepared = np.zeros((len(crops), *self.image_size, 3), np.uint8)
+    by_size = {}
+    for number, crop in enumerate(crops):
+      by_size.setdefault(crop.shape, []).append(number)
+    for numbers in by_size.values():
+      prepared[numbers] = np.asarray(preprocess(np.stack([crops[n] for n in numbers]),
+                                                self.image_size, self.resize_mode,
+                                                self.resize_filter))
+    return self.embed_prepared(prepared)
 
   @property
   def embedding_dim(self) -> int:

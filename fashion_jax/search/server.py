@@ -100,9 +100,12 @@ async def _read_upload(request: Request, settings: Settings) -> bytes:
 def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = True) -> FastAPI:
   """The service's app. With `warm_up`, the model and search are compiled at startup (in the
   background: /healthz answers meanwhile, /readyz once done)."""
+  # 'coming': searches admitted and not yet handed to the batcher (reading, decoding), which a
+  # batch waits for; 'in_flight': all admitted searches.
+  state = {'ready': not warm_up, 'in_flight': 0, 'coming': 0}
   batcher = Batcher(searcher.answer_crops, max_batch=settings.max_batch,
-                    max_wait_s=settings.max_wait_ms / 1e3, max_queue=settings.max_in_flight)
-  state = {'ready': not warm_up, 'in_flight': 0}
+                    max_wait_s=settings.max_wait_ms / 1e3, max_queue=settings.max_in_flight,
+                    coming=lambda: state['coming'])
 
   async def lifespan(app):
     if warm_up:
@@ -204,6 +207,24 @@ def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = Tru
       state['in_flight'] -= 1
 
   async def _search(request, box_text, category, k):
+    state['coming'] += 1
+    try:
+      crop, box, future, timing = await _submit(request, box_text, category, k)
+    finally:
+      state['coming'] -= 1
+    try:
+      answer = await asyncio.wait_for(asyncio.wrap_future(future), settings.answer_timeout_s)
+    except asyncio.TimeoutError:
+      future.cancel()
+      raise _Refused(503, f'no answer within {settings.answer_timeout_s:g} s; retry') from None
+    return {'results': [{'product_id': r['product_id'], 'category': r['category'],
+                         'score': r['score'], 'thumb': f"/thumb/{r['row']}"}
+                        for r in answer['results']],
+            'box': list(box) if box else None, 'category': category, 'crop_size': [int(crop.shape[1]), int(crop.shape[0])],
+            'timing_ms': {**timing, **answer['timing_ms']}}
+
+  async def _submit(request, box_text, category, k):
+    """Reads, decodes and queues one search: (crop, box, its future, {'decode': ms})."""
     try:
       box = image_io.parse_box(box_text)
     except InputError as error:
@@ -224,17 +245,7 @@ def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = Tru
       future = batcher.submit({'crop': crop, 'k': k, 'category': category})
     except Busy as error:
       raise _Refused(503, str(error)) from None
-    try:
-      answer = await asyncio.wait_for(asyncio.wrap_future(future), settings.answer_timeout_s)
-    except asyncio.TimeoutError:
-      future.cancel()
-      raise _Refused(503, f'no answer within {settings.answer_timeout_s:g} s; retry') from None
-    return {'results': [{'product_id': r['product_id'], 'category': r['category'],
-                         'score': r['score'], 'thumb': f"/thumb/{r['row']}"}
-                        for r in answer['results']],
-            'box': list(box) if box else None, 'category': category,
-            'crop_size': [int(crop.shape[1]), int(crop.shape[0])],
-            'timing_ms': {'decode': round(1e3 * (decoded - start), 2), **answer['timing_ms']}}
+    return crop, box, future, {'decode': round(1e3 * (decoded - start), 2)}
 
   return app
 
