@@ -181,8 +181,8 @@ def _jaccard_rows(columns, weights, col_start, gallery_rows, gallery_values, *, 
   minima = jnp.minimum(jnp.take_along_axis(weights, entry, axis=1), gallery_values[at])
   sums = jnp.zeros((n, gallery_size), jnp.int32).at[
       line, jnp.where(real, gallery_rows[at], gallery_size)].add(_fixed(minima), mode='drop')
-  # Where the rows share a column the sum is positive: V's entries are at least 2^-31 (exp of
-  # a distance of at most 1 over at most 2^23 entries, fixed-point rounded: see _fixed).
+  # Where the rows share a column the sum is positive: every V entry is at least e^-1 / (k2 W),
+  # W the widest row, far above the fixed point's 2^-31.
   shared = sums > 0
   slot = jnp.where(shared, jnp.cumsum(shared, axis=1) - 1, gallery_size)
   found = jnp.full((n, gallery_size), -1, jnp.int32).at[line, slot].set(
@@ -294,22 +294,23 @@ def _jaccard(index, values, num_queries, num_points, mesh):
   chunk = _chunk(pairs * 28 + gallery_size * 16)
   # Rows per call: their [rows, G] results stay within ~64 MB before they are trimmed.
   call = max(_chunk(gallery_size * 8 * mesh.devices.size, 1 << 26), chunk) * mesh.devices.size
-  found, distances = [], []
+  # The result is written in place, widened when a later piece is wider: the host holds it
+  # once plus one piece.
+  index_out = np.full((num_queries, 1), -1, np.int32)
+  jaccard = np.ones((num_queries, 1), np.float32)
   for start in range(0, num_queries, call):
-    part = slice(start, start + call)
-    piece = knn.map_rows(_jaccard_rows, mesh, chunk, (columns[part], weights[part]),
+    piece = knn.map_rows(_jaccard_rows, mesh, chunk,
+                         (columns[start:start + call], weights[start:start + call]),
                          (col_start, gallery_rows, gallery_values), pairs=pairs,
                          gallery_size=gallery_size)
-    trimmed = _trimmed(piece[:2], piece[2])
-    found.append(trimmed[0])
-    distances.append(trimmed[1])
-  width = max(f.shape[1] for f in found)
-  index_out = np.full((len(columns), width), -1, np.int32)
-  jaccard = np.ones((len(columns), width), np.float32)
-  row = 0
-  for f, d in zip(found, distances):
-    index_out[row:row + len(f), :f.shape[1]] = f
-    jaccard[row:row + len(f), :f.shape[1]] = d
-    row += len(f)
-  return index_out[:num_queries], jaccard[:num_queries]
+    found, distances = _trimmed(piece[:2], piece[2])
+    del piece
+    if found.shape[1] > index_out.shape[1]:
+      extra = [(0, 0), (0, found.shape[1] - index_out.shape[1])]
+      index_out = np.pad(index_out, extra, constant_values=-1)
+      jaccard = np.pad(jaccard, extra, constant_values=1.0)
+    rows = slice(start, min(start + call, num_queries))
+    index_out[rows, :found.shape[1]] = found[:rows.stop - start]
+    jaccard[rows, :found.shape[1]] = distances[:rows.stop - start]
+  return index_out, jaccard
 
