@@ -7,6 +7,13 @@ each case: on a shared machine the wall time grows with the load, the CPU time m
   PYTHONPATH=. .venv/bin/python bench/retrieval_bench.py                  # CPU cases
   PYTHONPATH=. .venv/bin/python bench/retrieval_bench.py --cases=metrics,dense_metrics,matmul
   PYTHONPATH=. .venv/bin/python bench/retrieval_bench.py --cases=gpu_rerank  # on one GPU
+  PYTHONPATH=. .venv/bin/python bench/retrieval_bench.py --cases=rerank --baseline=ce28aeb~2
+
+--baseline=REV runs each case a second time with the library as committed at REV (extracted
+with `git archive` to a temporary folder), on the same data, and prints that row and the ratio.
+For re-ranking, "stages" gives the time at which each stage ended within the timed call and
+"re-rank RSS" the process's peak once re-ranking is done (before the metrics, whose chunks of
+chunk_size x G distances raise it further).
 """
 
 import argparse
@@ -16,6 +23,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -81,19 +89,23 @@ class Timer:
 
 
 class StageLog:
-  """A `progress` callback that prints each stage's end time to stderr (seen while it runs)."""
+  """A `progress` callback that prints each stage's end time to stderr (seen while it runs) and
+  keeps them, in order; other reports (e.g. the kNN's certified rows) are printed as they come."""
 
   def __init__(self, prefix: str):
-    self.prefix, self.start, self.finished = prefix, time.perf_counter(), set()
+    self.prefix, self.start, self.ends = prefix, time.perf_counter(), {}
 
   def __call__(self, stage: str, done: int, total: int) -> None:
-    if done >= total and stage not in self.finished:
-      self.finished.add(stage)
-      print(f'  {self.prefix}: {stage} done at {time.perf_counter() - self.start:.1f} s',
+    if stage == 'kNN certified':
+      print(f'  {self.prefix}: {done} of {total} kNN lists certified, the rest searched again',
             file=sys.stderr, flush=True)
+    elif done >= total and stage not in self.ends:
+      self.ends[stage] = time.perf_counter() - self.start
+      print(f'  {self.prefix}: {stage} done at {self.ends[stage]:.1f} s', file=sys.stderr,
+            flush=True)
 
 
-def run_case(name: str, dtype: str) -> dict:
+def run_case(name: str, dtype: str, knn_precision: str | None) -> dict:
   """One case in this process: returns timings (s), metrics and this process's peak RSS."""
   kind, num_queries, gallery_size, dim, _ = CASES[name]
   query_emb, gallery_emb, query_ids, gallery_ids = clustered(num_queries, gallery_size, dim)
@@ -126,13 +138,17 @@ def run_case(name: str, dtype: str) -> dict:
     result['device'] = str(jax.devices()[0])
     reranked, rerank_cpu = None, 0.0
     if kind == 'rerank':
+      # Only passed when asked for, so that a --baseline library without the option runs too.
+      options = {'knn_precision': knn_precision} if knn_precision else {}
       for call in range(RERANK_CALLS[name]):
+        log = StageLog(f'{name} call {call + 1}')
         with Timer() as timer:
-          reranked = rerank.k_reciprocal_rerank(query_emb, gallery_emb,
-                                                progress=StageLog(f'{name} call {call + 1}'))
+          reranked = rerank.k_reciprocal_rerank(query_emb, gallery_emb, progress=log, **options)
         if call == 0:
           result['rerank_first_call_seconds'] = timer.wall
         result['rerank_seconds'], rerank_cpu = timer.wall, timer.cpu
+        result['stages'] = log.ends
+      result['rerank_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     # The first call compiles; the second is the steady state a repeated evaluation sees.
     for key in ('first_call_seconds', 'seconds'):
       with Timer() as timer:
@@ -151,16 +167,55 @@ def run_case(name: str, dtype: str) -> dict:
   return result
 
 
+def run_child(name: str, args, env=None) -> dict | str:
+  """One case in a fresh process: its result, or why there is none."""
+  command = [sys.executable, __file__, f'--child={name}', f'--dtype={args.dtype}']
+  if args.knn_precision:
+    command.append(f'--knn_precision={args.knn_precision}')
+  try:
+    # stderr passes through: the stages' progress lines appear as the case runs.
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=args.timeout,
+                          env=env)
+  except subprocess.TimeoutExpired:
+    return f'no result within --timeout={args.timeout} s'
+  if done.returncode:
+    return f'failed (exit {done.returncode})'
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table_row(name: str, r: dict | str, label: str = '') -> str:
+  _, q, g, d, what = CASES[name]
+  if isinstance(r, str):
+    return f'| {name}{label} | {q} | {g} | {d} | {what} | {r} |'
+  extra = f' (re-rank {r["rerank_seconds"]:.1f})' if 'rerank_seconds' in r else ''
+  first = f'{r.get("first_call_seconds", float("nan")):.1f}'
+  if 'rerank_first_call_seconds' in r:
+    first += f' (re-rank {r["rerank_first_call_seconds"]:.1f})'
+  device = f', device peak {r["peak_device_gb"]:.1f} GB' if 'peak_device_gb' in r else ''
+  scores = r.get('metrics', {})
+  stages = ', '.join(f'{stage} {end:.1f}' for stage, end in r.get('stages', {}).items()) or '-'
+  rerank_rss = f'{r["rerank_rss_gb"]:.2f}' if 'rerank_rss_gb' in r else '-'
+  return (f'| {name}{label} | {q} | {g} | {d} | {what}{device} | {r["seconds"]:.1f}{extra} | '
+          f'{r["cpu_seconds"]:.1f} | {first} | {r["peak_rss_gb"]:.2f} | {rerank_rss} | {stages} | '
+          f'{r["load_start"]:.1f}-{r["load_end"]:.1f} | {scores.get("mAP", float("nan")):.4f} | '
+          f'{scores.get("acc@1", float("nan")):.4f} |')
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--cases', default='metrics,dense_metrics,matmul,rerank',
                       help=f'comma-separated, from {", ".join(CASES)}')
   parser.add_argument('--dtype', default='float32', help='embedding dtype for the JAX cases')
+  parser.add_argument('--knn_precision', default=None,
+                      help="re-ranking's kNN products: 'float32' or 'bfloat16' (default: the "
+                           "library's choice for the device)")
+  parser.add_argument('--baseline', default=None,
+                      help='a git revision: run each case with the library at it too')
   parser.add_argument('--timeout', type=float, default=None, help='seconds allowed per case')
   parser.add_argument('--child', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
-    print(json.dumps(run_case(args.child, args.dtype)))
+    print(json.dumps(run_case(args.child, args.dtype, args.knn_precision)))
     return
   names = args.cases.split(',')
   unknown = [n for n in names if n not in CASES]
@@ -168,33 +223,34 @@ def main() -> None:
     raise SystemExit(f'unknown cases {unknown}; choose from {", ".join(CASES)}')
   print(f'# {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, {platform.processor() or "cpu"}'
         f', {os.cpu_count()} CPUs, dtype {args.dtype}')
-  print('| case | Q | G | D | what | time (s) | CPU (s) | first call (s) | peak RSS (GB) | load '
-        '| mAP | Acc@1 |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+  print('| case | Q | G | D | what | time (s) | CPU (s) | first call (s) | peak RSS (GB) '
+        '| re-rank RSS (GB) | stages (end, s) | load | mAP | Acc@1 |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+  previous = None
+  if args.baseline:
+    previous = tempfile.TemporaryDirectory()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    archive = subprocess.run(['git', '-C', root, 'archive', args.baseline, 'fashion_jax'],
+                             stdout=subprocess.PIPE, check=True).stdout
+    subprocess.run(['tar', '-x', '-C', previous.name], input=archive, check=True)
+  ratios = []
   for name in names:
-    _, q, g, d, what = CASES[name]
-    try:
-      # stderr passes through: the stages' progress lines appear as the case runs.
-      done = subprocess.run([sys.executable, __file__, f'--child={name}', f'--dtype={args.dtype}'],
-                            stdout=subprocess.PIPE, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-      print(f'| {name} | {q} | {g} | {d} | {what} | no result within --timeout={args.timeout} s |',
-            flush=True)
+    result = run_child(name, args)
+    print(table_row(name, result), flush=True)
+    if previous is None:
       continue
-    if done.returncode:
-      print(f'| {name} | {q} | {g} | {d} | {what} | failed (exit {done.returncode}) |', flush=True)
-      continue
-    r = json.loads(done.stdout.strip().splitlines()[-1])
-    extra = f' (re-rank {r["rerank_seconds"]:.1f})' if 'rerank_seconds' in r else ''
-    first = f'{r.get("first_call_seconds", float("nan")):.1f}'
-    if 'rerank_first_call_seconds' in r:
-      first += f' (re-rank {r["rerank_first_call_seconds"]:.1f})'
-    device = f', device peak {r["peak_device_gb"]:.1f} GB' if 'peak_device_gb' in r else ''
-    scores = r.get('metrics', {})
-    print(f'| {name} | {q} | {g} | {d} | {what}{device} | {r["seconds"]:.1f}{extra} | '
-          f'{r["cpu_seconds"]:.1f} | {first} | {r["peak_rss_gb"]:.2f} | '
-          f'{r["load_start"]:.1f}-{r["load_end"]:.1f} | {scores.get("mAP", float("nan")):.4f} | '
-          f'{scores.get("acc@1", float("nan")):.4f} |', flush=True)
+    # The baseline never gets --knn_precision: its library may not have the option.
+    old_args = argparse.Namespace(**{**vars(args), 'knn_precision': None})
+    old = run_child(name, old_args, env={**os.environ, 'PYTHONPATH': previous.name})
+    print(table_row(name, old, f' at {args.baseline}'), flush=True)
+    if isinstance(result, dict) and isinstance(old, dict):
+      key = 'rerank_seconds' if 'rerank_seconds' in result else 'seconds'
+      ratios.append(f'{name}: {key} {old[key]:.1f} -> {result[key]:.1f} '
+                    f'({old[key] / result[key]:.2f}x), CPU {old["cpu_seconds"]:.1f} -> '
+                    f'{result["cpu_seconds"]:.1f}, peak RSS {old["peak_rss_gb"]:.2f} -> '
+                    f'{result["peak_rss_gb"]:.2f} GB')
+  for line in ratios:
+    print(f'\nAgainst {args.baseline}: {line}')
 
 
 if __name__ == '__main__':
