@@ -6,7 +6,7 @@ Needs the `deepfashion_consumer2shop` TFDS dataset built from your own download 
   python -m fashion_jax.main --config configs/deepfashion.py --workdir runs/df \
       --config.dataset.data_dir=/path/to/tensorflow_datasets
 
-Where host cores are short (fewer than about 2 per GPU), build
+Where host cores are short (today's input needs several per GPU), build
 `deepfashion_consumer2shop/resized320` too and add
   --config.dataset.name=deepfashion_consumer2shop/resized320 --config.input.augment_on_device=True
 so the host only decodes 320x320 JPEGs (docs/datasets.md, docs/training.md).

@@ -6,7 +6,8 @@ Needs the `street2shop` TFDS dataset built from your own download (docs/datasets
   python -m fashion_jax.main --config configs/street2shop.py --workdir runs/s2s \
       --config.dataset.data_dir=/path/to/tensorflow_datasets
 
-Where host cores are short (fewer than about 2 per GPU), build `street2shop/resized320` too and add
+Where host cores are short (today's input needs several per GPU), build `street2shop/resized320`
+too and add
   --config.dataset.name=street2shop/resized320 --config.input.augment_on_device=True
 so the host only decodes 320x320 JPEGs (docs/datasets.md, docs/training.md).
 
