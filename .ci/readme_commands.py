@@ -242,7 +242,8 @@ def _probe_tensorboard(base: str, earlier: list[Command]) -> list[str]:
     status, _, body = _get(base + '/data/runs', timeout=10)
     runs = json.loads(body) if status == 200 else []
     if runs:
-      return [page, f'GET /data/runs 200: {len(runs)} runs ({", ".join(runs[:4])})']
+      return [page, f'GET /data/runs 200: {len(runs)} run{"s" * (len(runs) > 1)} '
+                    f'({", ".join(runs[:4])})']
     if time.monotonic() > deadline:
       raise Failed(f'TensorBoard found no runs in 60 s (/data/runs: {status} {body[:200]!r})')
     time.sleep(2)
@@ -261,7 +262,8 @@ class Server:
 SERVERS = (
     Server(r'-m\s+fashion_jax\.search\s+serve\b', r'^serving .* on (http://[^/\s]+)/',
            '/readyz', _probe_search),
-    Server(r'(^|&&\s*)tensorboard\b', r'^TensorBoard .* at (http://[^/\s]+)/', '/',
+    Server(r'(^|&&\s*)tensorboard\b', r'^TensorBoard .* at (http://[^/\s]+)/',
+           '/data/environment',
            _probe_tensorboard,
            missing='tensorboard is not installed here (the data extra brings it)'),
 )
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         f'{_duration(time.monotonic() - start)}')
   for status, taken, where, command, note in report:
     print(f'  {status:<8} {taken:>12}  {where:<14} {command.program}'
-          + (f' ({note})' if status == 'skipped' else ''))
+          + (f': {note}' if status == 'skipped' else ''))
   return 0
 
 
