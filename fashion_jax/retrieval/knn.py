@@ -14,6 +14,9 @@ from jax.sharding import PartitionSpec as P
 
 from fashion_jax.retrieval import search
 
+# Bytes of gathered candidate embeddings re-scored at once (per device).
+_RESCORE_BYTES = 1 << 25
+
 # Blocks at least this wide are reduced through group minima before the top-k (see _candidates).
 _GROUPED_COLUMNS = 512
 
@@ -338,12 +341,12 @@ def _to_bfloat16(points):
 def _rescored(points, num_points, k, merged, mesh, progress):
   """The certified float32 lists of the bfloat16 candidates; the rest searched again."""
   devices = mesh.devices.size
-  near_d, near_i, far_d, far_i = merged
-  # Rows of re-scoring at once: their gathered [rows, candidates + far, D] take ~32 MB.
+  near_i, far_i = merged[1], merged[3]
+  # Rows of re-scoring at once: their gathered [rows, candidates + far, D] take ~_RESCORE_BYTES.
   gathered = (near_i.shape[1] + far_i.shape[1]) * points.shape[1] * 4
-  chunk = 1 << int(np.clip(np.log2((1 << 25) / gathered), 0, 10))
+  chunk = 1 << int(np.clip(np.log2(_RESCORE_BYTES / gathered), 0, 10))
   multiple = chunk * devices
-  rows = np.arange(-(-points.shape[0] // multiple) * multiple, dtype=np.int32)
+  rows = np.arange(-(-num_points // multiple) * multiple, dtype=np.int32)
   rows = np.minimum(rows, num_points - 1)
   pad = lambda x: np.asarray(search.pad_rows(np.asarray(x)[:num_points], multiple, 0))
   index, distances, row_max, certified = map_rows(

@@ -43,9 +43,11 @@ def test_all_pairs_top_k_matches_argsort_on_one_and_four_devices(num_points, blo
     np.testing.assert_array_equal(row_max, distances.max(axis=1))
 
 
-def test_bfloat16_candidates_certified_or_searched_again_give_exact_lists():
+def test_bfloat16_candidates_certified_or_searched_again_give_exact_lists(monkeypatch):
   # Coordinates exact in bfloat16: only the accumulation bound is left, so rows whose list ends
   # in a tie with the candidates after it are not certified and go through the fallback.
+  # Re-scoring 4 rows per device at once: its rows are padded otherwise than the kNN blocks.
+  monkeypatch.setattr(knn, '_RESCORE_BYTES', 4 * 15 * 6 * 4)
   points = _grid(4, 300, dim=6, low=-6, high=7)
   distances = reference.squared_distances(points, points)
   order, expected_d = _stable_top(distances, 9)
