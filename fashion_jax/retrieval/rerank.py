@@ -16,7 +16,7 @@ from fashion_jax.retrieval.search import Reranked
 _ROW_UNIT = 256
 
 
-def _chunk(bytes_per_row: int, budget: int = 1 << 24) -> int:
+def _chunk(bytes_per_row: int, budget: int) -> int:
   """The largest power-of-two chunk up to _ROW_UNIT rows whose temporaries take ~budget bytes."""
   return 1 << int(np.clip(np.log2(budget / max(bytes_per_row, 1)), 0, np.log2(_ROW_UNIT)))
 
@@ -195,9 +195,10 @@ def _jaccard_rows(columns, weights, col_start, gallery_rows, gallery_values, *, 
 
 
 def _trimmed(arrays, counts):
-  """Host copies of [R, W] arrays cut to the widest row's count (at least one column)."""
-  width = max(int(np.max(np.asarray(counts), initial=0)), 1)
-  return [np.asarray(a[:, :width]) for a in arrays]
+  """[R, W] arrays cut, where they lie, to the widest row's count, rounded up to a multiple of 8
+  so that the next stages' programs serve similar data again (a later evaluation) uncompiled."""
+  width = min(-(-max(int(np.max(np.asarray(counts), initial=0)), 1) // 8) * 8, arrays[0].shape[1])
+  return [a[:, :width] for a in arrays]
 
 
 def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: float = 0.3, *,
@@ -249,38 +250,39 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
     raise ValueError(f'k2={k2} exceeds the {k} neighbour lists of N points')
   row_max = np.maximum(row_max, np.finfo(np.float32).tiny)
 
+  # Working memory per device and chunk of rows: small on CPU, where it is the host's.
+  budget = 1 << 24 if cpu else 1 << 28
   unit = _ROW_UNIT * mesh.devices.size
   rows = np.arange(-(-num_points // unit) * unit, dtype=np.int32)
   # Padding rows have empty lists, so every stage leaves them empty.
   table = search.pad_rows(neighbours.astype(np.int32), unit, -1)
   half = knn.map_rows(_reciprocal, mesh, _ROW_UNIT, (rows,), (table,),
                       k=int(np.around(k1 / 2.0)))
-  expanded, counts = knn.map_rows(_expanded_sets, mesh, _chunk(k * k * 64), (rows,),
+  expanded, counts = knn.map_rows(_expanded_sets, mesh, _chunk(k * k * 64, budget), (rows,),
                                   (table, half), k1=k1)
   (expanded,) = _trimmed([expanded], counts)
   del half
   report('expansion', num_points, num_points)
 
   width = expanded.shape[1]
-  values = knn.map_rows(_weights, mesh, _chunk(width * points.shape[1] * 8), (rows, expanded),
+  values = knn.map_rows(_weights, mesh, _chunk(width * points.shape[1] * 8, budget),
+                        (rows, expanded),
                         (points, search.pad_rows(row_max, unit, 1.0)))
   del points
   index = expanded
   if k2 > 1:
-    index, values, counts = knn.map_rows(_expanded_query, mesh, _chunk(k2 * width * 32),
+    index, values, counts = knn.map_rows(_expanded_query, mesh, _chunk(k2 * width * 32, budget),
                                          (rows,), (table, expanded, values), k2=k2)
     index, values = _trimmed([index, values], counts)
-  else:
-    values = np.asarray(values)
   report('query expansion', num_points, num_points)
 
-  jaccard_index, jaccard = _jaccard(index, values, num_queries, num_points, mesh)
+  jaccard_index, jaccard = _jaccard(index, values, num_queries, num_points, mesh, budget)
   report('jaccard', num_queries, num_queries)
   return Reranked(scale=(lam / row_max[:num_queries]).astype(np.float32),
                   jaccard_index=jaccard_index, jaccard=jaccard, lam=float(lam))
 
 
-def _jaccard(index, values, num_queries, num_points, mesh):
+def _jaccard(index, values, num_queries, num_points, mesh, budget):
   """The query rows' Jaccard distances to the gallery: [Q, J] indices (-1 padded) and values."""
   gallery_size = num_points - num_queries
   col_start, gallery_rows, gallery_values = _inverted_index(
@@ -291,9 +293,9 @@ def _jaccard(index, values, num_queries, num_points, mesh):
   totals = np.asarray(knn.map_rows(_pair_counts, mesh, _ROW_UNIT, (columns,), (col_start,)))
   # One pair budget for all rows, rounded so that similar data reuses the compiled program.
   pairs = max(-(-int(totals.max(initial=0)) // 1024) * 1024, 1024)
-  chunk = _chunk(pairs * 28 + gallery_size * 16)
-  # Rows per call: their [rows, G] results stay within ~64 MB before they are trimmed.
-  call = max(_chunk(gallery_size * 8 * mesh.devices.size, 1 << 26), chunk) * mesh.devices.size
+  chunk = _chunk(pairs * 28 + gallery_size * 16, budget)
+  # Rows per call: their [rows, G] results stay within ~4 budgets before they are trimmed.
+  call = max(_chunk(gallery_size * 8, 4 * budget), chunk) * mesh.devices.size
   found, distances = [], []
   for start in range(0, num_queries, call):
     piece = knn.map_rows(_jaccard_rows, mesh, chunk,
@@ -302,8 +304,8 @@ def _jaccard(index, values, num_queries, num_points, mesh):
                          gallery_size=gallery_size)
     rows = min(call, num_queries - start)
     part = _trimmed(piece[:2], piece[2])
-    found.append(part[0][:rows])
-    distances.append(part[1][:rows])
+    found.append(np.asarray(part[0][:rows]))
+    distances.append(np.asarray(part[1][:rows]))
     del piece, part
   width = max(f.shape[1] for f in found)
   index_out = np.full((num_queries, width), -1, np.int32)
