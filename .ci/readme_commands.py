@@ -186,16 +186,62 @@ def _stop(process: subprocess.Popen, sig=signal.SIGKILL) -> None:
     pass
 
 
-def run_to_end(command: Command, env: dict) -> None:
-  process = _start(command, env)
+def run_to_end(command: Command, env: dict) -> str:
+  """Runs a command to its end, its output echoed; a training run's console is checked too."""
+  training = command.program == 'fashion_jax.main'
+  process = _start(command, env, **({'stdout': subprocess.PIPE, 'stderr': subprocess.STDOUT}
+                                    if training else {}))
+  output = []
+  if training:
+    # Echoed as it comes; the console check needs it whole.
+    reader = threading.Thread(target=_echo_into, args=(process.stdout, output), daemon=True)
+    reader.start()
   try:
     status = process.wait(timeout=COMMAND_TIMEOUT_S)
   except subprocess.TimeoutExpired:
     raise Failed(f'still running after {COMMAND_TIMEOUT_S // 60} min') from None
   finally:
     _stop(process)
+  if training:
+    reader.join(timeout=60)
   if status:
     raise Failed(f'exit status {status}')
+  return check_training_console(b''.join(output).decode(errors='replace')) if training else ''
+
+
+def _echo_into(stream, chunks: list) -> None:
+  for chunk in iter(lambda: stream.read1(1 << 16), b''):
+    sys.stdout.buffer.write(chunk)
+    sys.stdout.flush()
+    chunks.append(chunk)
+
+
+# What a training run promises to print by default (fashion_jax/console.py): its setup in a few
+# lines from the 'JAX ...' line on, a progress bar (refreshed in place on a terminal, one
+# 'step n/N  epoch ...' line per logging step otherwise), a line per evaluation, and no INFO
+# records from the libraries (absl's format, from Python or C++).
+_TRAINING_STARTS = re.compile(r'^JAX \S+ ', re.MULTILINE)
+_PROGRESS_LINE = re.compile(r'^step \d+/\d+  epoch ')
+_INFO_RECORD = re.compile(r'I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\]')
+_MOST_TRAINING_LINES = 40
+
+
+def check_training_console(output: str) -> str:
+  """A note on a training run's console (lines shown apart from progress), or Failed when it
+  shows an INFO record or too many lines. Output before the run's first line (pip's) is not
+  the run's."""
+  start = _TRAINING_STARTS.search(output)
+  if start is None:
+    raise Failed("the training run printed no 'JAX ...' setup line")
+  lines = (line.rsplit('\r', 1)[-1].strip() for line in output[start.start():].split('\n'))
+  shown = [line for line in lines if line and not _PROGRESS_LINE.match(line)]
+  records = [line for line in shown if _INFO_RECORD.search(line)]
+  if records:
+    raise Failed(f'the training console shows {len(records)} INFO record(s), e.g. {records[0]}')
+  if len(shown) >= _MOST_TRAINING_LINES:
+    raise Failed(f'the training console shows {len(shown)} lines apart from progress '
+                 f'(at most {_MOST_TRAINING_LINES - 1})')
+  return f'console: {len(shown)} lines apart from progress, no INFO record'
 
 
 def _get(url: str, data: bytes | None = None, timeout: float = 120) -> tuple[int, str, bytes]:

@@ -235,3 +235,25 @@ def test_a_server_that_fails_its_probe_or_never_serves_fails():
   crash = readme_commands.Command(f'{sys.executable} -c "import sys; sys.exit(3)"', 1, 'S')
   with pytest.raises(readme_commands.Failed, match='ended with exit status 3 before serving'):
     readme_commands.run_server(crash, _http_server(), dict(os.environ), [])
+
+
+_SETUP = ('JAX 0.9.0: 2 cpu devices in 1 process\n'
+          'fashion_synth/demo/1.0.0: 300 training identities; 360 query and 348 gallery items\n')
+
+
+def test_the_training_console_check():
+  progress = ''.join(f'step {n}/570  epoch {n // 19}/30  loss 5.1\n' for n in range(0, 570, 10))
+  quiet = ('Requirement already satisfied: jax\n' * 50 + _SETUP + progress +
+           'step 570: mAP 0.4695  mINP 0.4110\ndone: step 570 in 3 min 2 s\n')
+  assert readme_commands.check_training_console(quiet) == (
+      'console: 4 lines apart from progress, no INFO record')
+  record = 'I1130 08:10:01.123456 1401 checkpoint_manager.py:12] saved\n'
+  with pytest.raises(readme_commands.Failed, match='1 INFO record'):
+    readme_commands.check_training_console(_SETUP + record + progress)
+  with pytest.raises(readme_commands.Failed, match='41 lines apart from progress'):
+    readme_commands.check_training_console(_SETUP + 'a warning\n' * 39)
+  with pytest.raises(readme_commands.Failed, match='no .JAX'):
+    readme_commands.check_training_console('Traceback (most recent call last):\n')
+  # A terminal's refreshes: only the last state of a carriage-returned line counts.
+  assert readme_commands.check_training_console(
+      _SETUP + 'step 1/5  epoch 0/1\rstep 2/5  epoch 0/1\rdone\n').startswith('console: 3 lines')
