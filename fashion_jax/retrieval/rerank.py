@@ -4,6 +4,8 @@ Only top-k lists and padded sparse rows are built, never an N x N matrix; every 
 array code over rows dealt out to the devices (memory: k_reciprocal_rerank).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,20 +128,19 @@ def _expanded_query(rows, neighbours, index, values, k2):
   return out, jnp.where(out >= 0, _unfixed(sums), 0.0), jnp.sum(first, axis=1)
 
 
-@jax.jit
-def _inverted_index(index, values, num_points):
+@functools.partial(jax.jit, static_argnames=('num_columns',))
+def _inverted_index(index, values, num_columns):
   """Gallery rows by support column: where each column's entries start, their rows and values.
 
-  index, values: [G, W] the gallery's sparse rows; num_points: [N + 1] any array (its length
-  gives the columns). Returns col_start [N + 1] int32 (entries of column c at col_start[c] ..
-  col_start[c + 1] - 1), rows [G x W] int32 (gallery-relative) and values [G x W].
+  index, values: [G, W] the gallery's sparse rows, columns below num_columns (N). Returns
+  col_start [N + 1] int32 (entries of column c at col_start[c] .. col_start[c + 1] - 1), rows
+  [G x W] int32 (gallery-relative) and values [G x W].
   """
-  num_columns = num_points.shape[0] - 1
   columns = index.ravel()
   valid = columns >= 0
-  key, entry = jax.lax.sort((jnp.where(valid, columns, num_columns),
-                             jnp.arange(columns.shape[0], dtype=jnp.int32)), num_keys=1,
-                            is_stable=True)
+  _, entry = jax.lax.sort((jnp.where(valid, columns, num_columns),
+                           jnp.arange(columns.shape[0], dtype=jnp.int32)), num_keys=1,
+                          is_stable=True)
   counts = jax.ops.segment_sum(valid.astype(jnp.int32), jnp.where(valid, columns, num_columns),
                                num_columns + 1)
   col_start = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts)])[:num_columns + 1]
@@ -286,7 +287,7 @@ def _jaccard(index, values, num_queries, num_points, mesh, budget):
   """The query rows' Jaccard distances to the gallery: [Q, J] indices (-1 padded) and values."""
   gallery_size = num_points - num_queries
   col_start, gallery_rows, gallery_values = _inverted_index(
-      index[num_queries:num_points], values[num_queries:num_points], np.zeros(num_points + 1))
+      index[num_queries:num_points], values[num_queries:num_points], num_columns=num_points)
   unit = _ROW_UNIT * mesh.devices.size
   columns = search.pad_rows(index[:num_queries], unit, -1)
   weights = search.pad_rows(values[:num_queries], unit, 0.0)
