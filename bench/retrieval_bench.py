@@ -141,6 +141,8 @@ def run_case(name: str, dtype: str, knn_precision: str | None) -> dict:
       # Only passed when asked for, so that a --baseline library without the option runs too.
       options = {'knn_precision': knn_precision} if knn_precision else {}
       for call in range(RERANK_CALLS[name]):
+        # The previous call's result is dropped first, as a repeated evaluation would.
+        reranked = None
         log = StageLog(f'{name} call {call + 1}')
         with Timer() as timer:
           reranked = rerank.k_reciprocal_rerank(query_emb, gallery_emb, progress=log, **options)
