@@ -112,3 +112,17 @@ def clustered(seed, num_queries=40, gallery_size=120, num_ids=15, dim=8, num_cam
     data['query_groups'] = query_ids % num_categories
     data['gallery_groups'] = gallery_ids % num_categories
   return data
+
+
+def integer_grid(seed, num_points, dim=3, low=-1, high=2):
+  """[N, dim] float32 points of integer coordinates: few distinct distances (ranking mostly
+  decided by the tie rule), every distance exact in float32, and every coordinate exact in
+  bfloat16 and float16 too, so results must agree bit for bit."""
+  return np.random.default_rng(seed).integers(low, high, size=(num_points, dim)).astype(
+      np.float32)
+
+
+def stable_top(distances, k):
+  """(indices, distances) [N, k] of each row's k smallest, equal distances by index."""
+  order = np.argsort(distances, axis=1, kind='stable')[:, :k]
+  return order, np.take_along_axis(distances, order, axis=1)

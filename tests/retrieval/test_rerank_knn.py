@@ -11,18 +11,6 @@ import retrieval_reference as reference
 from fashion_jax.retrieval import knn, rerank, search
 
 
-def _grid(seed, num_points, dim=3, low=-1, high=2):
-  # Integer coordinates: every distance exact in float32 (and every coordinate in bfloat16), so
-  # results must agree bit for bit and ties are decided by the index rule.
-  return np.random.default_rng(seed).integers(low, high, size=(num_points, dim)).astype(
-      np.float32)
-
-
-def _stable_top(distances, k):
-  order = np.argsort(distances, axis=1, kind='stable')[:, :k]
-  return order, np.take_along_axis(distances, order, axis=1)
-
-
 def _knn(points, k, block, devices=None, **options):
   mesh = search.gallery_mesh(devices)
   placed = knn.placed_points([points[:7], points[7:]], mesh, block)
@@ -33,9 +21,9 @@ def _knn(points, k, block, devices=None, **options):
 def test_all_pairs_top_k_matches_argsort_on_one_and_four_devices(num_points, block):
   # 150 points in blocks of 16: 55 block pairs dealt unevenly over 4 devices; blocks of 512
   # take the group-minima path for rows and columns, with ties everywhere.
-  points = _grid(3, num_points)
+  points = reference.integer_grid(3, num_points)
   distances = reference.squared_distances(points, points)
-  order, expected_d = _stable_top(distances, 9)
+  order, expected_d = reference.stable_top(distances, 9)
   for devices in (jax.devices()[:1], None):
     index, found_d, row_max = _knn(points, 9, block, devices)
     np.testing.assert_array_equal(index, order)
@@ -48,9 +36,9 @@ def test_bfloat16_candidates_certified_or_searched_again_give_exact_lists(monkey
   # in a tie with the candidates after it are not certified and go through the fallback.
   # Re-scoring 4 rows per device at once: its rows are padded otherwise than the kNN blocks.
   monkeypatch.setattr(knn, '_RESCORE_BYTES', 4 * 15 * 6 * 4)
-  points = _grid(4, 300, dim=6, low=-6, high=7)
+  points = reference.integer_grid(4, 300, dim=6, low=-6, high=7)
   distances = reference.squared_distances(points, points)
-  order, expected_d = _stable_top(distances, 9)
+  order, expected_d = reference.stable_top(distances, 9)
   certified = []
   index, found_d, row_max = _knn(
       points, 9, 64, precision='bfloat16', candidates=12, far=3,

@@ -11,18 +11,6 @@ import retrieval_reference as reference
 from fashion_jax.retrieval import metrics, rerank, search
 
 
-def _grid(seed, num_points, dim=3, low=-1, high=2):
-  # Integer coordinates: few distinct distances (ranking mostly decided by the tie rule), every
-  # distance exact in float32, and every coordinate exact in bfloat16 and float16 too.
-  return np.random.default_rng(seed).integers(low, high, size=(num_points, dim)).astype(
-      np.float32)
-
-
-def _stable_top(distances, k):
-  order = np.argsort(distances, axis=1, kind='stable')[:, :k]
-  return order, np.take_along_axis(distances, order, axis=1)
-
-
 def test_grouped_merge_matches_stable_argsort():
   # 2,048 columns take the group-minima path of _merge_top_k; integer distances tie a lot.
   rng = np.random.default_rng(0)
@@ -34,21 +22,21 @@ def test_grouped_merge_matches_stable_argsort():
       held, held_index, block, jnp.int32(100), 5)
   both = np.concatenate([held, block], axis=1)
   index = np.concatenate([held_index, np.tile(100 + np.arange(2048), (6, 1))], axis=1)
-  order, expected_d = _stable_top(both, 5)
+  order, expected_d = reference.stable_top(both, 5)
   np.testing.assert_array_equal(merged_i, np.take_along_axis(index, order, axis=1))
   np.testing.assert_array_equal(merged_d, expected_d)
 
 
 def test_top_k_sharded_equals_single_device():
   assert jax.device_count() == 4
-  queries, gallery = _grid(1, 21), _grid(2, 45)
+  queries, gallery = reference.integer_grid(1, 21), reference.integer_grid(2, 45)
   one = search.top_k(queries, gallery, 12, chunk_size=8, gallery_chunk_size=4,
                      devices=jax.devices()[:1])
   four = search.top_k(queries, gallery, 12, chunk_size=8, gallery_chunk_size=4)
   for a, b in zip(one, four):
     np.testing.assert_array_equal(a, b)
   distances = reference.squared_distances(queries, gallery)
-  order, _ = _stable_top(distances, 12)
+  order, _ = reference.stable_top(distances, 12)
   np.testing.assert_array_equal(four[0], order)
   np.testing.assert_array_equal(four[2], distances.max(axis=1))
 
@@ -90,8 +78,8 @@ def test_reranked_rows_of_chosen_queries(reranked_data):
 def test_low_precision_embeddings_rank_like_float32(dtype):
   # Exactly representable embeddings: every product accumulates in float32 either way, so
   # rankings and metrics must agree exactly, ties included.
-  query_emb, gallery_emb = (_grid(seed, n, dim=6, low=-3, high=4) for seed, n in ((8, 30),
-                                                                                  (9, 80)))
+  query_emb, gallery_emb = (reference.integer_grid(seed, n, dim=6, low=-3, high=4)
+                            for seed, n in ((8, 30), (9, 80)))
   rng = np.random.default_rng(10)
   ids = dict(query_ids=rng.integers(0, 12, size=30), gallery_ids=rng.integers(0, 12, size=80))
   low_q, low_g = (np.asarray(jnp.asarray(x, dtype)) for x in (query_emb, gallery_emb))
@@ -106,8 +94,8 @@ def test_low_precision_embeddings_rank_like_float32(dtype):
 
 def test_bfloat16_rerank_matches_float32():
   # The shapes and parameters of reranked_data, so the float32 programs are compiled once.
-  query_emb, gallery_emb = _grid(11, 25, dim=8, low=-3, high=4), _grid(12, 70, dim=8, low=-3,
-                                                                         high=4)
+  query_emb, gallery_emb = (reference.integer_grid(seed, n, dim=8, low=-3, high=4)
+                            for seed, n in ((11, 25), (12, 70)))
   low_q, low_g = (np.asarray(jnp.asarray(x, jnp.bfloat16)) for x in (query_emb, gallery_emb))
   full = rerank.k_reciprocal_rerank(query_emb, gallery_emb, chunk_size=16)
   low = rerank.k_reciprocal_rerank(low_q, low_g, chunk_size=16)
