@@ -19,23 +19,4 @@ from fashion_jax import configlib
 
 
 def get_config():
-  c = configlib.base_config()
-  c.dataset.name = 'street2shop'
-  c.input.image_size = (256, 256)   # 16 x 16 patches; the 14 x 14 CLIP grid is resampled
-  c.model.backbone = 'vit_b16_clip_quickgelu'
-  c.model.pretrained = 'weights/vit_b16_clip_openai'
-  c.model.dtype = 'bfloat16'
-  c.model.drop_path_rate = 0.1
-  c.loss.metric = 'quadruplet'
-  c.train.batch_size = 64
-  c.train.num_epochs = 60
-  c.train.eval_every_epochs = 20
-  c.optim.optimizer = 'adamw'
-  c.optim.schedule = 'cosine'
-  c.optim.cosine_epochs = c.train.num_epochs
-  c.optim.base_lr = 1e-4            # the head's; block i of 12 gets 0.75 ** (12 - i) of it
-  c.optim.layer_decay = 0.75
-  c.optim.weight_decay = 0.05
-  c.optim.warmup_epochs = 5
-  c.optim.final_lr_factor = 0.01
-  return c
+  return configlib.clip_vit_config('street2shop')

@@ -159,6 +159,32 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def clip_vit_config(dataset: str) -> ml_collections.ConfigDict:
+  """base_config() with the ViT fine-tuning recipe of configs/*_vit.py on `dataset`: ViT-B/16
+  from OpenAI's CLIP image tower at 256x256, AdamW with layer-wise learning-rate decay 0.75,
+  5 warmup epochs then a cosine over 60 epochs, the paper's losses, bfloat16 compute."""
+  c = base_config()
+  c.dataset.name = dataset
+  c.input.image_size = (256, 256)   # 16 x 16 patches; the 14 x 14 CLIP grid is resampled
+  c.model.backbone = 'vit_b16_clip_quickgelu'
+  c.model.pretrained = 'weights/vit_b16_clip_openai'
+  c.model.dtype = 'bfloat16'
+  c.model.drop_path_rate = 0.1
+  c.loss.metric = 'quadruplet'
+  c.train.batch_size = 64
+  c.train.num_epochs = 60
+  c.train.eval_every_epochs = 20
+  c.optim.optimizer = 'adamw'
+  c.optim.schedule = 'cosine'
+  c.optim.cosine_epochs = c.train.num_epochs
+  c.optim.base_lr = 1e-4            # the head's; block i of 12 gets 0.75 ** (12 - i) of it
+  c.optim.layer_decay = 0.75
+  c.optim.weight_decay = 0.05
+  c.optim.warmup_epochs = 5
+  c.optim.final_lr_factor = 0.01
+  return c
+
+
 @dataclasses.dataclass(frozen=True)
 class Domain:
   """What one config field may hold.
