@@ -156,19 +156,12 @@ class SearchModel:
     return np.concatenate(outputs).astype(np.float32)
 
   def embed_crops(self, crops: list[np.ndarray]) -> np.ndarray:
-    """uint8 [h, w, 3] crops of any sizes -> [N, F] float32 unit vectors. Crops of one size
-    are resized in one call (the service's batches of same-sized photos)."""
+    """uint8 [h, w, 3] crops of any sizes -> [N, F] float32 unit vectors. Each crop is resized
+    alone: resizing several at once compiles once per count as well as per bucket, and saves
+    little (the resize is compute-bound)."""
     if not crops:
       return np.zeros((0, self.embedding_dim), np.float32)
-    prepared = np.zeros((len(crops), *self.image_size, 3), np.uint8)
-    by_size = {}
-    for number, crop in enumerate(crops):
-      by_size.setdefault(crop.shape, []).append(number)
-    for numbers in by_size.values():
-      prepared[numbers] = np.asarray(preprocess(np.stack([crops[n] for n in numbers]),
-                                                self.image_size, self.resize_mode,
-                                                self.resize_filter))
-    return self.embed_prepared(prepared)
+    return self.embed_prepared(np.stack([self.prepare(c) for c in crops]))
 
   @property
   def embedding_dim(self) -> int:

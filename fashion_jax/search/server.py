@@ -220,7 +220,8 @@ def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = Tru
     return {'results': [{'product_id': r['product_id'], 'category': r['category'],
                          'score': r['score'], 'thumb': f"/thumb/{r['row']}"}
                         for r in answer['results']],
-            'box': list(box) if box else None, 'category': category, 'crop_size': [int(crop.shape[1]), int(crop.shape[0])],
+            'box': list(box) if box else None, 'category': category,
+            'crop_size': [int(crop.shape[1]), int(crop.shape[0])],
             'timing_ms': {**timing, **answer['timing_ms']}}
 
   async def _submit(request, box_text, category, k):

@@ -192,8 +192,8 @@ class FaissBackend(Backend):
     # A mapped IVF would be written as a reference to its on-disk lists, not as the lists.
     self._faiss.write_index(self._writable(), index_path + '.tmp')
     with open(rows_path + '.tmp', 'wb') as f:
-      np.savez(f, kind=np.array('refine' if self._refined else self._kind), product=self._product, category=self._category,
-               held=self._held)
+      np.savez(f, kind=np.array('refine' if self._refined else self._kind),
+               product=self._product, category=self._category, held=self._held)
     os.replace(index_path + '.tmp', index_path)
     os.replace(rows_path + '.tmp', rows_path)
 
@@ -354,7 +354,6 @@ class FaissBackend(Backend):
     self._insert(rows, vectors)
 
   def _insert(self, rows, vectors):
-    self._selectors = {}  # FAISS may now hold rows that are not held
     index = self._writable()
     for start in range(0, len(rows), _ADD_CHUNK):
       part = slice(start, start + _ADD_CHUNK)
