@@ -159,8 +159,8 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
     query_groups, gallery_groups: [Q], [G] or None (given together).
     rerank: rank by these re-ranked distances instead of the Euclidean ones.
     chunk_size: queries per jitted call; working memory holds chunk_size x G / devices
-      distances. None: the most, up to 1,024, that keep them within 256 MB per CPU device or
-      2 GB per accelerator (bench/retrieval_bench.py measures the choice).
+      distances. None: the most, up to 1,024, that keep them within 16 MB per CPU device (at
+      least 256) or 2 GB per accelerator (bench/retrieval_bench.py measures the choice).
     gallery_chunk_size: gallery items per block of the counting loop (its temporaries are
       chunk x block x P, P the largest number of positives of a query).
     progress: optional callable(stage, num_done, total) called after each query chunk.
@@ -197,8 +197,11 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
   mesh = search.gallery_mesh(devices)
   if chunk_size is None:
     per_device = -(-gallery_size // mesh.devices.size)
-    budget = 1 << (26 if mesh.devices.flat[0].platform == 'cpu' else 29)
-    chunk_size = 1 << max(min(10, (budget // per_device).bit_length() - 1), 0)
+    cpu = mesh.devices.flat[0].platform == 'cpu'
+    # Distances held per device: 2^22 (16 MB) on CPU, where they are the host's memory, with
+    # at least 256 queries per chunk (fewer re-read the gallery too often); 2^29 on accelerators.
+    budget = 1 << (22 if cpu else 29)
+    chunk_size = 1 << int(np.clip((budget // per_device).bit_length() - 1, 8 if cpu else 0, 10))
   q_chunk = search.chunk_length(num_queries, chunk_size)
   # The gallery is split evenly over all devices, each shard a whole number of blocks, and moved
   # to the devices once, not once per chunk.
@@ -208,15 +211,14 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
   query_ids = search.pad_rows(query_ids, q_chunk)
   query_groups = search.pad_rows(query_groups, q_chunk)
   positives = search.pad_rows(positives, q_chunk, -1)
-  rerank = search.pad_rerank(rerank, q_chunk)
   outputs = []
   for start in range(0, len(queries), q_chunk):
     rows = slice(start, start + q_chunk)
     # Read back per chunk: progress then reports finished work, not queued work.
     outputs.append([np.asarray(a) for a in _chunk_metrics(
         queries[rows], query_ids[rows], query_groups[rows], positives[rows], gallery,
-        gallery_ids, gallery_groups, gallery_size, search.slice_rerank(rerank, rows), g_chunk,
-        mesh)])
+        gallery_ids, gallery_groups, gallery_size, search.rerank_chunk(rerank, start, q_chunk),
+        g_chunk, mesh)])
     if progress is not None:
       progress('metrics', min(start + q_chunk, num_queries), num_queries)
   # Padded rows are cut off here, so they need no mask inside the jitted function.

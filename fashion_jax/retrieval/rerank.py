@@ -195,10 +195,15 @@ def _jaccard_rows(columns, weights, col_start, gallery_rows, gallery_values, *, 
   return found, jaccard, jnp.sum(shared, axis=1)
 
 
+def _width(counts, limit: int) -> int:
+  """The widest row's count rounded up to a multiple of 8 (at most `limit`), so that the next
+  stages' programs serve similar data again (a later evaluation) uncompiled."""
+  return min(-(-max(int(np.max(counts, initial=0)), 1) // 8) * 8, limit)
+
+
 def _trimmed(arrays, counts):
-  """[R, W] arrays cut, where they lie, to the widest row's count, rounded up to a multiple of 8
-  so that the next stages' programs serve similar data again (a later evaluation) uncompiled."""
-  width = min(-(-max(int(np.max(np.asarray(counts), initial=0)), 1) // 8) * 8, arrays[0].shape[1])
+  """[R, W] arrays cut, where they lie, to _width of their rows' counts."""
+  width = _width(np.asarray(counts), arrays[0].shape[1])
   return [a[:, :width] for a in arrays]
 
 
@@ -297,25 +302,30 @@ def _jaccard(index, values, num_queries, num_points, mesh, budget):
   chunk = _chunk(pairs * 28 + gallery_size * 16, budget)
   # Rows per call: their [rows, G] results stay within ~4 budgets before they are trimmed.
   call = max(_chunk(gallery_size * 8, 4 * budget), chunk) * mesh.devices.size
-  found, distances = [], []
+  # Each call's rows are written into the result, which widens when a later call needs more
+  # room: the pieces are never held all at once beside it.
+  index_out = jaccard = None
   for start in range(0, num_queries, call):
-    piece = knn.map_rows(_jaccard_rows, mesh, chunk,
-                         (columns[start:start + call], weights[start:start + call]),
-                         (col_start, gallery_rows, gallery_values), pairs=pairs,
-                         gallery_size=gallery_size)
+    found, distances, counts = knn.map_rows(
+        _jaccard_rows, mesh, chunk, (columns[start:start + call], weights[start:start + call]),
+        (col_start, gallery_rows, gallery_values), pairs=pairs, gallery_size=gallery_size)
     rows = min(call, num_queries - start)
-    part = _trimmed(piece[:2], piece[2])
-    found.append(np.asarray(part[0][:rows]))
-    distances.append(np.asarray(part[1][:rows]))
-    del piece, part
-  width = max(f.shape[1] for f in found)
-  index_out = np.full((num_queries, width), -1, np.int32)
-  jaccard = np.ones((num_queries, width), np.float32)
-  start = 0
-  while found:
-    f, d = found.pop(0), distances.pop(0)
-    index_out[start:start + len(f), :f.shape[1]] = f
-    jaccard[start:start + len(f), :f.shape[1]] = d
-    start += len(f)
+    width = _width(np.asarray(counts)[:rows], gallery_size)
+    # One slice on the device: only the trimmed rows travel (and are copied) to the host.
+    found, distances = np.asarray(found[:rows, :width]), np.asarray(distances[:rows, :width])
+    if index_out is None or width > index_out.shape[1]:
+      index_out = _widened(index_out, num_queries, width, -1, np.int32)
+      jaccard = _widened(jaccard, num_queries, width, 1.0, np.float32)
+    index_out[start:start + rows, :width] = found
+    jaccard[start:start + rows, :width] = distances
+    del found, distances
   return index_out, jaccard
+
+
+def _widened(array, rows, width, fill, dtype):
+  """A [rows, width] array filled with `fill`, holding `array` (narrower, or None) on the left."""
+  out = np.full((rows, width), fill, dtype)
+  if array is not None:
+    out[:, :array.shape[1]] = array
+  return out
 

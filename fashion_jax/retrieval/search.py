@@ -252,13 +252,12 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked 
   mesh = gallery_mesh(devices)
   g_chunk, (padded_gallery,) = shard_gallery(mesh, gallery_size, gallery_chunk_size, gallery)
   padded_queries = pad_rows(queries, q_chunk)
-  padded_rerank = pad_rerank(rerank, q_chunk)
   outputs = []
   for start in range(0, len(padded_queries), q_chunk):
     rows = slice(start, start + q_chunk)
     # Read back per chunk: progress then reports finished work, not queued work.
     outputs.append([np.asarray(a) for a in _top_k_chunk(
-        padded_queries[rows], padded_gallery, gallery_size, slice_rerank(padded_rerank, rows),
+        padded_queries[rows], padded_gallery, gallery_size, rerank_chunk(rerank, start, q_chunk),
         k, g_chunk, mesh)])
     if progress is not None:
       progress('top-k', min(start + q_chunk, num_queries), num_queries)
@@ -267,14 +266,11 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked 
   return index, distances, row_max
 
 
-def pad_rerank(rerank: Reranked | None, multiple: int) -> Reranked | None:
-  """Query rows padded to a multiple (padding rows have no Jaccard entries)."""
+def rerank_chunk(rerank: Reranked | None, start: int, size: int) -> Reranked | None:
+  """The Reranked rows start .. start + size - 1, padded past the last query with rows that
+  have no Jaccard entries: one chunk at a time, so the whole result is never copied."""
   if rerank is None:
     return None
-  return Reranked(pad_rows(rerank.scale, multiple), pad_rows(rerank.jaccard_index, multiple, -1),
-                  pad_rows(rerank.jaccard, multiple), rerank.lam)
-
-
-def slice_rerank(rerank: Reranked | None, rows: slice) -> Reranked | None:
-  """The Reranked rows of one query chunk."""
-  return None if rerank is None else rerank.select(rows)
+  part = rerank.select(slice(start, start + size))
+  return Reranked(pad_rows(part.scale, size), pad_rows(part.jaccard_index, size, -1),
+                  pad_rows(part.jaccard, size), rerank.lam)
