@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from fashion_jax.retrieval import search
+from fashion_jax.retrieval import host_memory, search
 from fashion_jax.retrieval.search import Reranked
 
 
@@ -194,6 +194,9 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
   positives = positive_lists(query_ids, gallery_ids, query_cams, gallery_cams, query_groups,
                              gallery_groups)
 
+  # Freed blocks of earlier work (re-ranking's stages) go back to the OS before these chunks
+  # allocate theirs, and these chunks' afterwards (host_memory).
+  host_memory.release()
   mesh = search.gallery_mesh(devices)
   if chunk_size is None:
     per_device = -(-gallery_size // mesh.devices.size)
@@ -221,6 +224,8 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
         g_chunk, mesh)])
     if progress is not None:
       progress('metrics', min(start + q_chunk, num_queries), num_queries)
+  del gallery, queries
+  host_memory.release()
   # Padded rows are cut off here, so they need no mask inside the jitted function.
   return QueryMetrics(*(np.concatenate([o[i] for o in outputs])[:num_queries]
                         for i in range(4)))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fashion_jax.retrieval import knn, search
+from fashion_jax.retrieval import host_memory, knn, search
 from fashion_jax.retrieval.search import Reranked
 
 # Rows of the sparse stages are padded to a multiple of this (times the devices); each stage
@@ -255,6 +255,9 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
   if k < k2:
     raise ValueError(f'k2={k2} exceeds the {k} neighbour lists of N points')
   row_max = np.maximum(row_max, np.finfo(np.float32).tiny)
+  # After each stage its temporaries go back to the OS, so that the next stage's do not come
+  # on top of them (host_memory).
+  host_memory.release()
 
   # Working memory per device and chunk of rows: small on CPU, where it is the host's.
   budget = 1 << 24 if cpu else 1 << 28
@@ -268,6 +271,7 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
                                   (table, half), k1=k1)
   (expanded,) = _trimmed([expanded], counts)
   del half
+  host_memory.release()
   report('expansion', num_points, num_points)
 
   width = expanded.shape[1]
@@ -280,9 +284,12 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
     index, values, counts = knn.map_rows(_expanded_query, mesh, _chunk(k2 * width * 32, budget),
                                          (rows,), (table, expanded, values), k2=k2)
     index, values = _trimmed([index, values], counts)
+  host_memory.release()
   report('query expansion', num_points, num_points)
 
   jaccard_index, jaccard = _jaccard(index, values, num_queries, num_points, mesh, budget)
+  del index, values
+  host_memory.release()
   report('jaccard', num_queries, num_queries)
   return Reranked(scale=(lam / row_max[:num_queries]).astype(np.float32),
                   jaccard_index=jaccard_index, jaccard=jaccard, lam=float(lam))
@@ -319,6 +326,7 @@ def _jaccard(index, values, num_queries, num_points, mesh, budget):
     index_out[start:start + rows, :width] = found
     jaccard[start:start + rows, :width] = distances
     del found, distances
+    host_memory.release()
   return index_out, jaccard
 
 
