@@ -39,7 +39,11 @@ Service: `python -m fashion_jax.search serve` on loopback over an index of the d
 holding --service-rows rows of the same generator at the model's width (`exact` backend); a
 client process posts one 640x480 JPEG (k=10) from 1, 8 and 32 threads, each on its own
 keep-alive connection, --warm-up seconds uncounted (new batch sizes compile) then --seconds
-counted; batching on (--max-batch 16 --max-wait-ms 5) and off (--max-batch 1).
+counted; batching on (--max-batch 16 --max-wait-ms 5) and off (--max-batch 1). Each row also
+gives the server's CPU time per request answered (all its threads, warm-up included) and the
+medians of the answers' own timing_ms: `decode` (read, decode, crop) in the request's thread;
+`resize` (one call per crop), `embed` (the model, one call per batch) and `search` in the
+batcher's thread, each for the whole batch.
 """
 
 import argparse
@@ -262,40 +266,54 @@ def product_recall(found: np.ndarray, truth: np.ndarray) -> float:
 # The service
 
 _CLIENTS = r'''
-import http.client, json, sys, threading, time
+import http.client, json, statistics, sys, threading, time
 host, port, path, photo, clients, warm, seconds = (
     sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]),
     float(sys.argv[6]), float(sys.argv[7]))
 data = open(photo, 'rb').read()
-def one(connection):
+def one(connection, timings):
     connection.request('POST', path, body=data,
                        headers={'Content-Type': 'application/octet-stream'})
     response = connection.getresponse()
-    response.read()
+    body = response.read()
+    if response.status == 200:
+        timings.append(json.loads(body)['timing_ms'])
     return response.status == 200
-def client(connection, counts, deadline):
+def client(connection, counts, timings, deadline):
     while time.perf_counter() < deadline:
         try:
-            counts[0 if one(connection) else 1] += 1
+            counts[0 if one(connection, timings) else 1] += 1
         except Exception:
             counts[1] += 1
             connection.close()
             connection = http.client.HTTPConnection(host, port, timeout=120)
 def phase(connections, seconds):
-    counts = [[0, 0] for _ in connections]
+    counts, timings = [[0, 0] for _ in connections], []
     start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c, n, start + seconds))
+    threads = [threading.Thread(target=client, args=(c, n, timings, start + seconds))
                for c, n in zip(connections, counts)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return [sum(c[0] for c in counts), sum(c[1] for c in counts), time.perf_counter() - start]
+    medians = {key: statistics.median(t[key] for t in timings)
+               for key in (timings[0] if timings else {})}
+    return [sum(c[0] for c in counts), sum(c[1] for c in counts), time.perf_counter() - start,
+            medians]
 connections = [http.client.HTTPConnection(host, port, timeout=120) for _ in range(clients)]
-phase(connections, warm)  # new batch sizes compile here, not in the measured window
-done, failed, elapsed = phase(connections, seconds)
-print(json.dumps({'done': done, 'failed': failed, 'seconds': elapsed}))
+warm_done = phase(connections, warm)[0]  # new batch sizes compile here, not in the count
+cpu = time.process_time()
+done, failed, elapsed, medians = phase(connections, seconds)
+print(json.dumps({'done': done, 'failed': failed, 'seconds': elapsed, 'warm_done': warm_done,
+                  'timing_ms': medians, 'client_cpu_s': time.process_time() - cpu}))
 '''
+
+
+def _cpu_seconds(pid: int) -> float:
+  """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+  with open(f'/proc/{pid}/stat', encoding='ascii') as f:
+    fields = f.read().rsplit(')', 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
 def demo_workdir(path: str | None, tmp: str) -> tuple[str, str]:
@@ -384,12 +402,15 @@ def serve_and_load(index_dir: str, photo: str, batching: list[str], clients: lis
         time.sleep(0.5)
     results = []
     for count in clients:
-      load = os.getloadavg()[0]
+      load, cpu = os.getloadavg()[0], _cpu_seconds(server.pid)
       out = subprocess.run([sys.executable, '-c', _CLIENTS, host, str(port), '/api/search?k=10',
                             photo, str(count), str(warm), str(seconds)], capture_output=True,
                            text=True, check=True, timeout=warm + seconds + 300)
-      results.append({'clients': count, **json.loads(out.stdout), 'load': (load,
-                                                                         os.getloadavg()[0])})
+      figures = json.loads(out.stdout)
+      # The server's CPU over the warm-up and the counted seconds, per request answered.
+      figures['server_cpu_ms'] = 1e3 * (_cpu_seconds(server.pid) - cpu) / max(
+          figures['done'] + figures['warm_done'], 1)
+      results.append({'clients': count, **figures, 'load': (load, os.getloadavg()[0])})
     return results
   finally:
     server.terminate()
@@ -588,15 +609,18 @@ def service_part(args, tmp: str) -> None:
         f'JPEG, {args.seconds:g} s counted per row after {args.warm_up:g} s of the same load, '
         'loopback')
   print()
-  print('| batching | clients | requests | failed | seconds | requests/s | '
-        'load avg (1 min) before / after |')
-  print('|---|---|---|---|---|---|---|')
+  print('| batching | clients | requests | failed | seconds | requests/s | server CPU per '
+        'request (ms) | median decode / resize / embed / search (ms) | load avg (1 min) before / after |')
+  print('|---|---|---|---|---|---|---|---|---|')
   rates = {}
   for name, results in runs.items():
     for r in results:
       rates[(name.split()[0], r['clients'])] = r['done'] / r['seconds']
+      stages = ' / '.join(f"{r['timing_ms'].get(key, float('nan')):.1f}"
+                          for key in ('decode', 'resize', 'embed', 'search'))
       print(f"| {name} | {r['clients']} | {r['done']} | {r['failed']} | {r['seconds']:.1f} | "
-            f"{r['done'] / r['seconds']:.1f} | {r['load'][0]:.2f} / {r['load'][1]:.2f} |")
+            f"{r['done'] / r['seconds']:.1f} | {r['server_cpu_ms']:.1f} | {stages} | "
+            f"{r['load'][0]:.2f} / {r['load'][1]:.2f} |")
   print()
   failed = sum(r['failed'] for results in runs.values() for r in results)
   checks = [('0 failed requests', failed == 0, str(failed))]
