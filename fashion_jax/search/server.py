@@ -17,6 +17,7 @@ index lists.
 
 import asyncio
 import dataclasses
+import logging
 import os
 import socket
 import threading
@@ -272,6 +273,9 @@ class SearchServer:
         app, log_level='warning' if quiet else 'info', access_log=not quiet,
         timeout_keep_alive=5, limit_concurrency=4 * settings.max_in_flight + 16,
         h11_max_incomplete_event_size=64 * 1024))
+    # One access-log line per request (unless quiet); uvicorn's start-up and shut-down notices
+    # are INFO records of its own that say nothing the 'serving ... on' line does not.
+    logging.getLogger('uvicorn.error').setLevel(logging.WARNING)
     self._done = threading.Event()
 
   def serve_forever(self) -> None:
