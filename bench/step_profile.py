@@ -1,0 +1,299 @@
+"""Where a training step's device time goes: a profile of the jitted step, summed by kind of op.
+
+Builds the step as bench/train_throughput.py does (same model, batch, dtype and data-parallel
+mesh), compiles it, runs --warmup steps, then records --steps steps with jax.profiler and sums
+the duration of every operation the step's program ran on the devices, by kind. The kind comes
+from the compiled program (its HLO text): an operation is the instruction the profiler names
+(a fusion, a library call, a copy), and it is
+
+  convolution   a convolution, a library call that runs one (cuDNN's custom calls), or a fusion
+                holding one (with whatever was fused around it);
+  normalisation a fusion holding a reduction of an [N, H, W, C] activation over its spatial axes
+                (and the batch's) for each channel: the statistics of BatchNorm and
+                InstanceNorm and their gradients (the normalisations applied are elementwise,
+                fused with their neighbours);
+  pooling       max pooling and its gradient (reduce-window, select-and-scatter);
+  reduction     any other reduction (the losses, the optimiser's norms, the non-finite guard);
+  matmul        a dot product (the classifier, the losses' distance matrices);
+  collective    all-reduce, all-gather and the like (gradients across devices);
+  elementwise   every other fusion or operation: normalisation applied, activations, the
+                optimiser's updates, layout copies.
+
+Device time overlaps wall time only where nothing else runs: the table gives both, and the sum
+over kinds is the busy time of the devices (operations on several streams may overlap). On CPU
+the operations are the thunks XLA's CPU runtime runs, timed on the host's threads.
+
+  python bench/step_profile.py                                  # ResNet50-IBN-A 320x320 bf16 64
+  python bench/step_profile.py --backbone=resnet18_ibn_a --width=16 --size=64x64 --batch=16 \
+      --dtype=float32 --steps=3                                 # a small CPU run
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'bench'))
+
+KINDS = ('convolution', 'normalisation', 'pooling', 'reduction', 'matmul', 'collective',
+         'elementwise')
+_COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute',
+                'all-reduce-start', 'all-gather-start', 'collective-permute-start')
+
+
+def _shape_end(text: str) -> int:
+  """Index just past the shape that starts `text` (a tuple shape is parenthesised)."""
+  if not text.startswith('('):
+    return text.find(' ')
+  depth = 0
+  for i, char in enumerate(text):
+    depth += {'(': 1, ')': -1}.get(char, 0)
+    if depth == 0:
+      return i + 1
+  return len(text)
+
+
+def _rank(shape: str) -> int | None:
+  """Number of dimensions of an array shape's text (f32[4,16,16,8]{3,2,1,0}); None for tuples."""
+  match = re.match(r'\w+\[([\d,]*)\]', shape)
+  return len([d for d in match.group(1).split(',') if d]) if match else None
+
+
+def _per_channel_statistics(call: str, ranks: dict) -> bool:
+  """Whether a reduce (its text from the opcode on) sums a rank-4 operand over axes 1 and 2,
+  and maybe 0, keeping the last: NHWC statistics per channel (BatchNorm, InstanceNorm)."""
+  operand = re.match(r'reduce\(\s*(?:\w+\[[\d,]*\]\S*\s+)?%?([\w.\-]+)', call)
+  dimensions = re.search(r'dimensions=\{([\d,]*)\}', call)
+  if not operand or not dimensions:
+    return False
+  axes = {int(a) for a in dimensions.group(1).split(',') if a}
+  return ranks.get(operand.group(1)) == 4 and {1, 2} <= axes <= {0, 1, 2}
+
+
+def parse_hlo(text: str) -> tuple[dict, dict]:
+  """The compiled module's instructions and computations.
+
+  Returns ({instruction name: (opcode, [called computations], custom-call target)},
+  {computation name: [its instruction names]}).
+  """
+  instructions, computations, ranks, current = {}, {}, {}, None
+  for line in text.splitlines():
+    if not line.strip() or line.lstrip().startswith('//'):
+      continue
+    if not line[0].isspace():
+      match = re.match(r'(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(|\{)', line)
+      if match and line.rstrip().endswith('{'):
+        current = match.group(1)
+        computations[current] = []
+      continue
+    match = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$', line)
+    if not match or current is None:
+      continue
+    name, rest = match.groups()
+    ranks[name] = _rank(rest)
+    after = rest[_shape_end(rest):].lstrip()
+    opcode = re.match(r'([\w\-]+)\(', after)
+    if not opcode:
+      continue
+    called = re.findall(r'(?:calls|to_apply|body|condition|branch_computations)='
+                        r'\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?', after)
+    called = [c.strip().lstrip('%') for group in called for c in group.split(',')]
+    target = re.search(r'custom_call_target="([^"]+)"', after)
+    target = target.group(1) if target else ''
+    if opcode.group(1) == 'reduce' and _per_channel_statistics(after, ranks):
+      target = 'per-channel statistics'
+    window = re.search(r'window=\{size=([\dx]+)', after)
+    if opcode.group(1) == 'select-and-scatter' or (
+        opcode.group(1) == 'reduce-window' and window and window.group(1).count('x') == 3):
+      target = 'spatial window'  # pooling over H and W (XLA also cuts other reductions in windows)
+    instructions[name] = (opcode.group(1), called, target)
+    computations[current].append(name)
+  return instructions, computations
+
+
+def _opcodes(name: str, instructions: dict, computations: dict, seen=None) -> set:
+  """Opcodes of an instruction and of every computation it calls (a fusion's body)."""
+  seen = set() if seen is None else seen
+  if name in seen or name not in instructions:
+    return set()
+  seen.add(name)
+  opcode, called, target = instructions[name]
+  found = {opcode, f'custom-call:{target.lower()}'} if target else {opcode}
+  for computation in called:
+    for inner in computations.get(computation, ()):
+      found |= _opcodes(inner, instructions, computations, seen)
+  return found
+
+
+def kind_of(name: str, instructions: dict, computations: dict) -> str:
+  """The kind (KINDS) of the instruction `name` of the compiled program."""
+  ops = _opcodes(name, instructions, computations)
+  if 'convolution' in ops or any(op.startswith('custom-call:') and 'conv' in op for op in ops):
+    return 'convolution'
+  if any(op in ops for op in _COLLECTIVES):
+    return 'collective'
+  if 'custom-call:per-channel statistics' in ops:
+    return 'normalisation'
+  if 'custom-call:spatial window' in ops:
+    return 'pooling'
+  if 'reduce' in ops or 'reduce-window' in ops:
+    return 'reduction'
+  if 'dot' in ops or any(op.startswith('custom-call:') and ('gemm' in op or 'matmul' in op)
+                         for op in ops):
+    return 'matmul'
+  return 'elementwise'
+
+
+def _kernel_kind(kernel: str) -> str | None:
+  """A kind from a library kernel's own name, for events the program's names do not match."""
+  kernel = kernel.lower()
+  if any(word in kernel for word in ('conv', 'fprop', 'dgrad', 'wgrad', 'implicit_gemm')):
+    return 'convolution'
+  if any(word in kernel for word in ('gemm', 'matmul')):
+    return 'matmul'
+  if 'nccl' in kernel or 'all_reduce' in kernel:
+    return 'collective'
+  return None
+
+
+def device_events(trace_dir: str, module_names: set) -> list[tuple[str, float]]:
+  """(instruction or kernel name, microseconds) of every operation of the named modules in the
+  newest trace under `trace_dir`: device streams on accelerators, XLA's thunks on CPU."""
+  files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True),
+                 key=os.path.getmtime)
+  if not files:
+    raise SystemExit(f'error: jax.profiler wrote no trace under {trace_dir}')
+  with gzip.open(files[-1]) as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  processes = {e['pid']: e['args'].get('name', '') for e in events
+               if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+  threads = {(e['pid'], e.get('tid')): e['args'].get('name', '') for e in events
+             if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
+  accelerator = {pid for pid, name in processes.items() if '/device:' in name}
+  # An accelerator's trace shows the same work on several lines: per module, per XLA op and
+  # per stream (the kernels). Ops are counted from the 'XLA Ops' line, else from the streams.
+  ops_lines = {key for key, name in threads.items() if key[0] in accelerator and name == 'XLA Ops'}
+  if not ops_lines:
+    ops_lines = {key for key, name in threads.items()
+                 if key[0] in accelerator and name.startswith('Stream')}
+  found = []
+  for event in events:
+    if event.get('ph') != 'X' or 'dur' not in event:
+      continue
+    args = event.get('args') or {}
+    module = args.get('hlo_module', '')
+    if accelerator:
+      if (event.get('pid'), event.get('tid')) not in ops_lines or (
+          module and module not in module_names):
+        continue
+      name = args.get('hlo_op') or event.get('name', '')
+      found.append((name.lstrip('%'), float(event['dur'])))
+    elif module in module_names and not event.get('name', '').startswith('end: '):
+      found.append((event.get('name', ''), float(event['dur'])))
+  return found
+
+
+def summarise(events, instructions, computations, steps: int) -> tuple[dict, list]:
+  """Per kind: [microseconds per step, operations per step]; and the 15 costliest instructions
+  as (microseconds per step, name, kind)."""
+  per_kind = {kind: [0.0, 0.0] for kind in (*KINDS, 'unmatched')}
+  per_name = collections.Counter()
+  kinds = {}
+  for name, micros in events:
+    if name not in kinds:
+      candidates = (name, re.sub(r'_(\d+)$', r'.\1', name))
+      match = next((c for c in candidates if c in instructions), None)
+      kinds[name] = (kind_of(match, instructions, computations) if match
+                     else _kernel_kind(name) or 'unmatched')
+    per_kind[kinds[name]][0] += micros / steps
+    per_kind[kinds[name]][1] += 1 / steps
+    per_name[name] += micros / steps
+  top = [(micros, name, kinds[name]) for name, micros in per_name.most_common(15)]
+  return per_kind, top
+
+
+def profile(args) -> dict:
+  import jax
+
+  import train_throughput
+  height, width = (int(v) for v in args.size.split('x'))
+  setup_args = argparse.Namespace(backbone=args.backbone, width=args.width,
+                                  last_stride=args.last_stride, num_classes=args.num_classes,
+                                  k=args.k)
+  mesh, state, images, labels, step_fn, _ = train_throughput._jax_setup(
+      setup_args, height, width, args.batch, args.dtype)
+  compiled = step_fn.lower(state, images, labels).compile()
+  instructions, computations = parse_hlo(compiled.as_text())
+  module_names = set(re.findall(r'^HloModule\s+([\w.\-]+)', compiled.as_text(), re.M))
+  box = {'state': state}
+
+  def run(count):
+    for _ in range(count):
+      box['state'], box['metrics'] = compiled(box['state'], images, labels)
+    jax.block_until_ready(box['state'])
+
+  run(args.warmup)
+  start = time.perf_counter()
+  run(args.steps)
+  step_s = (time.perf_counter() - start) / args.steps
+  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix='step-profile-')
+  jax.profiler.start_trace(trace_dir)
+  run(args.steps)
+  jax.profiler.stop_trace()
+  events = device_events(trace_dir, module_names)
+  per_kind, top = summarise(events, instructions, computations, args.steps)
+  return {'device': f'{mesh.devices.size} x {jax.devices()[0].device_kind}',
+          'step_ms': 1e3 * step_s, 'per_kind': per_kind, 'top': top, 'trace_dir': trace_dir,
+          'events': len(events), 'modules': sorted(module_names)}
+
+
+def table(result: dict, args) -> str:
+  busy = sum(micros for micros, _ in result['per_kind'].values()) or 1.0
+  lines = [f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {result['device']}, "
+           f'{args.backbone} (width {args.width}), {args.size}, batch {args.batch}, {args.dtype}; '
+           f"step {result['step_ms']:.2f} ms wall (mean of {args.steps}), device busy "
+           f'{busy / 1e3:.2f} ms; trace in {result["trace_dir"]}',
+           '', '| kind | ms per step | share of busy time | operations per step |',
+           '|---|---|---|---|']
+  for kind, (micros, count) in result['per_kind'].items():
+    if count:
+      lines.append(f'| {kind} | {micros / 1e3:.3f} | {100 * micros / busy:.1f}% | {count:.0f} |')
+  lines += ['', '| costliest operations | ms per step | kind |', '|---|---|---|']
+  lines += [f'| {name} | {micros / 1e3:.3f} | {kind} |' for micros, name, kind in result['top']]
+  return '\n'.join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--backbone', default='resnet50_ibn_a')
+  parser.add_argument('--width', type=int, default=64)
+  parser.add_argument('--last_stride', type=int, default=1)
+  parser.add_argument('--num_classes', type=int, default=5000)
+  parser.add_argument('--k', type=int, default=4, help='images per identity')
+  parser.add_argument('--size', default='320x320', help='HxW')
+  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--dtype', default='bfloat16')
+  parser.add_argument('--warmup', type=int, default=5)
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--trace_dir', help='where jax.profiler writes (default: a new temporary '
+                      'folder); open it in TensorBoard or Perfetto for the timeline')
+  parser.add_argument('--json', help='also write the result to this file')
+  args = parser.parse_args()
+  result = profile(args)
+  print(table(result, args))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()

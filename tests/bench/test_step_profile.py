@@ -1,0 +1,86 @@
+"""The step profile: its reading of compiled programs and a real profile of a tiny step on CPU."""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..', 'bench'))
+import step_profile  # noqa: E402
+
+# A compiled module as XLA prints it: a BatchNorm statistic (per channel over N, H, W), a loss
+# sum, a convolution fused with its epilogue, a cuDNN call, max pooling, XLA's windowed
+# reduction of a flag, a dot and an all-reduce.
+_HLO = '''HloModule jit_step, entry_computation_layout={()->f32[]}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%fused_statistics (param_0: f32[8,4,4,16]) -> f32[16] {
+  %param_0 = f32[8,4,4,16]{3,2,1,0} parameter(0)
+  %zero = f32[] constant(0)
+  ROOT %reduce.1 = f32[16]{0} reduce(%param_0, %zero), dimensions={0,1,2}, to_apply=%add
+}
+
+%fused_loss (param_0.1: f32[8,5]) -> f32[] {
+  %param_0.1 = f32[8,5]{1,0} parameter(0)
+  %zero.1 = f32[] constant(0)
+  ROOT %reduce.2 = f32[] reduce(%param_0.1, %zero.1), dimensions={0,1}, to_apply=%add
+}
+
+%fused_conv (param_0.2: f32[8,4,4,3], param_1.2: f32[3,3,3,16]) -> f32[8,4,4,16] {
+  %param_0.2 = f32[8,4,4,3]{3,2,1,0} parameter(0)
+  %param_1.2 = f32[3,3,3,16]{3,2,1,0} parameter(1)
+  %convolution.3 = f32[8,4,4,16]{3,2,1,0} convolution(%param_0.2, %param_1.2), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+  ROOT %maximum.4 = f32[8,4,4,16]{3,2,1,0} maximum(%convolution.3, %convolution.3)
+}
+
+ENTRY %main.9 (x: f32[8,4,4,3], w: f32[3,3,3,16], y: f32[8,5], m: f32[5,7], f: pred[64]) -> f32[] {
+  %x = f32[8,4,4,3]{3,2,1,0} parameter(0)
+  %w = f32[3,3,3,16]{3,2,1,0} parameter(1)
+  %y = f32[8,5]{1,0} parameter(2)
+  %m = f32[5,7]{1,0} parameter(3)
+  %f = pred[64]{0} parameter(4)
+  %fusion.1 = f32[8,4,4,16]{3,2,1,0} fusion(%x, %w), kind=kOutput, calls=%fused_conv
+  %custom-call.2 = (f32[8,4,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), custom_call_target="__cudnn$convForward"
+  %fusion.3 = f32[16]{0} fusion(%fusion.1), kind=kInput, calls=%fused_statistics
+  %fusion.4 = f32[] fusion(%y), kind=kInput, calls=%fused_loss
+  %zero.2 = f32[] constant(0)
+  %reduce-window.5 = f32[8,2,2,16]{3,2,1,0} reduce-window(%fusion.1, %zero.2), window={size=1x3x3x1 stride=1x2x2x1}, to_apply=%add
+  %false = pred[] constant(false)
+  %reduce-window.6 = pred[2]{0} reduce-window(%f, %false), window={size=32 stride=32}, to_apply=%add
+  %dot.7 = f32[8,7]{1,0} dot(%y, %m), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %all-reduce.8 = f32[] all-reduce(%fusion.4), replica_groups={}, to_apply=%add
+  ROOT %add.9 = f32[] add(%all-reduce.8, %all-reduce.8)
+}
+'''
+
+
+def test_operations_are_sorted_into_their_kinds():
+  instructions, computations = step_profile.parse_hlo(_HLO)
+  kinds = {name: step_profile.kind_of(name, instructions, computations)
+           for name in ('fusion.1', 'custom-call.2', 'fusion.3', 'fusion.4', 'reduce-window.5',
+                        'reduce-window.6', 'dot.7', 'all-reduce.8', 'add.9')}
+  assert kinds == {'fusion.1': 'convolution', 'custom-call.2': 'convolution',
+                   'fusion.3': 'normalisation', 'fusion.4': 'reduction',
+                   'reduce-window.5': 'pooling', 'reduce-window.6': 'reduction',
+                   'dot.7': 'matmul', 'all-reduce.8': 'collective', 'add.9': 'elementwise'}
+
+
+def test_a_tiny_step_is_profiled_on_cpu(tmp_path):
+  args = argparse.Namespace(backbone='resnet18_ibn_a', width=8, last_stride=1, num_classes=20,
+                            k=4, size='32x32', batch=16, dtype='float32', warmup=1, steps=2,
+                            trace_dir=str(tmp_path / 'trace'))
+  result = step_profile.profile(args)
+  per_kind = result['per_kind']
+  # Every operation the CPU runtime ran was found in the compiled program.
+  assert per_kind['unmatched'] == [0.0, 0.0]
+  busy = sum(micros for micros, _ in per_kind.values())
+  assert busy > 0 and per_kind['convolution'][0] > 0.1 * busy
+  # ResNet18-IBN-a: 20 convolutions forward, each with its gradients; its BatchNorms and
+  # InstanceNorms reduce per channel forward and backward.
+  assert per_kind['convolution'][1] >= 20 and per_kind['normalisation'][1] >= 20
+  table = step_profile.table(result, args)
+  assert '| convolution |' in table and '| normalisation |' in table
