@@ -226,28 +226,25 @@ def profile(args) -> dict:
 
   import train_throughput
   height, width = (int(v) for v in args.size.split('x'))
-  setup_args = argparse.Namespace(backbone=args.backbone, width=args.width,
-                                  last_stride=args.last_stride, num_classes=args.num_classes,
-                                  k=args.k)
   mesh, state, images, labels, step_fn, _ = train_throughput._jax_setup(
-      setup_args, height, width, args.batch, args.dtype)
+      args, height, width, args.batch, args.dtype)
   compiled = step_fn.lower(state, images, labels).compile()
   instructions, computations = parse_hlo(compiled.as_text())
   module_names = set(re.findall(r'^HloModule\s+([\w.\-]+)', compiled.as_text(), re.M))
   box = {'state': state}
 
-  def run(count):
-    for _ in range(count):
-      box['state'], box['metrics'] = compiled(box['state'], images, labels)
+  def train():
+    box['state'], box['metrics'] = compiled(box['state'], images, labels)
+
+  def sync():
     jax.block_until_ready(box['state'])
 
-  run(args.warmup)
-  start = time.perf_counter()
-  run(args.steps)
-  step_s = (time.perf_counter() - start) / args.steps
+  _, step_s = train_throughput.timed_loop(train, sync, args.warmup, args.steps)
   trace_dir = args.trace_dir or tempfile.mkdtemp(prefix='step-profile-')
   jax.profiler.start_trace(trace_dir)
-  run(args.steps)
+  for _ in range(args.steps):
+    train()
+  sync()
   jax.profiler.stop_trace()
   events = device_events(trace_dir, module_names)
   per_kind, top = summarise(events, instructions, computations, args.steps)
@@ -273,12 +270,9 @@ def table(result: dict, args) -> str:
 
 
 def main():
+  import train_throughput
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--backbone', default='resnet50_ibn_a')
-  parser.add_argument('--width', type=int, default=64)
-  parser.add_argument('--last_stride', type=int, default=1)
-  parser.add_argument('--num_classes', type=int, default=5000)
-  parser.add_argument('--k', type=int, default=4, help='images per identity')
+  train_throughput.add_model_flags(parser)
   parser.add_argument('--size', default='320x320', help='HxW')
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--dtype', default='bfloat16')

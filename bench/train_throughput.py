@@ -23,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The flags that say which model is built (_jax_setup reads them), passed on to each case.
+MODEL_FLAGS = ('backbone', 'width', 'last_stride', 'num_classes', 'k')
+
 # Dense peak TFLOP/s per device from the vendors' datasheets. float32 convolutions and matmuls
 # run as TF32 on these GPUs under both frameworks' defaults, so TF32 is the float32 peak.
 PEAK_TFLOPS = {
@@ -107,8 +110,7 @@ def _cpu_flops(args, height: int, width: int, batch: int, dtype: str) -> dict:
   """flops_case run on the CPU backend (one device) in a subprocess: the count of the same
   program, for backends whose lowered modules give no cost analysis (GPUs, with jax 0.11)."""
   command = [sys.executable, __file__, '--_case', f'flops:{height}x{width}:{batch}:{dtype}']
-  command += [f'--{name}={getattr(args, name)}' for name in
-              ('backbone', 'width', 'last_stride', 'num_classes', 'k')]
+  command += [f'--{name}={getattr(args, name)}' for name in MODEL_FLAGS]
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
   done = subprocess.run(command, capture_output=True, text=True, env=env)
   lines = [line for line in done.stdout.splitlines() if line.startswith('RESULT ')]
@@ -243,7 +245,7 @@ def run_case(args, framework: str, size: str, batch: int, dtype: str) -> dict:
   """Runs one case in a fresh process and returns its measurements (or its error)."""
   command = [sys.executable, __file__, '--_case', f'{framework}:{size}:{batch}:{dtype}']
   command += [f'--{name}={getattr(args, name)}' for name in
-              ('backbone', 'width', 'last_stride', 'num_classes', 'k', 'warmup', 'steps')]
+              (*MODEL_FLAGS, 'warmup', 'steps')]
   command += ['--torch_compile'] if args.torch_compile else []
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   try:
@@ -283,13 +285,18 @@ def table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+  """MODEL_FLAGS, with the paper's ResNet50-IBN-A (last stride 1) as the default."""
   parser.add_argument('--backbone', default='resnet50_ibn_a')
   parser.add_argument('--width', type=int, default=64)
   parser.add_argument('--last_stride', type=int, default=1)
   parser.add_argument('--num_classes', type=int, default=5000)
   parser.add_argument('--k', type=int, default=4, help='images per identity')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  add_model_flags(parser)
   parser.add_argument('--sizes', default='256x128,320x320', help='HxW,...')
   parser.add_argument('--batches', default='64,128')
   parser.add_argument('--dtypes', default='float32,bfloat16')
