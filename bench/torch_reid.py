@@ -1,11 +1,14 @@
 """The strong baseline's training step in PyTorch, as a speed reference for train_throughput.py.
 
-The same model (the ResNet / IBN-Net reference of the equivalence tests, GAP, BNNeck, bias-free
-classifier) and the same losses as `fashion_jax.train_step`: label-smoothed cross-entropy,
-batch-hard triplet, center loss with its own SGD, Adam with coupled weight decay. Mixed
-precision is autocast to bfloat16; the caller chooses channels_last and torch.compile.
+The same model (the ResNet / IBN-Net reference of the equivalence tests with GAP, or timm's
+VisionTransformer built from the registry's ViTSpec with its token or mean pooling; then BNNeck
+and a bias-free classifier) and the same losses as `fashion_jax.train_step`: label-smoothed
+cross-entropy, batch-hard triplet, center loss with its own SGD, Adam with coupled weight
+decay. Mixed precision is autocast to bfloat16; the caller chooses channels_last and
+torch.compile.
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -25,25 +28,36 @@ STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1) * 255
 class ReIDModel(nn.Module):
   """uint8 images [B, 3, H, W] -> (f_t before the BNNeck, logits); `embed` gives unit f_i."""
 
-  def __init__(self, backbone: str, width: int, last_stride: int, num_classes: int):
+  def __init__(self, backbone: str, width: int, last_stride: int, num_classes: int,
+               image_size: tuple[int, int] = (224, 224)):
     super().__init__()
     entry = get_backbone(backbone)
-    if entry.family != 'resnet' or width != 64:
-      raise ValueError(f'the PyTorch reference has ResNet / IBN-Net backbones of width 64 only, '
-                       f'not {backbone} width {width}')
-    depth = entry.arch['depth']
-    self.backbone = TorchResNet(depth, entry.arch['ibn'], last_stride)
-    features = 512 * (4 if depth >= 50 else 1)
+    if width != 64 or entry.family not in ('resnet', 'vit'):
+      raise ValueError(f'the PyTorch reference has ResNet / IBN-Net and ViT backbones of width '
+                       f'64 only, not {backbone} width {width}')
+    mean, std = MEAN, STD
+    if entry.family == 'resnet':
+      depth = entry.arch['depth']
+      self.backbone = TorchResNet(depth, entry.arch['ibn'], last_stride)
+      self.pool = lambda x: x.float().mean((2, 3))
+      features = 512 * (4 if depth >= 50 else 1)
+    else:
+      spec = entry.arch['spec']
+      self.backbone = timm_vit(spec, entry.arch['pool'], image_size)
+      self.pool = lambda x: x.float()  # timm pools (num_classes=0)
+      features = spec.dim
+      # The same pixels as the JAX model, which re-normalises to the weights' statistics.
+      mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in spec.stats)
     self.bottleneck = nn.BatchNorm1d(features)
     self.bottleneck.bias.requires_grad_(False)
     self.classifier = nn.Linear(features, num_classes, bias=False)
     nn.init.normal_(self.classifier.weight, std=0.001)
-    self.register_buffer('mean', MEAN.clone())
-    self.register_buffer('std', STD.clone())
+    self.register_buffer('mean', mean.clone())
+    self.register_buffer('std', std.clone())
 
   def features(self, images):
     x = (images.float() - self.mean) / self.std
-    global_feat = self.backbone(x).float().mean((2, 3))
+    global_feat = self.pool(self.backbone(x))
     return global_feat, self.bottleneck(global_feat)
 
   def forward(self, images):
@@ -52,6 +66,29 @@ class ReIDModel(nn.Module):
 
   def embed(self, images):
     return F.normalize(self.features(images)[1], dim=1)
+
+
+def timm_vit(spec, pool: str, image_size: tuple[int, int]):
+  """timm's VisionTransformer with the architecture of `spec` (fashion_jax.models.vit.ViTSpec)
+  at `image_size`, returning the pooled [B, D] features: 'token' the class token, 'mean' the
+  mean of the patch tokens after the final norm (as vit.mean_patch_pool)."""
+  from timm.layers import get_act_layer
+  from timm.models.vision_transformer import VisionTransformer
+
+  if spec.patch_stride not in (None, spec.patch):
+    raise ValueError(f'timm VisionTransformer has no overlapping patches (stride '
+                     f'{spec.patch_stride}, patch {spec.patch})')
+  if spec.norm_pre == spec.patch_bias:
+    raise ValueError('timm VisionTransformer drops the patch bias exactly when it adds the '
+                     'pre-norm (CLIP); this spec has one without the other')
+  return VisionTransformer(
+      img_size=image_size, patch_size=spec.patch, num_classes=0,
+      global_pool={'token': 'token', 'mean': 'avg'}[pool], fc_norm=False,
+      embed_dim=spec.dim, depth=spec.depth, num_heads=spec.heads, mlp_ratio=spec.mlp_ratio,
+      init_values=1e-5 if spec.layer_scale else None, class_token=spec.class_token,
+      no_embed_class=not spec.embed_class, reg_tokens=spec.reg_tokens, pre_norm=spec.norm_pre,
+      norm_layer=functools.partial(nn.LayerNorm, eps=spec.eps),
+      act_layer=get_act_layer(spec.act))
 
 
 def batch_hard_triplet(features, labels, margin: float = 0.3):

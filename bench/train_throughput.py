@@ -7,6 +7,9 @@ created on the device before timing: this measures the model, not the host input
 
   # the accelerator grid (ResNet50-IBN-A, last stride 1)
   python bench/train_throughput.py
+  # ViT-B/16 against timm's VisionTransformer, compiled
+  python bench/train_throughput.py --backbone=vit_b16 --sizes=224x224,256x256 --batches=64,128 \
+      --dtypes=bfloat16 --torch_compile
   # a small CPU run
   python bench/train_throughput.py --backbone=resnet18_ibn_a --width=16 --sizes=64x64 \
       --batches=16 --dtypes=float32 --steps=3
@@ -190,7 +193,8 @@ def torch_case(args, height: int, width: int, batch: int, dtype: str) -> dict:
   torch.backends.cudnn.benchmark = True
   torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default float32 precision on GPUs
   torch.backends.cudnn.allow_tf32 = True
-  model = torch_reid.ReIDModel(args.backbone, args.width, args.last_stride, args.num_classes)
+  model = torch_reid.ReIDModel(args.backbone, args.width, args.last_stride, args.num_classes,
+                               image_size=(height, width))
   model = model.to(device, memory_format=torch.channels_last)
   step = torch_reid.TrainStep(model, args.num_classes, amp_dtype=torch.bfloat16
                               if dtype == 'bfloat16' else None, device=device)

@@ -60,3 +60,40 @@ def test_center_loss_matches_jax():
   got = torch_reid.center_loss(torch.from_numpy(features), torch.from_numpy(labels).long(),
                                torch.from_numpy(centers))
   np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['vit_t16', 'vit_b16_siglip', 'vit_s14_dinov2_reg4',
+                                  'vit_b16_clip_quickgelu'])
+def test_vit_reference_has_the_registry_architecture(name):
+  """timm's model built from the registry's spec holds the same tensors as ours under timm's
+  names (what weight conversion maps one to one), so the speed comparison is of one model."""
+  pytest.importorskip('timm', reason='the ViT reference is timm')
+  from flax import nnx
+
+  from fashion_jax.models import build_backbone, get_backbone
+  from fashion_jax.models.pretrained import variables
+
+  entry = get_backbone(name)
+  spec = entry.arch['spec']
+  size = (spec.grid[0] * spec.patch, spec.grid[1] * spec.patch)
+  reference = torch_reid.timm_vit(spec, entry.arch['pool'], size)
+  theirs = {key: value.numel() for key, value in reference.state_dict().items()}
+  ours = nnx.eval_shape(lambda: build_backbone(name, rngs=nnx.Rngs(0)))
+  ours = {entry.torch_name(key): int(np.prod(var.shape))
+          for key, var in variables(ours).items()}
+  assert ours == theirs
+
+
+def test_vit_reference_trains_and_refuses_overlapping_patches():
+  pytest.importorskip('timm', reason='the ViT reference is timm')
+  torch.manual_seed(0)
+  model = torch_reid.ReIDModel('vit_t16', 64, 1, num_classes=4, image_size=(32, 32))
+  step = torch_reid.TrainStep(model, 4, amp_dtype=None, device=torch.device('cpu'))
+  images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+  labels = torch.arange(4).repeat_interleave(2)
+  first = float(step(images, labels))
+  for _ in range(4):
+    last = float(step(images, labels))
+  assert np.isfinite(first) and last < first
+  with pytest.raises(ValueError, match='overlapping patches'):
+    torch_reid.ReIDModel('vit_b16_s12', 64, 1, num_classes=4)
