@@ -506,6 +506,8 @@ def main():
   if args.job:
     print(json.dumps(run_backend(json.loads(args.job))))
     return
+  if args.tmp:
+    os.makedirs(args.tmp, exist_ok=True)
   tmp = args.tmp or tempfile.mkdtemp(prefix='search-bench-')
   try:
     print(f'CPUs: {os.cpu_count()}; load average (1 min) at the start: {os.getloadavg()[0]:.2f}',
