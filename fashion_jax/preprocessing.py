@@ -1,15 +1,22 @@
 """How an image becomes the model's input: the resize modes and filters, their check, the
 letterbox geometry and the resize in JAX, compiled per size (resize_images) or per bucket of
-sizes (preprocess). No TensorFlow: the tf.data pipeline imports it too.
+sizes (preprocess); and, for the default filter, the same resize on the host with the input
+pipeline's compiled kernel (resize_on_host). No TensorFlow: the tf.data pipeline imports it too.
 
 The evaluation pipeline (data_pipelines.input_pipeline), the search and the exports resize with
 these names and this geometry, so an image gives the same pixels in training, search and serving
-(up to a value on .5 rounded the other way).
+(up to a value on .5 rounded the other way; none at all between the input pipeline and
+resize_on_host, which run one kernel).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+try:
+  from data_pipelines import resample
+except ImportError:  # fashion_jax without its data_pipelines package
+  resample = None
 
 # How a crop reaches image_size (config.input.resize_mode):
 #   'stretch': both axes scaled to image_size, as the ReID code does (the default);
@@ -272,3 +279,38 @@ def preprocess_compilations() -> int:
   """How many resizes preprocess holds compiled, over all image sizes, modes, filters and
   batch sizes: one per padded height and one per number of pieces met for each."""
   return _resize_rows_jit._cache_size() + _resize_columns_jit._cache_size()
+
+
+def host_resize_applies(resize_filter: str) -> bool:
+  """Whether resize_on_host can resize with `resize_filter`: the compiled kernel
+  (data_pipelines.resample) is built and implements that filter ('triangle' only)."""
+  return resize_filter == 'triangle' and resample is not None and resample.available()
+
+
+def resize_on_host(crop: np.ndarray, image_size: tuple[int, int],
+                   resize_mode: str = DEFAULT_RESIZE_MODE) -> np.ndarray:
+  """uint8 [h, w, 3] -> uint8 [H, W, 3] with the 'triangle' filter, on the host: the input
+  pipeline's compiled kernel with its geometry (stretched, or letterboxed on white), so the
+  pixels are the ones training and evaluation see. Needs host_resize_applies('triangle').
+
+  It holds no device and releases the GIL while resizing, so request threads can run it side
+  by side; a crop already of the target size is not resized (every filter keeps it).
+  """
+  check_resize(resize_mode, 'triangle')
+  crop = np.asarray(crop)
+  height, width = crop.shape[:2]
+  out_height, out_width = image_size
+  if resize_mode == 'stretch':
+    top = left = 0
+    content_height, content_width = out_height, out_width
+  else:
+    content_height, content_width, top, left = (int(v) for v in letterbox_geometry(
+        height, width, image_size, xp=np, dtype=np.int64))
+  content = crop
+  if (height, width) != (content_height, content_width):
+    content = resample.resize_uint8(crop, (content_height, content_width))
+  if resize_mode == 'stretch':
+    return content
+  canvas = np.full((out_height, out_width, crop.shape[2]), 255, np.uint8)
+  canvas[top:top + content_height, left:left + content_width] = content
+  return canvas

@@ -85,9 +85,12 @@ class Searcher:
   def answer_crops(self, requests: list[dict]) -> list[dict]:
     """Several queries at once: requests [{'crop', 'k', 'category'}] -> per request
     {'results', 'timing_ms': {'resize', 'embed', 'search'}} (milliseconds, for the whole batch).
-    The crops are resized one by one and embedded in one call."""
+    The crops are resized one by one and embedded in one call. A request that carries its
+    model input already ('prepared', from model.prepare_on_host in the caller's thread, and
+    'resize_ms', what that took) is not resized again and reports its own resize time."""
     start = time.perf_counter()
-    prepared = np.stack([self.model.prepare(r['crop']) for r in requests])
+    prepared = np.stack([self.model.prepare(r['crop']) if r.get('prepared') is None
+                         else r['prepared'] for r in requests])
     resized = time.perf_counter()
     embeddings = self.model.embed_prepared(prepared)
     embedded = time.perf_counter()
@@ -101,8 +104,9 @@ class Searcher:
       results = self.search_embeddings(embeddings[numbers], k=k, category=category)
       searched = round(1e3 * (time.perf_counter() - before), 2)
       for number, result in zip(numbers, results):
+        resize_ms = requests[number].get('resize_ms', 1e3 * (resized - start))
         answers[number] = {'results': result, 'timing_ms': {
-            'resize': round(1e3 * (resized - start), 2),
+            'resize': round(resize_ms, 2),
             'embed': round(1e3 * (embedded - resized), 2), 'search': searched}}
     return answers
 

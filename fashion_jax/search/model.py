@@ -1,10 +1,11 @@
 """A trained workdir as an embedding function for search: checkpoint, preprocessing, fingerprint.
 
 Reads `<workdir>/config.json` and the latest (or a given) checkpoint in `<workdir>/checkpoints`
-with Orbax alone; no TensorFlow. Preprocessing is the evaluation pipeline's, in JAX
+with Orbax alone; no TensorFlow. Preprocessing is the evaluation pipeline's
 (fashion_jax.preprocessing): the image (or box crop) is stretched or letterboxed to
 `input.image_size` as `input.resize_mode` says, with the filter `input.resize_filter` names,
-clipped, rounded to uint8; the model normalises it.
+clipped, rounded to uint8; the model normalises it. The default filter runs on the host with
+the input pipeline's compiled kernel where it is built, the others in JAX.
 """
 
 import hashlib
@@ -22,8 +23,8 @@ from jax.sharding import PartitionSpec as P
 from fashion_jax import checkpointing
 from fashion_jax import train_step as ts
 from fashion_jax.models import build_model
-from fashion_jax.preprocessing import (DEFAULT_RESIZE_FILTER, preprocess, resize_images,
-                                      resize_settings)
+from fashion_jax.preprocessing import (DEFAULT_RESIZE_FILTER, host_resize_applies, preprocess,
+                                      resize_images, resize_on_host, resize_settings)
 from fashion_jax.search.images import InputError
 
 
@@ -68,6 +69,8 @@ class SearchModel:
       self.resize_mode, self.resize_filter = resize_settings(self.config.input)
     except ValueError as error:
       raise InputError(f'{os.path.join(self.workdir, "config.json")}: {error}') from None
+    # Whether prepare resizes on the host (the compiled kernel) rather than in JAX.
+    self.host_resize = host_resize_applies(self.resize_filter)
     if not os.path.isdir(os.path.join(self.workdir, 'checkpoints')):
       raise InputError(f'{self.workdir}: no checkpoints/ folder (has it trained yet?)')
     checkpointer = checkpointing.Checkpointer(os.path.join(self.workdir, 'checkpoints'))
@@ -128,14 +131,25 @@ class SearchModel:
     return digest.hexdigest()
 
   def prepare(self, crop: np.ndarray) -> np.ndarray:
-    """uint8 [h, w, 3] -> uint8 [H, W, 3] model input.
+    """uint8 [h, w, 3] -> uint8 [H, W, 3] model input; indexes and queries prepare alike.
 
-    preprocessing.preprocess: resize_images' pixels, compiled per padded height and width
-    rather than per crop size, so a service's memory stays flat whatever sizes are uploaded;
-    indexes and queries prepare alike.
+    With `host_resize`, preprocessing.resize_on_host: the input pipeline's compiled kernel,
+    on the host, safe to call from any thread. Otherwise preprocessing.preprocess: JAX on the
+    devices (call it from the thread that owns them), resize_images' pixels compiled per
+    padded height and width rather than per crop size, so a service's memory stays flat
+    whatever sizes are uploaded.
     """
+    prepared = self.prepare_on_host(crop)
+    if prepared is not None:
+      return prepared
     return np.asarray(preprocess(crop[None], self.image_size, self.resize_mode,
                                  self.resize_filter))[0]
+
+  def prepare_on_host(self, crop: np.ndarray) -> np.ndarray | None:
+    """prepare's result where it needs no device (`host_resize`), else None."""
+    if not self.host_resize:
+      return None
+    return resize_on_host(crop, self.image_size, self.resize_mode)
 
   def embed_prepared(self, images: np.ndarray) -> np.ndarray:
     """uint8 [N, H, W, 3] model inputs -> [N, F] float32 unit vectors, batched over all devices."""

@@ -69,9 +69,11 @@ def test_one_compilation_per_padded_height_and_width():
   assert preprocessing.preprocess_compilations() - before == _buckets(first + sizes) == 11
 
 
-def test_search_model_prepares_through_the_buckets(model):
-  """The service's path: SearchModel.prepare of 100 crop sizes compiles at most one resize
+def test_search_model_prepares_through_the_buckets(model, monkeypatch):
+  """The service's path where the resize runs in JAX (filters other than the default, or the
+  compiled kernel not built): SearchModel.prepare of 100 crop sizes compiles at most one resize
   per padded height and width (fewer where earlier tests compiled some)."""
+  monkeypatch.setattr(model, 'host_resize', False)
   rng = np.random.default_rng(3)
   sizes = _distinct_sizes(100, 97, 192, seed=4)
   before = preprocessing.preprocess_compilations()

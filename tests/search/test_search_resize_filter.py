@@ -1,7 +1,6 @@
 """Resize filters (input.resize_filter = 'triangle', 'area' or 'bilinear'): TensorFlow's weights,
 the tf.data pipeline's pixels in both resize modes, symbolic image sizes, and the fingerprint."""
 
-import functools
 import io
 import json
 import os
@@ -165,3 +164,36 @@ def test_unknown_resize_filter_is_refused(tmp_path, workdir):
   assert len(str(error.value).splitlines()) == 1
   with pytest.raises(ValueError, match="resize filter 'nearest'"):
     resize_images(np.zeros((1, 8, 8, 3), np.uint8), TARGET, 'stretch', 'nearest')
+
+
+@pytest.mark.parametrize('resize_mode', ['stretch', 'letterbox'])
+def test_host_resize_is_the_input_pipelines_pixels_exactly(resize_mode):
+  """resize_on_host runs the input pipeline's compiled kernel with its geometry: the very
+  pixels training and evaluation see, and resize_images' up to a value on .5."""
+  from data_pipelines import input_pipeline
+  from fashion_jax.preprocessing import host_resize_applies, resize_on_host
+  if not host_resize_applies('triangle'):
+    pytest.skip('data_pipelines._resample is not built')
+  assert not host_resize_applies('area') and not host_resize_applies('bilinear')
+  rng = np.random.default_rng(5)
+  for size in SIZES + ((3, 200), (200, 3), (1, 1)):
+    image = rng.integers(0, 256, size + (3,), np.uint8)
+    expected = np.asarray(input_pipeline.decode_resized_uint8(_png(image), TARGET, 'triangle',
+                                                             resize_mode))
+    ours = resize_on_host(image, TARGET, resize_mode)
+    assert ours.dtype == np.uint8
+    np.testing.assert_array_equal(ours, expected, str(size))
+    jax_pixels = np.asarray(preprocess(image[None], TARGET, resize_mode, 'triangle'))[0]
+    assert np.abs(jax_pixels.astype(np.int32) - ours).max() <= 1, size
+
+
+def test_search_model_prepares_on_the_host_only_for_the_default_filter(model, workdir, tmp_path):
+  from fashion_jax.preprocessing import host_resize_applies
+  crop = np.random.default_rng(6).integers(0, 256, (90, 61, 3), np.uint8)
+  assert model.host_resize == host_resize_applies('triangle')
+  if model.host_resize:
+    np.testing.assert_array_equal(model.prepare(crop), model.prepare_on_host(crop))
+  area_model = SearchModel(_workdir_with(tmp_path / 'area', workdir, resize_filter='area'))
+  assert not area_model.host_resize and area_model.prepare_on_host(crop) is None
+  np.testing.assert_array_equal(area_model.prepare(crop), np.asarray(
+      preprocess(crop[None], area_model.image_size, 'stretch', 'area'))[0])
