@@ -12,11 +12,13 @@ Rows are only ever appended, so adding images never recomputes the old ones; rem
 product marks its rows and takes them out of the backend, keeping their files.
 """
 
+import collections
 import json
 import math
 import os
 import stat
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from tqdm import tqdm
@@ -94,27 +96,44 @@ def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *, dty
       seen.add(key)
       new.append(entry)
   os.makedirs(os.path.join(index_dir, 'thumbs'), exist_ok=True)
-  new_items, new_embeddings, prepared = [], [], []
-  bar = tqdm(total=len(new), desc='indexing', unit='img', disable=not progress)
-  for number, entry in enumerate(new):
-    try:
-      crop = _read_crop(entry, max_pixels)
-    except InputError:
-      bar.leave = False  # erased, so the error is the one line a failed run leaves on stderr
-      bar.close()
-      raise
-    row = len(items) + number
-    thumb = os.path.join('thumbs', f'{row:08d}.jpg')
-    with open(os.path.join(index_dir, thumb), 'wb') as f:
+  new_items, new_embeddings = [], []
+
+  def read(number: int):
+    """Reads, crops and thumbnails one new image in a worker thread, and resizes it where that
+    needs no device: (the crop, None) or (None, its model input)."""
+    crop = _read_crop(new[number], max_pixels)
+    with open(os.path.join(index_dir, _thumb(len(items) + number)), 'wb') as f:
       f.write(image_io.thumbnail_bytes(crop))
-    prepared.append(model.prepare(crop))
-    new_items.append({'image': entry['image'], 'product_id': entry['product_id'],
-                      'category': entry['category'],
-                      'box': list(entry['box']) if entry['box'] else None, 'thumb': thumb})
-    if len(prepared) == _EMBED_CHUNK or number == len(new) - 1:
-      new_embeddings.append(model.embed_prepared(np.stack(prepared)).astype(embeddings.dtype))
-      bar.update(len(prepared))
-      prepared = []
+    ready = model.prepare_on_host(crop)
+    return (crop, None) if ready is None else (None, ready)
+
+  # Decoding, thumbnails and the host resize release the GIL: images are read side by side, a
+  # few ahead (few whole photos held at once), and taken in order by this thread, which owns
+  # the devices.
+  readers = _readers()
+  ahead, prepared = collections.deque(), []
+  bar = tqdm(total=len(new), desc='indexing', unit='img', disable=not progress)
+  with ThreadPoolExecutor(max_workers=readers) as pool:
+    for number, entry in enumerate(new):
+      while len(ahead) < 2 * readers and number + len(ahead) < len(new):
+        ahead.append(pool.submit(read, number + len(ahead)))
+      try:
+        crop, ready = ahead.popleft().result()
+      except InputError:
+        for future in ahead:
+          future.cancel()
+        bar.leave = False  # erased, so the error is the one line a failed run leaves on stderr
+        bar.close()
+        raise
+      prepared.append(model.prepare(crop) if ready is None else ready)
+      new_items.append({'image': entry['image'], 'product_id': entry['product_id'],
+                        'category': entry['category'],
+                        'box': list(entry['box']) if entry['box'] else None,
+                        'thumb': _thumb(len(items) + number)})
+      if len(prepared) == _EMBED_CHUNK or number == len(new) - 1:
+        new_embeddings.append(model.embed_prepared(np.stack(prepared)).astype(embeddings.dtype))
+        bar.update(len(prepared))
+        prepared = []
   bar.close()
   # The index files change only now, when every new image has been read and embedded.
   first_new = len(items)
@@ -154,6 +173,19 @@ def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *, dty
   result = {'added': len(new_items), 'skipped': len(entries) - len(new),
             'count': sum(not item.get('removed') for item in items)}
   return {**result, 'replaced': len(old_rows)} if replace else result
+
+
+def _thumb(row: int) -> str:
+  return os.path.join('thumbs', f'{row:08d}.jpg')
+
+
+def _readers() -> int:
+  """Threads reading catalogue images: one per core this process may use, at most 16."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    cores = os.cpu_count() or 1
+  return max(1, min(cores, 16))
 
 
 def _read_crop(entry: catalogue.CatalogueEntry, max_pixels: int) -> np.ndarray:

@@ -170,3 +170,63 @@ def test_a_large_size_limit_reserves_no_memory(tmp_path):
   assert image_io.read_file(str(path), 1 << 42) == b'{"a": 1}\n' * 1000
   with pytest.raises(image_io.InputError, match='over the size limit of 8,999 bytes'):
     image_io.read_file(str(path), 8999)
+
+
+def _many_images(folder, count, make_image, prefix='m'):
+  rows = []
+  for number in range(count):
+    name = f'{prefix}{number:03d}.' + ('png' if number % 2 else 'jpg')
+    Image.fromarray(make_image(number % 6, number % 2, (40 + number % 7, 30 + number % 5))).save(
+        folder / name, quality=95)
+    rows.append((name, f'{prefix}-sku-{number // 3}', 'dress'))
+  return rows
+
+
+def _write_csv(path, rows):
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['image', 'product_id', 'category'])
+    writer.writerows(rows)
+
+
+def test_images_read_side_by_side_index_in_order(workdir, model, tmp_path, make_image, capfd,
+                                                 monkeypatch):
+  """Readers run ahead of the embedding: the rows, thumbnails and embeddings are in catalogue
+  order and the same with one reader; a damaged image fails the run naming the first damaged
+  one in catalogue order, and the index keeps what it had."""
+  rows = _many_images(tmp_path, 30, make_image)
+  _write_csv(tmp_path / 'all.csv', rows)
+  monkeypatch.setattr(search_index, '_readers', lambda: 4)
+  assert main(['index', '--workdir', workdir, '--catalogue', str(tmp_path / 'all.csv'),
+               '--index', str(tmp_path / 'four')]) == 0
+  monkeypatch.setattr(search_index, '_readers', lambda: 1)
+  assert main(['index', '--workdir', workdir, '--catalogue', str(tmp_path / 'all.csv'),
+               '--index', str(tmp_path / 'one')]) == 0
+  four, one = search_index.SearchIndex(str(tmp_path / 'four')), search_index.SearchIndex(
+      str(tmp_path / 'one'))
+  assert [os.path.basename(item['image']) for item in four.items] == [name for name, _, _ in rows]
+  assert four.items == one.items
+  np.testing.assert_array_equal(four.embeddings, one.embeddings)
+  for item in four.items:
+    assert (tmp_path / 'four' / item['thumb']).read_bytes() == (
+        tmp_path / 'one' / item['thumb']).read_bytes()
+  np.testing.assert_allclose(four.embeddings[7].astype(np.float32), model.embed_crops(
+      [image_io.read(str(tmp_path / rows[7][0]))])[0], atol=2e-3)
+
+  (tmp_path / 'broken_a.jpg').write_bytes((tmp_path / rows[0][0]).read_bytes()[:200])
+  (tmp_path / 'broken_b.png').write_bytes(b'not an image at all')
+  more = _many_images(tmp_path, 12, make_image, prefix='n')
+  damaged = more[:5] + [('broken_a.jpg', 'sku-x', 'shoe')] + more[5:9] + [
+      ('broken_b.png', 'sku-y', 'shoe')] + more[9:]
+  _write_csv(tmp_path / 'damaged.csv', damaged)
+  monkeypatch.setattr(search_index, '_readers', lambda: 4)
+  before = (tmp_path / 'four' / 'items.jsonl').read_bytes()
+  capfd.readouterr()
+  assert main(['index', '--workdir', workdir, '--catalogue', str(tmp_path / 'damaged.csv'),
+               '--index', str(tmp_path / 'four')]) == 2
+  err = capfd.readouterr().err
+  # The progress bar is erased (\r), leaving the one line.
+  assert err.count('\n') == 1 and err.rsplit('\r', 1)[-1].startswith('error: '), err
+  assert 'broken_a.jpg' in err and 'broken_b' not in err, err
+  assert (tmp_path / 'four' / 'items.jsonl').read_bytes() == before
+  assert len(search_index.SearchIndex(str(tmp_path / 'four')).items) == 30
