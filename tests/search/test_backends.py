@@ -16,6 +16,8 @@ DIM = 32
 # it in memory; test_save_and_open uses the default storage, inside the index directory.
 CASES = {
     'exact': ('exact', {}),
+    # Every query in one call, as on accelerators (on CPU the exact backend runs one per call).
+    'exact-batched': ('exact', {}),
     'faiss': ('faiss', {}),  # a flat index at this size
     'faiss-ivf': ('faiss', {'factory': 'IVF3,SQfp16', 'nprobe': 3}),
     'faiss-hnsw': ('faiss', {'factory': 'HNSW16,SQfp16'}),
@@ -74,8 +76,11 @@ class FakeIndex:
 
 def make(case, directory, dim=DIM, settings=None):
   name, default = CASES[case]
-  return backends.get(name).create(str(directory), dim, 'float16',
-                                   default if settings is None else settings)
+  backend = backends.get(name).create(str(directory), dim, 'float16',
+                                      default if settings is None else settings)
+  if case == 'exact-batched':
+    backend.one_query_per_call = False
+  return backend
 
 
 def reference(catalogue, rows):
