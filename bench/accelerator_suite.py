@@ -15,8 +15,8 @@ its estimate, and is stopped when the budget runs out, so what finished is alway
   vit      ViT-B/16 training at 224x224, bfloat16, batch 64, against timm's model
            (torch.compile): bench/train_throughput.py --backbone=vit_b16
 
-  python bench/accelerator_suite.py --out /tmp/accel                       # all, ~11 min
-  python bench/accelerator_suite.py --out /tmp/accel --jobs=rerank,resnet --budget=420
+  python bench/accelerator_suite.py --out /tmp/accel                       # all, ~13 min
+  python bench/accelerator_suite.py --out /tmp/accel --jobs=rerank,resnet --budget=450
   python bench/accelerator_suite.py --out /tmp/accel --smoke               # CPU-sized
 
 --smoke runs every job at CPU size (tiny models and images, the N = 10,000 re-ranking, a short
@@ -27,6 +27,7 @@ Nothing here needs TensorFlow: the service job builds its index from generated r
 import argparse
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -118,13 +119,23 @@ def run_jobs(names: list[str], out: Path, budget_s: float, smoke: bool = False,
         code = process.wait(timeout=max(left, 1.0))
         ended = 'ok' if code == 0 else f'exit {code}'
       except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)  # the job's own children (one process per case) too
-        process.wait()
         ended = f'stopped after {time.monotonic() - start:.0f} s (budget)'
+      finally:
+        # The job's whole process group: its cases' processes, a server it left behind, and
+        # everything when the suite itself is interrupted.
+        _kill_group(process)
     outcomes.append(Outcome(name, command, ended, time.monotonic() - start))
     print(f'   {ended}, {outcomes[-1].seconds:.0f} s', flush=True)
     write_summary(outcomes, out, smoke)
   return outcomes
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+  try:
+    os.killpg(process.pid, signal.SIGKILL)
+  except ProcessLookupError:  # the group is gone already
+    pass
+  process.wait()
 
 
 def write_summary(outcomes: list[Outcome], out: Path, smoke: bool) -> None:

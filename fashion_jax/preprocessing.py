@@ -15,7 +15,9 @@ import numpy as np
 
 try:
   from data_pipelines import resample
-except ImportError:  # fashion_jax without its data_pipelines package
+except ModuleNotFoundError as error:  # fashion_jax without its data_pipelines package
+  if error.name != 'data_pipelines':
+    raise
   resample = None
 
 # How a crop reaches image_size (config.input.resize_mode):
@@ -306,8 +308,9 @@ def resize_on_host(crop: np.ndarray, image_size: tuple[int, int],
   else:
     content_height, content_width, top, left = (int(v) for v in letterbox_geometry(
         height, width, image_size, xp=np, dtype=np.int64))
-  content = crop
-  if (height, width) != (content_height, content_width):
+  if (height, width) == (content_height, content_width):
+    content = crop.copy()  # not a view that would keep a whole photo alive
+  else:
     content = resample.resize_uint8(crop, (content_height, content_width))
   if resize_mode == 'stretch':
     return content

@@ -16,6 +16,8 @@ _SCRIPT = textwrap.dedent('''
     import numpy as np
     import jax
     from fashion_jax import checkpointing, configlib, optim, preprocessing, train_step as ts
+    # The host resize's module came along (it would be None had its import needed TensorFlow).
+    assert preprocessing.resample is not None
     from fashion_jax.models import build_model
     from fashion_jax.retrieval import metrics
 

@@ -84,7 +84,8 @@ class Searcher:
 
   def answer_crops(self, requests: list[dict]) -> list[dict]:
     """Several queries at once: requests [{'crop', 'k', 'category'}] -> per request
-    {'results', 'timing_ms': {'resize', 'embed', 'search'}} (milliseconds, for the whole batch).
+    {'results', 'timing_ms': {'resize', 'embed', 'search'}} (milliseconds; embed and search
+    for the whole batch, resize too where it ran here).
     The crops are resized one by one and embedded in one call. A request that carries its
     model input already ('prepared', from model.prepare_on_host in the caller's thread, and
     'resize_ms', what that took) is not resized again and reports its own resize time."""

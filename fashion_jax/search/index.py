@@ -105,23 +105,24 @@ def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *, dty
     with open(os.path.join(index_dir, _thumb(len(items) + number)), 'wb') as f:
       f.write(image_io.thumbnail_bytes(crop))
     ready = model.prepare_on_host(crop)
-    return (crop, None) if ready is None else (None, ready)
+    # A box's crop is copied: the view would keep its whole photo alive while it waits.
+    return (np.ascontiguousarray(crop), None) if ready is None else (None, ready)
 
   # Decoding, thumbnails and the host resize release the GIL: images are read side by side, a
-  # few ahead (few whole photos held at once), and taken in order by this thread, which owns
-  # the devices.
+  # few ahead, and taken in order by this thread, which owns the devices. Where this thread
+  # resizes (in JAX), the waiting results are whole crops: then only two are read ahead.
   readers = _readers()
+  look_ahead = 2 * readers if model.host_resize else 2
   ahead, prepared = collections.deque(), []
   bar = tqdm(total=len(new), desc='indexing', unit='img', disable=not progress)
-  with ThreadPoolExecutor(max_workers=readers) as pool:
+  pool = ThreadPoolExecutor(max_workers=readers)
+  try:
     for number, entry in enumerate(new):
-      while len(ahead) < 2 * readers and number + len(ahead) < len(new):
+      while len(ahead) < look_ahead and number + len(ahead) < len(new):
         ahead.append(pool.submit(read, number + len(ahead)))
       try:
         crop, ready = ahead.popleft().result()
       except InputError:
-        for future in ahead:
-          future.cancel()
         bar.leave = False  # erased, so the error is the one line a failed run leaves on stderr
         bar.close()
         raise
@@ -134,6 +135,9 @@ def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *, dty
         new_embeddings.append(model.embed_prepared(np.stack(prepared)).astype(embeddings.dtype))
         bar.update(len(prepared))
         prepared = []
+  finally:
+    # After an error (or Ctrl-C) the reads not yet started are dropped.
+    pool.shutdown(wait=True, cancel_futures=True)
   bar.close()
   # The index files change only now, when every new image has been read and embedded.
   first_new = len(items)

@@ -100,8 +100,9 @@ async def _read_upload(request: Request, settings: Settings) -> bytes:
 
 
 def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = True) -> FastAPI:
-  """The service's app. With `warm_up`, the model and search are compiled at startup (in the
-  background: /healthz answers meanwhile, /readyz once done)."""
+  """The service's app. With `warm_up`, the model and search are compiled at startup for every
+  batch size the batcher can form (1, 2, 4, ... up to --max-batch; in the background:
+  /healthz answers meanwhile, /readyz once done)."""
   # 'coming': searches admitted and not yet handed to the batcher (reading, decoding), which a
   # batch waits for; 'in_flight': all admitted searches.
   state = {'ready': not warm_up, 'in_flight': 0, 'coming': 0}
@@ -112,8 +113,20 @@ def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = Tru
   async def lifespan(app):
     if warm_up:
       async def compile_first():
-        await asyncio.wrap_future(batcher.submit(
-            {'crop': _blank(searcher), 'k': 1, 'category': None}))
+        # Each group is queued at once, so the batcher takes it as one batch: the model and
+        # the search compile per power-of-two batch size.
+        largest, size = min(settings.max_batch, settings.max_in_flight), 1
+        while True:
+          try:
+            futures = [batcher.submit({'crop': _blank(searcher), 'k': 1, 'category': None})
+                       for _ in range(size)]
+          except Busy:  # early requests fill the queue: try again once it drains
+            await asyncio.sleep(0.05)
+            continue
+          await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
+          if size >= largest:
+            break
+          size = min(2 * size, largest)
         state['ready'] = True
       task = asyncio.create_task(compile_first())
     yield

@@ -16,6 +16,8 @@ from fashion_jax.search.backends.base import NO_CATEGORY, Backend, register
 
 # One compiled kernel serves every k up to this (a top-100 costs little more than a top-10).
 _MIN_KERNEL_K = 100
+# Queries searched in one call off CPU (each holds a float32 score for every row).
+_MAX_QUERIES = 256
 # The category of padding rows: matches no filter, and padding rows belong to no product.
 _PADDING_CATEGORY = -2
 
@@ -131,9 +133,10 @@ class ExactBackend(Backend):
   def _query_groups(self, count: int):
     """(start, stop) of the queries searched in one call. On CPU one query per call: XLA's CPU
     matrix-vector product reads a float16 index at memory speed, while a [Q > 1, D] x [D, N]
-    float16 product takes a much slower path per query. Elsewhere (GPU, TPU) all of them at
-    once: one matrix product instead of a round trip per query."""
-    step = 1 if self.one_query_per_call else max(count, 1)
+    float16 product takes a much slower path per query. Elsewhere (GPU, TPU) up to
+    _MAX_QUERIES at once: one matrix product instead of a round trip per query, its [Q, N]
+    scores bounded."""
+    step = 1 if self.one_query_per_call else _MAX_QUERIES
     return [(start, min(start + step, count)) for start in range(0, count, step)]
 
 
