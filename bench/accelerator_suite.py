@@ -14,8 +14,9 @@ its estimate, and is stopped when the budget runs out, so what finished is alway
            bench/search_bench.py --skip-backends
   vit      ViT-B/16 training at 224x224, bfloat16, batch 64, against timm's model
            (torch.compile): bench/train_throughput.py --backbone=vit_b16
+  vit_cudnn  the same JAX step with cuDNN's flash attention (--attention=cudnn)
 
-  python bench/accelerator_suite.py --out /tmp/accel                       # all, ~13 min
+  python bench/accelerator_suite.py --out /tmp/accel                       # all, ~15 min
   python bench/accelerator_suite.py --out /tmp/accel --jobs=rerank,resnet --budget=450
   python bench/accelerator_suite.py --out /tmp/accel --smoke               # CPU-sized
 
@@ -74,6 +75,13 @@ JOBS = {
          '--dtypes=bfloat16', '--torch_compile', '--json={out}/vit.json'),
         ('train_throughput.py', '--backbone=vit_t16', '--sizes=32x32', '--batches=16',
          '--dtypes=float32', '--warmup=1', '--steps=2', '--json={out}/vit.json')),
+    'vit_cudnn': Job(
+        "the same JAX ViT-B/16 step with cuDNN's flash attention (model.attention=cudnn)", 90,
+        ('train_throughput.py', '--backbone=vit_b16', '--attention=cudnn', '--sizes=224x224',
+         '--batches=64', '--dtypes=bfloat16', '--frameworks=jax', '--json={out}/vit_cudnn.json'),
+        ('train_throughput.py', '--backbone=vit_t16', '--attention=cudnn', '--sizes=32x32',
+         '--batches=16', '--dtypes=float32', '--frameworks=jax', '--warmup=1', '--steps=2',
+         '--json={out}/vit_cudnn.json')),
 }
 
 

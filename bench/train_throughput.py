@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # The flags that say which model is built (_jax_setup reads them), passed on to each case.
-MODEL_FLAGS = ('backbone', 'width', 'last_stride', 'num_classes', 'k')
+MODEL_FLAGS = ('backbone', 'width', 'last_stride', 'num_classes', 'k', 'attention')
 
 # Dense peak TFLOP/s per device from the vendors' datasheets. float32 convolutions and matmuls
 # run as TF32 on these GPUs under both frameworks' defaults, so TF32 is the float32 peak.
@@ -78,6 +78,7 @@ def _jax_setup(args, height: int, width: int, batch: int, dtype: str):
   config.model.backbone = args.backbone
   config.model.width = args.width
   config.model.last_stride = args.last_stride
+  config.model.attention = args.attention
   config.model.dtype = dtype
   mesh = ts.make_mesh()
   devices = mesh.devices.size
@@ -296,6 +297,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--last_stride', type=int, default=1)
   parser.add_argument('--num_classes', type=int, default=5000)
   parser.add_argument('--k', type=int, default=4, help='images per identity')
+  parser.add_argument('--attention', default='xla',
+                      help="ViTs' attention kernels, model.attention: 'xla' or 'cudnn'")
 
 
 def main():

@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   # rate * i / N in training (EfficientNet; torchvision trains ImageNet ones with 0.2), rate *
   # i / (N - 1) for ViTs (timm's rule; DeiT-B uses 0.1).
   c.model.drop_path_rate = 0.0
+  # ViTs: 'cudnn' computes attention with cuDNN's fused flash attention on NVIDIA GPUs in
+  # bfloat16 or float16 (XLA's elsewhere); 'xla' with XLA's everywhere. Same weights either way.
+  c.model.attention = 'xla'
   # How the backbone's output becomes the global feature: '' for the backbone's own (global
   # average pooling for CNNs, the class token for ViTs), or one it offers ('token', 'mean').
   c.model.pool = ''
@@ -319,6 +322,7 @@ FIELDS: dict[str, Domain] = {
     'model.dtype': Domain(str, choices=DTYPES),
     'model.sync_batch_norm': Domain(bool),
     'model.drop_path_rate': Domain(float, ge=0, lt=1),
+    'model.attention': Domain(str, choices=vit.ATTENTION),
     'model.pool': Domain(str),
     'model.pretrained': _OPTIONAL_PATH,
     'loss.label_smoothing': Domain(float, ge=0, lt=1),
@@ -439,7 +443,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
   """
   check_fields(config)
   check_options(config.model.backbone, width=config.model.get('width', 64),
-                drop_path_rate=config.model.get('drop_path_rate', 0.0))
+                drop_path_rate=config.model.get('drop_path_rate', 0.0),
+                attention=config.model.get('attention', 'xla'))
   backbone = get_backbone(config.model.backbone)
   reid.pooling(config.model.backbone, config.model.get('pool', ''))
   if config.optim.get('layer_decay', 1.0) != 1.0 and backbone.family != 'vit':

@@ -10,6 +10,7 @@ from flax import nnx
 
 from fashion_jax.models import efficientnet, osnet, resnet, senet, vit
 from fashion_jax.models.base import NEUTRAL_OPTIONS, Backbone
+from fashion_jax.models.vit import ATTENTION
 
 FAMILIES = (resnet, senet, efficientnet, osnet, vit)
 
@@ -47,14 +48,17 @@ def get_backbone(name: str) -> Backbone:
   return _REGISTRY[name]
 
 
-def check_options(name: str, *, width: int = 64, drop_path_rate: float = 0.0) -> Backbone:
+def check_options(name: str, *, width: int = 64, drop_path_rate: float = 0.0,
+                  attention: str = 'xla') -> Backbone:
   """One-line ValueError for options `name` cannot take or out of range; returns the entry."""
   entry = get_backbone(name)
   if not 0.0 <= drop_path_rate < 1.0:
     raise ValueError(f'model.drop_path_rate must be in [0, 1), got {drop_path_rate}')
   if width <= 0:
     raise ValueError(f'model.width must be positive, got {width}')
-  values = {'width': width, 'drop_path_rate': drop_path_rate}
+  if attention not in ATTENTION:
+    raise ValueError(f'model.attention {attention!r} is not one of {", ".join(ATTENTION)}')
+  values = {'width': width, 'drop_path_rate': drop_path_rate, 'attention': attention}
   for option, neutral in NEUTRAL_OPTIONS.items():
     if option in entry.options or values[option] == neutral:
       continue
@@ -69,7 +73,7 @@ def check_options(name: str, *, width: int = 64, drop_path_rate: float = 0.0) ->
 
 def build_backbone(name: str, *, last_stride: int = 2, width: int = 64, dtype=jnp.float32,
                    axis_name: str | None = None, drop_path_rate: float = 0.0,
-                   rngs: nnx.Rngs) -> nnx.Module:
+                   attention: str = 'xla', rngs: nnx.Rngs) -> nnx.Module:
   """The backbone `name`: normalised images [B, H, W, 3] -> its features (see `Backbone.pool`).
 
   Options a backbone does not take must stay neutral (width 64, drop_path_rate 0); OSNet-AIN has
@@ -77,7 +81,8 @@ def build_backbone(name: str, *, last_stride: int = 2, width: int = 64, dtype=jn
   stride of the last stride-2 stage (`features.6`). A backbone built with `drop_path_rate` > 0
   (stochastic depth) must be called with `key=` in training.
   """
-  entry = check_options(name, width=width, drop_path_rate=drop_path_rate)
-  values = {'last_stride': last_stride, 'width': width, 'drop_path_rate': drop_path_rate}
+  entry = check_options(name, width=width, drop_path_rate=drop_path_rate, attention=attention)
+  values = {'last_stride': last_stride, 'width': width, 'drop_path_rate': drop_path_rate,
+            'attention': attention}
   return entry.build(**{o: values[o] for o in entry.options}, dtype=dtype, axis_name=axis_name,
                      rngs=rngs)

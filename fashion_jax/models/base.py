@@ -16,7 +16,7 @@ from flax import nnx
 # The build options a config can set (model.<option>); a backbone that does not take one needs
 # it at its neutral value. `last_stride` has none: a backbone without a strided last stage (OSNet)
 # ignores it.
-NEUTRAL_OPTIONS = {'width': 64, 'drop_path_rate': 0.0}
+NEUTRAL_OPTIONS = {'width': 64, 'drop_path_rate': 0.0, 'attention': 'xla'}
 
 
 def global_average_pool(features: jax.Array) -> jax.Array:

@@ -75,7 +75,8 @@ def build_model(model_config, num_classes: int, *, seed: int = 0) -> ReIDModel:
   dtype = jnp.dtype(model_config.get('dtype', 'float32'))
   backbone = build_backbone(model_config.backbone, last_stride=model_config.last_stride,
                             width=model_config.get('width', 64), dtype=dtype, axis_name=axis_name,
-                            drop_path_rate=model_config.get('drop_path_rate', 0.0), rngs=rngs)
+                            drop_path_rate=model_config.get('drop_path_rate', 0.0),
+                            attention=model_config.get('attention', 'xla'), rngs=rngs)
   return ReIDModel(backbone, num_classes, axis_name=axis_name,
                    pool=pooling(model_config.backbone, model_config.get('pool', '')), rngs=rngs)
 

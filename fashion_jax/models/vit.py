@@ -25,6 +25,10 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INCEPTION_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # timm's augreg ViTs, SigLIP
 CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
+# model.attention: how attention is computed (attention_implementation). The weights and the
+# function are the same; only the kernels and their rounding differ.
+ATTENTION = ('xla', 'cudnn')
+
 ACTIVATIONS = {
     'gelu': functools.partial(jax.nn.gelu, approximate=False),
     'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),  # big_vision's nn.gelu
@@ -132,19 +136,32 @@ def _linear(in_dim, out_dim, *, dtype, rngs):
                     dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
+def attention_implementation(attention: str, dtype) -> str:
+  """What jax.nn.dot_product_attention runs for `attention` (model.attention, ATTENTION) in
+  `dtype`: 'cudnn' asks for cuDNN's fused flash attention, which exists on NVIDIA GPUs for
+  bfloat16 and float16; anywhere else, and for 'xla', XLA's implementation."""
+  if (attention == 'cudnn' and jax.default_backend() == 'gpu'
+      and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
+    return 'cudnn'
+  return 'xla'
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection: x [B, T, D] -> [B, T, D]."""
 
-  def __init__(self, dim: int, heads: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, heads: int, *, dtype, attention: str = 'xla', rngs: nnx.Rngs):
     self.qkv = _linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = _linear(dim, dim, dtype=dtype, rngs=rngs)
     self.heads = heads
+    self.attention = attention
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
     q, k, v = jnp.unstack(self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads), axis=2)
-    # Softmax in float32 whatever the dtype (jax.nn.dot_product_attention's XLA path).
-    return self.proj(jax.nn.dot_product_attention(q, k, v).reshape(b, t, d))
+    # Softmax in float32 whatever the dtype (both implementations).
+    out = jax.nn.dot_product_attention(
+        q, k, v, implementation=attention_implementation(self.attention, q.dtype))
+    return self.proj(out.reshape(b, t, d))
 
 
 class LayerScale(nnx.Module):
@@ -169,11 +186,12 @@ class Block(nnx.Module):
   """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); each
   branch dropped per sample with probability `drop_rate` in training (stochastic depth)."""
 
-  def __init__(self, spec: ViTSpec, drop_rate: float, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, spec: ViTSpec, drop_rate: float, *, dtype, attention: str = 'xla',
+               rngs: nnx.Rngs):
     norm = functools.partial(nnx.LayerNorm, spec.dim, epsilon=spec.eps, dtype=dtype,
                              param_dtype=jnp.float32, rngs=rngs)
     self.norm1 = norm()
-    self.attn = Attention(spec.dim, spec.heads, dtype=dtype, rngs=rngs)
+    self.attn = Attention(spec.dim, spec.heads, dtype=dtype, attention=attention, rngs=rngs)
     self.ls1 = LayerScale(spec.dim) if spec.layer_scale else None
     self.norm2 = norm()
     self.mlp = Mlp(spec.dim, int(spec.dim * spec.mlp_ratio), spec.act, dtype=dtype, rngs=rngs)
@@ -215,11 +233,13 @@ class VisionTransformer(nnx.Module):
   `dynamic_img_size`. `drop_path_rate`: block i of N drops its branches with probability
   drop_path_rate * i / (N - 1) (timm's linear rule); training calls then need `key`. `width`
   scales the channels by width / 64 (64: the published size; the heads stay, each narrower),
-  for CPU-sized runs.
+  for CPU-sized runs. `attention` (ATTENTION): 'cudnn' runs cuDNN's flash attention where it
+  exists (attention_implementation), 'xla' XLA's everywhere.
   """
 
   def __init__(self, spec: ViTSpec, *, width: int = 64, drop_path_rate: float = 0.0,
-               dtype=jnp.float32, axis_name: str | None = None, rngs: nnx.Rngs):
+               attention: str = 'xla', dtype=jnp.float32, axis_name: str | None = None,
+               rngs: nnx.Rngs):
     del axis_name  # no batch statistics
     if spec.dim * width % (64 * spec.heads):
       raise ValueError(f'model.width {width} gives {spec.dim * width / 64:g} channels, not a '
@@ -237,7 +257,8 @@ class VisionTransformer(nnx.Module):
                              param_dtype=jnp.float32, rngs=rngs)
     self.norm_pre = norm() if spec.norm_pre else None
     rates = np.linspace(0.0, drop_path_rate, spec.depth)
-    self.blocks = nnx.List([Block(spec, float(rate), dtype=dtype, rngs=rngs) for rate in rates])
+    self.blocks = nnx.List([Block(spec, float(rate), dtype=dtype, attention=attention, rngs=rngs)
+                            for rate in rates])
     self.norm = norm()
     self.out_features = spec.dim
 
@@ -298,7 +319,8 @@ def entry(name: str, spec: ViTSpec, pool: str = 'token') -> Backbone:
     pools['token'] = class_token_pool
   return Backbone(name=name, family='vit', build=functools.partial(VisionTransformer, spec),
                   torch_name=torch_name, pool=pools[pool], pools=pools,
-                  options=('width', 'drop_path_rate'), arch={'spec': spec, 'pool': pool})
+                  options=('width', 'drop_path_rate', 'attention'),
+                  arch={'spec': spec, 'pool': pool})
 
 
 # (dim, depth, heads) of the published sizes.

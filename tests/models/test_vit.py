@@ -573,3 +573,33 @@ def test_model_pool_chooses_the_token_or_the_mean_and_refuses_what_a_backbone_la
   config.model.backbone, config.model.pool = 'vit_b16_siglip', 'token'
   with pytest.raises(ValueError, match=r"not offered by vit_b16_siglip \(it offers: mean\)"):
     configlib.validate_config(config, num_devices=1)
+
+
+def test_attention_option_chooses_the_kernel_and_keeps_the_function():
+  """model.attention 'cudnn' asks for cuDNN's flash attention only on GPUs in bfloat16/float16;
+  here (CPU) both settings run XLA's and give the same features."""
+  assert vit.attention_implementation('xla', jnp.bfloat16) == 'xla'
+  expected = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
+  assert vit.attention_implementation('cudnn', jnp.bfloat16) == expected
+  assert vit.attention_implementation('cudnn', jnp.float32) == 'xla'
+  pixels = jnp.asarray(_pixels(3, 32, 32), jnp.float32)
+  features = {}
+  for attention in vit.ATTENTION:
+    backbone = build_backbone('vit_t16', width=16, attention=attention, rngs=nnx.Rngs(0))
+    features[attention] = np.asarray(backbone(pixels, train=False))
+  if jax.default_backend() != 'gpu':
+    np.testing.assert_array_equal(features['cudnn'], features['xla'])
+
+
+def test_attention_option_is_checked():
+  from fashion_jax import configlib
+  from fashion_jax.models.backbones import check_options
+  c = configlib.base_config()
+  c.model.attention = 'flash'
+  with pytest.raises(ValueError, match="model.attention"):
+    configlib.check_fields(c)
+  with pytest.raises(ValueError, match='model.attention applies only to the backbones'):
+    check_options('resnet50_ibn_a', attention='cudnn')
+  check_options('vit_b16', attention='cudnn')
+  with pytest.raises(ValueError, match="model.attention 'flash' is not one of xla, cudnn"):
+    build_backbone('vit_t16', width=16, attention='flash', rngs=nnx.Rngs(0))
