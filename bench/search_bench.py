@@ -375,15 +375,22 @@ def photo_bytes(seed: int = 0) -> bytes:
   return out.getvalue()
 
 
+def _with_repo_on_path(env) -> dict:
+  """`env` with this checkout first on PYTHONPATH, keeping what was there (packages installed
+  with pip --target, say)."""
+  path = [_REPO, *(p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p)]
+  return {**env, 'PYTHONPATH': os.pathsep.join(path)}
+
+
 def serve_and_load(index_dir: str, photo: str, batching: list[str], clients: list[int],
-                   warm: float, seconds: float) -> list[dict]:
+                   warm: float, seconds: float, env: dict | None = None) -> list[dict]:
   """Starts `serve` with the `batching` flags, drives it with each number of clients for
   `warm` seconds, then `seconds` counted; one {'clients', 'done', 'failed', 'seconds', 'load'}
   per number. A client thread counts a failure for any answer but 200 or any error."""
   server = subprocess.Popen(
       [sys.executable, '-m', 'fashion_jax.search', 'serve', '--index', index_dir, '--port', '0',
        '--quiet', *batching], cwd=_REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True, env={**os.environ, 'PYTHONPATH': _REPO})
+      text=True, env=_with_repo_on_path(os.environ if env is None else env))
   try:
     line = server.stdout.readline()
     match = re.search(r'http://([^:/]+):(\d+)/', line)
@@ -593,6 +600,11 @@ def backends_part(args, tmp: str) -> None:
 
 
 def service_part(args, tmp: str) -> None:
+  # This process only writes the checkpoint and the index; on a GPU it must not reserve most of
+  # the device's memory (JAX's default) ahead of the server it starts, which would then find
+  # little left. The server keeps the environment it was given.
+  server_env = dict(os.environ)
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   workdir, which = demo_workdir(args.workdir, tmp)
   index_dir = os.path.join(tmp, 'service-index')
   shutil.rmtree(index_dir, ignore_errors=True)
@@ -603,7 +615,8 @@ def service_part(args, tmp: str) -> None:
   clients = [int(c) for c in args.clients.split(',')]
   on = ['--max-batch', str(args.max_batch), '--max-wait-ms', str(args.max_wait_ms)]
   runs = {f'on ({" ".join(on)})': on, 'off (--max-batch 1)': ['--max-batch', '1']}
-  runs = {name: serve_and_load(index_dir, photo, flags, clients, args.warm_up, args.seconds)
+  runs = {name: serve_and_load(index_dir, photo, flags, clients, args.warm_up, args.seconds,
+                               server_env)
           for name, flags in runs.items()}
   print()
   print(f"service: model {which}; index {meta['count']:,} rows x {meta['dim']} float16, "
