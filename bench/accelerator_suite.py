@@ -41,36 +41,37 @@ ROOT = BENCH.parent
 @dataclasses.dataclass(frozen=True)
 class Job:
   what: str
-  estimate_s: float            # on one H100 / H200, from the figures in bench/README.md
+  estimate_s: float            # on one H200: measured there (2026-11-30), or guessed
   full: tuple[str, ...]        # the script and its arguments
   smoke: tuple[str, ...]       # the same at CPU size
 
 
 JOBS = {
     'rerank': Job(
-        'Street2Shop-sized re-ranking (Q 10,000, G 400,000, D 2,048)', 150,
+        'Street2Shop-sized re-ranking (Q 10,000, G 400,000, D 2,048)', 70,
         ('retrieval_bench.py', '--cases=gpu_rerank'),
         ('retrieval_bench.py', '--cases=rerank')),
     'resnet': Job(
-        'ResNet50-IBN-A 320x320 bf16 batch 64, JAX and PyTorch (torch.compile)', 240,
+        'ResNet50-IBN-A 320x320 bf16 batch 64, JAX and PyTorch (torch.compile)', 150,
         ('train_throughput.py', '--sizes=320x320', '--batches=64', '--dtypes=bfloat16',
          '--torch_compile', '--json={out}/resnet.json'),
         ('train_throughput.py', '--backbone=resnet18_ibn_a', '--sizes=32x32', '--batches=16',
          '--dtypes=float32', '--warmup=1', '--steps=2', '--json={out}/resnet.json')),
     'profile': Job(
-        'profile of that training step by kind of operation', 90,
-        ('step_profile.py', '--trace_dir={out}/profile-trace', '--json={out}/profile.json'),
+        'profile of that training step by kind of operation', 60,
+        ('step_profile.py', '--trace_dir={out}/profile-trace', '--json={out}/profile.json',
+         '--hlo={out}/profile-hlo.txt.gz'),
         ('step_profile.py', '--backbone=resnet18_ibn_a', '--width=16', '--size=32x32',
          '--batch=16', '--dtype=float32', '--warmup=1', '--steps=2',
          '--trace_dir={out}/profile-trace', '--json={out}/profile.json')),
     'service': Job(
-        'search service, batching on and off, 1 and 8 clients', 90,
+        'search service, batching on and off, 1 and 8 clients', 110,
         ('search_bench.py', '--skip-backends', '--tmp={out}/search',
          '--clients=1,8', '--seconds=10', '--warm-up=5'),
         ('search_bench.py', '--skip-backends', '--tmp={out}/search',
          '--service-rows=2000', '--clients=2', '--seconds=2', '--warm-up=1')),
     'vit': Job(
-        'ViT-B/16 224x224 bf16 batch 64, JAX and timm (torch.compile)', 210,
+        'ViT-B/16 224x224 bf16 batch 64, JAX and timm (torch.compile)', 150,
         ('train_throughput.py', '--backbone=vit_b16', '--sizes=224x224', '--batches=64',
          '--dtypes=bfloat16', '--torch_compile', '--json={out}/vit.json'),
         ('train_throughput.py', '--backbone=vit_t16', '--sizes=32x32', '--batches=16',

@@ -12,8 +12,11 @@ each case: on a shared machine the wall time grows with the load, the CPU time m
 --baseline=REV runs each case a second time with the library as committed at REV (extracted
 with `git archive` to a temporary folder), on the same data, and prints that row and the ratio.
 For re-ranking, "stages" gives the time at which each stage ended within the timed call and
-"re-rank RSS" the process's peak once re-ranking is done (before the metrics, whose chunks of
-chunk_size x G distances raise it further).
+"re-rank RSS" the process's peak resident set while re-ranking (the kernel's peak mark is reset
+just before, where /proc/self/clear_refs allows, so the data generation's own peak does not
+count; elsewhere the process's peak so far), embeddings included. Each stage's end also prints
+the resident set then and the peak so far. "peak RSS" is the whole process's, the metrics' chunks
+of chunk_size x G distances included.
 """
 
 import argparse
@@ -50,8 +53,15 @@ def clustered(num_queries: int, gallery_size: int, dim: int, seed: int = 0):
   query_ids = rng.integers(0, num_items, size=num_queries)
 
   def around(ids):
-    x = centres[ids] + rng.standard_normal((len(ids), dim), dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    # Made in pieces of rows, in place: the same values as at once (the generator's stream is
+    # drawn in the same order), without [len(ids), D] temporaries beside the result.
+    x = np.empty((len(ids), dim), np.float32)
+    for start in range(0, len(ids), 8192):
+      piece = x[start:start + 8192]
+      rng.standard_normal(piece.shape, dtype=np.float32, out=piece)
+      piece += centres[ids[start:start + 8192]]
+      piece /= np.linalg.norm(piece, axis=1, keepdims=True)
+    return x
 
   # Centres of norm ~2.4 D^(1/4) against unit noise per dimension: the item signal is comparable
   # to the noise's fluctuation in distance at any D, so the retrieval is neither trivial nor
@@ -88,6 +98,28 @@ class Timer:
     self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
+def _status_gb(field: str) -> float | None:
+  """A memory field of /proc/self/status (VmRSS, VmHWM) in GB; None where there is none."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith(field + ':'):
+          return int(line.split()[1]) * 1024 / 1e9
+  except OSError:
+    pass
+  return None
+
+
+def _reset_peak_rss() -> bool:
+  """Resets this process's peak resident set mark (VmHWM; Linux 4.0+); False where it cannot."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return _status_gb('VmHWM') is not None
+  except OSError:
+    return False
+
+
 class StageLog:
   """A `progress` callback that prints each stage's end time to stderr (seen while it runs) and
   keeps them, in order; other reports (e.g. the kNN's certified rows) are printed as they come."""
@@ -101,8 +133,10 @@ class StageLog:
             file=sys.stderr, flush=True)
     elif done >= total and stage not in self.ends:
       self.ends[stage] = time.perf_counter() - self.start
-      print(f'  {self.prefix}: {stage} done at {self.ends[stage]:.1f} s', file=sys.stderr,
-            flush=True)
+      rss, peak = _status_gb('VmRSS'), _status_gb('VmHWM')
+      memory = f' (RSS {rss:.2f} GB, peak {peak:.2f} GB)' if rss and peak else ''
+      print(f'  {self.prefix}: {stage} done at {self.ends[stage]:.1f} s{memory}',
+            file=sys.stderr, flush=True)
 
 
 def run_case(name: str, dtype: str, knn_precision: str | None) -> dict:
@@ -140,6 +174,8 @@ def run_case(name: str, dtype: str, knn_precision: str | None) -> dict:
     if kind == 'rerank':
       # Only passed when asked for, so that a --baseline library without the option runs too.
       options = {'knn_precision': knn_precision} if knn_precision else {}
+      result['held_rss_gb'] = _status_gb('VmRSS')
+      reset = _reset_peak_rss()
       for call in range(RERANK_CALLS[name]):
         # The previous call's result is dropped first, as a repeated evaluation would.
         reranked = None
@@ -150,7 +186,8 @@ def run_case(name: str, dtype: str, knn_precision: str | None) -> dict:
           result['rerank_first_call_seconds'] = timer.wall
         result['rerank_seconds'], rerank_cpu = timer.wall, timer.cpu
         result['stages'] = log.ends
-      result['rerank_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+      result['rerank_rss_gb'] = (_status_gb('VmHWM') if reset else
+                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
     # The first call compiles; the second is the steady state a repeated evaluation sees.
     for key in ('first_call_seconds', 'seconds'):
       with Timer() as timer:
@@ -197,6 +234,8 @@ def table_row(name: str, r: dict | str, label: str = '') -> str:
   scores = r.get('metrics', {})
   stages = ', '.join(f'{stage} {end:.1f}' for stage, end in r.get('stages', {}).items()) or '-'
   rerank_rss = f'{r["rerank_rss_gb"]:.2f}' if 'rerank_rss_gb' in r else '-'
+  if r.get('held_rss_gb'):
+    rerank_rss += f' (from {r["held_rss_gb"]:.2f})'
   return (f'| {name}{label} | {q} | {g} | {d} | {what}{device} | {r["seconds"]:.1f}{extra} | '
           f'{r["cpu_seconds"]:.1f} | {first} | {r["peak_rss_gb"]:.2f} | {rerank_rss} | {stages} | '
           f'{r["load_start"]:.1f}-{r["load_end"]:.1f} | {scores.get("mAP", float("nan")):.4f} | '

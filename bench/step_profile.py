@@ -19,6 +19,11 @@ from the compiled program (its HLO text): an operation is the instruction the pr
   elementwise   every other fusion or operation: normalisation applied, activations, the
                 optimiser's updates, layout copies.
 
+On GPUs XLA replays runs of kernels as command buffers (CUDA graphs), which the trace shows as
+one event each, not as the operations inside; the profile therefore turns them off
+(--xla_gpu_enable_command_buffer=, added to XLA_FLAGS) unless --command_buffers is given. The
+step it times is then the one without graphs; train_throughput.py times the default step.
+
 Device time overlaps wall time only where nothing else runs: the table gives both, and the sum
 over kinds is the busy time of the devices (operations on several streams may overlap). On CPU
 the operations are the thunks XLA's CPU runtime runs, timed on the host's threads.
@@ -217,7 +222,7 @@ def summarise(events, instructions, computations, steps: int) -> tuple[dict, lis
     per_kind[kinds[name]][0] += micros / steps
     per_kind[kinds[name]][1] += 1 / steps
     per_name[name] += micros / steps
-  top = [(micros, name, kinds[name]) for name, micros in per_name.most_common(15)]
+  top = [(micros, name, kinds[name]) for name, micros in per_name.most_common(25)]
   return per_kind, top
 
 
@@ -229,6 +234,9 @@ def profile(args) -> dict:
   mesh, state, images, labels, step_fn, _ = train_throughput._jax_setup(
       args, height, width, args.batch, args.dtype)
   compiled = step_fn.lower(state, images, labels).compile()
+  if getattr(args, 'hlo', None):
+    with (gzip.open if args.hlo.endswith('.gz') else open)(args.hlo, 'wt') as f:
+      f.write(compiled.as_text())
   instructions, computations = parse_hlo(compiled.as_text())
   module_names = set(re.findall(r'^HloModule\s+([\w.\-]+)', compiled.as_text(), re.M))
   box = {'state': state}
@@ -281,7 +289,15 @@ def main():
   parser.add_argument('--trace_dir', help='where jax.profiler writes (default: a new temporary '
                       'folder); open it in TensorBoard or Perfetto for the timeline')
   parser.add_argument('--json', help='also write the result to this file')
+  parser.add_argument('--hlo', help='also write the compiled program (HLO text) to this file, '
+                      'gzipped if it ends in .gz')
+  parser.add_argument('--command_buffers', action='store_true',
+                      help="keep XLA's GPU command buffers (their kernels are then one event "
+                      'each in the trace, not attributed to operations)')
   args = parser.parse_args()
+  if not args.command_buffers:
+    os.environ['XLA_FLAGS'] = ' '.join(
+        filter(None, [os.environ.get('XLA_FLAGS'), '--xla_gpu_enable_command_buffer=']))
   result = profile(args)
   print(table(result, args))
   if args.json:
