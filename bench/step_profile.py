@@ -8,11 +8,13 @@ from the compiled program (its HLO text): an operation is the instruction the pr
 
   convolution   a convolution, a library call that runs one (cuDNN's custom calls), or a fusion
                 holding one (with whatever was fused around it);
-  normalisation a fusion holding a reduction of an [N, H, W, C] activation over its spatial axes
-                (and the batch's) for each channel: the statistics of BatchNorm and
-                InstanceNorm and their gradients (the normalisations applied are elementwise,
-                fused with their neighbours);
-  pooling       max pooling and its gradient (reduce-window, select-and-scatter);
+  normalisation an operation made from the normalisation layers' code, forward or backward (the
+                named scopes batch_norm, instance_norm and ibn of fashion_jax/models/layers.py
+                in its metadata), with whatever XLA fused into it (an activation, a residual
+                sum); for programs without those names, a fusion holding a reduction of an
+                [N, H, W, C] activation over its spatial axes (and the batch's) per channel;
+  pooling       max pooling and its gradient (reduce-window, select-and-scatter, or the scatter
+                that XLA's GPU compiler makes of the latter);
   reduction     any other reduction (the losses, the optimiser's norms, the non-finite guard);
   matmul        a dot product (the classifier, the losses' distance matrices);
   collective    all-reduce, all-gather and the like (gradients across devices);
@@ -52,6 +54,11 @@ KINDS = ('convolution', 'normalisation', 'pooling', 'reduction', 'matmul', 'coll
          'elementwise')
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute',
                 'all-reduce-start', 'all-gather-start', 'collective-permute-start')
+
+
+# The named scopes of fashion_jax/models/layers.py's normalisation layers, as they appear in
+# an operation's op_name ('jit(step)/transpose(jvp(batch_norm))/reduce_sum').
+_NORMALISATION_SCOPE = re.compile(r'(?<![\w])(batch_norm|instance_norm|ibn)(?![\w])')
 
 
 def _shape_end(text: str) -> int:
@@ -115,8 +122,12 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
     target = target.group(1) if target else ''
     if opcode.group(1) == 'reduce' and _per_channel_statistics(after, ranks):
       target = 'per-channel statistics'
+    op_name = re.search(r'op_name="([^"]*)"', after)
+    op_name = op_name.group(1) if op_name else ''
+    if not target and _NORMALISATION_SCOPE.search(op_name):
+      target = 'normalisation layer'
     window = re.search(r'window=\{size=([\dx]+)', after)
-    if opcode.group(1) == 'select-and-scatter' or (
+    if opcode.group(1) == 'select-and-scatter' or 'select_and_scatter' in op_name or (
         opcode.group(1) == 'reduce-window' and window and window.group(1).count('x') == 3):
       target = 'spatial window'  # pooling over H and W (XLA also cuts other reductions in windows)
     instructions[name] = (opcode.group(1), called, target)
@@ -145,7 +156,7 @@ def kind_of(name: str, instructions: dict, computations: dict) -> str:
     return 'convolution'
   if any(op in ops for op in _COLLECTIVES):
     return 'collective'
-  if 'custom-call:per-channel statistics' in ops:
+  if 'custom-call:per-channel statistics' in ops or 'custom-call:normalisation layer' in ops:
     return 'normalisation'
   if 'custom-call:spatial window' in ops:
     return 'pooling'

@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -246,6 +247,14 @@ def torch_case(args, height: int, width: int, batch: int, dtype: str) -> dict:
   }
 
 
+def error_line(stderr: str) -> str:
+  """The exception a failed case's stderr ends with ('NotImplementedError: ...'), not the notes
+  JAX prints after it (traceback filtering); else its last line."""
+  lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+  raised = [line for line in lines if re.match(r'[\w.]*(Error|Exception|Exit)\b', line)]
+  return (raised or lines or ['no output'])[-1]
+
+
 def run_case(args, framework: str, size: str, batch: int, dtype: str) -> dict:
   """Runs one case in a fresh process and returns its measurements (or its error)."""
   command = [sys.executable, __file__, '--_case', f'{framework}:{size}:{batch}:{dtype}']
@@ -260,8 +269,7 @@ def run_case(args, framework: str, size: str, batch: int, dtype: str) -> dict:
     return {'error': f'no result within --case_timeout={args.case_timeout} s'}
   lines = [line for line in done.stdout.splitlines() if line.startswith('RESULT ')]
   if done.returncode or not lines:
-    tail = (done.stderr.strip().splitlines() or ['no output'])[-1]
-    return {'error': tail[:200]}
+    return {'error': error_line(done.stderr)[:200]}
   return json.loads(lines[-1][len('RESULT '):])
 
 

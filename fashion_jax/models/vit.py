@@ -146,6 +146,27 @@ def attention_implementation(attention: str, dtype) -> str:
   return 'xla'
 
 
+# cuDNN's fused attention (JAX 0.11, H200) refuses 197 tokens and takes 208: its sequences are
+# padded to a multiple of this, the padding masked as keys and dropped from the output.
+CUDNN_TOKEN_MULTIPLE = 16
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
+           multiple: int = 1) -> jax.Array:
+  """jax.nn.dot_product_attention over q, k, v [B, T, H, Dh], the tokens padded to a multiple
+  of `multiple` where they are not one: padded keys are masked (key_value_seq_lengths), padded
+  queries dropped, so the function is attention over the T tokens."""
+  t = q.shape[1]
+  padded = -(-t // multiple) * multiple
+  if padded == t:
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
+  out = jax.nn.dot_product_attention(
+      pad(q), pad(k), pad(v), key_value_seq_lengths=jnp.full((q.shape[0],), t, jnp.int32),
+      implementation=implementation)
+  return out[:, :t]
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection: x [B, T, D] -> [B, T, D]."""
 
@@ -159,8 +180,9 @@ class Attention(nnx.Module):
     b, t, d = x.shape
     q, k, v = jnp.unstack(self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads), axis=2)
     # Softmax in float32 whatever the dtype (both implementations).
-    out = jax.nn.dot_product_attention(
-        q, k, v, implementation=attention_implementation(self.attention, q.dtype))
+    implementation = attention_implementation(self.attention, q.dtype)
+    out = attend(q, k, v, implementation,
+                 CUDNN_TOKEN_MULTIPLE if implementation == 'cudnn' else 1)
     return self.proj(out.reshape(b, t, d))
 
 

@@ -9,7 +9,9 @@ import step_profile  # noqa: E402
 
 # A compiled module as XLA prints it: a BatchNorm statistic (per channel over N, H, W), a loss
 # sum, a convolution fused with its epilogue, a cuDNN call, max pooling, XLA's windowed
-# reduction of a flag, a dot and an all-reduce.
+# reduction of a flag, a dot and an all-reduce; then as XLA's GPU compiler prints them, a partial
+# BatchNorm gradient sum (rank 3, named by the layer's scope), the scatter it makes of max
+# pooling's gradient and an elementwise fusion.
 _HLO = '''HloModule jit_step, entry_computation_layout={()->f32[]}
 
 %add (a: f32[], b: f32[]) -> f32[] {
@@ -28,6 +30,25 @@ _HLO = '''HloModule jit_step, entry_computation_layout={()->f32[]}
   %param_0.1 = f32[8,5]{1,0} parameter(0)
   %zero.1 = f32[] constant(0)
   ROOT %reduce.2 = f32[] reduce(%param_0.1, %zero.1), dimensions={0,1}, to_apply=%add
+}
+
+%fused_partial_statistics (param_0.5: bf16[4096,16]) -> bf16[512,16] {
+  %param_0.5 = bf16[4096,16]{1,0} parameter(0)
+  %reshape.5 = bf16[512,8,16]{2,1,0} reshape(%param_0.5), metadata={op_name="jit(per_device)/transpose(jvp(batch_norm))/reduce_sum"}
+  %zero.5 = bf16[] constant(0)
+  ROOT %reduce.5 = bf16[512,16]{1,0} reduce(%reshape.5, %zero.5), dimensions={1}, to_apply=%add, metadata={op_name="jit(per_device)/transpose(jvp(batch_norm))/reduce_sum"}
+}
+
+%fused_pool_gradient (param_0.6: bf16[8,6,6,16], param_1.6: s32[64,4], param_2.6: bf16[64]) -> bf16[8,6,6,16] {
+  %param_0.6 = bf16[8,6,6,16]{3,2,1,0} parameter(0)
+  %param_1.6 = s32[64,4]{1,0} parameter(1)
+  %param_2.6 = bf16[64]{0} parameter(2)
+  ROOT %scatter.6 = bf16[8,6,6,16]{3,2,1,0} scatter(%param_0.6, %param_1.6, %param_2.6), update_window_dims={}, inserted_window_dims={0,1,2,3}, scatter_dims_to_operand_dims={0,1,2,3}, index_vector_dim=1, to_apply=%add, metadata={op_name="jit(per_device)/transpose(jvp())/select_and_scatter"}
+}
+
+%fused_relu_gradient (param_0.7: bf16[8,4,4,16]) -> bf16[8,4,4,16] {
+  %param_0.7 = bf16[8,4,4,16]{3,2,1,0} parameter(0)
+  ROOT %maximum.7 = bf16[8,4,4,16]{3,2,1,0} maximum(%param_0.7, %param_0.7), metadata={op_name="jit(per_device)/transpose(jvp())/max"}
 }
 
 %fused_conv (param_0.2: f32[8,4,4,3], param_1.2: f32[3,3,3,16]) -> f32[8,4,4,16] {
@@ -53,6 +74,14 @@ ENTRY %main.9 (x: f32[8,4,4,3], w: f32[3,3,3,16], y: f32[8,5], m: f32[5,7], f: p
   %reduce-window.6 = pred[2]{0} reduce-window(%f, %false), window={size=32 stride=32}, to_apply=%add
   %dot.7 = f32[8,7]{1,0} dot(%y, %m), lhs_contracting_dims={1}, rhs_contracting_dims={0}
   %all-reduce.8 = f32[] all-reduce(%fusion.4), replica_groups={}, to_apply=%add
+  %p.10 = bf16[4096,16]{1,0} parameter(5)
+  %input_reduce_fusion.10 = bf16[512,16]{1,0} fusion(%p.10), kind=kInput, calls=%fused_partial_statistics
+  %p.11 = bf16[8,6,6,16]{3,2,1,0} parameter(6)
+  %p.12 = s32[64,4]{1,0} parameter(7)
+  %p.13 = bf16[64]{0} parameter(8)
+  %input_scatter_fusion.11 = bf16[8,6,6,16]{3,2,1,0} fusion(%p.11, %p.12, %p.13), kind=kInput, calls=%fused_pool_gradient
+  %p.14 = bf16[8,4,4,16]{3,2,1,0} parameter(9)
+  %loop_maximum_fusion.12 = bf16[8,4,4,16]{3,2,1,0} fusion(%p.14), kind=kLoop, calls=%fused_relu_gradient
   ROOT %add.9 = f32[] add(%all-reduce.8, %all-reduce.8)
 }
 '''
@@ -62,11 +91,15 @@ def test_operations_are_sorted_into_their_kinds():
   instructions, computations = step_profile.parse_hlo(_HLO)
   kinds = {name: step_profile.kind_of(name, instructions, computations)
            for name in ('fusion.1', 'custom-call.2', 'fusion.3', 'fusion.4', 'reduce-window.5',
-                        'reduce-window.6', 'dot.7', 'all-reduce.8', 'add.9')}
+                        'reduce-window.6', 'dot.7', 'all-reduce.8', 'add.9',
+                        'input_reduce_fusion.10', 'input_scatter_fusion.11',
+                        'loop_maximum_fusion.12')}
   assert kinds == {'fusion.1': 'convolution', 'custom-call.2': 'convolution',
                    'fusion.3': 'normalisation', 'fusion.4': 'reduction',
                    'reduce-window.5': 'pooling', 'reduce-window.6': 'reduction',
-                   'dot.7': 'matmul', 'all-reduce.8': 'collective', 'add.9': 'elementwise'}
+                   'dot.7': 'matmul', 'all-reduce.8': 'collective', 'add.9': 'elementwise',
+                   'input_reduce_fusion.10': 'normalisation', 'input_scatter_fusion.11': 'pooling',
+                   'loop_maximum_fusion.12': 'elementwise'}
 
 
 def test_a_tiny_step_is_profiled_on_cpu(tmp_path):

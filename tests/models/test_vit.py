@@ -591,6 +591,22 @@ def test_attention_option_chooses_the_kernel_and_keeps_the_function():
     np.testing.assert_array_equal(features['cudnn'], features['xla'])
 
 
+def test_attention_over_padded_tokens_is_attention_over_the_tokens():
+  """The tokens padded for cuDNN (197 -> 208 at ViT-B/16 224x224) are masked as keys and dropped
+  as queries: the same outputs and gradients as unpadded attention (XLA's kernel on both sides,
+  which is what runs here)."""
+  q, k, v = (jax.random.normal(key, (2, 197, 3, 8)) for key in jax.random.split(
+      jax.random.key(0), 3))
+  loss = lambda q, k, v, multiple: jnp.sum(jnp.sin(vit.attend(q, k, v, 'xla', multiple)))
+  assert vit.attend(q, k, v, 'xla', vit.CUDNN_TOKEN_MULTIPLE).shape == q.shape
+  np.testing.assert_allclose(vit.attend(q, k, v, 'xla', vit.CUDNN_TOKEN_MULTIPLE),
+                             vit.attend(q, k, v, 'xla'), rtol=1e-5, atol=1e-6)
+  padded = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, vit.CUDNN_TOKEN_MULTIPLE)
+  plain = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, 1)
+  for got, expected in zip(padded, plain):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_attention_option_is_checked():
   from fashion_jax import configlib
   from fashion_jax.models.backbones import check_options
