@@ -64,6 +64,9 @@ JOBS = {
         ('step_profile.py', '--backbone=resnet18_ibn_a', '--width=16', '--size=32x32',
          '--batch=16', '--dtype=float32', '--warmup=1', '--steps=2',
          '--trace_dir={out}/profile-trace', '--json={out}/profile.json')),
+    'pool': Job(
+        "max pooling's forward and gradient, XLA's and pooling.max_pool's (64 x 160x160x64 bf16)",
+        30, ('pool_bench.py',), ('pool_bench.py', '--batch=2', '--size=32', '--repeat=2')),
     'service': Job(
         'search service, batching on and off, 1 and 8 clients', 110,
         ('search_bench.py', '--skip-backends', '--tmp={out}/search',

@@ -10,6 +10,7 @@ from flax import nnx
 
 from fashion_jax.models.base import Backbone
 from fashion_jax.models.layers import BatchNorm, InstanceNorm
+from fashion_jax.models.pooling import max_pool
 from fashion_jax.models.resnet import CONV_INIT, TORCH_LEAF
 
 # osnet_ain_x1_0: per stage, whether each of its 2 blocks is the IN variant; and the widths.
@@ -133,7 +134,7 @@ class OSNetAIN(nnx.Module):
   def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> jax.Array:
     del key  # no stochastic layers
     x = self.conv1(x.astype(self.dtype), train=train)
-    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for blocks, pool in ((self.conv2, self.pool2), (self.conv3, self.pool3), (self.conv4, None)):
       for block in blocks:
         x = block(x, train=train)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from fashion_jax.models.base import Backbone
 from fashion_jax.models.layers import IBN, BatchNorm, InstanceNorm
+from fashion_jax.models.pooling import max_pool
 
 
 def kaiming_normal_fan_out(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
@@ -167,8 +168,8 @@ class ResNet(nnx.Module):
   def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> jax.Array:
     del key  # no stochastic layers
     x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype)), train=train))
-    # torch's MaxPool2d(3, 2, padding=1) pads with -inf, as flax's max_pool does.
-    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # torch's MaxPool2d(3, 2, padding=1) pads with -inf, as pooling.max_pool does.
+    x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
       for block in stage:
         x = block(x, train=train)

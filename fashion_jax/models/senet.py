@@ -12,6 +12,7 @@ from flax import nnx
 
 from fashion_jax.models.base import Backbone
 from fashion_jax.models.layers import BatchNorm
+from fashion_jax.models.pooling import max_pool
 from fashion_jax.models.resnet import CONV_INIT, Downsample, conv, torch_name
 
 SE_RESNEXT_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -76,7 +77,7 @@ class Stem(nnx.Module):
     # MaxPool2d(3, 2, ceil_mode=True) without padding: windows start at 0 and a partial last
     # window is kept, i.e. -inf padding on the bottom/right only, and only where needed.
     pads = [(0, max(-(-(n - 3) // 2) * 2 + 3 - n, 0)) for n in x.shape[1:3]]
-    return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=pads)
+    return max_pool(x, (3, 3), (2, 2), pads)
 
 
 class SEResNeXt(nnx.Module):
