@@ -10,13 +10,14 @@ its estimate, and is stopped when the budget runs out, so what finished is alway
   resnet   ResNet50-IBN-A training and embedding at 320x320, bfloat16, batch 64, against the
            same model in PyTorch (torch.compile): bench/train_throughput.py
   profile  where that training step's device time goes: bench/step_profile.py
+  pool     max pooling's forward and gradient, XLA's and pooling.max_pool's: bench/pool_bench.py
   service  the search service's requests/s with batching on and off (1 and 8 clients):
            bench/search_bench.py --skip-backends
   vit      ViT-B/16 training at 224x224, bfloat16, batch 64, against timm's model
            (torch.compile): bench/train_throughput.py --backbone=vit_b16
   vit_cudnn  the same JAX step with cuDNN's flash attention (--attention=cudnn)
 
-  python bench/accelerator_suite.py --out /tmp/accel                       # all, ~15 min
+  python bench/accelerator_suite.py --out /tmp/accel                       # all, ~8 min on an H200
   python bench/accelerator_suite.py --out /tmp/accel --jobs=rerank,resnet --budget=450
   python bench/accelerator_suite.py --out /tmp/accel --smoke               # CPU-sized
 
