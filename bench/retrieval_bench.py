@@ -126,17 +126,26 @@ class StageLog:
 
   def __init__(self, prefix: str):
     self.prefix, self.start, self.ends = prefix, time.perf_counter(), {}
+    self.first_block_call = None
 
   def __call__(self, stage: str, done: int, total: int) -> None:
     if stage == 'kNN certified':
-      print(f'  {self.prefix}: {done} of {total} kNN lists certified, the rest searched again',
-            file=sys.stderr, flush=True)
+      print(f'  {self.prefix}: {done} of {total} kNN lists certified, the rest searched again'
+            f'{self._memory()}', file=sys.stderr, flush=True)
+    elif stage == 'kNN' and not self.first_block_call:
+      # The first of the kNN's calls has compiled its program and made its lists.
+      self.first_block_call = time.perf_counter() - self.start
+      print(f'  {self.prefix}: first kNN call done at {self.first_block_call:.1f} s'
+            f'{self._memory()}', file=sys.stderr, flush=True)
     elif done >= total and stage not in self.ends:
       self.ends[stage] = time.perf_counter() - self.start
-      rss, peak = _status_gb('VmRSS'), _status_gb('VmHWM')
-      memory = f' (RSS {rss:.2f} GB, peak {peak:.2f} GB)' if rss and peak else ''
-      print(f'  {self.prefix}: {stage} done at {self.ends[stage]:.1f} s{memory}',
+      print(f'  {self.prefix}: {stage} done at {self.ends[stage]:.1f} s{self._memory()}',
             file=sys.stderr, flush=True)
+
+  @staticmethod
+  def _memory() -> str:
+    rss, peak = _status_gb('VmRSS'), _status_gb('VmHWM')
+    return f' (RSS {rss:.2f} GB, peak {peak:.2f} GB)' if rss and peak else ''
 
 
 def run_case(name: str, dtype: str, knn_precision: str | None) -> dict:
