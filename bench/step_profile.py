@@ -245,11 +245,12 @@ def profile(args) -> dict:
   mesh, state, images, labels, step_fn, _ = train_throughput._jax_setup(
       args, height, width, args.batch, args.dtype)
   compiled = step_fn.lower(state, images, labels).compile()
-  if getattr(args, 'hlo', None):
+  hlo = compiled.as_text()
+  if args.hlo:
     with (gzip.open if args.hlo.endswith('.gz') else open)(args.hlo, 'wt') as f:
-      f.write(compiled.as_text())
-  instructions, computations = parse_hlo(compiled.as_text())
-  module_names = set(re.findall(r'^HloModule\s+([\w.\-]+)', compiled.as_text(), re.M))
+      f.write(hlo)
+  instructions, computations = parse_hlo(hlo)
+  module_names = set(re.findall(r'^HloModule\s+([\w.\-]+)', hlo, re.M))
   box = {'state': state}
 
   def train():

@@ -236,23 +236,12 @@ def placed_points(parts, mesh: jax.sharding.Mesh, multiple: int) -> jax.Array:
   """The row blocks `parts` ([n_i, D] host arrays) stacked and padded with zeros to a multiple
   of `multiple` rows, as one array replicated on every device of the mesh.
 
-  The pieces travel separately, in row blocks of at most _PIECE_BYTES each waited for, and are
-  joined on the devices: no stacked copy on the host, and whatever host staging the runtime
-  makes for a transfer holds one block, not a whole part (on GPUs it is the size of what it
-  copies).
+  The pieces travel separately and are joined on the devices: no stacked copy on the host.
   """
   size = sum(len(p) for p in parts)
   padding = np.zeros((-size % multiple, parts[0].shape[1]), parts[0].dtype)
   replicated = NamedSharding(mesh, P())
-  pieces = []
-  for part in (*parts, padding):
-    rows = max(1, _PIECE_BYTES // max(1, part.shape[1] * part.dtype.itemsize))
-    for start in range(0, max(len(part), 1), rows):
-      pieces.append(jax.block_until_ready(jax.device_put(part[start:start + rows], replicated)))
-  return _stack(tuple(pieces))
-
-
-_PIECE_BYTES = 1 << 28
+  return _stack(tuple(jax.device_put(p, replicated) for p in (*parts, padding)))
 
 
 @jax.jit

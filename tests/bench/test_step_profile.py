@@ -105,7 +105,7 @@ def test_operations_are_sorted_into_their_kinds():
 def test_a_tiny_step_is_profiled_on_cpu(tmp_path):
   args = argparse.Namespace(backbone='resnet18_ibn_a', width=8, last_stride=1, num_classes=20,
                             k=4, attention='xla', size='32x32', batch=16, dtype='float32',
-                            warmup=1, steps=2, trace_dir=str(tmp_path / 'trace'))
+                            warmup=1, steps=2, trace_dir=str(tmp_path / 'trace'), hlo=None)
   result = step_profile.profile(args)
   per_kind = result['per_kind']
   # Every operation the CPU runtime ran was found in the compiled program.

@@ -17,16 +17,6 @@ def _knn(points, k, block, devices=None, **options):
   return knn.all_pairs_top_k(placed, len(points), k, block=block, mesh=mesh, **options)
 
 
-@pytest.mark.parametrize('piece_bytes', [5 * 3 * 4, 1 << 28])
-def test_placed_points_stacks_the_parts_in_blocks_and_pads_with_zeros(monkeypatch, piece_bytes):
-  # Blocks of 5 rows cut both parts unevenly (7 and 16 rows); the default sends each whole.
-  monkeypatch.setattr(knn, '_PIECE_BYTES', piece_bytes)
-  points = np.random.default_rng(0).standard_normal((23, 3)).astype(np.float32)
-  placed = knn.placed_points([points[:7], points[7:]], search.gallery_mesh(None), 8)
-  assert placed.shape == (24, 3) and placed.dtype == np.float32
-  np.testing.assert_array_equal(np.asarray(placed), np.concatenate([points, np.zeros((1, 3))]))
-
-
 @pytest.mark.parametrize('num_points,block', [(150, 16), (1100, 512)])
 def test_all_pairs_top_k_matches_argsort_on_one_and_four_devices(num_points, block):
   # 150 points in blocks of 16: 55 block pairs dealt unevenly over 4 devices; blocks of 512
