@@ -236,17 +236,11 @@ def placed_points(parts, mesh: jax.sharding.Mesh, multiple: int) -> jax.Array:
   """The row blocks `parts` ([n_i, D] host arrays) stacked and padded with zeros to a multiple
   of `multiple` rows, as one array replicated on every device of the mesh.
 
-  The pieces travel separately and are joined on the devices: no stacked copy on the host.
+  Written into the devices' array block by block (search.placed_rows): no stacked copy on the
+  host, one copy on each device.
   """
   size = sum(len(p) for p in parts)
-  padding = np.zeros((-size % multiple, parts[0].shape[1]), parts[0].dtype)
-  replicated = NamedSharding(mesh, P())
-  return _stack(tuple(jax.device_put(p, replicated) for p in (*parts, padding)))
-
-
-@jax.jit
-def _stack(parts):
-  return jnp.concatenate(parts)
+  return search.placed_rows(parts, size + -size % multiple, NamedSharding(mesh, P()))
 
 
 @jax.jit
@@ -303,16 +297,16 @@ def all_pairs_top_k(points: jax.Array, num_points: int, k: int, *, block: int, m
   pairs = pairs.reshape(steps * calls, devices, 3).transpose(1, 0, 2)
   sharded = NamedSharding(mesh, P(search.GALLERY_AXIS))
   width = min(candidates or 4 * k, num_points) if reduced else k
-  lists = [np.full((devices * padded, width), np.inf, np.float32),
-           np.full((devices * padded, width), -1, np.int32)]
+  # The lists start empty, made on the devices.
+  empty = [((devices * padded, width), np.inf, np.float32),
+           ((devices * padded, width), -1, np.int32)]
   if reduced:
     far = min(far, num_points)
-    lists += [np.full((devices * padded, far), np.inf, np.float32),
-              np.full((devices * padded, far), -1, np.int32)]
+    empty += [((devices * padded, far), np.inf, np.float32),
+              ((devices * padded, far), -1, np.int32)]
   else:
-    lists.append(np.full(devices * padded, -np.inf, np.float32))
-  state = jax.device_put(tuple(lists), sharded)
-  del lists
+    empty.append(((devices * padded,), -np.inf, np.float32))
+  state = tuple(search.device_full(*args, sharded) for args in empty)
   norms = _norms(points.astype(jnp.float32) if reduced else points)
   products = _to_bfloat16(points) if reduced else points
   for call in range(calls):
@@ -349,9 +343,11 @@ def _rescored(points, num_points, k, merged, mesh, progress):
   multiple = chunk * devices
   rows = np.arange(-(-num_points // multiple) * multiple, dtype=np.int32)
   rows = np.minimum(rows, num_points - 1)
-  pad = lambda x: np.asarray(search.pad_rows(np.asarray(x)[:num_points], multiple, 0))
+  # The candidate lists stay on the devices, cut or padded to the rows (padding rows' lists
+  # are re-scored against the last point and dropped).
+  sharded = NamedSharding(mesh, P(search.GALLERY_AXIS))
   index, distances, row_max, certified = map_rows(
-      _rescore, mesh, chunk, (rows, *(pad(x) for x in merged)),
+      _rescore, mesh, chunk, (rows, *(search.resized_rows(x, len(rows), sharded) for x in merged)),
       (points, rounding_bound(points, jnp.bfloat16)), k=k)
   index, distances, row_max, certified = (np.array(x)[:num_points]
                                           for x in (index, distances, row_max, certified))
@@ -359,7 +355,7 @@ def _rescored(points, num_points, k, merged, mesh, progress):
     progress('kNN certified', int(certified.sum()), num_points)
   failed = np.flatnonzero(~certified)
   if len(failed):
-    own = np.asarray(points[:num_points][failed])
+    # Searched on the devices' copy of the points: only the failed rows come to the host.
     index[failed], distances[failed], row_max[failed] = search.top_k(
-        own, np.asarray(points[:num_points]), k, devices=mesh.devices.ravel())
+        np.asarray(points[failed]), points[:num_points], k, devices=mesh.devices.ravel())
   return index, distances, row_max

@@ -209,17 +209,17 @@ def _trimmed(arrays, counts):
 
 def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: float = 0.3, *,
                         chunk_size: int | None = None, gallery_chunk_size: int = 1024,
-                        knn_precision: str | None = None, progress=None,
-                        devices=None) -> Reranked:
+                        knn_precision: str | None = None, result_on_device: bool | None = None,
+                        progress=None, devices=None) -> Reranked:
   """Re-ranked query-gallery distances, as docs/method.md section 6's dense algorithm gives them.
 
   Distances among all N = Q + G points are squared Euclidean, each row divided by its maximum
   over all N points (the common implementation divides columns, then transposes), and
   final = (1 - lam) * Jaccard + lam * that distance. Neighbour lists are ordered by distance,
   ties by index. Device memory O(N x (D + k1^2 + k2 W)) plus per-chunk blocks, host memory
-  the embeddings plus O(N x k1) and the result, O(Q x J): W is the widest expanded row, J the
-  most gallery items sharing a neighbour with one query (a few thousand at N = 10,000 on
-  random data).
+  the embeddings plus O(N x k1) and, unless it stays on the devices (result_on_device), the
+  result, O(Q x J): W is the widest expanded row, J the most gallery items sharing a neighbour
+  with one query (a few thousand at N = 10,000 on random data).
 
   Args:
     query_emb: [Q, D] float.
@@ -230,6 +230,9 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
     gallery_chunk_size: accepted for compatibility; the kNN blocks are square.
     knn_precision: the kNN products' inputs, 'float32' or 'bfloat16' (re-scored in float32,
       same results); None: float32 on CPU, bfloat16 on accelerators.
+    result_on_device: leave the Jaccard rows (`jaccard_index`, `jaccard`) on the devices as
+      jax Arrays, where the metrics and top-k read them, instead of bringing them to the host;
+      None: on accelerators, whose memory then holds them instead of the host's.
     progress: optional callable(stage, num_done, total).
     devices: the devices every stage runs on (default: all local devices).
 
@@ -287,7 +290,9 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
   host_memory.release()
   report('query expansion', num_points, num_points)
 
-  jaccard_index, jaccard = _jaccard(index, values, num_queries, num_points, mesh, budget)
+  on_device = not cpu if result_on_device is None else result_on_device
+  jaccard_index, jaccard = _jaccard(index, values, num_queries, num_points, mesh, budget,
+                                    on_device)
   del index, values
   host_memory.release()
   report('jaccard', num_queries, num_queries)
@@ -295,8 +300,9 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
                   jaccard_index=jaccard_index, jaccard=jaccard, lam=float(lam))
 
 
-def _jaccard(index, values, num_queries, num_points, mesh, budget):
-  """The query rows' Jaccard distances to the gallery: [Q, J] indices (-1 padded) and values."""
+def _jaccard(index, values, num_queries, num_points, mesh, budget, on_device):
+  """The query rows' Jaccard distances to the gallery: [Q, J] indices (-1 padded) and values,
+  host arrays or, with on_device, arrays on the devices."""
   gallery_size = num_points - num_queries
   col_start, gallery_rows, gallery_values = _inverted_index(
       index[num_queries:num_points], values[num_queries:num_points], num_columns=num_points)
@@ -312,12 +318,16 @@ def _jaccard(index, values, num_queries, num_points, mesh, budget):
   # Each call's rows are written into the result, which widens when a later call needs more
   # room: the pieces are never held all at once beside it.
   index_out = jaccard = None
+  pieces = []
   for start in range(0, num_queries, call):
     found, distances, counts = knn.map_rows(
         _jaccard_rows, mesh, chunk, (columns[start:start + call], weights[start:start + call]),
         (col_start, gallery_rows, gallery_values), pairs=pairs, gallery_size=gallery_size)
     rows = min(call, num_queries - start)
     width = _width(np.asarray(counts)[:rows], gallery_size)
+    if on_device:
+      pieces.append((found[:rows, :width], distances[:rows, :width]))
+      continue
     # One slice on the device: only the trimmed rows travel (and are copied) to the host.
     found, distances = np.asarray(found[:rows, :width]), np.asarray(distances[:rows, :width])
     if index_out is None or width > index_out.shape[1]:
@@ -327,7 +337,18 @@ def _jaccard(index, values, num_queries, num_points, mesh, budget):
     jaccard[start:start + rows, :width] = distances
     del found, distances
     host_memory.release()
+  if on_device:
+    return _joined(pieces, max(p[0].shape[1] for p in pieces))
   return index_out, jaccard
+
+
+@functools.partial(jax.jit, static_argnames=('width',))
+def _joined(pieces, width):
+  """The calls' [rows, w] (index, distance) pieces widened to `width` (-1 and 1 added) and
+  stacked on the devices."""
+  widen = lambda x, fill: jnp.pad(x, [(0, 0), (0, width - x.shape[1])], constant_values=fill)
+  return (jnp.concatenate([widen(index, -1) for index, _ in pieces]),
+          jnp.concatenate([widen(jaccard, 1.0) for _, jaccard in pieces]))
 
 
 def _widened(array, rows, width, fill, dtype):

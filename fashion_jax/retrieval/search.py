@@ -28,10 +28,13 @@ class Reranked(NamedTuple):
   jaccard_index: [Q, W] int32 gallery indices, -1 for padding.
   jaccard: [Q, W] float32 Jaccard distances at those indices.
   lam: the lambda weight of the original distance.
+
+  jaccard_index and jaccard are host arrays, or jax Arrays where the re-ranking left them on
+  the devices (its result_on_device, the default on accelerators).
   """
   scale: np.ndarray
-  jaccard_index: np.ndarray
-  jaccard: np.ndarray
+  jaccard_index: np.ndarray | jax.Array
+  jaccard: np.ndarray | jax.Array
   lam: float
 
   def select(self, rows) -> 'Reranked':
@@ -165,14 +168,105 @@ def shard_gallery(mesh: jax.sharding.Mesh, gallery_size: int, gallery_chunk_size
                   *arrays: np.ndarray) -> tuple[int, list[jax.Array]]:
   """Pads [G, ...] arrays to equal shards of whole blocks, one per device, and places them.
 
-  Returns the block length and the sharded arrays (padding rows are zeros).
+  Returns the block length and the sharded arrays (padding rows are zeros). No padded copy is
+  made on the host (placed_rows).
   """
   devices = mesh.devices.size
   per_device = -(-gallery_size // devices)
   block = chunk_length(per_device, gallery_chunk_size)
   padded_size = -(-per_device // block) * block * devices
   on_shards = NamedSharding(mesh, P(GALLERY_AXIS))
-  return block, [jax.device_put(pad_rows(a, padded_size), on_shards) for a in arrays]
+  return block, [resized_rows(a, padded_size, on_shards) if isinstance(a, jax.Array)
+                 else placed_rows([np.asarray(a)], padded_size, on_shards) for a in arrays]
+
+
+@functools.partial(jax.jit, static_argnames=('rows', 'sharding', 'fill'))
+def resized_rows(x: jax.Array, rows: int, sharding: jax.sharding.Sharding | None = None,
+                 fill=0) -> jax.Array:
+  """x's first `rows` rows, rows of `fill` added where it has fewer, placed with `sharding`
+  (None: as XLA chooses): the device-side counterpart of pad_rows."""
+  x = x[:rows] if rows <= x.shape[0] else jnp.pad(
+      x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+# Bytes of host rows sent to the devices per call of placed_rows.
+_PLACED_BLOCK_BYTES = 1 << 26
+
+
+def placed_rows(parts, num_rows: int, sharding: NamedSharding) -> jax.Array:
+  """The row blocks `parts` (host arrays [n_i, ...] of one dtype) stacked, then zero rows up to
+  `num_rows`, as one array on `sharding`'s mesh: split over its axis (P(axis)) or replicated
+  (P()).
+
+  Beyond _PLACED_BLOCK_BYTES, the array is made on the devices as zeros and the rows are
+  written into it in place, that many bytes at a time: besides the parts, the host holds at
+  most one block (where a block spans two parts or the padding), never a stacked or padded
+  copy of them, and the devices never hold two copies. Smaller arrays are stacked and padded on
+  the host and sent at once.
+  """
+  parts = [np.asarray(p) for p in parts]
+  row_shape, dtype = parts[0].shape[1:], parts[0].dtype
+  size = sum(len(p) for p in parts)
+  if size > num_rows or any(p.shape[1:] != row_shape or p.dtype != dtype for p in parts):
+    raise ValueError(f'cannot place rows {[p.shape for p in parts]} ({dtype}) in {num_rows} rows')
+  spec = tuple(sharding.spec)
+  if len(spec) > 1 or (spec and num_rows % sharding.mesh.devices.size):
+    raise ValueError(f'placed_rows splits rows over one mesh axis evenly, not {sharding.spec} '
+                     f'over {num_rows} rows')
+  row_bytes = max(int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize, 1)
+  # A power of two rows per block (or all of them): the few block lengths in use share
+  # compiled programs.
+  block = max(min(1 << int(np.clip(np.log2(_PLACED_BLOCK_BYTES / row_bytes), 0, 30)), num_rows), 1)
+  offsets = np.cumsum([0] + [len(p) for p in parts])
+  if block == num_rows:
+    # All of it in one block: the padded host copy is that block, sent as it is.
+    return jax.device_put(_rows(parts, offsets, 0, num_rows), sharding)
+  out = device_full((num_rows, *row_shape), 0, dtype, sharding)
+  for first in range(0, size, block):
+    # Rows of the last block past num_rows are dropped by the write.
+    out = _write_rows(out, _rows(parts, offsets, first, block), np.int32(first), sharding.mesh,
+                      spec)
+  return out
+
+
+def _rows(parts, offsets, first: int, count: int) -> np.ndarray:
+  """Rows first .. first + count - 1 of the parts stacked and followed by zero rows: a view
+  where they lie in one part, else a copy."""
+  pieces = [part[max(first - offset, 0):first + count - offset]
+            for part, offset in zip(parts, offsets) if first < offset + len(part)
+            and first + count > offset]
+  missing = count - sum(len(p) for p in pieces)
+  if missing:
+    pieces.append(np.zeros((missing, *parts[0].shape[1:]), parts[0].dtype))
+  return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def device_full(shape, fill, dtype, sharding: jax.sharding.Sharding) -> jax.Array:
+  """An array of `fill` made on the devices with `sharding` (no host copy sent)."""
+  return _full(tuple(shape), fill, jax.dtypes.canonicalize_dtype(dtype), sharding)
+
+
+@functools.partial(jax.jit, static_argnames=('shape', 'fill', 'dtype', 'sharding'))
+def _full(shape, fill, dtype, sharding):
+  return jax.lax.with_sharding_constraint(jnp.full(shape, fill, dtype), sharding)
+
+
+@functools.partial(jax.jit, static_argnames=('mesh', 'spec'), donate_argnums=(0,))
+def _write_rows(out, rows, first, mesh, spec):
+  """out (donated: written in place) with `rows` at rows first.. of the whole array."""
+
+  def local(out, rows, first):
+    if spec:
+      # This device's shard holds the rows from its index x shard length on.
+      first = first - jax.lax.axis_index(spec[0]) * out.shape[0]
+    position = first + jnp.arange(rows.shape[0], dtype=jnp.int32)
+    # Rows outside the shard are dropped (a negative position would count from the end).
+    position = jnp.where(position >= 0, position, out.shape[0])
+    return out.at[position].set(rows, mode='drop')
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(*spec), P(), P()), out_specs=P(*spec))(
+      out, rows, first)
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'gallery_chunk', 'mesh'))
@@ -225,7 +319,7 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked 
 
   Args:
     queries: [Q, D] float (float32, bfloat16 or float16).
-    gallery: [G, D] same dtype.
+    gallery: [G, D] same dtype, on the host or the devices.
     k: list length; clipped to G.
     rerank: rank by these re-ranked distances instead (Q rows).
     chunk_size, gallery_chunk_size: block shape; memory grows as their product.
@@ -237,7 +331,9 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked 
     distances: [Q, min(k, G)] float32 ranking distances (squared Euclidean, or re-ranked).
     row_max: [Q] float32, the largest distance of each query to the gallery.
   """
-  queries, gallery = np.asarray(queries), np.asarray(gallery)
+  # A gallery already on the devices stays there (re-ranking's fallback searches its points).
+  queries = np.asarray(queries)
+  gallery = gallery if isinstance(gallery, jax.Array) else np.asarray(gallery)
   if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
     raise ValueError(f'top_k needs [Q, D] and [G, D] embeddings, got {queries.shape} and '
                      f'{gallery.shape}')
@@ -272,5 +368,9 @@ def rerank_chunk(rerank: Reranked | None, start: int, size: int) -> Reranked | N
   if rerank is None:
     return None
   part = rerank.select(slice(start, start + size))
-  return Reranked(pad_rows(part.scale, size), pad_rows(part.jaccard_index, size, -1),
-                  pad_rows(part.jaccard, size), rerank.lam)
+  # Rows left on the devices by the re-ranking (result_on_device) are padded there.
+  pad = ((lambda x, fill: resized_rows(x, size, fill=fill))
+         if isinstance(part.jaccard_index, jax.Array) else
+         (lambda x, fill: pad_rows(x, size, fill)))
+  return Reranked(pad_rows(part.scale, size), pad(part.jaccard_index, -1),
+                  pad(part.jaccard, 0.0), rerank.lam)

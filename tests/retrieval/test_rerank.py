@@ -3,6 +3,7 @@
 written in retrieval_reference.py, on clustered embeddings with exact ties.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -52,6 +53,27 @@ def test_metrics_and_top_k_on_reranked_distances_match_dense():
                                             rerank=reranked, gallery_chunk_size=16)
   np.testing.assert_array_equal(indices, np.argsort(dense, axis=1, kind='stable')[:, :10])
   np.testing.assert_allclose(distances, np.sort(dense, axis=1)[:, :10], atol=1e-5)
+
+
+def test_result_left_on_the_devices_equals_the_host_result(monkeypatch):
+  # Accelerators' default. Units of 2 rows: the Jaccard stage runs in 4 calls on 4 devices,
+  # with k1 = 3 two of 8 columns and two of 16, whose pieces are joined on the devices.
+  monkeypatch.setattr(rerank, '_ROW_UNIT', 2)
+  data = reference.clustered(4, num_queries=30, gallery_size=90, num_ids=12, num_cams=2)
+  host, kept = (rerank.k_reciprocal_rerank(data['query_emb'], data['gallery_emb'], k1=3, k2=2,
+                                           result_on_device=on_device)
+                for on_device in (False, True))
+  assert host.jaccard.shape == (30, 16)
+  assert isinstance(kept.jaccard_index, jax.Array) and isinstance(host.jaccard, np.ndarray)
+  for a, b in zip(host, kept):
+    np.testing.assert_array_equal(a, b)
+  options = dict(ks=KS, gallery_chunk_size=32, chunk_size=8)
+  assert (metrics.evaluate_retrieval(**data, rerank=kept, **options)
+          == metrics.evaluate_retrieval(**data, rerank=host, **options))
+  chosen = np.array([3, 17, 29])
+  for a, b in zip(*(metrics.rank_gallery(data['query_emb'][chosen], data['gallery_emb'], 10,
+                                         rerank=r.select(chosen)) for r in (host, kept))):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_rejects_bad_parameters():

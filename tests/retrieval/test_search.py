@@ -41,6 +41,27 @@ def test_top_k_sharded_equals_single_device():
   np.testing.assert_array_equal(four[2], distances.max(axis=1))
 
 
+@pytest.mark.parametrize('spec', [(), (search.GALLERY_AXIS,)])
+@pytest.mark.parametrize('block_bytes', [8 * 3 * 8, 1 << 26])
+def test_placed_rows_stacks_and_pads_on_the_devices(monkeypatch, spec, block_bytes):
+  # 18 rows in 20, blocks of 8 rows: one across the two parts, one inside a part, and a last
+  # one that runs into the padding and past the end; or all rows in one block.
+  # int64 rows arrive as int32 (x64 is off).
+  monkeypatch.setattr(search, '_PLACED_BLOCK_BYTES', block_bytes)
+  rng = np.random.default_rng(0)
+  parts = [rng.integers(-9, 9, size=(n, 3)) for n in (6, 0, 12)]
+  mesh = search.gallery_mesh()
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  placed = search.placed_rows(parts, 20, sharding)
+  expected = np.concatenate([*parts, np.zeros((2, 3), np.int64)])
+  assert placed.sharding == sharding and placed.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(placed), expected)
+  for shard in placed.addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), expected[shard.index])
+  with pytest.raises(ValueError, match='cannot place rows'):
+    search.placed_rows(parts, 17, sharding)
+
+
 @pytest.fixture(scope='module')
 def reranked_data():
   data = reference.clustered(6, num_queries=25, gallery_size=70, num_ids=10, num_cams=2)
