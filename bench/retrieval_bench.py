@@ -37,6 +37,7 @@ CASES = {
     'dense_metrics': ('dense_metrics', 2_000, 20_000, 512,
                       'dense NumPy protocol: full matrix, argsort per row, loop'),
     'matmul': ('matmul', 2_000, 20_000, 512, 'the [Q, G] distance matrix alone (jitted)'),
+    'metrics_large': ('metrics', 1_000, 200_000, 2_048, 'exact mAP/Acc@k, a 1.6 GB gallery'),
     'rerank': ('rerank', 1_000, 9_000, 512, 'k-reciprocal re-ranking + metrics, N=10k'),
     'rerank_large': ('rerank', 5_000, 45_000, 2_048, 'k-reciprocal re-ranking + metrics, N=50k'),
     'gpu_rerank': ('rerank', 10_000, 400_000, 2_048, 'Street2Shop-sized re-ranking (GPU)'),
