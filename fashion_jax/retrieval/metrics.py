@@ -153,7 +153,7 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
 
   Args:
     query_emb: [Q, D] float (float32, bfloat16 or float16).
-    gallery_emb: [G, D] of the same dtype.
+    gallery_emb: [G, D] of the same dtype, on the host or the devices.
     query_ids, gallery_ids: [Q], [G] labels of any dtype.
     query_cams, gallery_cams: [Q], [G] or None (given together).
     query_groups, gallery_groups: [Q], [G] or None (given together).
@@ -170,7 +170,9 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
     QueryMetrics: ap, first_rank, valid and inp (mINP's per-query term, Ye et al. 2020: the
     number of positives divided by the 1-based rank of the last of them; 0 when invalid).
   """
-  query_emb, gallery_emb = np.asarray(query_emb), np.asarray(gallery_emb)
+  # A gallery already on the devices stays there (search.shard_gallery pads it there).
+  query_emb = np.asarray(query_emb)
+  gallery_emb = gallery_emb if isinstance(gallery_emb, jax.Array) else np.asarray(gallery_emb)
   num_queries, gallery_size = len(query_emb), len(gallery_emb)
   if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
     raise ValueError(f'embeddings must be [Q, D] and [G, D], got {query_emb.shape} and '

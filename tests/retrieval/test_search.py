@@ -62,6 +62,21 @@ def test_placed_rows_stacks_and_pads_on_the_devices(monkeypatch, spec, block_byt
     search.placed_rows(parts, 17, sharding)
 
 
+def test_gallery_on_the_devices_ranks_like_the_host_gallery():
+  # 45 rows in blocks of 4 per device: the device array is padded on the devices.
+  queries, gallery = reference.integer_grid(1, 21), reference.integer_grid(2, 45)
+  ids = dict(query_ids=np.arange(21) % 5, gallery_ids=np.arange(45) % 5)
+  on_devices = jnp.asarray(gallery)
+  for host, device in zip(search.top_k(queries, gallery, 12, chunk_size=8, gallery_chunk_size=4),
+                          search.top_k(queries, on_devices, 12, chunk_size=8,
+                                       gallery_chunk_size=4)):
+    np.testing.assert_array_equal(host, device)
+  for host, device in zip(metrics.per_query_metrics(queries, gallery, **ids, gallery_chunk_size=4),
+                          metrics.per_query_metrics(queries, on_devices, **ids,
+                                                    gallery_chunk_size=4)):
+    np.testing.assert_array_equal(host, device)
+
+
 @pytest.fixture(scope='module')
 def reranked_data():
   data = reference.clustered(6, num_queries=25, gallery_size=70, num_ids=10, num_cams=2)
