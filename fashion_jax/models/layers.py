@@ -1,4 +1,5 @@
-"""Normalisation layers with PyTorch semantics, so imported weights behave as in the reference.
+"""Layers the backbones share: normalisation with PyTorch semantics, so imported weights behave
+as in the reference, and the convolution of a stem on few input channels.
 
 BatchNorm here follows torch.nn.BatchNorm (biased variance to normalise, unbiased to update the
 running estimate, momentum 0.1), which flax's BatchNorm does not; IBN is IBN-Net's mixed IN/BN layer.
@@ -88,3 +89,34 @@ class IBN(nnx.Module):
     with jax.named_scope('ibn'):
       return jnp.concatenate(
           [self.IN(x[..., :self.half]), self.BN(x[..., self.half:], train=train)], axis=-1)
+
+
+def stem_channel_multiple(dtype) -> int:
+  """What a stem's input channels are padded to a multiple of (1: not padded).
+
+  8 for 16-bit convolutions on GPUs: cuDNN's tensor-core kernels take channels in multiples of
+  8, and XLA pads float16 convolutions for them but not bfloat16 ones. On an H200 the
+  ResNet50-IBN-A stem (7x7, 3 -> 64 channels, bfloat16, 320x320, batch 64) took 0.91 ms
+  forward and 0.58 ms for its kernel's gradient unpadded, 5.7% of the step's device time
+  (bench/README.md, "Training step profile").
+  """
+  return 8 if jax.default_backend() == 'gpu' and jnp.dtype(dtype).itemsize == 2 else 1
+
+
+def conv_padded_channels(conv: nnx.Conv, x: jax.Array, multiple: int) -> jax.Array:
+  """conv(x) for x [N, H, W, C], with C and the kernel's input channels padded with zeros to a
+  multiple of `multiple`: the same function (the zeros add nothing) and, through the padding's
+  transpose, the same kernel gradient; the kernel parameter keeps its shape."""
+  extra = -x.shape[-1] % multiple
+  if not extra:
+    return conv(x)
+  kernel = conv.kernel[...]
+  x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+  kernel = jnp.pad(kernel, [(0, 0)] * (kernel.ndim - 2) + [(0, extra), (0, 0)])
+  dtype = conv.dtype or jnp.result_type(x, kernel)
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  strides = conv.strides if isinstance(conv.strides, tuple) else (conv.strides,) * 2
+  y = jax.lax.conv_general_dilated(x, kernel, strides, conv.padding,
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                   precision=conv.precision)
+  return y if conv.bias is None else y + conv.bias[...].astype(y.dtype)

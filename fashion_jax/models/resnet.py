@@ -13,7 +13,8 @@ import numpy as np
 from flax import nnx
 
 from fashion_jax.models.base import Backbone
-from fashion_jax.models.layers import IBN, BatchNorm, InstanceNorm
+from fashion_jax.models.layers import (IBN, BatchNorm, InstanceNorm, conv_padded_channels,
+                                       stem_channel_multiple)
 from fashion_jax.models.pooling import max_pool
 
 
@@ -167,7 +168,9 @@ class ResNet(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> jax.Array:
     del key  # no stochastic layers
-    x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype)), train=train))
+    # The image's 3 channels are padded with zeros for cuDNN's tensor cores where that helps.
+    x = conv_padded_channels(self.conv1, x.astype(self.dtype), stem_channel_multiple(self.dtype))
+    x = jax.nn.relu(self.bn1(x, train=train))
     # torch's MaxPool2d(3, 2, padding=1) pads with -inf, as pooling.max_pool does.
     x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for stage in (self.layer1, self.layer2, self.layer3, self.layer4):

@@ -15,6 +15,7 @@ from flax import nnx
 from fashion_jax import configlib
 from fashion_jax import train_step as ts
 from fashion_jax.models import backbone_names, build_backbone, build_model, get_backbone
+from fashion_jax.models import layers, resnet
 from fashion_jax.models.layers import IBN, BatchNorm, InstanceNorm
 
 
@@ -184,6 +185,43 @@ def test_reid_head_bnneck_and_classifier(small_model):
   np.testing.assert_allclose(jnp.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
   # The embedding is the post-BNNeck feature in inference mode, normalised.
   np.testing.assert_allclose(emb, neck / jnp.linalg.norm(neck, axis=1, keepdims=True), atol=1e-6)
+
+
+@pytest.mark.parametrize('use_bias,multiple', [(False, 8), (True, 4)])
+def test_conv_padded_channels_is_the_same_function_and_kernel_gradient(use_bias, multiple):
+  conv = nnx.Conv(3, 16, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=use_bias,
+                  bias_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 20, 20, 3))
+  weights = jax.random.normal(jax.random.key(2), (2, 10, 10, 16))
+
+  def loss(conv, padded):
+    y = layers.conv_padded_channels(conv, x, multiple) if padded else conv(x)
+    return jnp.sum(y * weights), y
+
+  (plain, y), plain_grads = nnx.value_and_grad(loss, has_aux=True)(conv, False)
+  (padded, y_padded), padded_grads = nnx.value_and_grad(loss, has_aux=True)(conv, True)
+  assert conv.kernel.shape == (7, 7, 3, 16)
+  np.testing.assert_allclose(y_padded, y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(padded, plain, rtol=1e-5)
+  for name in ('kernel', 'bias') if use_bias else ('kernel',):
+    np.testing.assert_allclose(getattr(padded_grads, name)[...], getattr(plain_grads, name)[...],
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_resnet_with_its_stem_padded_computes_the_same_features(monkeypatch):
+  # As on GPUs in 16-bit (layers.stem_channel_multiple), forced here in float32. A BatchNorm
+  # stem in inference mode passes any change of the convolution on (an InstanceNorm would
+  # normalise a shift away).
+  model = build_backbone('resnet18', width=16, rngs=nnx.Rngs(0))
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  graphdef, state = nnx.split(model)
+  features = lambda state: nnx.merge(graphdef, state)(images, train=False)
+  plain = jax.jit(features)(state)
+  monkeypatch.setattr(resnet, 'stem_channel_multiple', lambda dtype: 8)
+  padded = jax.jit(lambda state: features(state))(state)
+  np.testing.assert_allclose(padded, plain, rtol=1e-4, atol=1e-4)
+  assert layers.stem_channel_multiple(jnp.bfloat16) == (8 if jax.default_backend() == 'gpu'
+                                                         else 1)
 
 
 def test_bfloat16_step_matches_float32(small_model):
