@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fashion_jax.retrieval.search import placed_rows
 from fashion_jax.search.backends.base import NO_CATEGORY, Backend, register
 
 # One compiled kernel serves every k up to this (a top-100 costs little more than a top-10).
@@ -95,15 +96,14 @@ class ExactBackend(Backend):
       devices = jax.local_devices()
       num_products = int(self._products.max()) + 1 if len(self._products) else 0
       padding = -len(self._rows) % len(devices)
-      gallery = np.concatenate([self._vectors,
-                                np.zeros((padding, self._vectors.shape[1]), self._vectors.dtype)])
       row_product = np.concatenate([self._products, np.full(padding, num_products, np.int32)])
       row_category = np.concatenate([self._categories,
                                      np.full(padding, _PADDING_CATEGORY, np.int32)])
       mesh = Mesh(np.asarray(devices), ('rows',))
       sharded = NamedSharding(mesh, P('rows'))
       self._device = {
-          'gallery': jax.device_put(gallery, sharded),
+          # Written on the devices block by block: no padded copy of the rows on the host.
+          'gallery': placed_rows([self._vectors], len(self._rows) + padding, sharded),
           'row_product': jax.device_put(row_product, sharded),
           'row_category': jax.device_put(row_category, sharded),
           'replicated': NamedSharding(mesh, P()), 'num_products': num_products}
