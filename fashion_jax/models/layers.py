@@ -106,17 +106,33 @@ def stem_channel_multiple(dtype) -> int:
 def conv_padded_channels(conv: nnx.Conv, x: jax.Array, multiple: int) -> jax.Array:
   """conv(x) for x [N, H, W, C], with C and the kernel's input channels padded with zeros to a
   multiple of `multiple`: the same function (the zeros add nothing) and, through the padding's
-  transpose, the same kernel gradient; the kernel parameter keeps its shape."""
+  transpose, the same kernel gradient; the kernel parameter keeps its shape.
+
+  For a stem's plain convolution: one group, no dilation or mask, explicit or 'SAME'/'VALID'
+  padding.
+  """
   extra = -x.shape[-1] % multiple
   if not extra:
     return conv(x)
+  dilations = [v for d in (conv.input_dilation, conv.kernel_dilation) if d is not None
+               for v in (d if isinstance(d, (tuple, list)) else (d,))]
+  if (conv.feature_group_count != 1 or conv.mask is not None or x.ndim != 4
+      or any(v != 1 for v in dilations)):
+    raise ValueError('conv_padded_channels takes a plain 2-D convolution (one group, no '
+                     'dilation, no mask)')
+  padding = conv.padding
+  if isinstance(padding, int):
+    padding = ((padding, padding),) * 2
+  elif not isinstance(padding, str):
+    padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
   kernel = conv.kernel[...]
   x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
   kernel = jnp.pad(kernel, [(0, 0)] * (kernel.ndim - 2) + [(0, extra), (0, 0)])
   dtype = conv.dtype or jnp.result_type(x, kernel)
   x, kernel = x.astype(dtype), kernel.astype(dtype)
   strides = conv.strides if isinstance(conv.strides, tuple) else (conv.strides,) * 2
-  y = jax.lax.conv_general_dilated(x, kernel, strides, conv.padding,
+  y = jax.lax.conv_general_dilated(x, kernel, strides, padding,
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                   precision=conv.precision)
+                                   precision=conv.precision,
+                                   preferred_element_type=conv.preferred_element_type)
   return y if conv.bias is None else y + conv.bias[...].astype(y.dtype)

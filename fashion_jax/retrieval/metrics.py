@@ -222,8 +222,8 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
     # Read back per chunk: progress then reports finished work, not queued work.
     outputs.append([np.asarray(a) for a in _chunk_metrics(
         queries[rows], query_ids[rows], query_groups[rows], positives[rows], gallery,
-        gallery_ids, gallery_groups, gallery_size, search.rerank_chunk(rerank, start, q_chunk),
-        g_chunk, mesh)])
+        gallery_ids, gallery_groups, gallery_size,
+        search.rerank_chunk(rerank, start, q_chunk, mesh), g_chunk, mesh)])
     if progress is not None:
       progress('metrics', min(start + q_chunk, num_queries), num_queries)
   del gallery, queries

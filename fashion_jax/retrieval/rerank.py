@@ -232,7 +232,8 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
       same results); None: float32 on CPU, bfloat16 on accelerators.
     result_on_device: leave the Jaccard rows (`jaccard_index`, `jaccard`) on the devices as
       jax Arrays, where the metrics and top-k read them, instead of bringing them to the host;
-      None: on accelerators, whose memory then holds them instead of the host's.
+      None: on accelerators, whose memory then holds them instead of the host's (each device
+      the whole [Q, J] rows, and twice that while they are joined).
     progress: optional callable(stage, num_done, total).
     devices: the devices every stage runs on (default: all local devices).
 
@@ -243,6 +244,9 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
   if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
     raise ValueError(f'embeddings must be [Q, D] and [G, D], got {query_emb.shape} and '
                      f'{gallery_emb.shape}')
+  if not len(query_emb) or not len(gallery_emb):
+    raise ValueError(f're-ranking needs at least one query and one gallery item, got '
+                     f'Q={len(query_emb)}, G={len(gallery_emb)}')
   if k1 < 1 or k2 < 1 or not 0.0 <= lam <= 1.0:
     raise ValueError(f'need k1 >= 1, k2 >= 1 and 0 <= lam <= 1, got {k1}, {k2}, {lam}')
   report = progress or (lambda *args: None)

@@ -176,7 +176,9 @@ def shard_gallery(mesh: jax.sharding.Mesh, gallery_size: int, gallery_chunk_size
   block = chunk_length(per_device, gallery_chunk_size)
   padded_size = -(-per_device // block) * block * devices
   on_shards = NamedSharding(mesh, P(GALLERY_AXIS))
-  return block, [resized_rows(a, padded_size, on_shards) if isinstance(a, jax.Array)
+  # An array already on the mesh's devices is padded there; others go through the host.
+  on_mesh = lambda a: isinstance(a, jax.Array) and a.sharding.device_set == set(mesh.devices.flat)
+  return block, [resized_rows(a, padded_size, on_shards) if on_mesh(a)
                  else placed_rows([np.asarray(a)], padded_size, on_shards) for a in arrays]
 
 
@@ -190,61 +192,78 @@ def resized_rows(x: jax.Array, rows: int, sharding: jax.sharding.Sharding | None
   return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-# Bytes of host rows sent to the devices per call of placed_rows.
+# Bytes of host rows sent to a device per call of placed_rows.
 _PLACED_BLOCK_BYTES = 1 << 26
 
 
-def placed_rows(parts, num_rows: int, sharding: NamedSharding) -> jax.Array:
-  """The row blocks `parts` (host arrays [n_i, ...] of one dtype) stacked, then zero rows up to
-  `num_rows`, as one array on `sharding`'s mesh: split over its axis (P(axis)) or replicated
-  (P()).
+def placed_rows(parts, num_rows: int, sharding: jax.sharding.Sharding) -> jax.Array:
+  """The row blocks `parts` (host arrays [n_i, ...]) stacked, then zero rows up to `num_rows`,
+  as one array placed with `sharding`, which may split the rows (axis 0) but no other axis.
 
-  Beyond _PLACED_BLOCK_BYTES, the array is made on the devices as zeros and the rows are
-  written into it in place, that many bytes at a time: besides the parts, the host holds at
-  most one block (where a block spans two parts or the padding), never a stacked or padded
-  copy of them, and the devices never hold two copies. Smaller arrays are stacked and padded on
-  the host and sent at once.
+  Each device gets only its own rows. Where a device's rows exceed _PLACED_BLOCK_BYTES, its
+  array is made there as zeros and the rows are written into it in place, that many bytes at a
+  time: besides the parts, the host holds at most one block (where a block spans two parts or
+  the padding, or has to change dtype), never a stacked or padded copy of them, and a device
+  never holds two copies. Fewer rows are stacked and padded on the host and sent at once. The
+  parts' dtypes are promoted together, as jnp.concatenate would.
   """
   parts = [np.asarray(p) for p in parts]
-  row_shape, dtype = parts[0].shape[1:], parts[0].dtype
+  row_shape = parts[0].shape[1:]
+  dtypes = {p.dtype for p in parts}
+  # One dtype stays as it is on the host (blocks are views); several are promoted as
+  # jnp.concatenate would (the devices' dtypes: int64 becomes int32 without x64).
+  dtype = (dtypes.pop() if len(dtypes) == 1 else
+           np.dtype(jnp.result_type(*map(jax.dtypes.canonicalize_dtype, dtypes))))
   size = sum(len(p) for p in parts)
-  if size > num_rows or any(p.shape[1:] != row_shape or p.dtype != dtype for p in parts):
-    raise ValueError(f'cannot place rows {[p.shape for p in parts]} ({dtype}) in {num_rows} rows')
-  spec = tuple(sharding.spec)
-  if len(spec) > 1 or (spec and num_rows % sharding.mesh.devices.size):
-    raise ValueError(f'placed_rows splits rows over one mesh axis evenly, not {sharding.spec} '
-                     f'over {num_rows} rows')
+  if size > num_rows or any(p.shape[1:] != row_shape for p in parts):
+    raise ValueError(f'cannot place rows {[p.shape for p in parts]} in {num_rows} rows')
+  shape = (num_rows, *row_shape)
   row_bytes = max(int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize, 1)
-  # A power of two rows per block (or all of them): the few block lengths in use share
-  # compiled programs.
-  block = max(min(1 << int(np.clip(np.log2(_PLACED_BLOCK_BYTES / row_bytes), 0, 30)), num_rows), 1)
+  # A power of two rows per block: the few block lengths in use share compiled programs.
+  block = 1 << int(np.clip(np.log2(_PLACED_BLOCK_BYTES / row_bytes), 0, 30))
   offsets = np.cumsum([0] + [len(p) for p in parts])
-  if block == num_rows:
-    # All of it in one block: the padded host copy is that block, sent as it is.
-    return jax.device_put(_rows(parts, offsets, 0, num_rows), sharding)
-  out = device_full((num_rows, *row_shape), 0, dtype, sharding)
-  for first in range(0, size, block):
-    # Rows of the last block past num_rows are dropped by the write.
-    out = _write_rows(out, _rows(parts, offsets, first, block), np.int32(first), sharding.mesh,
-                      spec)
-  return out
+  shards = []
+  for device, index in sharding.addressable_devices_indices_map(shape).items():
+    start, stop, step = index[0].indices(num_rows) if index else (0, num_rows, 1)
+    if step != 1 or any(i != slice(None) for i in index[1:]):
+      raise ValueError(f'placed_rows splits rows only, not as {sharding}')
+    if stop - start <= block:
+      # The padded host copy is one block at most: sent as it is.
+      shards.append(jax.device_put(_rows(parts, offsets, start, stop - start, dtype), device))
+      continue
+    shard = device_full((stop - start, *row_shape), 0, dtype,
+                        jax.sharding.SingleDeviceSharding(device))
+    for first in range(start, min(stop, size), block):
+      # Rows of a block past the shard's end are dropped by the write (another device's).
+      shard = _write_rows(shard, _rows(parts, offsets, first, block, dtype),
+                          np.int32(first - start))
+    shards.append(shard)
+  return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
 
-def _rows(parts, offsets, first: int, count: int) -> np.ndarray:
-  """Rows first .. first + count - 1 of the parts stacked and followed by zero rows: a view
-  where they lie in one part, else a copy."""
+def _rows(parts, offsets, first: int, count: int, dtype) -> np.ndarray:
+  """Rows first .. first + count - 1 of the parts stacked and followed by zero rows, as
+  `dtype`: a view where they lie in one part of that dtype, else a copy."""
   pieces = [part[max(first - offset, 0):first + count - offset]
             for part, offset in zip(parts, offsets) if first < offset + len(part)
             and first + count > offset]
   missing = count - sum(len(p) for p in pieces)
   if missing:
-    pieces.append(np.zeros((missing, *parts[0].shape[1:]), parts[0].dtype))
-  return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    pieces.append(np.zeros((missing, *parts[0].shape[1:]), dtype))
+  rows = pieces[0] if len(pieces) == 1 else np.concatenate([p.astype(dtype) for p in pieces])
+  return rows.astype(dtype, copy=False)
 
 
 def device_full(shape, fill, dtype, sharding: jax.sharding.Sharding) -> jax.Array:
-  """An array of `fill` made on the devices with `sharding` (no host copy sent)."""
-  return _full(tuple(shape), fill, jax.dtypes.canonicalize_dtype(dtype), sharding)
+  """An array of `fill` made on the devices with `sharding`, by a compiled program: no host copy
+  is sent. Up to _PLACED_BLOCK_BYTES on CPU, whose device memory is the host's, a host array is
+  sent instead: it compiles nothing (re-ranking's lists made by programs held about 0.02 GB
+  more at N = 10,000), and the copy is small."""
+  dtype = jax.dtypes.canonicalize_dtype(dtype)
+  if (all(device.platform == 'cpu' for device in sharding.device_set)
+      and np.prod(shape, dtype=np.int64) * dtype.itemsize <= _PLACED_BLOCK_BYTES):
+    return jax.device_put(np.full(shape, fill, dtype), sharding)
+  return _full(tuple(shape), fill, dtype, sharding)
 
 
 @functools.partial(jax.jit, static_argnames=('shape', 'fill', 'dtype', 'sharding'))
@@ -252,21 +271,11 @@ def _full(shape, fill, dtype, sharding):
   return jax.lax.with_sharding_constraint(jnp.full(shape, fill, dtype), sharding)
 
 
-@functools.partial(jax.jit, static_argnames=('mesh', 'spec'), donate_argnums=(0,))
-def _write_rows(out, rows, first, mesh, spec):
-  """out (donated: written in place) with `rows` at rows first.. of the whole array."""
-
-  def local(out, rows, first):
-    if spec:
-      # This device's shard holds the rows from its index x shard length on.
-      first = first - jax.lax.axis_index(spec[0]) * out.shape[0]
-    position = first + jnp.arange(rows.shape[0], dtype=jnp.int32)
-    # Rows outside the shard are dropped (a negative position would count from the end).
-    position = jnp.where(position >= 0, position, out.shape[0])
-    return out.at[position].set(rows, mode='drop')
-
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(*spec), P(), P()), out_specs=P(*spec))(
-      out, rows, first)
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write_rows(out, rows, first):
+  """out (donated: written in place) with `rows` from row `first` on (past its end: dropped)."""
+  return out.at[first + jnp.arange(rows.shape[0], dtype=jnp.int32)].set(
+      rows.astype(out.dtype), mode='drop')
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'gallery_chunk', 'mesh'))
@@ -353,7 +362,8 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked 
     rows = slice(start, start + q_chunk)
     # Read back per chunk: progress then reports finished work, not queued work.
     outputs.append([np.asarray(a) for a in _top_k_chunk(
-        padded_queries[rows], padded_gallery, gallery_size, rerank_chunk(rerank, start, q_chunk),
+        padded_queries[rows], padded_gallery, gallery_size,
+        rerank_chunk(rerank, start, q_chunk, mesh),
         k, g_chunk, mesh)])
     if progress is not None:
       progress('top-k', min(start + q_chunk, num_queries), num_queries)
@@ -362,15 +372,20 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, rerank: Reranked 
   return index, distances, row_max
 
 
-def rerank_chunk(rerank: Reranked | None, start: int, size: int) -> Reranked | None:
+def rerank_chunk(rerank: Reranked | None, start: int, size: int,
+                 mesh: jax.sharding.Mesh | None = None) -> Reranked | None:
   """The Reranked rows start .. start + size - 1, padded past the last query with rows that
-  have no Jaccard entries: one chunk at a time, so the whole result is never copied."""
+  have no Jaccard entries: one chunk at a time, so the whole result is never copied.
+
+  Rows left on the devices by the re-ranking (result_on_device) are padded there, replicated
+  on `mesh`'s devices (those of the computation they go to) when it is given."""
   if rerank is None:
     return None
   part = rerank.select(slice(start, start + size))
-  # Rows left on the devices by the re-ranking (result_on_device) are padded there.
-  pad = ((lambda x, fill: resized_rows(x, size, fill=fill))
-         if isinstance(part.jaccard_index, jax.Array) else
-         (lambda x, fill: pad_rows(x, size, fill)))
+  if isinstance(part.jaccard_index, jax.Array):
+    placed = lambda x: x if mesh is None else jax.device_put(x, NamedSharding(mesh, P()))
+    pad = lambda x, fill: resized_rows(placed(x), size, fill=fill)
+  else:
+    pad = lambda x, fill: pad_rows(x, size, fill)
   return Reranked(pad_rows(part.scale, size), pad(part.jaccard_index, -1),
                   pad(part.jaccard, 0.0), rerank.lam)

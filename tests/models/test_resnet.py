@@ -206,6 +206,12 @@ def test_conv_padded_channels_is_the_same_function_and_kernel_gradient(use_bias,
   for name in ('kernel', 'bias') if use_bias else ('kernel',):
     np.testing.assert_allclose(getattr(padded_grads, name)[...], getattr(plain_grads, name)[...],
                                rtol=1e-5, atol=1e-4)
+  dilated = nnx.Conv(3, 16, (3, 3), kernel_dilation=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='plain 2-D convolution'):
+    layers.conv_padded_channels(dilated, x, multiple)
+  same = nnx.Conv(3, 16, (3, 3), padding='SAME', rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(layers.conv_padded_channels(same, x, multiple), same(x),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_resnet_with_its_stem_padded_computes_the_same_features(monkeypatch):

@@ -74,10 +74,18 @@ def test_result_left_on_the_devices_equals_the_host_result(monkeypatch):
   for a, b in zip(*(metrics.rank_gallery(data['query_emb'][chosen], data['gallery_emb'], 10,
                                          rerank=r.select(chosen)) for r in (host, kept))):
     np.testing.assert_array_equal(a, b)
+  # Rows left on other devices than the metrics' go to theirs.
+  two = rerank.k_reciprocal_rerank(data['query_emb'], data['gallery_emb'], k1=3, k2=2,
+                                   result_on_device=True, devices=jax.devices()[2:])
+  options['devices'] = jax.devices()[:2]
+  assert (metrics.evaluate_retrieval(**data, rerank=two, **options)
+          == metrics.evaluate_retrieval(**data, rerank=host, **options))
 
 
 def test_rejects_bad_parameters():
   data = reference.clustered(5)
+  with pytest.raises(ValueError, match='at least one query'):
+    rerank.k_reciprocal_rerank(data['query_emb'][:0], data['gallery_emb'])
   with pytest.raises(ValueError, match='k1 >= 1'):
     rerank.k_reciprocal_rerank(data['query_emb'], data['gallery_emb'], k1=0)
   with pytest.raises(ValueError, match='must be'):

@@ -60,6 +60,11 @@ def test_placed_rows_stacks_and_pads_on_the_devices(monkeypatch, spec, block_byt
     np.testing.assert_array_equal(np.asarray(shard.data), expected[shard.index])
   with pytest.raises(ValueError, match='cannot place rows'):
     search.placed_rows(parts, 17, sharding)
+  # Parts of several dtypes are promoted together, as jnp.concatenate would.
+  mixed = search.placed_rows([parts[0].astype(np.float32), parts[2].astype(np.float64)], 20,
+                             sharding)
+  assert mixed.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(mixed), expected.astype(np.float32))
 
 
 def test_gallery_on_the_devices_ranks_like_the_host_gallery():
@@ -67,6 +72,12 @@ def test_gallery_on_the_devices_ranks_like_the_host_gallery():
   queries, gallery = reference.integer_grid(1, 21), reference.integer_grid(2, 45)
   ids = dict(query_ids=np.arange(21) % 5, gallery_ids=np.arange(45) % 5)
   on_devices = jnp.asarray(gallery)
+  elsewhere = jax.device_put(gallery, jax.devices()[1])  # not the mesh's devices: via the host
+  for host, device in zip(search.top_k(queries, gallery, 12, chunk_size=8, gallery_chunk_size=4,
+                                       devices=jax.devices()[:1]),
+                          search.top_k(queries, elsewhere, 12, chunk_size=8, gallery_chunk_size=4,
+                                       devices=jax.devices()[:1])):
+    np.testing.assert_array_equal(host, device)
   for host, device in zip(search.top_k(queries, gallery, 12, chunk_size=8, gallery_chunk_size=4),
                           search.top_k(queries, on_devices, 12, chunk_size=8,
                                        gallery_chunk_size=4)):
