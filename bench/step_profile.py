@@ -135,6 +135,26 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
   return instructions, computations
 
 
+def describe(text: str, names) -> dict:
+  """{name: its result shape (layouts dropped) and op_name (outer jit dropped)} for the named
+  instructions of a compiled module's text; a profiler's 'fusion_3' finds 'fusion.3'."""
+  wanted = {}
+  for name in names:
+    for candidate in (name, re.sub(r'_(\d+)$', r'.\1', name)):
+      wanted.setdefault(candidate, name)
+  found = {}
+  for line in text.splitlines():
+    match = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$', line)
+    if not match or match.group(1) not in wanted or wanted[match.group(1)] in found:
+      continue
+    rest = match.group(2)
+    shape = re.sub(r'\{[\d,]*\}', '', rest[:_shape_end(rest)])
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    source = re.sub(r'^jit\([^)]*\)/', '', op_name.group(1)) if op_name else ''
+    found[wanted[match.group(1)]] = f'{shape} {source}'.strip()
+  return found
+
+
 def _opcodes(name: str, instructions: dict, computations: dict, seen=None) -> set:
   """Opcodes of an instruction and of every computation it calls (a fusion's body)."""
   seen = set() if seen is None else seen
@@ -268,6 +288,8 @@ def profile(args) -> dict:
   jax.profiler.stop_trace()
   events = device_events(trace_dir, module_names)
   per_kind, top = summarise(events, instructions, computations, args.steps)
+  what = describe(hlo, [name for _, name, _ in top])
+  top = [(micros, name, kind, what.get(name, '')) for micros, name, kind in top]
   return {'device': f'{mesh.devices.size} x {jax.devices()[0].device_kind}',
           'step_ms': 1e3 * step_s, 'per_kind': per_kind, 'top': top, 'trace_dir': trace_dir,
           'events': len(events), 'modules': sorted(module_names)}
@@ -284,8 +306,10 @@ def table(result: dict, args) -> str:
   for kind, (micros, count) in result['per_kind'].items():
     if count:
       lines.append(f'| {kind} | {micros / 1e3:.3f} | {100 * micros / busy:.1f}% | {count:.0f} |')
-  lines += ['', '| costliest operations | ms per step | kind |', '|---|---|---|']
-  lines += [f'| {name} | {micros / 1e3:.3f} | {kind} |' for micros, name, kind in result['top']]
+  lines += ['', '| costliest operations | ms per step | kind | shape and source (HLO) |',
+            '|---|---|---|---|']
+  lines += [f'| {name} | {micros / 1e3:.3f} | {kind} | {what} |'
+            for micros, name, kind, what in result['top']]
   return '\n'.join(lines)
 
 
