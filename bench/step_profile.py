@@ -136,7 +136,7 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
 
 
 def describe(text: str, names) -> dict:
-  """{name: its result shape (layouts dropped) and op_name (outer jit dropped)} for the named
+  """{name: (its result shape, layouts dropped; its op_name, outer jit dropped)} for the named
   instructions of a compiled module's text; a profiler's 'fusion_3' finds 'fusion.3'."""
   wanted = {}
   for name in names:
@@ -148,10 +148,12 @@ def describe(text: str, names) -> dict:
     if not match or match.group(1) not in wanted or wanted[match.group(1)] in found:
       continue
     rest = match.group(2)
-    shape = re.sub(r'\{[\d,]*\}', '', rest[:_shape_end(rest)])
+    shape = re.sub(r'/\*index=\d+\*/', '', re.sub(r'\{[\d,]*\}', '', rest[:_shape_end(rest)]))
+    if len(shape) > 80:  # a long tuple: its start is enough to recognise it
+      shape = shape[:76] + ' ...'
     op_name = re.search(r'op_name="([^"]*)"', rest)
     source = re.sub(r'^jit\([^)]*\)/', '', op_name.group(1)) if op_name else ''
-    found[wanted[match.group(1)]] = f'{shape} {source}'.strip()
+    found[wanted[match.group(1)]] = (shape, source)
   return found
 
 
@@ -288,11 +290,24 @@ def profile(args) -> dict:
   jax.profiler.stop_trace()
   events = device_events(trace_dir, module_names)
   per_kind, top = summarise(events, instructions, computations, args.steps)
-  what = describe(hlo, [name for _, name, _ in top])
-  top = [(micros, name, kind, what.get(name, '')) for micros, name, kind in top]
+  what = describe(hlo, {name for name, _ in events})
+  top = [(micros, name, kind, ' '.join(what.get(name, ())).strip())
+         for micros, name, kind in top]
   return {'device': f'{mesh.devices.size} x {jax.devices()[0].device_kind}',
-          'step_ms': 1e3 * step_s, 'per_kind': per_kind, 'top': top, 'trace_dir': trace_dir,
+          'step_ms': 1e3 * step_s, 'per_kind': per_kind, 'top': top,
+          'sources': by_source(events, what, args.steps), 'trace_dir': trace_dir,
           'events': len(events), 'modules': sorted(module_names)}
+
+
+def by_source(events, what: dict, steps: int, count: int = 15) -> list:
+  """The `count` source operations (the op_name of describe(), e.g. 'transpose(jvp())/select_n')
+  with the most device time: (microseconds per step, operations per step, source)."""
+  micros, ops = collections.Counter(), collections.Counter()
+  for name, duration in events:
+    source = what.get(name, ('', ''))[1] or '(no op_name)'
+    micros[source] += duration / steps
+    ops[source] += 1 / steps
+  return [(t, ops[source], source) for source, t in micros.most_common(count)]
 
 
 def table(result: dict, args) -> str:
@@ -310,6 +325,10 @@ def table(result: dict, args) -> str:
             '|---|---|---|---|']
   lines += [f'| {name} | {micros / 1e3:.3f} | {kind} | {what} |'
             for micros, name, kind, what in result['top']]
+  lines += ['', '| source operation (op_name) | ms per step | operations per step |',
+            '|---|---|---|']
+  lines += [f'| {source} | {micros / 1e3:.3f} | {ops:.0f} |'
+            for micros, ops, source in result['sources']]
   return '\n'.join(lines)
 
 

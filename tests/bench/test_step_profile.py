@@ -104,10 +104,10 @@ def test_operations_are_sorted_into_their_kinds():
 
 def test_top_operations_are_described_from_the_program():
   what = step_profile.describe(_HLO, ['input_scatter_fusion_11', 'custom-call.2', 'missing'])
-  assert what == {'input_scatter_fusion_11': 'bf16[8,6,6,16]',
-                  'custom-call.2': '(f32[8,4,4,16], u8[0])'}
+  assert what == {'input_scatter_fusion_11': ('bf16[8,6,6,16]', ''),
+                  'custom-call.2': ('(f32[8,4,4,16], u8[0])', '')}
   line = '  %fusion.3 = f32[16]{0} fusion(%a), calls=%f, metadata={op_name="jit(step)/jvp()/add"}'
-  assert step_profile.describe(line, ['fusion.3']) == {'fusion.3': 'f32[16] jvp()/add'}
+  assert step_profile.describe(line, ['fusion.3']) == {'fusion.3': ('f32[16]', 'jvp()/add')}
 
 
 def test_a_tiny_step_is_profiled_on_cpu(tmp_path):
@@ -126,5 +126,8 @@ def test_a_tiny_step_is_profiled_on_cpu(tmp_path):
   assert per_kind['convolution'][1] >= 20 and per_kind['normalisation'][1] >= 20
   table = step_profile.table(result, args)
   assert '| convolution |' in table and '| normalisation |' in table
-  # The costliest operations carry their shapes from the compiled program.
+  # The costliest operations carry their shapes from the compiled program, and the time is
+  # also summed by source operation (convolutions among them).
   assert all(what for _, _, _, what in result['top'])
+  assert any('conv_general_dilated' in source for _, _, source in result['sources'])
+  assert '| source operation (op_name) |' in table
