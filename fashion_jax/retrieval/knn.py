@@ -136,12 +136,14 @@ def _all_pairs_step(state, points, norms, pairs, block, num_points, mesh):
                        out_specs=sharded)(state, points, norms, pairs)
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'devices'))
-def _merge_devices(state, k, devices):
+@functools.partial(jax.jit, static_argnames=('k', 'devices', 'rows', 'sharding'))
+def _merge_devices(state, k, devices, rows=None, sharding=None):
   """Each device's lists [devices x N, ...] merged into one per point.
 
   Returns (near_d, near_i) [N, k] sorted by (distance, index), and the row maxima [N] or, for
-  reduced precision, the [N, m] far lists (most distant first, distances negated).
+  reduced precision, the [N, m] far lists (most distant first, distances negated). With
+  `rows`, the reduced-precision lists come cut or padded to that many rows and placed with
+  `sharding` (as re-scoring takes them), in this one program.
   """
 
   def gather(x):
@@ -155,7 +157,36 @@ def _merge_devices(state, k, devices):
     return near_d[:, :k], near_i[:, :k], jnp.max(gather(state[2]), axis=0)
   far_d, far_i = jax.lax.sort((gather(state[2]), gather(state[3])), dimension=1, num_keys=2)
   far = state[2].shape[1]
-  return near_d[:, :k], near_i[:, :k], far_d[:, :far], far_i[:, :far]
+  merged = near_d[:, :k], near_i[:, :k], far_d[:, :far], far_i[:, :far]
+  if rows is None:
+    return merged
+  return tuple(search.resized_rows(x, rows, sharding) for x in merged)
+
+
+def _empty_lists(rows: int, width: int, far: int, sharding) -> tuple:
+  """The lists all_pairs_top_k starts from: the nearest [rows, width] (inf, index -1), then
+  the farthest [rows, far] likewise or, with far = 0, the row maxima [rows] (-inf).
+
+  Made on accelerators by one program, so no host copy is sent; on CPU, whose device memory is
+  the host's, sent from the host, which compiles nothing (a program held about 0.01-0.02 GB
+  more at N = 10,000 re-ranking).
+  """
+  if all(device.platform == 'cpu' for device in sharding.device_set):
+    return jax.device_put(_lists(np, rows, width, far), sharding)
+  return _empty_on_devices(rows, width, far, sharding)
+
+
+def _lists(xnp, rows, width, far):
+  lists = [xnp.full((rows, width), np.inf, np.float32), xnp.full((rows, width), -1, np.int32)]
+  return tuple(lists + ([xnp.full((rows, far), np.inf, np.float32),
+                         xnp.full((rows, far), -1, np.int32)] if far
+                        else [xnp.full((rows,), -np.inf, np.float32)]))
+
+
+@functools.partial(jax.jit, static_argnames=('rows', 'width', 'far', 'sharding'))
+def _empty_on_devices(rows, width, far, sharding):
+  return tuple(jax.lax.with_sharding_constraint(x, sharding)
+               for x in _lists(jnp, rows, width, far))
 
 
 @functools.partial(jax.jit, static_argnames=('low_dtype',))
@@ -297,16 +328,8 @@ def all_pairs_top_k(points: jax.Array, num_points: int, k: int, *, block: int, m
   pairs = pairs.reshape(steps * calls, devices, 3).transpose(1, 0, 2)
   sharded = NamedSharding(mesh, P(search.GALLERY_AXIS))
   width = min(candidates or 4 * k, num_points) if reduced else k
-  # The lists start empty, made on the devices.
-  empty = [((devices * padded, width), np.inf, np.float32),
-           ((devices * padded, width), -1, np.int32)]
-  if reduced:
-    far = min(far, num_points)
-    empty += [((devices * padded, far), np.inf, np.float32),
-              ((devices * padded, far), -1, np.int32)]
-  else:
-    empty.append(((devices * padded,), -np.inf, np.float32))
-  state = tuple(search.device_full(*args, sharded) for args in empty)
+  far = min(far, num_points) if reduced else 0
+  state = _empty_lists(devices * padded, width, far, sharded)
   norms = _norms(points.astype(jnp.float32) if reduced else points)
   products = _to_bfloat16(points) if reduced else points
   for call in range(calls):
@@ -318,11 +341,19 @@ def all_pairs_top_k(points: jax.Array, num_points: int, k: int, *, block: int, m
       jax.block_until_ready(state)
       progress('kNN', min((call + 1) * steps * devices, len(a)), len(a))
   del products
-  merged = _merge_devices(state, width, devices)
-  del state
   if not reduced:
+    merged = _merge_devices(state, width, devices)
+    del state
     return tuple(np.asarray(x)[:num_points] for x in (merged[1], merged[0], merged[2]))
-  return _rescored(points, num_points, k, merged, mesh, progress)
+  # Rows of re-scoring at once: their gathered [rows, candidates + far, D] take ~_RESCORE_BYTES.
+  budget = _RESCORE_BYTES * (1 if mesh.devices.flat[0].platform == 'cpu' else 8)
+  chunk = 1 << int(np.clip(np.log2(budget / ((width + far) * points.shape[1] * 4)), 0, 10))
+  rows = -(-num_points // (chunk * devices)) * chunk * devices
+  # The candidate lists stay on the devices, cut or padded to the rows re-scored (padding
+  # rows' lists are re-scored against the last point and dropped).
+  merged = _merge_devices(state, width, devices, rows=rows, sharding=sharded)
+  del state
+  return _rescored(points, num_points, k, merged, chunk, mesh, progress)
 
 
 @jax.jit
@@ -330,25 +361,12 @@ def _to_bfloat16(points):
   return points.astype(jnp.bfloat16)
 
 
-
-
-def _rescored(points, num_points, k, merged, mesh, progress):
-  """The certified float32 lists of the bfloat16 candidates; the rest searched again."""
-  devices = mesh.devices.size
-  near_i, far_i = merged[1], merged[3]
-  # Rows of re-scoring at once: their gathered [rows, candidates + far, D] take ~_RESCORE_BYTES.
-  gathered = (near_i.shape[1] + far_i.shape[1]) * points.shape[1] * 4
-  budget = _RESCORE_BYTES * (1 if mesh.devices.flat[0].platform == 'cpu' else 8)
-  chunk = 1 << int(np.clip(np.log2(budget / gathered), 0, 10))
-  multiple = chunk * devices
-  rows = np.arange(-(-num_points // multiple) * multiple, dtype=np.int32)
-  rows = np.minimum(rows, num_points - 1)
-  # The candidate lists stay on the devices, cut or padded to the rows (padding rows' lists
-  # are re-scored against the last point and dropped).
-  sharded = NamedSharding(mesh, P(search.GALLERY_AXIS))
+def _rescored(points, num_points, k, merged, chunk, mesh, progress):
+  """The certified float32 lists of the bfloat16 candidates (merged: [R, ...] on the devices,
+  R a multiple of chunk x devices); the rest searched again."""
+  rows = np.minimum(np.arange(len(merged[0]), dtype=np.int32), num_points - 1)
   index, distances, row_max, certified = map_rows(
-      _rescore, mesh, chunk, (rows, *(search.resized_rows(x, len(rows), sharded) for x in merged)),
-      (points, rounding_bound(points, jnp.bfloat16)), k=k)
+      _rescore, mesh, chunk, (rows, *merged), (points, rounding_bound(points, jnp.bfloat16)), k=k)
   index, distances, row_max, certified = (np.array(x)[:num_points]
                                           for x in (index, distances, row_max, certified))
   if progress is not None:
