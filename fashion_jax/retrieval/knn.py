@@ -164,29 +164,13 @@ def _merge_devices(state, k, devices, rows=None, sharding=None):
 
 
 def _empty_lists(rows: int, width: int, far: int, sharding) -> tuple:
-  """The lists all_pairs_top_k starts from: the nearest [rows, width] (inf, index -1), then
-  the farthest [rows, far] likewise or, with far = 0, the row maxima [rows] (-inf).
-
-  Made on accelerators by one program, so no host copy is sent; on CPU, whose device memory is
-  the host's, sent from the host, which compiles nothing (a program held about 0.01-0.02 GB
-  more at N = 10,000 re-ranking).
-  """
-  if all(device.platform == 'cpu' for device in sharding.device_set):
-    return jax.device_put(_lists(np, rows, width, far), sharding)
-  return _empty_on_devices(rows, width, far, sharding)
-
-
-def _lists(xnp, rows, width, far):
-  lists = [xnp.full((rows, width), np.inf, np.float32), xnp.full((rows, width), -1, np.int32)]
-  return tuple(lists + ([xnp.full((rows, far), np.inf, np.float32),
-                         xnp.full((rows, far), -1, np.int32)] if far
-                        else [xnp.full((rows,), -np.inf, np.float32)]))
-
-
-@functools.partial(jax.jit, static_argnames=('rows', 'width', 'far', 'sharding'))
-def _empty_on_devices(rows, width, far, sharding):
-  return tuple(jax.lax.with_sharding_constraint(x, sharding)
-               for x in _lists(jnp, rows, width, far))
+  """The lists all_pairs_top_k starts from, made on the devices (search.device_full): the
+  nearest [rows, width] (inf, index -1), then the farthest [rows, far] likewise or, with
+  far = 0, the row maxima [rows] (-inf)."""
+  near = [((rows, width), np.inf, np.float32), ((rows, width), -1, np.int32)]
+  rest = ([((rows, far), np.inf, np.float32), ((rows, far), -1, np.int32)] if far
+          else [((rows,), -np.inf, np.float32)])
+  return search.device_full(near + rest, sharding)
 
 
 @functools.partial(jax.jit, static_argnames=('low_dtype',))

@@ -231,8 +231,8 @@ def placed_rows(parts, num_rows: int, sharding: jax.sharding.Sharding) -> jax.Ar
       # The padded host copy is one block at most: sent as it is.
       shards.append(jax.device_put(_rows(parts, offsets, start, stop - start, dtype), device))
       continue
-    shard = device_full((stop - start, *row_shape), 0, dtype,
-                        jax.sharding.SingleDeviceSharding(device))
+    (shard,) = device_full([((stop - start, *row_shape), 0, dtype)],
+                           jax.sharding.SingleDeviceSharding(device))
     for first in range(start, min(stop, size), block):
       # Rows of a block past the shard's end are dropped by the write (another device's).
       shard = _write_rows(shard, _rows(parts, offsets, first, block, dtype),
@@ -254,21 +254,26 @@ def _rows(parts, offsets, first: int, count: int, dtype) -> np.ndarray:
   return rows.astype(dtype, copy=False)
 
 
-def device_full(shape, fill, dtype, sharding: jax.sharding.Sharding) -> jax.Array:
-  """An array of `fill` made on the devices with `sharding`, by a compiled program: no host copy
-  is sent. Up to _PLACED_BLOCK_BYTES on CPU, whose device memory is the host's, a host array is
-  sent instead: it compiles nothing (re-ranking's lists made by programs held about 0.02 GB
-  more at N = 10,000), and the copy is small."""
-  dtype = jax.dtypes.canonicalize_dtype(dtype)
+def device_full(specs, sharding: jax.sharding.Sharding) -> tuple[jax.Array, ...]:
+  """Arrays of constant values, one per (shape, fill, dtype) of `specs`, placed with `sharding`.
+
+  Made on the devices by one compiled program: no host copy is sent. Up to
+  _PLACED_BLOCK_BYTES in all on CPU, whose device memory is the host's, host arrays are sent
+  instead: they compile nothing (re-ranking's lists made by programs held about 0.02 GB more
+  at N = 10,000), and the copies are small.
+  """
+  specs = tuple((tuple(shape), fill, jax.dtypes.canonicalize_dtype(dtype))
+                for shape, fill, dtype in specs)
+  size = sum(np.prod(shape, dtype=np.int64) * dtype.itemsize for shape, _, dtype in specs)
   if (all(device.platform == 'cpu' for device in sharding.device_set)
-      and np.prod(shape, dtype=np.int64) * dtype.itemsize <= _PLACED_BLOCK_BYTES):
-    return jax.device_put(np.full(shape, fill, dtype), sharding)
-  return _full(tuple(shape), fill, dtype, sharding)
+      and size <= _PLACED_BLOCK_BYTES):
+    return jax.device_put(tuple(np.full(*spec) for spec in specs), sharding)
+  return _full(specs, sharding)
 
 
-@functools.partial(jax.jit, static_argnames=('shape', 'fill', 'dtype', 'sharding'))
-def _full(shape, fill, dtype, sharding):
-  return jax.lax.with_sharding_constraint(jnp.full(shape, fill, dtype), sharding)
+@functools.partial(jax.jit, static_argnames=('specs', 'sharding'))
+def _full(specs, sharding):
+  return tuple(jax.lax.with_sharding_constraint(jnp.full(*spec), sharding) for spec in specs)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
