@@ -26,6 +26,12 @@ one event each, not as the operations inside; the profile therefore turns them o
 (--xla_gpu_enable_command_buffer=, added to XLA_FLAGS) unless --command_buffers is given. The
 step it times is then the one without graphs; train_throughput.py times the default step.
 
+Beside each kind's time, the bytes its operations move per step, estimated from the program
+(each operation's result plus its operands, each read whole once; `traffic()`), and the rate
+that gives. Outside the convolutions the step is mostly bound by memory, so those bytes at the
+device's datasheet bandwidth are a floor for that part of the step. --program reads a program
+saved by --hlo and prints its operations and bytes per kind without running anything.
+
 Device time overlaps wall time only where nothing else runs: the table gives both, and the sum
 over kinds is the busy time of the devices (operations on several streams may overlap). On CPU
 the operations are the thunks XLA's CPU runtime runs, timed on the host's threads.
@@ -33,6 +39,7 @@ the operations are the thunks XLA's CPU runtime runs, timed on the host's thread
   python bench/step_profile.py                                  # ResNet50-IBN-A 320x320 bf16 64
   python bench/step_profile.py --backbone=resnet18_ibn_a --width=16 --size=64x64 --batch=16 \
       --dtype=float32 --steps=3                                 # a small CPU run
+  python bench/step_profile.py --program=profile-hlo.txt.gz --device_kind=H200
 """
 
 import argparse
@@ -133,6 +140,119 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
     instructions[name] = (opcode.group(1), called, target)
     computations[current].append(name)
   return instructions, computations
+
+
+_ELEMENT_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2,
+                  's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8,
+                  'f8e4m3fn': 1, 'f8e5m2': 1}
+# Opcodes that launch no work of their own: a view, a constant, a tuple's parts, or control
+# flow whose work is in the computations it runs (counted there).
+_NO_TRAFFIC = {'parameter', 'get-tuple-element', 'tuple', 'constant', 'bitcast', 'after-all',
+               'conditional', 'while', 'call', 'partition-id', 'replica-id', 'iota'}
+
+
+def _array_bytes(shape: str, *, skip_scratch: bool = False) -> int:
+  """Bytes of the arrays in a shape's text (a tuple's summed). `skip_scratch` leaves out u8
+  arrays: the workspace a library call (cuDNN, cuBLAS) returns beside its result."""
+  total = 0
+  for dtype, dims in re.findall(r'\b([a-z]+\d*[a-z\d]*)\[([\d,]*)\]', shape):
+    if dtype not in _ELEMENT_BYTES or (skip_scratch and dtype == 'u8'):
+      continue
+    count = 1
+    for dim in filter(None, dims.split(',')):
+      count *= int(dim)
+    total += count * _ELEMENT_BYTES[dtype]
+  return total
+
+
+def _kernels(text: str) -> tuple[dict, dict]:
+  """The operations of a compiled program that run as kernels, and how its computations call
+  each other: ({instruction: (its computation, opcode, the text after its opcode)},
+  {computation: the computations its control flow runs, by instruction}).
+
+  A kernel is an instruction at the top level of a computation that is not a fusion's body or
+  a reduction's combiner, and not a view, a constant or control flow.
+  """
+  lines, fused, current = [], set(), None
+  for line in text.splitlines():
+    if line and not line[0].isspace():
+      match = re.match(r'(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(|\{)', line)
+      current = match.group(1) if match and line.rstrip().endswith('{') else None
+      continue
+    match = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$', line)
+    if not match or current is None:
+      continue
+    name, rest = match.groups()
+    end = _shape_end(rest)
+    after = rest[end:].lstrip()
+    opcode = re.match(r'([\w\-]+)\(', after)
+    if opcode:
+      lines.append((current, name, opcode.group(1), rest[:end], after))
+      fused.update(re.findall(r'\b(?:calls|to_apply)=%?([\w.\-]+)', after)
+                   if opcode.group(1) != 'custom-call' else ())
+  kernels, control = {}, collections.defaultdict(list)
+  for computation, name, opcode, shape, after in lines:
+    if opcode in ('conditional', 'while', 'call'):
+      branches = re.findall(r'(?:true_computation|false_computation|body|condition|to_apply)='
+                            r'%?([\w.\-]+)', after)
+      group = re.search(r'branch_computations=\{([^}]*)\}', after)
+      branches += [b.strip().lstrip('%') for b in group.group(1).split(',')] if group else []
+      control[computation].append((opcode, branches))
+    elif computation not in fused and opcode not in _NO_TRAFFIC:
+      kernels[name] = (computation, opcode, shape, after)
+  return kernels, control
+
+
+def traffic(text: str) -> dict:
+  """{instruction name: bytes it reads and writes} for every operation of a compiled program
+  that runs as a kernel: its result, plus each operand read whole once.
+
+  An estimate: an operation that reads part of an operand (a slice) is charged all of it, and
+  one that reads an operand twice is charged once. A library call's u8 workspace is left out.
+  """
+  shapes = {}
+  for line in text.splitlines():
+    match = re.match(r'\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$', line)
+    if match:
+      shapes[match.group(1)] = match.group(2)[:_shape_end(match.group(2))]
+  found = {}
+  for name, (_, opcode, shape, after) in _kernels(text)[0].items():
+    depth, close = 0, len(after)
+    for i, char in enumerate(after):
+      depth += {'(': 1, ')': -1}.get(char, 0)
+      if depth == 0 and char == ')':
+        close = i
+        break
+    operands = set(re.findall(r'%([\w.\-]+)', after[len(opcode) + 1:close]))
+    found[name] = (_array_bytes(shape, skip_scratch=opcode == 'custom-call')
+                   + sum(_array_bytes(shapes.get(operand, '')) for operand in operands))
+  return found
+
+
+def one_step_traffic(text: str) -> dict:
+  """traffic() of the operations one run of the program executes, read from its text alone:
+  a loop's body counted once, and of a conditional's branches the one that moves most bytes
+  (the training step's guard: its update, not its rarely taken alternative)."""
+  kernels, control = _kernels(text)
+  moved = traffic(text)
+  members = collections.defaultdict(list)
+  for name, (computation, *_) in kernels.items():
+    members[computation].append(name)
+  entry = re.search(r'^ENTRY\s+%?([\w.\-]+)', text, re.M).group(1)
+
+  def run(computation, seen=()):
+    if computation in seen:
+      return {}
+    found = {name: moved[name] for name in members[computation]}
+    for opcode, called in control.get(computation, ()):
+      parts = [run(c, (*seen, computation)) for c in called]
+      if opcode == 'conditional':
+        parts = [max(parts, key=lambda p: sum(p.values()), default={})]
+      for part in parts:
+        found.update(part)
+    return found
+
+  return run(entry)
 
 
 def describe(text: str, names) -> dict:
@@ -241,7 +361,7 @@ def device_events(trace_dir: str, module_names: set) -> list[tuple[str, float]]:
 
 
 def summarise(events, instructions, computations, steps: int) -> tuple[dict, list]:
-  """Per kind: [microseconds per step, operations per step]; and the 15 costliest instructions
+  """Per kind: [microseconds per step, operations per step]; and the 25 costliest instructions
   as (microseconds per step, name, kind)."""
   per_kind = {kind: [0.0, 0.0] for kind in (*KINDS, 'unmatched')}
   per_name = collections.Counter()
@@ -257,6 +377,27 @@ def summarise(events, instructions, computations, steps: int) -> tuple[dict, lis
     per_name[name] += micros / steps
   top = [(micros, name, kinds[name]) for name, micros in per_name.most_common(25)]
   return per_kind, top
+
+
+def bytes_by_kind(names, moved: dict, instructions, computations) -> dict:
+  """{kind: bytes per step} of the named operations (those the trace saw, each charged once per
+  step: the step runs no loops), from traffic()'s estimate `moved`."""
+  found = dict.fromkeys(KINDS, 0)
+  for name in set(names):
+    match = next((c for c in (name, re.sub(r'_(\d+)$', r'.\1', name)) if c in moved), None)
+    if match:
+      found[kind_of(match, instructions, computations)] += moved[match]
+  return found
+
+
+# Datasheet memory bandwidth in TB/s, by a part of jax's device_kind (the first match counts).
+PEAK_TBPS = (('H200', 4.8), ('H100 PCIe', 2.0), ('H100', 3.35), ('A100-SXM4-80GB', 2.039),
+             ('A100 80GB PCIe', 1.935), ('A100', 1.555), ('TPU v4', 1.228),
+             ('TPU v5 lite', 0.819), ('TPU v5p', 2.765), ('TPU v6', 1.64))
+
+
+def peak_tbps(device_kind: str) -> float | None:
+  return next((tbps for part, tbps in PEAK_TBPS if part.lower() in device_kind.lower()), None)
 
 
 def profile(args) -> dict:
@@ -290,11 +431,13 @@ def profile(args) -> dict:
   jax.profiler.stop_trace()
   events = device_events(trace_dir, module_names)
   per_kind, top = summarise(events, instructions, computations, args.steps)
+  moved = bytes_by_kind([name for name, _ in events], traffic(hlo), instructions, computations)
   what = describe(hlo, {name for name, _ in events})
   top = [(micros, name, kind, ' '.join(what.get(name, ())).strip())
          for micros, name, kind in top]
   return {'device': f'{mesh.devices.size} x {jax.devices()[0].device_kind}',
-          'step_ms': 1e3 * step_s, 'per_kind': per_kind, 'top': top,
+          'peak_tbps': peak_tbps(jax.devices()[0].device_kind),
+          'step_ms': 1e3 * step_s, 'per_kind': per_kind, 'bytes_per_kind': moved, 'top': top,
           'sources': by_source(events, what, args.steps), 'trace_dir': trace_dir,
           'events': len(events), 'modules': sorted(module_names)}
 
@@ -316,11 +459,21 @@ def table(result: dict, args) -> str:
            f'{args.backbone} (width {args.width}), {args.size}, batch {args.batch}, {args.dtype}; '
            f"step {result['step_ms']:.2f} ms wall (mean of {args.steps}), device busy "
            f'{busy / 1e3:.2f} ms; trace in {result["trace_dir"]}',
-           '', '| kind | ms per step | share of busy time | operations per step |',
-           '|---|---|---|---|']
+           '', '| kind | ms per step | share of busy time | operations per step | GB per step '
+           '(estimate) | GB/s |', '|---|---|---|---|---|---|']
+  moved = result.get('bytes_per_kind', {})
   for kind, (micros, count) in result['per_kind'].items():
     if count:
-      lines.append(f'| {kind} | {micros / 1e3:.3f} | {100 * micros / busy:.1f}% | {count:.0f} |')
+      gigabytes = moved.get(kind, 0) / 1e9
+      rate = f'{gigabytes / micros * 1e6:.0f}' if gigabytes and micros else '-'
+      lines.append(f'| {kind} | {micros / 1e3:.3f} | {100 * micros / busy:.1f}% | {count:.0f} | '
+                   f'{gigabytes:.2f} | {rate} |')
+  other = sum(b for kind, b in moved.items() if kind != 'convolution')
+  if other and result.get('peak_tbps'):
+    lines += ['', f'Outside the convolutions the step moves about {other / 1e9:.1f} GB: at the '
+              f"device's {result['peak_tbps']} TB/s that takes at least "
+              f"{other / result['peak_tbps'] / 1e9:.2f} ms (measured: "
+              f"{(busy - result['per_kind']['convolution'][0]) / 1e3:.2f} ms)."]
   lines += ['', '| costliest operations | ms per step | kind | shape and source (HLO) |',
             '|---|---|---|---|']
   lines += [f'| {name} | {micros / 1e3:.3f} | {kind} | {what} |'
@@ -329,6 +482,26 @@ def table(result: dict, args) -> str:
             '|---|---|---|']
   lines += [f'| {source} | {micros / 1e3:.3f} | {ops:.0f} |'
             for micros, ops, source in result['sources']]
+  return '\n'.join(lines)
+
+
+def program_table(text: str, device_kind: str = '') -> str:
+  """Operations and bytes per kind of a saved compiled program (--hlo), without running it."""
+  instructions, computations = parse_hlo(text)
+  moved = one_step_traffic(text)
+  count, total = collections.Counter(), collections.Counter()
+  for name, size in moved.items():
+    kind = kind_of(name, instructions, computations)
+    count[kind] += 1
+    total[kind] += size
+  lines = ['| kind | operations | GB per step (estimate) |', '|---|---|---|']
+  lines += [f'| {kind} | {count[kind]} | {total[kind] / 1e9:.2f} |'
+            for kind in KINDS if count[kind]]
+  other = sum(size for kind, size in total.items() if kind != 'convolution')
+  peak = peak_tbps(device_kind)
+  lines += ['', f'Outside the convolutions: {other / 1e9:.1f} GB per step'
+            + (f", at least {other / peak / 1e9:.2f} ms at {device_kind}'s {peak} TB/s." if peak
+               else '.')]
   return '\n'.join(lines)
 
 
@@ -346,10 +519,19 @@ def main():
   parser.add_argument('--json', help='also write the result to this file')
   parser.add_argument('--hlo', help='also write the compiled program (HLO text) to this file, '
                       'gzipped if it ends in .gz')
+  parser.add_argument('--program', help='only read this saved program (--hlo of an earlier run) '
+                      'and print its operations and bytes per kind; runs nothing')
+  parser.add_argument('--device_kind', default='',
+                      help="with --program: the device it was compiled for ('H200'), for the "
+                      'time its bytes take at that memory bandwidth')
   parser.add_argument('--command_buffers', action='store_true',
                       help="keep XLA's GPU command buffers (their kernels are then one event "
                       'each in the trace, not attributed to operations)')
   args = parser.parse_args()
+  if args.program:
+    with (gzip.open if args.program.endswith('.gz') else open)(args.program, 'rt') as f:
+      print(program_table(f.read(), args.device_kind))
+    return
   if not args.command_buffers:
     os.environ['XLA_FLAGS'] = ' '.join(
         filter(None, [os.environ.get('XLA_FLAGS'), '--xla_gpu_enable_command_buffer=']))

@@ -110,6 +110,58 @@ def test_top_operations_are_described_from_the_program():
   assert step_profile.describe(line, ['fusion.3']) == {'fusion.3': ('f32[16]', 'jvp()/add')}
 
 
+def test_bytes_are_estimated_from_the_program():
+  moved = step_profile.traffic(_HLO)
+  # The BatchNorm statistic reads f32[8,4,4,16] (8,192 bytes) and writes f32[16] (64).
+  assert moved['fusion.3'] == 8192 + 64
+  # cuDNN's call: its result, not its u8 workspace, and its two operands.
+  assert moved['custom-call.2'] == 8192 + 8 * 4 * 4 * 3 * 4 + 3 * 3 * 3 * 16 * 4
+  # An operand used twice is read once: max(x, x) of bf16[8,4,4,16] reads and writes 4,096.
+  assert moved['loop_maximum_fusion.12'] == 2 * 4096
+  # Parameters, constants and the fusions' bodies are not operations of their own.
+  assert not {'x', 'zero.2', 'reduce.1', 'maximum.4'} & set(moved)
+
+
+# A step with a guard: a conditional whose branches move different amounts.
+_GUARDED = '''HloModule jit_step
+
+%fused_update (p: f32[1024]) -> f32[1024] {
+  %p = f32[1024]{0} parameter(0)
+  ROOT %n = f32[1024]{0} negate(%p)
+}
+
+%update (t: (f32[1024])) -> (f32[1024]) {
+  %t = (f32[1024]{0}) parameter(0)
+  %g = f32[1024]{0} get-tuple-element(%t), index=0
+  %loop_negate_fusion = f32[1024]{0} fusion(%g), kind=kLoop, calls=%fused_update
+  ROOT %r = (f32[1024]{0}) tuple(%loop_negate_fusion)
+}
+
+%keep (t.1: (f32[1024])) -> (f32[1024]) {
+  %t.1 = (f32[1024]{0}) parameter(0)
+  %g.1 = f32[] get-tuple-element(%t.1), index=0
+  %copy.1 = f32[] copy(%g.1)
+  ROOT %r.1 = (f32[]) tuple(%copy.1)
+}
+
+ENTRY %main (flag: pred[], x: f32[1024]) -> (f32[1024]) {
+  %flag = pred[] parameter(0)
+  %x = f32[1024]{0} parameter(1)
+  %copy.2 = f32[1024]{0} copy(%x)
+  %tuple = (f32[1024]{0}) tuple(%copy.2)
+  ROOT %conditional = (f32[1024]{0}) conditional(%flag, %tuple, %tuple), true_computation=%update, false_computation=%keep
+}
+'''
+
+
+def test_one_step_counts_the_costlier_branch_of_a_conditional():
+  assert step_profile.one_step_traffic(_GUARDED) == {'copy.2': 8192, 'loop_negate_fusion': 8192}
+  table = step_profile.program_table(_GUARDED, 'NVIDIA H200')
+  assert '| elementwise | 2 | 0.00 |' in table and "at NVIDIA H200's 4.8 TB/s" in table
+  assert step_profile.peak_tbps('NVIDIA H100 PCIe') == 2.0
+  assert step_profile.peak_tbps('NVIDIA H100 80GB HBM3') == 3.35
+
+
 def test_a_tiny_step_is_profiled_on_cpu(tmp_path):
   args = argparse.Namespace(backbone='resnet18_ibn_a', width=8, last_stride=1, num_classes=20,
                             k=4, attention='xla', size='32x32', batch=16, dtype='float32',
@@ -131,3 +183,5 @@ def test_a_tiny_step_is_profiled_on_cpu(tmp_path):
   assert all(what for _, _, _, what in result['top'])
   assert any('conv_general_dilated' in source for _, _, source in result['sources'])
   assert '| source operation (op_name) |' in table
+  # Bytes moved per kind, estimated from the program, for the operations the trace saw.
+  assert result['bytes_per_kind']['convolution'] > 0 and '| GB per step (estimate) |' in table
