@@ -285,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       good = (f'the last good checkpoint is step {last_checkpoint} in {checkpointer.directory}'
               if last_checkpoint is not None else 'no checkpoint was saved before it')
       raise NonFiniteLossError(
-          f'non-finite loss or gradient at step {bad_step}; training stopped, {good}')
+          f'non-finite loss, gradient or update at step {bad_step}; training stopped, {good}')
 
   with _SigtermFlag() as sigterm, contextlib.closing(progress):
     for step in range(start_step + 1, total_steps + 1):

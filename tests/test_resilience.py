@@ -153,8 +153,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data_dir, 
   monkeypatch.setattr(losses, 'cross_entropy_label_smoothing',
                       lambda logits, labels, epsilon: jnp.full((), jnp.nan))
   with pytest.raises(train.NonFiniteLossError,
-                     match=r'non-finite loss or gradient at step 3; training stopped, the last '
-                           r'good checkpoint is step 2 in .*checkpoints'):
+                     match=r'non-finite loss, gradient or update at step 3; training stopped, '
+                           r'the last good checkpoint is step 2 in .*checkpoints'):
     train.train_and_evaluate(bad, workdir)
   assert _saved_steps(workdir) == [2]
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_final(workdir)['params']))

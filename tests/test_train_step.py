@@ -1,8 +1,11 @@
 """The data-parallel step on 4 simulated CPU devices against per-shard work on one device."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -144,6 +147,50 @@ def test_nonfinite_step_keeps_the_state_and_records_the_step():
   assert int(new_state['step']) == 0
   for a, b in zip(jax.tree.leaves(new_state['params']), jax.tree.leaves(before['params'])):
     np.testing.assert_array_equal(a, b)
+
+
+def test_an_update_that_makes_parameters_nonfinite_is_recorded():
+  # Finite loss and gradients, but an infinite learning rate: the update itself is not finite.
+  # It cannot be undone (the step writes the state in place), but it is recorded, so the host
+  # stops and never saves it.
+  images, labels = _batch()
+  config = _config()
+  model = build_model(config.model, NUM_CLASSES, seed=0)
+  tx = optax.adam(float('inf'))
+  graphdef, state = ts.create_train_state(model, tx, NUM_CLASSES, loss_config=config.loss)
+  mesh = ts.make_mesh()
+  step = ts.make_train_step(graphdef, tx, mesh, config.loss, lambda _: 0.0)
+  sharding = NamedSharding(mesh, P(ts.DATA_AXIS))
+  new_state, metrics = step(ts.replicate(state, mesh), jax.device_put(images, sharding),
+                            jax.device_put(labels, sharding))
+  assert np.isfinite(metrics['loss'])
+  assert int(new_state['nonfinite_step']) == 1
+  assert not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new_state['params']))
+
+
+def test_the_step_updates_the_state_in_place():
+  # Checking the new parameters and then keeping the old ones made XLA copy every parameter and
+  # optimiser array once per step; the update now runs after the check, into the donated state.
+  images, labels = _batch()
+  config = _config()
+  graphdef, state, tx, schedule = _fresh_state(config)
+  mesh = ts.make_mesh()
+  step = ts.make_train_step(graphdef, tx, mesh, config.loss, schedule)
+  sharding = NamedSharding(mesh, P(ts.DATA_AXIS))
+  hlo = step.lower(ts.replicate(state, mesh), jax.device_put(images, sharding),
+                   jax.device_put(labels, sharding)).compile().as_text()
+  # Copies that run as operations of their own: those outside fusions' bodies.
+  fused = set(re.findall(r'\bfusion\(.*?calls=%?([\w.\-]+)', hlo))
+  copies, computation = 0, None
+  for line in hlo.splitlines():
+    if line and not line[0].isspace():
+      computation = line.split()[0].lstrip('%') if line.rstrip().endswith('{') else None
+    elif computation not in fused and re.search(r'\scopy\(', line):
+      copies += 1
+  # What may still be copied: the values the step passes through unchanged into its conditional
+  # (the BatchNorm statistics, the loss terms' state) and a few scalars.
+  passed_through = len(jax.tree.leaves((state['batch_stats'], state['loss_state'])))
+  assert copies <= passed_through + 4 < len(jax.tree.leaves(state['params'])) * 3, copies
 
 
 def test_classification_only_leaves_metric_and_centers_out():
