@@ -317,6 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         raise Preempted(f'SIGTERM at step {step}: checkpoint saved in {checkpointer.directory}; '
                         f'run the same command to resume')
       if do_eval and (step % eval_every == 0 or is_last):
+        check_finite(state)  # nor evaluated: its reports would replace the last good ones
         with progress.paused():
           metrics = run_eval(state)
 

@@ -97,30 +97,36 @@ def _all_finite(tree) -> jax.Array:
 
 def guarded_apply(state: TrainState, grads, loss_state_grads, batch_stats,
                   tx: optax.GradientTransformation, loss_config, loss: jax.Array) -> TrainState:
-  """`apply_gradients`, unless something it is computed from or would keep is not finite.
+  """`apply_gradients`, unless what it is computed from is not finite; a non-finite result
+  is recorded.
 
-  A non-finite loss, gradient, BatchNorm statistic or loss-term state (`checked`) leaves the
-  state as it was and records the step, so a NaN never reaches the parameters, and so never a
-  checkpoint; the host stops training when it next looks. Parameters made non-finite by the
-  update itself (finite gradients that overflow it, an infinite learning rate) are recorded
-  too; that state is not saved either (`train.py` checks before each checkpoint).
+  A non-finite loss, gradient, BatchNorm statistic or loss-term state leaves the state as it
+  was and records the step, so a NaN never reaches the parameters, and so never a checkpoint;
+  the host stops training when it next looks. An update that is itself not finite from finite
+  inputs (gradients large enough to overflow the optimiser's moments, an infinite learning
+  rate) cannot be undone: its step is recorded too, and the host neither saves nor evaluates
+  that state (`train.py`).
 
   The parameters' and optimiser's update runs inside one conditional, after the check: it then
   writes the state's buffers in place. Checking the updated parameters instead, and keeping
   the old ones, made XLA copy the whole new state into them on every step (672 copies for
-  ResNet50-IBN-A). One conditional rather than one select per array: XLA's CPU fusion pass
+  ResNet50-IBN-A). The updated arrays are checked inside the same branch, beside the update
+  that writes them. One conditional rather than one select per array: XLA's CPU fusion pass
   takes time far worse than linear in the number of selects sharing one predicate.
   """
   loss_state = Objective(loss_config).update_state(state['loss_state'], loss_state_grads)
-  checked = (loss, grads, loss_state_grads, batch_stats, loss_state)
-  finite = _all_finite(checked)
+  finite = _all_finite((loss, grads, loss_state_grads, batch_stats, loss_state))
 
   def update():
-    return apply_gradients(state, grads, loss_state_grads, batch_stats, tx, loss_config,
-                           loss_state=loss_state)
+    new = apply_gradients(state, grads, loss_state_grads, batch_stats, tx, loss_config,
+                          loss_state=loss_state)
+    return new, _all_finite((new['params'], new['opt_state']))
 
-  kept = dict(jax.lax.cond(finite, update, lambda: state))
-  bad = ~finite | ~_all_finite(kept['params'])
+  def keep():
+    return state, jnp.ones((), bool)
+
+  kept, updated_finite = jax.lax.cond(finite, update, keep)
+  bad = ~(finite & updated_finite)
   return {
       **kept,
       'nonfinite_step': jnp.where((state['nonfinite_step'] < 0) & bad, state['step'] + 1,

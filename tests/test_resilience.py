@@ -160,6 +160,27 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data_dir, 
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_final(workdir)['params']))
 
 
+def test_a_nonfinite_update_is_neither_evaluated_nor_saved(tiny_data_dir, tmp_path, monkeypatch):
+  # Finite loss and gradients, but every update makes the parameters non-finite: the step
+  # cannot be undone, so the host must not evaluate it (step 2 evaluates; it neither logs nor
+  # checkpoints) and must stop there with the step that went wrong.
+  workdir = str(tmp_path / 'run')
+  config = _config(tiny_data_dir, {'train.num_epochs': 3, 'train.eval_every_epochs': 1,
+                                   'train.log_every_steps': 100,
+                                   'train.checkpoint_every_steps': 100})
+  monkeypatch.setattr(ts.optax, 'apply_updates',
+                      lambda params, updates: jax.tree.map(lambda p, u: p + u * jnp.inf,
+                                                           params, updates))
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'non-finite loss, gradient or update at step 1; training stopped, '
+                           r'no checkpoint was saved before it'):
+    train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'eval', 'history.jsonl')) as f:
+    evaluated = [json.loads(line)['step'] for line in f]
+  assert evaluated == [0]  # the untrained model's baseline only
+  assert _saved_steps(workdir) == []
+
+
 def test_workdir_of_another_config_is_refused(tiny_data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(_config(tiny_data_dir, {'mode': 'train', 'train.num_epochs': 1}),
