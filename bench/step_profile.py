@@ -188,8 +188,10 @@ def _kernels(text: str) -> tuple[dict, dict]:
     opcode = re.match(r'([\w\-]+)\(', after)
     if opcode:
       lines.append((current, name, opcode.group(1), rest[:end], after))
-      fused.update(re.findall(r'\b(?:calls|to_apply)=%?([\w.\-]+)', after)
-                   if opcode.group(1) != 'custom-call' else ())
+      # A fusion's body and a reduction's or scatter's combiner run inside their caller's
+      # kernel; a call's body (XLA's GPU command buffers) and control flow's run their own.
+      if opcode.group(1) not in ('call', 'conditional', 'while', 'custom-call'):
+        fused.update(re.findall(r'\b(?:calls|to_apply|select|scatter)=%?([\w.\-]+)', after))
   kernels, control = {}, collections.defaultdict(list)
   for computation, name, opcode, shape, after in lines:
     if opcode in ('conditional', 'while', 'call'):
@@ -198,7 +200,8 @@ def _kernels(text: str) -> tuple[dict, dict]:
       group = re.search(r'branch_computations=\{([^}]*)\}', after)
       branches += [b.strip().lstrip('%') for b in group.group(1).split(',')] if group else []
       control[computation].append((opcode, branches))
-    elif computation not in fused and opcode not in _NO_TRAFFIC:
+    elif (computation not in fused and opcode not in _NO_TRAFFIC
+          and not opcode.endswith('-done')):  # an async op's bytes are its start's
       kernels[name] = (computation, opcode, shape, after)
   return kernels, control
 
@@ -431,12 +434,14 @@ def profile(args) -> dict:
   jax.profiler.stop_trace()
   events = device_events(trace_dir, module_names)
   per_kind, top = summarise(events, instructions, computations, args.steps)
-  moved = bytes_by_kind([name for name, _ in events], traffic(hlo), instructions, computations)
+  # Every device runs the whole program, and the times are summed over devices: so are bytes.
+  moved = {kind: size * mesh.devices.size for kind, size in bytes_by_kind(
+      [name for name, _ in events], traffic(hlo), instructions, computations).items()}
   what = describe(hlo, {name for name, _ in events})
   top = [(micros, name, kind, ' '.join(what.get(name, ())).strip())
          for micros, name, kind in top]
   return {'device': f'{mesh.devices.size} x {jax.devices()[0].device_kind}',
-          'peak_tbps': peak_tbps(jax.devices()[0].device_kind),
+          'peak_tbps': peak_tbps(jax.devices()[0].device_kind), 'devices': mesh.devices.size,
           'step_ms': 1e3 * step_s, 'per_kind': per_kind, 'bytes_per_kind': moved, 'top': top,
           'sources': by_source(events, what, args.steps), 'trace_dir': trace_dir,
           'events': len(events), 'modules': sorted(module_names)}
@@ -468,12 +473,13 @@ def table(result: dict, args) -> str:
       rate = f'{gigabytes / micros * 1e6:.0f}' if gigabytes and micros else '-'
       lines.append(f'| {kind} | {micros / 1e3:.3f} | {100 * micros / busy:.1f}% | {count:.0f} | '
                    f'{gigabytes:.2f} | {rate} |')
-  other = sum(b for kind, b in moved.items() if kind != 'convolution')
+  devices = result.get('devices', 1)
+  other = sum(b for kind, b in moved.items() if kind != 'convolution') / devices
   if other and result.get('peak_tbps'):
-    lines += ['', f'Outside the convolutions the step moves about {other / 1e9:.1f} GB: at the '
-              f"device's {result['peak_tbps']} TB/s that takes at least "
+    lines += ['', f'Outside the convolutions the step moves about {other / 1e9:.1f} GB per '
+              f"device: at the device's {result['peak_tbps']} TB/s that takes at least "
               f"{other / result['peak_tbps'] / 1e9:.2f} ms (measured: "
-              f"{(busy - result['per_kind']['convolution'][0]) / 1e3:.2f} ms)."]
+              f"{(busy - result['per_kind']['convolution'][0]) / devices / 1e3:.2f} ms)."]
   lines += ['', '| costliest operations | ms per step | kind | shape and source (HLO) |',
             '|---|---|---|---|']
   lines += [f'| {name} | {micros / 1e3:.3f} | {kind} | {what} |'

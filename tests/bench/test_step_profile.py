@@ -185,3 +185,36 @@ def test_a_tiny_step_is_profiled_on_cpu(tmp_path):
   assert '| source operation (op_name) |' in table
   # Bytes moved per kind, estimated from the program, for the operations the trace saw.
   assert result['bytes_per_kind']['convolution'] > 0 and '| GB per step (estimate) |' in table
+
+
+# XLA's GPU command buffers are calls; an asynchronous all-reduce is a start and a done.
+_CALLED = '''HloModule jit_step
+
+%add.1 (a.1: f32[], b.1: f32[]) -> f32[] {
+  %a.1 = f32[] parameter(0)
+  %b.1 = f32[] parameter(1)
+  ROOT %s.1 = f32[] add(%a.1, %b.1)
+}
+
+%fused_negate (p.1: f32[256]) -> f32[256] {
+  %p.1 = f32[256]{0} parameter(0)
+  ROOT %n.1 = f32[256]{0} negate(%p.1)
+}
+
+%command_buffer (q: f32[256]) -> f32[256] {
+  %q = f32[256]{0} parameter(0)
+  ROOT %loop_negate_fusion.1 = f32[256]{0} fusion(%q), kind=kLoop, calls=%fused_negate
+}
+
+ENTRY %main.2 (x.1: f32[256]) -> f32[256] {
+  %x.1 = f32[256]{0} parameter(0)
+  %call.1 = f32[256]{0} call(%x.1), to_apply=%command_buffer
+  %all-reduce-start.1 = f32[256]{0} all-reduce-start(%call.1), replica_groups={}, to_apply=%add.1
+  ROOT %all-reduce-done.1 = f32[256]{0} all-reduce-done(%all-reduce-start.1)
+}
+'''
+
+
+def test_a_calls_body_is_counted_and_an_async_op_once():
+  assert step_profile.one_step_traffic(_CALLED) == {'loop_negate_fusion.1': 2048,
+                                                    'all-reduce-start.1': 2048}
