@@ -4,6 +4,7 @@ Apache Beam (needs the `beam` extra) with `--beam_pipeline_options=runner=Direct
 (comma-separated Beam flags without their dashes, as for `tfds build`).
 """
 
+import os
 import sys
 
 from fashion_jax import console
@@ -46,13 +47,21 @@ def build(name: str, manual_dir: str | None, data_dir: str | None = None,
     builder = datasets.make_builder(name, data_dir)
   except datasets.DatasetMissingError as e:
     raise SystemExit(f'error: {e}') from None
+  if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None) and not (
+      manual_dir and os.path.isdir(manual_dir) and os.listdir(manual_dir)):
+    where = ('no --manual_dir was given' if not manual_dir else
+             f'--manual_dir {manual_dir} is not a folder' if not os.path.isdir(manual_dir) else
+             f'--manual_dir {manual_dir} is empty')
+    raise SystemExit(f'error: {name} is built from its raw download and {where}; pass '
+                     '--manual_dir=<raw root> (docs/datasets.md)')
   config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   if pipeline_options:
     config.beam_options = beam_options(pipeline_options)
   try:
     builder.download_and_prepare(download_config=config)
-  except FileNotFoundError as e:
-    # The builders name the part of the raw download that is missing; a traceback adds nothing.
+  except (FileNotFoundError, ValueError) as e:
+    # The builders name the part of the raw download that is missing or malformed; a traceback
+    # adds nothing.
     raise SystemExit(f'error: {e}') from None
   return builder
 

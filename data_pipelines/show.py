@@ -118,9 +118,38 @@ def contact_sheet(images: list[dict]) -> Image.Image:
   return sheet
 
 
-def write(images: list[dict], out: str) -> None:
-  """Each image as <domain>_<n>.jpg, images.csv and the contact sheet, into `out`."""
+_HEADER = ('image', 'product_id', 'category', 'domain', 'image_id')
+
+
+def _clear_earlier_output(out: str) -> None:
+  """Makes room in `out`: nothing to do for a new or empty folder; an earlier output of this
+  command (its images.csv and contact sheet) is removed with the images it lists, so none stays
+  unlisted; a folder holding anything else is refused (nothing of the user's is overwritten)."""
+  if not os.path.isdir(out) or not os.listdir(out):
+    return
+  earlier = []
   try:
+    with open(os.path.join(out, CSV_FILE), newline='') as f:
+      rows = list(csv.reader(f))
+    if rows and tuple(rows[0]) == _HEADER and os.path.isfile(os.path.join(out, SHEET_FILE)):
+      earlier = [row[0] for row in rows[1:] if row and os.path.basename(row[0]) == row[0]]
+  except (OSError, UnicodeDecodeError, csv.Error):
+    pass
+  ours = {*earlier, CSV_FILE, SHEET_FILE}
+  others = sorted(set(os.listdir(out)) - ours)
+  if not earlier or others:
+    raise ShowError(f'cannot write to {out}: it holds other files ({", ".join(others[:3])}'
+                    f'{", ..." if len(others) > 3 else ""}); choose a new or empty folder')
+  for name in ours:
+    if os.path.isfile(os.path.join(out, name)):
+      os.remove(os.path.join(out, name))
+
+
+def write(images: list[dict], out: str) -> None:
+  """Each image as <domain>_<n>.jpg, images.csv and the contact sheet, into `out` (new, empty,
+  or an earlier output of this command, which is replaced)."""
+  try:
+    _clear_earlier_output(out)
     os.makedirs(out, exist_ok=True)
     counts = collections.Counter()
     for image in images:
@@ -130,7 +159,7 @@ def write(images: list[dict], out: str) -> None:
         f.write(image['jpeg'])
     with open(os.path.join(out, CSV_FILE), 'w', newline='') as f:
       table = csv.writer(f)
-      table.writerow(('image', 'product_id', 'category', 'domain', 'image_id'))
+      table.writerow(_HEADER)
       table.writerows((i['file'], i['product_id'], i['category'], i['domain'], i['image_id'])
                       for i in images)
     contact_sheet(images).save(os.path.join(out, SHEET_FILE))

@@ -99,6 +99,15 @@ def set_verbosity(process_index: int = 0, *, requested: bool | None = None) -> N
     handler.addFilter(_DEPRECATIONS)
 
 
+def path_error(error: OSError) -> str | None:
+  """One line for an OSError about a file or folder the user named ("cannot use runs/x: File
+  exists"); None for one that names no path (then it is not the user's to fix)."""
+  if error.filename is None:
+    return None
+  reason = error.strerror or type(error).__name__
+  return f'cannot use {error.filename}: {reason}'
+
+
 def print_result(line: str) -> None:
   """Prints a line of results (stdout) without breaking a progress bar on the terminal."""
   tqdm.write(line, file=sys.stdout)

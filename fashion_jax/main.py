@@ -79,10 +79,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     exit_with(f'config file {file!r} does not exist')
   try:
     return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError, IndexError):
+  except (AttributeError, KeyError, IndexError, SyntaxError, ImportError, TypeError):
     # ml_collections looks every override up in the loaded config. Load it again (only here, so
-    # a config runs once in a good command) to name the field and the closest one it has.
-    config = ConfigFileFlagParser('config').parse(path)
+    # a config runs once in a good command) to name the field and the closest one it has, or
+    # to say why the file itself does not load.
+    try:
+      config = ConfigFileFlagParser('config').parse(path)
+    except SyntaxError as e:
+      exit_with(f'config file {file!r} is not valid Python: {e.msg} at line {e.lineno}')
+    except Exception as e:  # noqa: BLE001  (whatever the user's file raised, named in one line)
+      exit_with(f'config file {file!r} does not load: {type(e).__name__}: {e}')
     try:
       for name in names:
         configlib.check_field_name(config, name)
@@ -107,6 +113,10 @@ def main(argv):
           checkpointing.CheckpointDamaged) as e:
     # Config and data problems are the user's to fix: one line, no traceback.
     exit_with(str(e))
+  except OSError as e:  # a workdir that is a file, or cannot be written
+    if console.path_error(e) is None:
+      raise
+    exit_with(console.path_error(e))
   except train.NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)

@@ -103,7 +103,7 @@ def parse_axis(config: ml_collections.ConfigDict, spec: str) -> Axis:
       values.append(parser.parse(value))
     except (ValueError, SyntaxError):
       raise ValueError(f'--sweep {field}: {value!r} is not {kind_name}') from None
-  if len(set(texts)) < len(texts):
+  if len(set(texts)) < len(texts) or len(set(map(repr, values))) < len(values):
     raise ValueError(f'--sweep {field}: a value is listed twice ({", ".join(texts)})')
   return Axis(field, texts, tuple(values))
 
@@ -124,6 +124,14 @@ def grid(config: ml_collections.ConfigDict, axes: list[Axis]) -> list[Point]:
     overrides = tuple((field, text) for field, (text, _) in zip(fields, choice))
     # A path separator or a space in a value (a dataset name, a tuple) stays out of the name.
     name = ','.join(f'{field}={re.sub(_UNSAFE, "_", text)}' for field, text in overrides)
+    if len(name.encode()) > 255:  # the longest file name most file systems take
+      raise ValueError(f'--sweep: the workdir name {name[:60]}... is {len(name.encode())} bytes, '
+                       f'over the 255 a folder name may have; sweep shorter values')
+    same = next((point for point in points if point.name == name), None)
+    if same is not None:
+      raise ValueError(f'--sweep: {", ".join(f"{f}={t}" for f, t in same.overrides)} and '
+                       f'{", ".join(f"{f}={t}" for f, t in overrides)} would share the workdir '
+                       f'{name!r}')
     points.append(Point(name, overrides, point_config))
   return points
 
@@ -295,12 +303,16 @@ def main(argv):
                          fixed):
       print(line)
     return
-  os.makedirs(workdir, exist_ok=True)
   try:
+    os.makedirs(workdir, exist_ok=True)
     results = run(points, workdir)
   except (ValueError, datasets.DatasetMissingError, FileNotFoundError,
           checkpointing.CheckpointDamaged) as e:
     train_cli.exit_with(str(e))
+  except OSError as e:  # a workdir that is a file, or cannot be written
+    if console.path_error(e) is None:
+      raise
+    train_cli.exit_with(console.path_error(e))
   except train.Preempted as e:
     print(f'{e}; the same sweep command resumes the sweep', file=sys.stderr)
     sys.exit(128 + 15)

@@ -57,6 +57,25 @@ def test_cli_values_outside_their_domains_are_one_line(tmp_path):
       "(height, width), got (320,); model.dtype 'float8' is not one of float32, bfloat16, float16")
 
 
+def test_cli_workdir_that_is_a_file_is_one_line(tmp_path):
+  (tmp_path / 'run').write_text('my notes')
+  result = _cli('--config', 'configs/demo.py', tmp_path=tmp_path)
+  assert _one_line(result).startswith(f'error: cannot use {tmp_path / "run"}')
+  assert (tmp_path / 'run').read_text() == 'my notes'
+
+
+def test_cli_config_file_that_does_not_load_is_one_line(tmp_path):
+  (tmp_path / 'noget.py').write_text('x = 1\n')
+  (tmp_path / 'broken.py').write_text('def get_config(:\n')
+  result = _cli('--config', str(tmp_path / 'noget.py'), tmp_path=tmp_path)
+  assert _one_line(result).startswith(f"error: config file '{tmp_path / 'noget.py'}' does not "
+                                      "load: AttributeError: ")
+  assert "has no attribute 'get_config'" in result.stderr
+  result = _cli('--config', str(tmp_path / 'broken.py'), tmp_path=tmp_path)
+  assert _one_line(result) == (f"error: config file '{tmp_path / 'broken.py'}' is not valid "
+                               'Python: invalid syntax at line 1')
+
+
 def test_config_arguments_are_found_in_every_spelling_absl_takes():
   from fashion_jax import main
   assert main._config_arguments(['--config', 'a.py', '--config.train.k=2', '-noconfig.eval.rerank',

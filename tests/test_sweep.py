@@ -41,6 +41,7 @@ def test_values_parse_as_overrides_of_the_fields_type():
                       "--sweep 'optim.base_lr=1e-3,2e-3'"),
     ('optim=1', '--sweep optim: a group of fields cannot be swept; name one of its fields'),
     ('seed=1,1', '--sweep seed: a value is listed twice (1, 1)'),
+    ('optim.base_lr=1e-3,0.001', '--sweep optim.base_lr: a value is listed twice (1e-3, 0.001)'),
 ])
 def test_bad_sweeps_are_one_line(spec, message):
   with pytest.raises(ValueError) as error:
@@ -59,6 +60,17 @@ def test_grid_names_each_point_by_its_values():
   with pytest.raises(ValueError, match="fashion_synth_tiny: loss.metric 'x' is not one of"):
     sweep.check_points(sweep.grid(c, [sweep.parse_axis(c, 'loss.metric=x'), sweep.parse_axis(
         c, 'dataset.name=fashion_synth/tiny')]), num_devices=4)
+
+
+def test_points_that_would_share_a_workdir_are_refused():
+  # '/' and spaces leave the folder names, so these two values would name one folder.
+  c = _config()
+  with pytest.raises(ValueError) as error:
+    sweep.grid(c, [sweep.parse_axis(c, 'dataset.data_dir=/data/tfds,_data/tfds')])
+  assert str(error.value) == ("--sweep: dataset.data_dir=/data/tfds and dataset.data_dir="
+                              "_data/tfds would share the workdir 'dataset.data_dir=_data_tfds'")
+  with pytest.raises(ValueError, match=r'is 3\d\d bytes, over the 255 a folder name may have'):
+    sweep.grid(c, [sweep.parse_axis(c, f'dataset.data_dir=/tmp/{"x" * 300}')])
 
 
 def _history_lines(workdir):

@@ -22,6 +22,8 @@ from fashion_jax.search import backends  # noqa: E402
 from fashion_jax.search import catalogue as search_catalogue  # noqa: E402
 from fashion_jax.search import images as image_io  # noqa: E402
 from fashion_jax.search.images import InputError  # noqa: E402
+from fashion_jax.checkpointing import CheckpointDamaged  # noqa: E402
+from data_pipelines.datasets import DatasetMissingError  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
   index.add_argument('--step', type=int, help='checkpoint step (default: the latest)')
   index.add_argument('--index', required=True, help='index directory, created or extended')
   _catalogue_flags(index)
-  index.add_argument('--dtype', default='float16', choices=('float16', 'float32'))
+  index.add_argument('--dtype', choices=('float16', 'float32'),
+                     help='of the stored embeddings, for a new index (default: float16)')
   index.add_argument('--centroids', action='store_true', help='also store one vector per product')
   index.add_argument('--max-pixels', type=int, default=image_io.DEFAULT_MAX_PIXELS)
   index.add_argument('--backend', choices=backends.backend_names(),
@@ -157,11 +160,11 @@ def _query_inputs(args) -> list[dict]:
       queries += [{'path': f, 'box': None, 'category': None} for f in files]
     elif path.lower().endswith('.csv'):
       root = os.path.dirname(os.path.abspath(path))
-      for number, row in enumerate(search_catalogue.read_csv(path, ('image',)), start=2):
+      rows = search_catalogue.read_csv(path, ('image',), optional=('category',))
+      for number, row in enumerate(rows, start=2):
         if not row['image']:
           raise InputError(f'{path}: row {number} has no image')
-        box = (','.join(row[c] for c in 'xywh')
-               if all(row.get(c) not in (None, '') for c in 'xywh') else None)
+        box = search_catalogue.row_box(row, path, number)
         queries.append({'path': os.path.join(root, row['image']), 'box': image_io.parse_box(box),
                         'category': row.get('category') or None})
     else:
@@ -274,10 +277,14 @@ def run_serve(args) -> int:
   from fashion_jax.search import engine, server
   index, model = _index_and_model(args)
   searcher = engine.Searcher(index, model, max_pixels=args.max_pixels)
-  httpd = server.make_server(searcher, host=args.host, port=args.port, quiet=args.quiet,
-                             max_upload_bytes=args.max_upload_bytes, default_k=args.k,
-                             max_in_flight=args.max_in_flight, max_batch=args.max_batch,
-                             max_wait_ms=args.max_wait_ms)
+  try:
+    httpd = server.make_server(searcher, host=args.host, port=args.port, quiet=args.quiet,
+                               max_upload_bytes=args.max_upload_bytes, default_k=args.k,
+                               max_in_flight=args.max_in_flight, max_batch=args.max_batch,
+                               max_wait_ms=args.max_wait_ms)
+  except OSError as e:  # the port is taken, the host unknown
+    raise InputError(f'cannot serve on {args.host}:{args.port}: '
+                     f'{e.strerror or type(e).__name__}') from None
   host, port = httpd.server_address[:2]
   print(f'serving {index.directory} ({len(index)} images, {searcher.num_products} products) '
         f'on http://{host}:{port}/', flush=True)
@@ -311,9 +318,14 @@ def main(argv=None) -> int:
   try:
     _check_numbers(args)
     return command(args)
-  except InputError as e:
+  except (InputError, CheckpointDamaged, DatasetMissingError, ValueError) as e:
     # One line even when a file or product name brings a line break of its own.
     print(f'error: {image_io.one_line(e)}', file=sys.stderr)
+    return 2
+  except OSError as e:  # an output path that is a file, or cannot be written
+    if console.path_error(e) is None:
+      raise
+    print(f'error: {image_io.one_line(console.path_error(e))}', file=sys.stderr)
     return 2
 
 

@@ -4,6 +4,7 @@ size before it is read, and every malformed row is one line naming it.
 """
 
 import csv
+import difflib
 import io
 import json
 import os
@@ -27,7 +28,7 @@ def read_catalogue(path: str, images_root: str | None = None) -> list[CatalogueE
   by default the catalogue file's folder."""
   root = images_root or os.path.dirname(os.path.abspath(path))
   if path.lower().endswith('.csv'):
-    rows = read_csv(path, ('image', 'product_id'))
+    rows = read_csv(path, ('image', 'product_id'), optional=('category',))
   else:
     text = image_io.read_text(path, MAX_CATALOGUE_BYTES)
     try:
@@ -43,8 +44,8 @@ def read_catalogue(path: str, images_root: str | None = None) -> list[CatalogueE
     box = row.get('box')
     if isinstance(box, (list, tuple)):
       box = ','.join(str(v) for v in box)
-    if box is None and all(row.get(c) not in (None, '') for c in _BOX_COLUMNS):
-      box = ','.join(str(row[c]) for c in _BOX_COLUMNS)
+    if box is None:
+      box = row_box(row, path, number)
     entries.append(CatalogueEntry(
         image=image if os.path.isabs(image) else os.path.normpath(os.path.join(root, image)),
         product_id=str(row['product_id']), category=str(row.get('category') or ''),
@@ -54,10 +55,21 @@ def read_catalogue(path: str, images_root: str | None = None) -> list[CatalogueE
   return entries
 
 
-def read_csv(path: str, required: tuple[str, ...]) -> list[dict]:
+def row_box(row: dict, path: str, number: int) -> str | None:
+  """The box 'x,y,w,h' of a row's x, y, w and h fields; None when all are empty. A row that
+  gives some of them is an InputError, not a search of the whole image."""
+  given = [row.get(column) not in (None, '') for column in _BOX_COLUMNS]
+  if any(given) and not all(given):
+    raise InputError(f'{path}: row {number} gives part of a box: x, y, w and h, all or none')
+  return ','.join(str(row[column]) for column in _BOX_COLUMNS) if all(given) else None
+
+
+def read_csv(path: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict]:
   """The rows of a CSV file with a header naming `required` and all or none of the box columns
-  x, y, w, h. An empty or binary file, and a row with more fields than the header, are
-  InputErrors: nothing in the file is silently left out."""
+  x, y, w, h. An empty or binary file, a row with more fields than the header, and a column
+  whose name is close to one of the `optional` or box columns the header lacks (a misspelt
+  'categroy') are InputErrors: nothing in the file is silently left out. Other columns (a
+  shop's titles, prices) are ignored."""
   text = image_io.read_text(path, MAX_CATALOGUE_BYTES)
   try:
     reader = csv.DictReader(io.StringIO(text, newline=''))
@@ -73,6 +85,12 @@ def read_csv(path: str, required: tuple[str, ...]) -> list[dict]:
   if missing:
     raise InputError(f"{path}: the header lacks the column(s) {', '.join(missing)}" +
                      (' (a box needs all of x, y, w, h)' if partial_box else ''))
+  absent = [column for column in (*optional, *_BOX_COLUMNS) if column not in header]
+  for column in header:
+    close = difflib.get_close_matches(column, absent, n=1, cutoff=0.75)
+    if close:
+      raise InputError(f'{path}: column {column!r} is not one this reads; did you mean '
+                       f'{close[0]!r}?')
   for number, row in enumerate(rows, start=2):
     if None in row:  # DictReader's key for the fields past the header's
       raise InputError(f'{path}: row {number} has more fields than the header')

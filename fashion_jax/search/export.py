@@ -14,6 +14,8 @@ rounded to uint8, exactly as the search tool does.
 
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ from jax import export as jax_export
 
 STABLEHLO_FILE = 'embed.stablehlo'
 SAVED_MODEL_DIR = 'saved_model'
+EXPORT_FILE = 'export.json'
 
 
 def export_stablehlo(model, *, platforms=('cpu',)) -> jax_export.Exported:
@@ -56,26 +59,60 @@ def save_saved_model(model, path: str) -> None:
   tf.saved_model.save(module, path, signatures={'serving_default': serve})
 
 
+_OURS = (STABLEHLO_FILE, SAVED_MODEL_DIR, EXPORT_FILE)
+
+
+def _check_out(out: str) -> None:
+  """`out` may be new, empty, or an earlier export (its export.json): that is replaced whole,
+  so no file of it stays beside the new one (a SavedModel the new export.json does not list).
+  A folder holding anything else is refused."""
+  from fashion_jax.search.images import InputError
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise InputError(f'cannot export to {out}: it is a file, not a folder')
+  if not os.path.isdir(out) or not os.listdir(out):
+    return
+  others = sorted(set(os.listdir(out)) - set(_OURS))
+  if others or not os.path.isfile(os.path.join(out, EXPORT_FILE)):
+    raise InputError(f'cannot export to {out}: it holds other files '
+                     f'({", ".join(others[:3] or sorted(os.listdir(out))[:3])}); choose a new '
+                     'or empty folder')
+
+
 def export_all(model, out: str, *, saved_model: bool = True) -> list[str]:
-  os.makedirs(out, exist_ok=True)
-  written = []
-  exported = export_stablehlo(model)
-  path = os.path.join(out, STABLEHLO_FILE)
-  with open(path, 'wb') as f:
-    f.write(exported.serialize())
-  written.append(path)
-  if saved_model:
-    path = os.path.join(out, SAVED_MODEL_DIR)
-    save_saved_model(model, path)
-    written.append(path)
-  path = os.path.join(out, 'export.json')
-  with open(path, 'w') as f:
-    json.dump({'model': model.describe(), 'embedding_dim': model.embedding_dim,
-               'input': 'images uint8 [b, h, w, 3] (RGB crops of one size)',
-               'output': 'embeddings float32 [b, F], L2-normalised',
-               'stablehlo': {'file': STABLEHLO_FILE, 'platforms': list(exported.platforms),
-                             'calling_convention_version': exported.calling_convention_version},
-               'saved_model': {'dir': SAVED_MODEL_DIR, 'signature': 'serving_default'}
-               if saved_model else None}, f, indent=2)
-  written.append(path)
+  """Writes the model's StableHLO export, its SavedModel unless `saved_model` is False, and
+  export.json describing them, into `out` (new, empty, or an earlier export: replaced once the
+  new one is complete, so a failed export leaves the earlier one as it was)."""
+  _check_out(out)
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
+  try:
+    exported = export_stablehlo(model)
+    with open(os.path.join(staging, STABLEHLO_FILE), 'wb') as f:
+      f.write(exported.serialize())
+    if saved_model:
+      save_saved_model(model, os.path.join(staging, SAVED_MODEL_DIR))
+    with open(os.path.join(staging, EXPORT_FILE), 'w') as f:
+      json.dump({'model': model.describe(), 'embedding_dim': model.embedding_dim,
+                 'input': 'images uint8 [b, h, w, 3] (RGB crops of one size)',
+                 'output': 'embeddings float32 [b, F], L2-normalised',
+                 'stablehlo': {'file': STABLEHLO_FILE, 'platforms': list(exported.platforms),
+                               'calling_convention_version':
+                                   exported.calling_convention_version},
+                 'saved_model': {'dir': SAVED_MODEL_DIR, 'signature': 'serving_default'}
+                 if saved_model else None}, f, indent=2)
+    os.makedirs(out, exist_ok=True)
+    for name in _OURS:  # the earlier export's files, then the new ones in their place
+      path = os.path.join(out, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+    written = []
+    for name in _OURS:
+      if os.path.exists(os.path.join(staging, name)):
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+        written.append(os.path.join(out, name))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   return written

@@ -49,7 +49,8 @@ def _atomic_write(path: str, write) -> None:
     raise
 
 
-def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *, dtype: str = 'float16',
+def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *,
+          dtype: str | None = None,
           centroids: bool | None = None, max_pixels: int = image_io.DEFAULT_MAX_PIXELS,
           progress: bool = True, backend: str | None = None,
           backend_settings: dict | None = None, replace: bool = False) -> dict:
@@ -57,8 +58,9 @@ def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *, dty
 
   Entries already in the index (same image, box and product, not removed) are skipped, not
   again. The index must come from `model` (same fingerprint). All images are read and checked
-  before any embedding, so a bad file leaves the index untouched. `backend` (default 'exact')
-  and its settings are chosen when the index is created and kept after. With `replace`, the
+  before any embedding, so a bad file leaves the index untouched. `dtype` (default float16),
+  `backend` (default 'exact') and its settings are chosen when the index is created and kept
+  after: asking an existing index for others is an InputError, not silently ignored. With `replace`, the
   products of `entries` lose their old images in the same write (an update: re-embedded from
   the new list); the result then also has 'replaced' (old images taken out).
   """
@@ -69,15 +71,23 @@ def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *, dty
     existing = SearchIndex(index_dir)
     check_model(existing.meta, model)
     if dtype and existing.meta['dtype'] != dtype:
-      dtype = existing.meta['dtype']
+      raise InputError(f"{index_dir}: the index stores {existing.meta['dtype']} embeddings, not "
+                       f'{dtype} (the dtype is chosen when an index is created)')
+    dtype = existing.meta['dtype']
     centroids = existing.meta['centroids'] if centroids is None else centroids
     recorded = existing.meta.get('backend', 'exact')
     if backend and backend != recorded:
       raise InputError(f'{index_dir}: the index uses the {recorded!r} backend, not {backend!r} '
                        '(a backend is chosen when an index is created)')
-    backend, backend_settings = recorded, existing.meta.get('backend_settings', {})
+    kept = existing.meta.get('backend_settings', {})
+    for key, value in (backend_settings or {}).items():
+      if kept.get(key) != value:
+        raise InputError(f'{index_dir}: the index was created with {key} {kept.get(key)!r}, not '
+                         f'{value!r} (its settings are chosen when it is created)')
+    backend, backend_settings = recorded, kept
     items, embeddings = existing.items, existing.embeddings
   else:
+    dtype = dtype or 'float16'
     if dtype not in ('float16', 'float32'):
       raise InputError(f'dtype must be float16 or float32, got {dtype!r}')
     backend, backend_settings = backend or 'exact', dict(backend_settings or {})
@@ -86,6 +96,11 @@ def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *, dty
     backend_class = backends.get(backend)
   except ValueError as error:
     raise InputError(str(error)) from None
+  if existing is None:  # before any image is read: a mistake here costs no embedding
+    try:
+      backend_class.check(model.embedding_dim, len(entries), backend_settings)
+    except (ImportError, ValueError) as error:
+      raise InputError(f'{index_dir}: {error}') from None
   replaced = {entry['product_id'] for entry in entries} if replace else set()
   seen = {(item['image'], tuple(item['box']) if item['box'] else None, item['product_id'])
           for item in items if not item.get('removed') and item['product_id'] not in replaced}

@@ -77,6 +77,31 @@ def test_show_writes_the_images_their_table_and_a_contact_sheet(tiny_data_dir, t
     assert (thumb < 250).mean() > 0.2 and (caption < 128).any(), column
 
 
+def test_show_replaces_its_own_output_and_refuses_other_files(tiny_data_dir, tmp_path, capsys):
+  out = tmp_path / 'photos'
+  run = lambda limit: show.main([NAME, '--split', 'train', '--out', str(out), '--limit',
+                                 str(limit), '--data_dir', tiny_data_dir])
+  assert run(6) == 0
+  # Again with fewer images: the earlier output is replaced, no image is left unlisted.
+  assert run(2) == 0
+  assert sorted(p.name for p in out.iterdir()) == ['contact_sheet.png', 'images.csv',
+                                                   'shop_0.jpg', 'shop_1.jpg']
+  # A folder with anything else in it is the user's: refused, nothing touched.
+  (out / 'my_list.csv').write_text('mine')
+  capsys.readouterr()
+  assert run(2) == 2
+  assert capsys.readouterr().err == (f'error: cannot write to {out}: it holds other files '
+                                     '(my_list.csv); choose a new or empty folder\n')
+  assert (out / 'my_list.csv').read_text() == 'mine' and (out / 'shop_1.jpg').exists()
+  mine = tmp_path / 'mine'
+  mine.mkdir()
+  (mine / 'images.csv').write_text('image,price\nstreet_0.jpg,3\n')
+  (mine / 'street_0.jpg').write_bytes(b'my photo')
+  assert show.main([NAME, '--split', 'train', '--out', str(mine), '--limit', '1',
+                    '--data_dir', tiny_data_dir]) == 2
+  assert (mine / 'street_0.jpg').read_bytes() == b'my photo'
+
+
 @pytest.mark.parametrize('args, message', [
     (['no_such_dataset', '--split', 'query'],
      "error: unknown dataset 'no_such_dataset': no TFDS builder has this name"),

@@ -253,6 +253,14 @@ def test_registry_loads_built_and_refuses_unbuilt(built, tmp_path):
     datasets.get_builder('street2shop/max2000', root)
   with pytest.raises(SystemExit, match='error: ' + message):
     build.build('street2shop/max2000', str(tmp_path / 'raw'), str(tmp_path))
+  # Without the raw download: one line that says which flag, before TFDS looks for it.
+  (tmp_path / 'empty').mkdir()
+  for manual_dir, where in ((None, 'no --manual_dir was given'),
+                            (str(tmp_path / 'nowhere'), 'is not a folder'),
+                            (str(tmp_path / 'empty'), 'is empty')):
+    with pytest.raises(SystemExit, match='error: street2shop is built from its raw download '
+                                         f'and .*{where}; pass --manual_dir=<raw root>'):
+      build.build('street2shop', manual_dir, str(tmp_path / 'tfds'))
 
 
 def write_clean_tree(root: str, num_train: int, num_test: int, num_distractors: int) -> None:

@@ -210,6 +210,10 @@ _CSV_CASES = {
     'partial_box_columns': ('image,product_id,category,x,y\np0_0.png,sku-0,dress,1,2\n',
                             'lacks the column(s) w, h'),
     'more_fields_than_header': ('image,product_id\np0_0.png,sku-0,dress\n', 'more fields'),
+    'part_of_a_box_in_a_row': ('image,product_id,category,x,y,w,h\n'
+                               'p0_0.png,sku-0,dress,1,2,30,\n', 'row 2 gives part of a box'),
+    'misspelt_column': ('image,product_id,categroy\np0_0.png,sku-0,dress\n',
+                        "column 'categroy' is not one this reads; did you mean 'category'?"),
 }
 
 
@@ -537,3 +541,57 @@ def test_fuzz_weight_readers(tmp_path):
       tensors = tensors[1] if isinstance(tensors, tuple) else tensors
       assert all(isinstance(v, np.ndarray) for v in tensors.values()), case
   assert 0 < read < 100 * len(seeds)
+
+
+def test_paths_ports_and_checkpoints_the_user_names_are_one_line(index_dir, workdir, catalogue,
+                                                                   tmp_path, capfd):
+  afile = tmp_path / 'notes.txt'
+  afile.write_text('mine')
+  photo = os.path.join(catalogue['dir'], os.listdir(catalogue['dir'])[0])
+  # An output folder that is a file: named, and the file left as it was.
+  assert f'cannot use {afile}' in _cli_error(
+      capfd, ['query', '--index', index_dir, photo, '--out', str(afile)])
+  assert f'cannot export to {afile}: it is a file' in _cli_error(
+      capfd, ['export', '--workdir', workdir, '--out', str(afile), '--no-saved-model'])
+  assert afile.read_text() == 'mine'
+  # A checkpoint step the workdir does not have.
+  assert 'step 5' in _cli_error(capfd, ['export', '--workdir', workdir, '--step', '5', '--out',
+                                        str(tmp_path / 'export'), '--no-saved-model'])
+  # A port another program holds.
+  import socket
+  with socket.socket() as taken:
+    taken.bind(('127.0.0.1', 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    assert f'cannot serve on 127.0.0.1:{port}: Address already in use' in _cli_error(
+        capfd, ['serve', '--index', index_dir, '--port', str(port), '--host', '127.0.0.1'])
+
+
+def test_adding_to_an_index_with_other_settings_is_refused(index_dir, workdir, catalogue, capfd):
+  # The index was made float32 with the exact backend: settings chosen at creation are kept,
+  # and asking for others is refused before anything is embedded, not silently ignored.
+  add = ['index', '--workdir', workdir, '--index', index_dir, '--catalogue',
+         catalogue['csv_first']]
+  with open(os.path.join(index_dir, 'index.json')) as f:
+    before = f.read()
+  assert 'stores float32 embeddings, not float16' in _cli_error(capfd, add + ['--dtype',
+                                                                             'float16'])
+  assert "created with nprobe None, not 8" in _cli_error(capfd, add + ['--nprobe', '8'])
+  with open(os.path.join(index_dir, 'index.json')) as f:
+    assert f.read() == before
+
+
+@pytest.mark.parametrize('settings, words', [
+    (['--faiss-factory', 'garbage'], "faiss factory 'garbage' for 64 dims: could not parse "
+                                     'index string garbage'),
+    (['--faiss-factory', 'IVF4096,Flat'], "faiss factory 'IVF4096,Flat' has 4096 lists, more "
+                                          'than the '),
+])
+def test_faiss_settings_are_checked_before_any_image_is_read(workdir, catalogue, tmp_path, capfd,
+                                                             settings, words):
+  pytest.importorskip('faiss')
+  new = tmp_path / 'new'
+  assert words in _cli_error(capfd, ['index', '--workdir', workdir, '--index', str(new),
+                                     '--catalogue', catalogue['csv_first'], '--backend', 'faiss',
+                                     *settings])
+  assert not (new / 'thumbs').exists() and not (new / 'index.json').exists()

@@ -96,3 +96,25 @@ def test_preprocessing_is_the_evaluation_pipelines(make_image):
     differing += int((difference > 0).sum())
     total += difference.size
   assert differing <= 0.005 * total
+
+
+def test_an_export_replaces_an_earlier_one_and_refuses_other_folders(workdir, tmp_path, capsys):
+  # An earlier export with a SavedModel; the new one has none: nothing of the old stays.
+  out = tmp_path / 'export'
+  (out / 'saved_model').mkdir(parents=True)
+  (out / 'saved_model' / 'saved_model.pb').write_bytes(b'old')
+  (out / 'export.json').write_text('{}')
+  assert main(['export', '--workdir', workdir, '--out', str(out), '--no-saved-model']) == 0
+  assert sorted(p.name for p in out.iterdir()) == ['embed.stablehlo', 'export.json']
+  with open(out / 'export.json') as f:
+    assert json.load(f)['saved_model'] is None
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith('.export-')]
+  # A folder of the user's is not written into.
+  mine = tmp_path / 'mine'
+  mine.mkdir()
+  (mine / 'notes.txt').write_text('mine')
+  capsys.readouterr()
+  assert main(['export', '--workdir', workdir, '--out', str(mine), '--no-saved-model']) == 2
+  assert capsys.readouterr().err == (f'error: cannot export to {mine}: it holds other files '
+                                     '(notes.txt); choose a new or empty folder\n')
+  assert sorted(p.name for p in mine.iterdir()) == ['notes.txt']

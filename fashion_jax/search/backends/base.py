@@ -27,6 +27,13 @@ class Backend(abc.ABC):
     raise NotImplementedError
 
   @classmethod
+  def check(cls, dim: int, rows: int, settings: dict) -> None:
+    """Raises a one-line ValueError for `settings` that cannot hold `rows` rows of `dim` dims.
+    Called before any image of a new index is read, so that a mistake there costs no
+    embedding (nothing to check by default)."""
+    del dim, rows, settings
+
+  @classmethod
   @abc.abstractmethod
   def open(cls, index, *, centroids: bool) -> 'Backend':
     """The backend of a loaded index (`search.index.SearchIndex`), ready to search: its image

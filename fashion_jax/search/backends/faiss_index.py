@@ -120,6 +120,32 @@ class FaissBackend(Backend):
     return cls(dim, dtype, settings)
 
   @classmethod
+  def check(cls, dim, rows, settings):
+    """FAISS is installed, the settings' names are known, and a given factory string: FAISS
+    must parse it for `dim` dims, and an IVF needs at least as many training rows as it has
+    lists."""
+    faiss = _faiss()
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+      raise ValueError(f'unknown faiss settings {unknown}; known: {", ".join(SETTINGS)}')
+    factory = settings.get('factory')
+    if not factory:
+      return
+    if factory.startswith('IDMap'):
+      raise ValueError(f'faiss factory {factory!r}: leave out IDMap, the backend adds ids itself')
+    try:
+      index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:  # FAISS's message: its C++ function and line, then why
+      reason = str(error).strip().splitlines()[0].rsplit(': ', 1)[-1]
+      raise ValueError(f'faiss factory {factory!r} for {dim} dims: {reason}') from None
+    ivf = faiss.try_extract_index_ivf(index)
+    budget = settings.get('train_rows') or _TRAIN_BYTES // (4 * dim)
+    train = min(budget, max(settings.get('rows') or 0, rows))
+    if ivf is not None and train < ivf.nlist:
+      raise ValueError(f'faiss factory {factory!r} has {ivf.nlist} lists, more than the {train} '
+                       'rows it would be trained on; choose fewer lists (IVF<n>)')
+
+  @classmethod
   def open(cls, index, *, centroids):
     settings = index.meta.get('backend_settings') or {}
     if not centroids:
