@@ -78,7 +78,16 @@ def parse_flags(argv: list[str]) -> list[str]:
   if file is not None and not os.path.isfile(file):
     exit_with(f'config file {file!r} does not exist')
   try:
-    return app.parse_flags_with_usage(argv)
+    return FLAGS(argv)
+  except flags.Error as e:
+    # absl's own answer is "FATAL Flags parsing error", a hint about --helpshort and exit
+    # status 1; a value of the wrong type (--config.train.batch_size=abc) is a bad value like
+    # any other.
+    text = str(e)
+    if 'Traceback (most recent call last)' in text:  # ml_collections quotes the config's own
+      head = text.split('Error whilst parsing config file', 1)[0].rstrip(': ')
+      text = f'{head}: {text.strip().splitlines()[-1].strip()}'
+    exit_with(' '.join(text.split()))
   except (AttributeError, KeyError, IndexError, SyntaxError, ImportError, TypeError):
     # ml_collections looks every override up in the loaded config. Load it again (only here, so
     # a config runs once in a good command) to name the field and the closest one it has, or

@@ -76,6 +76,15 @@ def test_cli_config_file_that_does_not_load_is_one_line(tmp_path):
                                'Python: invalid syntax at line 1')
 
 
+def test_cli_values_of_the_wrong_type_are_one_line(tmp_path):
+  result = _cli('--config', 'configs/demo.py', '--config.train.batch_size=abc', tmp_path=tmp_path)
+  assert _one_line(result) == ("error: flag --config.train.batch_size=abc: invalid literal for "
+                               "int() with base 10: 'abc'")
+  result = _cli('--config', 'configs/demo.py:foo', tmp_path=tmp_path)
+  assert _one_line(result) == ('error: flag --config=configs/demo.py:foo: TypeError: '
+                               'get_config() takes 0 positional arguments but 1 was given')
+
+
 def test_config_arguments_are_found_in_every_spelling_absl_takes():
   from fashion_jax import main
   assert main._config_arguments(['--config', 'a.py', '--config.train.k=2', '-noconfig.eval.rerank',
