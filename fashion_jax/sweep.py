@@ -293,7 +293,12 @@ def main(argv):
     if config.mode != 'train_and_evaluate':
       raise ValueError(f'mode {config.mode!r}: a sweep compares final evaluations, it needs '
                        f"mode 'train_and_evaluate'")
-    points = grid(config, [parse_axis(config, spec) for spec in FLAGS.sweep])
+    axes = [parse_axis(config, spec) for spec in FLAGS.sweep]
+    fixed = config_flags.get_override_values(FLAGS['config'])
+    both = [axis.field for axis in axes if axis.field in fixed]
+    if both:  # the sweep's values would replace the fixed one without a word
+      raise ValueError(f'--config.{both[0]} is also swept (--sweep {both[0]}=...); drop one')
+    points = grid(config, axes)
     check_points(points, num_devices=None if FLAGS.print_commands else jax.device_count())
   except ValueError as e:
     train_cli.exit_with(str(e))

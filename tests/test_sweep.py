@@ -144,3 +144,8 @@ def test_cli_mistakes_are_one_line(tmp_path):
       "error: optim.base_lr=1e-3,loss.metric=tripplet: loss.metric 'tripplet' is not one of "
       'triplet, ')
   assert not (tmp_path / 'sweep').exists()
+  # A field both fixed and swept: the sweep would replace the fixed value without a word.
+  result = _sweep_cli('--sweep', 'optim.base_lr=1e-3,2e-3', '--config.optim.base_lr=5e-4',
+                      tmp_path=tmp_path)
+  assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+      'error: --config.optim.base_lr is also swept (--sweep optim.base_lr=...); drop one')
