@@ -14,6 +14,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from tqdm import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
@@ -164,18 +165,20 @@ def write_reports(metrics: dict, result: EvalResult, out_dir: str) -> dict:
 
   Returns the pictures drawn, {file name: PIL image}, so that TensorBoard gets them too.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-    json.dump(metrics, f, indent=2)
-  with open(os.path.join(out_dir, 'history.jsonl'), 'a') as f:
+  # epath: a workdir in a bucket (gs://...) gets its reports there, not in a local folder.
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'metrics.json').write_text(json.dumps(metrics, indent=2))
+  with (out / 'history.jsonl').open('a') as f:
     f.write(json.dumps(metrics) + '\n')
   for name, text in result.tables.items():
-    with open(os.path.join(out_dir, name), 'w', newline='') as f:  # keeps csv's \r\n
-      f.write(text)
+    with (out / name).open('wb') as f:  # bytes: csv's \r\n kept as written
+      f.write(text.encode())
   pictures = {'cmc.png': visualize.cmc_image(result.curves)}
   pictures.update((name, draw()) for name, draw in result.pictures.items())
   for name, picture in pictures.items():
-    picture.save(os.path.join(out_dir, name))
+    with (out / name).open('wb') as f:
+      picture.save(f, format=os.path.splitext(name)[1].lstrip('.') or 'png')
   return pictures
 
 

@@ -27,6 +27,7 @@ if __name__ == '__main__':
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
+from etils import epath  # noqa: E402
 from ml_collections.config_flags import config_flags, config_path, tuple_parser  # noqa: E402
 
 from data_pipelines import datasets, input_pipeline  # noqa: E402
@@ -171,8 +172,8 @@ def finished_metrics(config, workdir: str, identities: dict | None = None) -> di
 
   `identities` caches the training identities of each dataset, read to count the steps.
   """
-  path = os.path.join(workdir, evaluate.report_folder(config), 'metrics.json')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / evaluate.report_folder(config) / 'metrics.json'
+  if not path.exists():
     return None
   train.check_workdir_config(config, workdir)
   identities = {} if identities is None else identities
@@ -181,8 +182,7 @@ def finished_metrics(config, workdir: str, identities: dict | None = None) -> di
     builder = datasets.get_builder(config.dataset.name, config.dataset.data_dir)
     identities[key] = len(input_pipeline.train_item_ids(builder, config.dataset.train_split))
   final_step = config.train.num_epochs * train.epoch_steps(config, identities[key])
-  with open(path) as f:
-    metrics = json.load(f)
+  metrics = json.loads(path.read_text())
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
   latest = checkpointer.latest_step()
   checkpointer.close()
@@ -270,12 +270,10 @@ def markdown_text(columns: list[str], rows: list[dict]) -> str:
 def write_tables(results: list[Result], workdir: str) -> str:
   """<workdir>/sweep.csv and sweep.md; returns the markdown."""
   columns, rows = table(results)
-  with open(os.path.join(workdir, 'sweep.csv'), 'w') as f:
-    f.write(csv_text(columns, rows))
+  (epath.Path(workdir) / 'sweep.csv').write_text(csv_text(columns, rows))
   # The workdir names repeat the swept values: the CSV keeps them, the Markdown stays narrow.
   markdown = markdown_text([column for column in columns if column != 'workdir'], rows)
-  with open(os.path.join(workdir, 'sweep.md'), 'w') as f:
-    f.write(markdown)
+  (epath.Path(workdir) / 'sweep.md').write_text(markdown)
   return markdown
 
 
@@ -309,7 +307,7 @@ def main(argv):
       print(line)
     return
   try:
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a bucket's too (gs://...)
     results = run(points, workdir)
   except (ValueError, datasets.DatasetMissingError, FileNotFoundError,
           checkpointing.CheckpointDamaged) as e:

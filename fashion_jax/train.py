@@ -14,6 +14,7 @@ import jax
 import ml_collections
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -75,11 +76,10 @@ def check_workdir_config(config, workdir: str) -> None:
   config lacks (added to the project since) matches when it has its default value, which keeps
   the behaviour the run had.
   """
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path) or config.train.get('allow_config_change', False):
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists() or config.train.get('allow_config_change', False):
     return
-  with open(path) as f:
-    saved = _flatten(json.load(f))
+  saved = _flatten(json.loads(path.read_text()))
   current = _flatten(json.loads(config.to_json_best_effort()))
   defaults = _flatten(json.loads(configlib.base_config().to_json_best_effort()))
   differing = sorted(
@@ -214,6 +214,15 @@ def _write_config(writer, config, step: int) -> None:
   writer.write_texts(step, {'config': '\n'.join('    ' + line for line in json_text.splitlines())})
 
 
+def _remove_empty_folders(root: str) -> None:
+  """Removes `root` and the folders under it that hold no file (only folders, if any)."""
+  for folder, _, _ in sorted(os.walk(root), key=lambda entry: -len(entry[0])):
+    try:
+      os.rmdir(folder)  # fails, and so keeps the folder, when anything is in it
+    except OSError:
+      pass
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates, per config.mode.
 
@@ -222,8 +231,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   Process 0 prints the run's setup, a progress bar and a line per evaluation.
   """
   started = time.monotonic()
-  os.makedirs(workdir, exist_ok=True)
-  s = setup(config, workdir)
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  local = '://' not in workdir  # a bucket's checkpoints are looked for by the checkpointer
+  if local and config.mode == 'evaluate' and not (
+      os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))):
+    raise FileNotFoundError(f'mode=evaluate needs a checkpoint in {checkpoints}')
+  created = local and not os.path.exists(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a bucket's too (gs://...)
+  try:
+    s = setup(config, workdir)
+  except Exception:
+    if created:  # a refused config or dataset leaves no empty workdir behind
+      _remove_empty_folders(workdir)
+    raise
   state, mesh, checkpointer = s['state'], s['mesh'], s['checkpointer']
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
@@ -258,8 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     return run_eval(state) if do_eval else None
   eval_every = config.train.eval_every_epochs * steps_per_epoch
   if is_main and (start_step == 0 or config.train.allow_config_change):
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
   metrics = None
   if do_eval and start_step == 0:

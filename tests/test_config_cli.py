@@ -29,6 +29,7 @@ def test_cli_bad_override_is_one_line(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
       'error: train.k must be >= 2 (batch-hard mining needs a positive), got 1')
+  assert not (tmp_path / 'run').exists()  # a refused run leaves no empty workdir
 
 
 def _one_line(result) -> str:

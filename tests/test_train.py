@@ -74,3 +74,4 @@ def test_evaluate_mode_restores_the_checkpoint(trained, tmp_path):
   assert train.train_and_evaluate(config, trained['straight']) == trained['reference']
   with pytest.raises(FileNotFoundError, match='mode=evaluate needs a checkpoint'):
     train.train_and_evaluate(config, str(tmp_path / 'empty'))
+  assert not (tmp_path / 'empty').exists()  # refused before anything is written there
