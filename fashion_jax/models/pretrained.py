@@ -34,9 +34,16 @@ def variables(module: nnx.Module) -> dict[str, nnx.Variable]:
           if isinstance(node, (nnx.Param, nnx.BatchStat))}
 
 
+SHOWN_TENSORS = 8  # names per kind of mismatch in an error; the rest are counted
+
+
 def mismatch_problems(unknown: list[str], missing: list[str], misshaped: list[str]) -> list[str]:
-  """One clause per non-empty kind of mismatch, each naming its tensors (for one-line errors)."""
-  return [f'{label} tensors: {", ".join(names)}' for label, names in
+  """One clause per non-empty kind of mismatch, each naming its first SHOWN_TENSORS tensors and
+  counting the others (a wrong architecture misses hundreds: the line stays readable)."""
+  def named(names):
+    more = len(names) - SHOWN_TENSORS
+    return ', '.join(names[:SHOWN_TENSORS]) + (f' and {more} more' if more > 0 else '')
+  return [f'{label} tensors: {named(names)}' for label, names in
           (('unknown', unknown), ('missing', missing), ('mis-shaped', misshaped)) if names]
 
 

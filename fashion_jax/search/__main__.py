@@ -108,9 +108,9 @@ class _Parser(argparse.ArgumentParser):
 def _check_numbers(args) -> None:
   """The numbers' ranges, before any file is read (argparse only checks they are numbers)."""
   for flag in ('k', 'max_pixels', 'batch_size', 'nprobe', 'ef_search', 'max_upload_bytes',
-               'max_in_flight', 'max_batch'):
+               'max_in_flight', 'max_batch', 'qdrant_shards', 'qdrant_replicas', 'faiss_refine'):
     value = getattr(args, flag, None)
-    if value is not None and value < 1:
+    if value is not None and not value >= 1:  # also NaN
       raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
   if args.command == 'serve' and not 0 <= args.port <= 65535:
     raise InputError(f'--port must be from 0 to 65535, got {args.port}')

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import sys
 
@@ -104,8 +105,12 @@ def test_conversion_names_every_bad_tensor():
 
 def test_wrong_architecture_fails_naming_tensors():
   # Plain ResNet-18 weights lack IBN-a's split bn1: the conversion must not half-load them.
-  with pytest.raises(convert_weights.ConversionError, match=r'missing tensors: layer1\.0\.bn1\.BN'):
+  with pytest.raises(convert_weights.ConversionError,
+                     match=r'missing tensors: layer1\.0\.bn1\.BN') as raised:
     convert_weights.convert_state_dict(ARCH, _torch_state_dict('resnet18'))
+  # Every one of the many names would make an unreadable line: eight, then a count.
+  missing = str(raised.value).split('missing tensors: ')[1].split(';')[0]
+  assert missing.count(', ') == 7 and re.search(r' and \d+ more$', missing), missing
 
 
 def test_cli_reports_one_line_error(tmp_path, capsys):

@@ -297,6 +297,11 @@ def test_usage_mistakes_are_one_line(index_dir, capfd):
                ['query', '--index', index_dir, 'x.png', '-k', '0'],
                ['serve', '--index', index_dir, '--port', '70000'], ['nonsense']):
     _cli_error(capfd, argv)
+  # Backend settings out of range, refused before anything is read.
+  new = ['index', '--workdir', 'w', '--index', 'i', '--catalogue', 'c.csv']
+  for flag, value in (('--qdrant-shards', '0'), ('--qdrant-replicas', '-1'),
+                      ('--faiss-refine', 'nan'), ('--faiss-refine', '0.5')):
+    assert f'{flag} must be at least 1, got ' in _cli_error(capfd, new + [flag, value])
 
 
 # The fuzz.
