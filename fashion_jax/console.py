@@ -99,13 +99,10 @@ def set_verbosity(process_index: int = 0, *, requested: bool | None = None) -> N
     handler.addFilter(_DEPRECATIONS)
 
 
-def path_error(error: OSError) -> str | None:
+def path_error(error: OSError) -> str:
   """One line for an OSError about a file or folder the user named ("cannot use runs/x: File
-  exists"); None for one that names no path (then it is not the user's to fix)."""
-  if error.filename is None:
-    return None
-  reason = error.strerror or type(error).__name__
-  return f'cannot use {error.filename}: {reason}'
+  exists"). One whose `filename` is None names no path: that is not the user's to fix."""
+  return f'cannot use {error.filename}: {error.strerror or type(error).__name__}'
 
 
 def print_result(line: str) -> None:

@@ -123,7 +123,7 @@ def main(argv):
     # Config and data problems are the user's to fix: one line, no traceback.
     exit_with(str(e))
   except OSError as e:  # a workdir that is a file, or cannot be written
-    if console.path_error(e) is None:
+    if e.filename is None:
       raise
     exit_with(console.path_error(e))
   except train.NonFiniteLossError as e:

@@ -313,7 +313,7 @@ def main(argv):
           checkpointing.CheckpointDamaged) as e:
     train_cli.exit_with(str(e))
   except OSError as e:  # a workdir that is a file, or cannot be written
-    if console.path_error(e) is None:
+    if e.filename is None:
       raise
     train_cli.exit_with(console.path_error(e))
   except train.Preempted as e:

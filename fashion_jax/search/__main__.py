@@ -323,9 +323,9 @@ def main(argv=None) -> int:
     print(f'error: {image_io.one_line(e)}', file=sys.stderr)
     return 2
   except OSError as e:  # an output path that is a file, or cannot be written
-    if console.path_error(e) is None:
+    if e.filename is None:
       raise
-    print(f'error: {image_io.one_line(console.path_error(e))}', file=sys.stderr)
+    print(f"error: {' '.join(console.path_error(e).split())}", file=sys.stderr)
     return 2
 
 

@@ -60,9 +60,9 @@ def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *,
   again. The index must come from `model` (same fingerprint). All images are read and checked
   before any embedding, so a bad file leaves the index untouched. `dtype` (default float16),
   `backend` (default 'exact') and its settings are chosen when the index is created and kept
-  after: asking an existing index for others is an InputError, not silently ignored. With `replace`, the
-  products of `entries` lose their old images in the same write (an update: re-embedded from
-  the new list); the result then also has 'replaced' (old images taken out).
+  after: asking an existing index for others is an InputError, not silently ignored. With
+  `replace`, the products of `entries` lose their old images in the same write (an update:
+  re-embedded from the new list); the result then also has 'replaced' (old images taken out).
   """
   os.makedirs(index_dir, exist_ok=True)
   meta_path = os.path.join(index_dir, _INDEX_FILE)

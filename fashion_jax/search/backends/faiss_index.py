@@ -88,6 +88,19 @@ def _collapse(scores, rows, row_product, k):
   return scores[first], products[first]
 
 
+def _check_names(settings: dict) -> None:
+  unknown = sorted(set(settings) - set(SETTINGS))
+  if unknown:
+    raise ValueError(f'unknown faiss settings {unknown}; known: {", ".join(SETTINGS)}')
+
+
+def _train_rows(settings: dict, dim: int) -> int:
+  """The most rows an index is trained on: `train_rows`, or what _TRAIN_BYTES holds, and no
+  more than the catalogue's planned `rows`."""
+  budget = settings.get('train_rows') or _TRAIN_BYTES // (4 * dim)
+  return max(1, min(budget, settings.get('rows') or budget))
+
+
 @register
 class FaissBackend(Backend):
   """Row numbers are the FAISS ids: IVF lists hold ids themselves (an IndexIDMap2 over an IVF
@@ -98,9 +111,7 @@ class FaissBackend(Backend):
   name = 'faiss'
 
   def __init__(self, dim: int, dtype, settings: dict):
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown:
-      raise ValueError(f'unknown faiss settings {unknown}; known: {", ".join(SETTINGS)}')
+    _check_names(settings)
     self._faiss = _faiss()
     self._dim, self._dtype, self._settings = dim, np.dtype(dtype), dict(settings)
     self._index = None
@@ -125,9 +136,7 @@ class FaissBackend(Backend):
     must parse it for `dim` dims, and an IVF needs at least as many training rows as it has
     lists."""
     faiss = _faiss()
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown:
-      raise ValueError(f'unknown faiss settings {unknown}; known: {", ".join(SETTINGS)}')
+    _check_names(settings)
     factory = settings.get('factory')
     if not factory:
       return
@@ -139,8 +148,7 @@ class FaissBackend(Backend):
       reason = str(error).strip().splitlines()[0].rsplit(': ', 1)[-1]
       raise ValueError(f'faiss factory {factory!r} for {dim} dims: {reason}') from None
     ivf = faiss.try_extract_index_ivf(index)
-    budget = settings.get('train_rows') or _TRAIN_BYTES // (4 * dim)
-    train = min(budget, max(settings.get('rows') or 0, rows))
+    train = min(rows, _train_rows(settings, dim))  # as _build samples the rows first added
     if ivf is not None and train < ivf.nlist:
       raise ValueError(f'faiss factory {factory!r} has {ivf.nlist} lists, more than the {train} '
                        'rows it would be trained on; choose fewer lists (IVF<n>)')
@@ -337,8 +345,7 @@ class FaissBackend(Backend):
       self._held = np.concatenate([self._held, np.zeros(grow, bool)])
 
   def _train_rows(self) -> int:
-    budget = self._settings.get('train_rows') or _TRAIN_BYTES // (4 * self._dim)
-    return max(1, min(budget, self._settings.get('rows') or budget))
+    return _train_rows(self._settings, self._dim)
 
   def _ready(self):
     if self._index is None:
