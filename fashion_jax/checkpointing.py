@@ -6,11 +6,11 @@ the newest step that reads whole; training moves the damaged step aside, never d
 """
 
 import os
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 DAMAGED_DIR = 'damaged_checkpoints'  # beside the checkpoint directory
@@ -29,11 +29,19 @@ class CheckpointDamaged(RuntimeError):
 MOVED = {'centers': ('loss_state', 'center', 'centers')}
 
 
+def absolute(directory: str) -> str:
+  """A local path made absolute; a URL (gs://bucket/run) as it is, not a folder named 'gs:'."""
+  directory = os.fspath(directory)
+  if '://' in directory:
+    return directory
+  return os.path.abspath(os.path.expanduser(directory))
+
+
 class Checkpointer:
   """A thin CheckpointManager: save(step, state), restore(like), latest_step()."""
 
   def __init__(self, directory: str, *, keep: int = 3):
-    self.directory = os.path.abspath(directory)
+    self.directory = absolute(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=True)
     # A registered handler lets a new manager read metadata before any save or restore.
@@ -88,14 +96,17 @@ class Checkpointer:
                             f'{", ".join(map(str, damaged))}); nothing restored')
 
   def _set_aside(self, steps) -> None:
-    target = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+    # epath: in a bucket (gs://...) too, where a rename is a copy and a delete.
+    directory = epath.Path(self.directory)
+    target = directory.parent / DAMAGED_DIR
     if jax.process_index() == 0:
-      os.makedirs(target, exist_ok=True)
+      target.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        destination = os.path.join(target, str(step))
-        if os.path.exists(destination):
-          destination += f'.{len(os.listdir(target))}'
-        shutil.move(os.path.join(self.directory, str(step)), destination)
+        destination, copies = target / str(step), 0
+        while destination.exists():  # set aside before: 5, 5.1, 5.2, ...
+          copies += 1
+          destination = target / f'{step}.{copies}'
+        (directory / str(step)).rename(destination)
         logging.warning('moved damaged checkpoint step %d to %s', step, destination)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('checkpoint damaged steps set aside')

@@ -75,7 +75,19 @@ def test_a_damaged_newest_step_falls_back_to_the_previous_one(tmp_path, capsys, 
   checkpointer.save(3, _state(33))
   checkpointer.wait()
   assert int(checkpointer.restore(_state(0))['step']) == 33
+  # Damaged again: set aside beside the first, which stays as it was.
+  DAMAGE[damage](os.path.join(directory, '3'))
+  assert int(checkpointer.restore(_state(0), set_aside_damaged=True)['step']) == 2
+  assert sorted(os.listdir(tmp_path / checkpointing.DAMAGED_DIR)) == ['3', '3.1']
   checkpointer.close()
+
+
+def test_a_bucket_directory_is_kept_as_a_url_and_a_local_one_made_absolute(tmp_path,
+                                                                           monkeypatch):
+  assert checkpointing.absolute('gs://bucket/runs/s2s/checkpoints') == \
+      'gs://bucket/runs/s2s/checkpoints'
+  monkeypatch.chdir(tmp_path)
+  assert checkpointing.absolute('runs/x') == os.path.join(str(tmp_path), 'runs', 'x')
 
 
 def test_an_explicit_damaged_step_and_an_all_damaged_directory_are_one_line(tmp_path):

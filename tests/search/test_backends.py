@@ -226,6 +226,31 @@ def test_faiss_default_index_follows_the_catalogue_size():
   assert [faiss_index.default_nprobe(n) for n in (16, 128, 4000)] == [16, 16, 500]
 
 
+@pytest.mark.parametrize('factory, fewest', [
+    ('IVF8,Flat', 8), ('IVF2,PQ4x5', 32), ('IVF2,PQ8x4fs', 16), ('PQ4x6', 64),
+    ('HNSW8,PQ4x5', 32), ('IVF4,Flat,Refine(PQ4x5)', 32), ('OPQ8,IVF2,SQ8', 256),
+    ('PCAR16,IVF40,PQ8x4fs,Refine(SQfp16)', 40), ('HNSW8,SQfp16', 1)])
+def test_faiss_check_refuses_exactly_the_factories_too_few_rows_cannot_train(factory, fewest):
+  # What FAISS itself accepts: training on `fewest` rows works, on one fewer it fails.
+  faiss = pytest.importorskip('faiss')
+  rng = np.random.default_rng(0)
+  for rows in {max(1, fewest - 1), fewest}:
+    refused = None
+    try:
+      faiss_index.FaissBackend.check(32, rows, {'factory': factory})
+    except ValueError as error:
+      refused = str(error)
+    index = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+      index.train(rng.standard_normal((rows, 32)).astype(np.float32))
+      trained = True
+    except RuntimeError:
+      trained = False
+    assert trained == (rows >= fewest) and (refused is None) == trained, (rows, refused)
+    if refused:
+      assert f"faiss factory '{factory}' has {fewest} " in refused and '\n' not in refused
+
+
 def test_unknown_settings_are_refused(tmp_path):
   for name in ('faiss', 'qdrant'):
     with pytest.raises(ValueError, match='nprobes'):

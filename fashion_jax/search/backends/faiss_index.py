@@ -132,26 +132,28 @@ class FaissBackend(Backend):
 
   @classmethod
   def check(cls, dim, rows, settings):
-    """FAISS is installed, the settings' names are known, and a given factory string: FAISS
-    must parse it for `dim` dims, and an IVF needs at least as many training rows as it has
-    lists."""
+    """FAISS is installed, the settings' names are known, FAISS parses the factory string (a
+    given one, or the rule's with the `codes` setting) for `dim` dims, and the rows it would be
+    trained on are enough: one per IVF list, and 2^bits per PQ code book."""
     faiss = _faiss()
     _check_names(settings)
-    factory = settings.get('factory')
-    if not factory:
-      return
-    if factory.startswith('IDMap'):
-      raise ValueError(f'faiss factory {factory!r}: leave out IDMap, the backend adds ids itself')
+    given = settings.get('factory')
+    if given and given.startswith('IDMap'):
+      raise ValueError(f'faiss factory {given!r}: leave out IDMap, the backend adds ids itself')
+    train = min(rows, _train_rows(settings, dim))  # as _build samples the rows first added
+    factory = given or default_factory(max(settings.get('rows') or 0, rows), train, dim,
+                                       settings.get('codes'))
     try:
       index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:  # FAISS's message: its C++ function and line, then why
       reason = str(error).strip().splitlines()[0].rsplit(': ', 1)[-1]
-      raise ValueError(f'faiss factory {factory!r} for {dim} dims: {reason}') from None
-    ivf = faiss.try_extract_index_ivf(index)
-    train = min(rows, _train_rows(settings, dim))  # as _build samples the rows first added
-    if ivf is not None and train < ivf.nlist:
-      raise ValueError(f'faiss factory {factory!r} has {ivf.nlist} lists, more than the {train} '
-                       'rows it would be trained on; choose fewer lists (IVF<n>)')
+      what = f'faiss factory {factory!r}' if given else f'faiss codes {settings.get("codes")!r}'
+      raise ValueError(f'{what} for {dim} dims: {reason}') from None
+    needed, part = _min_train_rows(faiss, index)
+    if train < needed:
+      fix = 'fewer lists (IVF<n>)' if part == 'lists' else 'fewer bits per code (PQ<m>x4)'
+      raise ValueError(f'faiss factory {factory!r} has {needed} {part}, more than the {train} '
+                       f'rows it would be trained on; choose {fix} or index more images')
 
   @classmethod
   def open(cls, index, *, centroids):
@@ -414,6 +416,30 @@ def _layers(faiss, index) -> list:
     else:
       index = None
   return layers
+
+
+def _min_train_rows(faiss, index) -> tuple[int, str]:
+  """(the fewest training rows FAISS accepts for `index`, what needs them: 'lists' or 'PQ
+  centroids'): an IVF's list count, and 2^bits for each product quantizer's code book, whether
+  in the index, its re-scoring index, its HNSW storage or an OPQ rotation (8 bits)."""
+  needs = [(1, 'lists')]
+  stack = [index]
+  while stack:
+    layer = faiss.downcast_index(stack.pop())
+    if isinstance(layer, faiss.IndexIVF):
+      needs.append((layer.nlist, 'lists'))
+    if getattr(layer, 'pq', None) is not None:
+      needs.append((layer.pq.ksub, 'PQ centroids'))
+    if isinstance(layer, faiss.IndexPreTransform):
+      for position in range(layer.chain.size()):
+        transform = faiss.downcast_VectorTransform(layer.chain.at(position))
+        if isinstance(transform, faiss.OPQMatrix):
+          needs.append((transform.pq.ksub if transform.pq else 256, 'PQ centroids'))
+    for inner in ('index', 'base_index', 'refine_index', 'storage'):
+      if isinstance(layer, (faiss.IndexPreTransform, faiss.IndexRefine, faiss.IndexHNSW,
+                            faiss.IndexIDMap, faiss.IndexIDMap2)) and getattr(layer, inner, None):
+        stack.append(getattr(layer, inner))
+  return max(needs)
 
 
 def _structure(faiss, index) -> tuple[str, bool]:
