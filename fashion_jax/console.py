@@ -75,16 +75,22 @@ def _native_info_dropped():
       sys.stderr.flush()
 
 
-class _LibraryDeprecations(logging.Filter):
-  """Drops libraries' warnings that an API they call is deprecated (TFDS's `TensorInfo.dtype`,
-  TensorFlow's map_fn `dtype`): notes to their developers that nobody running this can act on."""
+class _LibraryNoise(logging.Filter):
+  """Drops two kinds of libraries' warnings: that an API they call is deprecated (TFDS's
+  `TensorInfo.dtype`, TensorFlow's map_fn `dtype`), notes to their developers that nobody
+  running this can act on; and TFDS's "Variant folder ... has no dataset_info.json" for a
+  dataset not built, which our own error then names with the command that builds it."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno == logging.WARNING and 'deprecated' in record.getMessage()
-                and not record.pathname.startswith(_PROJECT_DIRS))
+    if record.levelno != logging.WARNING or record.pathname.startswith(_PROJECT_DIRS):
+      return True
+    message = record.getMessage()
+    return not ('deprecated' in message or (
+        message.startswith('Variant folder ') and message.endswith('has no dataset_info.json')
+        and 'tensorflow_datasets' in record.pathname))
 
 
-_DEPRECATIONS = _LibraryDeprecations()
+_NOISE = _LibraryNoise()
 
 
 def set_verbosity(process_index: int = 0, *, requested: bool | None = None) -> None:
@@ -95,8 +101,8 @@ def set_verbosity(process_index: int = 0, *, requested: bool | None = None) -> N
     return
   absl_logging.set_verbosity(absl_logging.ERROR if process_index else absl_logging.WARNING)
   handler = absl_logging.get_absl_handler()
-  if _DEPRECATIONS not in handler.filters:
-    handler.addFilter(_DEPRECATIONS)
+  if _NOISE not in handler.filters:
+    handler.addFilter(_NOISE)
 
 
 def path_error(error: OSError) -> str:

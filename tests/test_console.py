@@ -52,6 +52,14 @@ def test_run_prints_setup_progress_and_results_only(tiny_data_dir, tmp_path):
   progress = [line for line in shown if re.match(r'step \d/4  epoch \d/2  loss \d', line)]
   assert len(progress) == 4, '\n'.join(shown)
 
+  # A dataset not built: our one line, which names the build command; no TFDS warning first.
+  unbuilt = _main('--config.dataset.name=street2shop', workdir=tmp_path / 'unbuilt',
+                  data_dir=tmp_path / 'empty')
+  assert unbuilt.returncode == 2
+  assert (len(_shown(unbuilt.stderr)) == 1 and
+          _shown(unbuilt.stderr)[0].startswith("error: dataset 'street2shop' ") and
+          'data_pipelines.build street2shop' in unbuilt.stderr), unbuilt.stderr
+
   verbose = _main('--verbosity=0', '--mode=evaluate', workdir=tmp_path / 'run',
                   data_dir=tiny_data_dir)
   assert verbose.returncode == 0, verbose.stderr[-3000:]
