@@ -7,6 +7,7 @@ each case: on a shared machine the wall time grows with the load, the CPU time m
   PYTHONPATH=. .venv/bin/python bench/retrieval_bench.py                  # CPU cases
   PYTHONPATH=. .venv/bin/python bench/retrieval_bench.py --cases=metrics,dense_metrics,matmul
   PYTHONPATH=. .venv/bin/python bench/retrieval_bench.py --cases=gpu_rerank  # on one GPU
+  PYTHONPATH=. .venv/bin/python bench/retrieval_bench.py --cases=transfer    # on one GPU
   PYTHONPATH=. .venv/bin/python bench/retrieval_bench.py --cases=rerank --baseline=ce28aeb~2
 
 --baseline=REV runs each case a second time with the library as committed at REV (extracted
@@ -17,6 +18,12 @@ just before, where /proc/self/clear_refs allows, so the data generation's own pe
 count; elsewhere the process's peak so far), embeddings included. Each stage's end also prints
 the resident set then and the peak so far. "peak RSS" is the whole process's, the metrics' chunks
 of chunk_size x G distances included.
+
+"transfer" sends one [G, D] float32 array to the first device twice, and gives the resident set
+after each: written block by block as placed_rows does ("time"), then with one device_put of the
+whole array ("first call" column). A GPU runtime stages each host-to-device copy in pinned host
+memory from a pool that keeps its size, so the rise after each is what that way of sending
+leaves in the process.
 """
 
 import argparse
@@ -41,6 +48,8 @@ CASES = {
     'rerank': ('rerank', 1_000, 9_000, 512, 'k-reciprocal re-ranking + metrics, N=10k'),
     'rerank_large': ('rerank', 5_000, 45_000, 2_048, 'k-reciprocal re-ranking + metrics, N=50k'),
     'gpu_rerank': ('rerank', 10_000, 400_000, 2_048, 'Street2Shop-sized re-ranking (GPU)'),
+    'transfer': ('transfer', 0, 400_000, 1_024,
+                 "host memory of sending 1.6 GB to a device: placed_rows' blocks, then whole"),
 }
 # Re-ranking is timed twice (first call compiles) where that is affordable.
 RERANK_CALLS = {'rerank': 2, 'rerank_large': 1, 'gpu_rerank': 1}
@@ -154,7 +163,28 @@ def run_case(name: str, dtype: str, knn_precision: str | None) -> dict:
   kind, num_queries, gallery_size, dim, _ = CASES[name]
   query_emb, gallery_emb, query_ids, gallery_ids = clustered(num_queries, gallery_size, dim)
   result = {'load_start': os.getloadavg()[0]}
-  if kind == 'dense_metrics':
+  if kind == 'transfer':
+    import jax
+
+    from fashion_jax.retrieval import search
+    device = jax.devices()[0]
+    result['device'] = str(device)
+    jax.block_until_ready(jax.device_put(np.ones((1024, dim), np.float32), device))
+    held, rises = _status_gb('VmRSS'), []
+    for way in ('blocks', 'whole'):
+      with Timer() as timer:
+        sent = (search.placed_rows([gallery_emb], gallery_size,
+                                   jax.sharding.SingleDeviceSharding(device))
+                if way == 'blocks' else jax.device_put(gallery_emb, device))
+        jax.block_until_ready(sent)
+      del sent
+      rss = _status_gb('VmRSS')
+      rises.append(f'{rss - held:+.2f} GB' if rss and held else '?')
+      result['seconds' if way == 'blocks' else 'first_call_seconds'] = timer.wall
+      result['cpu_seconds'] = timer.cpu
+    print(f'  transfer: RSS {held:.2f} GB before; {gallery_emb.nbytes / 1e9:.2f} GB sent in '
+          f'placed_rows blocks: {rises[0]}; then whole: {rises[1]}', file=sys.stderr, flush=True)
+  elif kind == 'dense_metrics':
     with Timer() as timer:
       result['metrics'] = dense_protocol(query_emb, gallery_emb, query_ids, gallery_ids)
     result['seconds'], result['cpu_seconds'] = timer.wall, timer.cpu

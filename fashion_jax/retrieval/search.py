@@ -202,9 +202,10 @@ def placed_rows(parts, num_rows: int, sharding: jax.sharding.Sharding) -> jax.Ar
 
   Each device gets only its own rows. Where a device's rows exceed _PLACED_BLOCK_BYTES, its
   array is made there as zeros and the rows are written into it in place, that many bytes at a
-  time: besides the parts, the host holds at most one block (where a block spans two parts or
-  the padding, or has to change dtype), never a stacked or padded copy of them, and a device
-  never holds two copies. Fewer rows are stacked and padded on the host and sent at once. The
+  time, each written before the next is sent: besides the parts, the host holds at most one
+  block (where a block spans two parts or the padding, or has to change dtype; and on a GPU in
+  the runtime's staging buffer), never a stacked or padded copy of them, and a device never
+  holds two copies. Fewer rows are stacked and padded on the host and sent at once. The
   parts' dtypes are promoted together, as jnp.concatenate would.
   """
   parts = [np.asarray(p) for p in parts]
@@ -237,6 +238,10 @@ def placed_rows(parts, num_rows: int, sharding: jax.sharding.Sharding) -> jax.Ar
       # Rows of a block past the shard's end are dropped by the write (another device's).
       shard = _write_rows(shard, _rows(parts, offsets, first, block, dtype),
                           np.int32(first - start))
+      # One block in flight: a GPU runtime copies each host block it is sent into a pinned
+      # staging buffer from a pool that keeps its size; blocks queued together would grow it,
+      # and the process, by the whole array.
+      shard.block_until_ready()
     shards.append(shard)
   return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
