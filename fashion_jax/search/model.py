@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -33,8 +34,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   what the search needs (model.backbone, input.image_size)."""
   path = os.path.join(workdir, 'config.json')
   try:
-    with open(path, encoding='utf-8') as f:
-      data = json.load(f)
+    # epath: a workdir in a bucket (gs://...), as training on a TPU VM writes it, reads too.
+    data = json.loads(epath.Path(path).read_text(encoding='utf-8'))
   except FileNotFoundError:
     raise InputError(f'{workdir}: not a training workdir (no config.json)') from None
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -62,7 +63,7 @@ class SearchModel:
   """
 
   def __init__(self, workdir: str, *, step: int | None = None, batch_size: int = 64):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = checkpointing.absolute(workdir)
     self.config = load_config(self.workdir)
     self.image_size = tuple(int(v) for v in self.config.input.image_size)
     try:
@@ -71,7 +72,7 @@ class SearchModel:
       raise InputError(f'{os.path.join(self.workdir, "config.json")}: {error}') from None
     # Whether prepare resizes on the host (the compiled kernel) rather than in JAX.
     self.host_resize = host_resize_applies(self.resize_filter)
-    if not os.path.isdir(os.path.join(self.workdir, 'checkpoints')):
+    if not epath.Path(self.workdir, 'checkpoints').is_dir():
       raise InputError(f'{self.workdir}: no checkpoints/ folder (has it trained yet?)')
     checkpointer = checkpointing.Checkpointer(os.path.join(self.workdir, 'checkpoints'))
     self.checkpoint_dir = checkpointer.directory
