@@ -23,7 +23,6 @@ from fashion_jax.search import catalogue as search_catalogue  # noqa: E402
 from fashion_jax.search import images as image_io  # noqa: E402
 from fashion_jax.search.images import InputError  # noqa: E402
 from fashion_jax.checkpointing import CheckpointDamaged  # noqa: E402
-from data_pipelines.datasets import DatasetMissingError  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -307,6 +306,13 @@ def run_export(args) -> int:
   return 0
 
 
+def _dataset_errors() -> tuple[type[Exception], ...]:
+  """A TFDS catalogue's errors, where one was read: data_pipelines imports TensorFlow, which
+  the other commands neither need nor import."""
+  datasets = sys.modules.get('data_pipelines.datasets')
+  return (datasets.DatasetMissingError,) if datasets else ()
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   # TensorFlow (and its start-up notices) only for a SavedModel or a TFDS catalogue.
@@ -318,7 +324,7 @@ def main(argv=None) -> int:
   try:
     _check_numbers(args)
     return command(args)
-  except (InputError, CheckpointDamaged, DatasetMissingError, ValueError) as e:
+  except (InputError, CheckpointDamaged, ValueError, *_dataset_errors()) as e:
     # One line even when a file or product name brings a line break of its own.
     print(f'error: {image_io.one_line(e)}', file=sys.stderr)
     return 2

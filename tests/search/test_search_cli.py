@@ -87,6 +87,36 @@ def test_query_a_file_finds_its_product_once(index_dir, catalogue, tmp_path, cap
   assert 'sku-2' in table.splitlines()[1] or 'sku-2' in table
 
 
+def test_index_and_query_run_without_tensorflow(workdir, catalogue, tmp_path):
+  # The search extra installs no TensorFlow: index (from a CSV), add, query and remove must not
+  # import it. A None entry in sys.modules makes an import fail as on a machine without it.
+  import subprocess
+  import sys
+  script = ("import sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None\n"
+            'from fashion_jax.search.__main__ import main\n'
+            'for args in sys.argv[1:]:\n'
+            '  code = main(args.split(\'|\'))\n'
+            "  assert not {'tensorflow', 'data_pipelines.datasets'} & {k for k, v in "
+            'sys.modules.items() if v is not None}\n'
+            '  if code: sys.exit(code)\n')
+  index, photo = str(tmp_path / 'index'), os.path.join(catalogue['dir'], 'p2_0.png')
+  commands = [['index', '--workdir', workdir, '--index', index, '--catalogue',
+               catalogue['csv_first']],
+              ['query', '--index', index, photo, '--out', str(tmp_path / 'out')],
+              ['remove', '--index', index, '--products', 'sku-5'],
+              # A dataset error is still one line, and still needs no TensorFlow to report.
+              ['query', '--index', index, str(tmp_path / 'missing.png')]]
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  result = subprocess.run([sys.executable, '-c', script, *['|'.join(c) for c in commands]],
+                          cwd=repo, env=dict(os.environ, PYTHONPATH=repo), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1].startswith('error: '), result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  with open(os.path.join(tmp_path / 'out', 'results.json')) as f:
+    assert json.load(f)['queries'][0]['results'][0]['product_id'] == 'sku-2'
+
+
 def test_query_a_folder_and_a_category_filter(index_dir, catalogue, tmp_path, capsys, make_image):
   folder = tmp_path / 'photos'
   folder.mkdir()
