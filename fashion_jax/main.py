@@ -1,4 +1,4 @@
-"""Command line: `python -m fashion_jax.main --config configs/demo.py --workdir runs/demo`.
+r"""Command line: `python -m fashion_jax.main --config configs/demo.py --workdir runs/demo`.
 
 Override any config field with `--config.<field>=<value>`, e.g. `--config.train.batch_size=128`.
 Evaluate the latest checkpoint of a workdir on another dataset (cross-domain evaluation):
@@ -34,7 +34,8 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and evalua
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() (multi-host: TPU pod slices, GPU clusters). '
-                  'On TPU VMs and SLURM/Kubernetes GPU jobs the arguments below are detected.')
+                  'On TPU VMs and SLURM/Kubernetes GPU jobs --coordinator_address, '
+                  '--num_processes and --process_id are detected.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with --distributed).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (with --distributed).')
 flags.DEFINE_integer('process_id', None, 'This process (with --distributed).')

@@ -1,4 +1,4 @@
-"""Grid search over config fields, each point trained in a workdir of its own (docs/sweeps.md):
+r"""Grid search over config fields, each point trained in a workdir of its own (docs/sweeps.md):
 
   python -m fashion_jax.sweep --config configs/demo.py --workdir runs/sweep \
       --sweep 'optim.base_lr=1e-3,2e-3' --sweep 'loss.metric=triplet,quadruplet'
@@ -35,6 +35,8 @@ from fashion_jax import checkpointing, configlib, evaluate, train  # noqa: E402
 from fashion_jax import main as train_cli  # noqa: E402  (--config, --workdir, their parsing)
 
 FLAGS = flags.FLAGS
+for _name in ('config', 'workdir'):  # defined by fashion_jax.main; --help lists them with ours
+  flags.declare_key_flag(_name)
 flags.DEFINE_multi_string('sweep', [], "A field and its values, e.g. 'optim.base_lr=1e-3,2e-3'; "
                           'each --sweep adds a dimension to the grid.')
 flags.DEFINE_bool('print_commands', False, 'Print one training command per point (for a cluster '

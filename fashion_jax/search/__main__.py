@@ -9,6 +9,7 @@ Bad input ends the command with one line on stderr and exit status 2.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -27,8 +28,9 @@ from fashion_jax.checkpointing import CheckpointDamaged  # noqa: E402
 
 def _parser() -> argparse.ArgumentParser:
   parser = _Parser(prog='python -m fashion_jax.search', description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=_HelpFormatter)
   commands = parser.add_subparsers(dest='command', required=True)
+  commands.add_parser = functools.partial(commands.add_parser, formatter_class=_HelpFormatter)
 
   index = commands.add_parser('index', help='embed a catalogue into an index (or add to one)')
   index.add_argument('--workdir', required=True, help='training workdir (config.json, checkpoints/)')
@@ -38,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
   index.add_argument('--dtype', choices=('float16', 'float32'),
                      help='of the stored embeddings, for a new index (default: float16)')
   index.add_argument('--centroids', action='store_true', help='also store one vector per product')
-  index.add_argument('--max-pixels', type=int, default=image_io.DEFAULT_MAX_PIXELS)
+  index.add_argument('--max-pixels', type=int, default=image_io.DEFAULT_MAX_PIXELS,
+                     help='largest image accepted, in pixels')
   index.add_argument('--backend', choices=backends.backend_names(),
                      help='search backend, chosen when the index is created (default: exact)')
   index.add_argument('--faiss-factory', help='FAISS index_factory string (default: from size)')
@@ -53,17 +56,17 @@ def _parser() -> argparse.ArgumentParser:
   index.add_argument('--qdrant-replicas', type=int, help='Qdrant copies of each shard')
 
   update = commands.add_parser('update', help="replace the images of a catalogue's products")
-  update.add_argument('--index', required=True)
+  update.add_argument('--index', required=True, help='index directory')
   _catalogue_flags(update)
   _model_flags(update)
 
   remove = commands.add_parser('remove', help='take products out of the index')
-  remove.add_argument('--index', required=True)
+  remove.add_argument('--index', required=True, help='index directory')
   remove.add_argument('--products', nargs='+', default=[], metavar='ID', help='product ids')
   remove.add_argument('--products-file', help='a text file of product ids, one per line')
 
   query = commands.add_parser('query', help='search the index with street photos')
-  query.add_argument('--index', required=True)
+  query.add_argument('--index', required=True, help='index directory')
   query.add_argument('inputs', nargs='+', help='image files, folders of images, or CSV files '
                      '(image[,x,y,w,h][,category])')
   query.add_argument('--box', help='x,y,w,h crop of a single image query')
@@ -75,10 +78,11 @@ def _parser() -> argparse.ArgumentParser:
   _model_flags(query)
 
   serve = commands.add_parser('serve', help='HTTP service and web page over the index')
-  serve.add_argument('--index', required=True)
+  serve.add_argument('--index', required=True, help='index directory')
   serve.add_argument('--host', default='127.0.0.1', help='address to listen on (loopback)')
-  serve.add_argument('--port', type=int, default=8080)
-  serve.add_argument('--max-upload-bytes', type=int, default=10 * 1024 * 1024)
+  serve.add_argument('--port', type=int, default=8080, help='port to listen on')
+  serve.add_argument('--max-upload-bytes', type=int, default=10 * 1024 * 1024,
+                     help='largest photo accepted in a request')
   serve.add_argument('-k', type=int, default=12, help='default products per query')
   serve.add_argument('--max-in-flight', type=int, default=64,
                      help='searches admitted at once; more are answered 503')
@@ -90,11 +94,23 @@ def _parser() -> argparse.ArgumentParser:
   _model_flags(serve)
 
   export = commands.add_parser('export', help='StableHLO and TF SavedModel of the embedding')
-  export.add_argument('--workdir', required=True)
-  export.add_argument('--step', type=int)
+  export.add_argument('--workdir', required=True, help='training workdir (config.json, '
+                      'checkpoints/)')
+  export.add_argument('--step', type=int, help='checkpoint step (default: the latest)')
   export.add_argument('--out', required=True, help='output folder')
   export.add_argument('--no-saved-model', action='store_true', help='StableHLO only (no TF)')
   return parser
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Each option's default after its help, where it has one worth showing."""
+
+  def _get_help_string(self, action):
+    text = action.help or ''
+    if (action.option_strings and '(default' not in text
+        and action.default not in (None, False, argparse.SUPPRESS)):
+      text += ' (default: %(default)s)'
+    return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,20 +135,22 @@ def _check_numbers(args) -> None:
 
 def _catalogue_flags(parser):
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument('--catalogue', help='CSV (image,product_id,category[,x,y,w,h]) or JSON')
+  source.add_argument('--catalogue', help='CSV with a header (image,product_id[,category]'
+                      '[,x,y,w,h]), JSON or JSON lines (docs/search.md)')
   source.add_argument('--tfds', help='TFDS dataset name, e.g. fashion_synth/demo')
   parser.add_argument('--images-root', help='folder that relative image paths start from '
                       '(default: the catalogue file\'s folder)')
   parser.add_argument('--split', default='gallery', help='TFDS split (with --tfds)')
   parser.add_argument('--domain', default='', help='only images of this TFDS domain, e.g. shop')
   parser.add_argument('--data-dir', help='TFDS data_dir')
-  parser.add_argument('--batch-size', type=int, default=64)
+  parser.add_argument('--batch-size', type=int, default=64, help='images embedded at once')
 
 
 def _model_flags(parser):
   parser.add_argument('--workdir', help='use this workdir\'s latest checkpoint (default: the one '
                       'recorded in the index); it must be the model that built the index')
-  parser.add_argument('--max-pixels', type=int, default=image_io.DEFAULT_MAX_PIXELS)
+  parser.add_argument('--max-pixels', type=int, default=image_io.DEFAULT_MAX_PIXELS,
+                      help='largest image accepted, in pixels')
 
 
 def _index_and_model(args, index=None):
