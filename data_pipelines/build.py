@@ -2,6 +2,13 @@
 `python -m data_pipelines.build street2shop --manual_dir=<raw root> [--data_dir=...]`, or on
 Apache Beam (needs the `beam` extra) with `--beam_pipeline_options=runner=DirectRunner,...`
 (comma-separated Beam flags without their dashes, as for `tfds build`).
+
+The datasets, each with its configs (NAME/CONFIG; the first is the default):
+  street2shop                 default, max1024 (crops at most 1024 px), resized320
+  deepfashion_consumer2shop   default, highres (from img_highres/), resized320
+  deepfashion_inshop          default, resized320
+  fashion_synth               tiny, demo (synthetic; generated, no --manual_dir)
+resized320 stores the crops already resized to the training size (docs/datasets.md).
 """
 
 import os

@@ -249,10 +249,14 @@ def convert(arch: str, src: str, out: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--arch', required=True, help='backbone name, e.g. resnet50_ibn_a')
+  from fashion_jax.models.backbones import backbone_names
+  parser = argparse.ArgumentParser(prog='python -m fashion_jax.convert_weights',
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument('--arch', required=True, metavar='ARCH',
+                      help=f'backbone name: {", ".join(backbone_names())}')
   parser.add_argument('--src', required=True,
-                      help='checkpoint: .pth, .safetensors or (big_vision ViTs) .npz')
+                      help='checkpoint: .pth (needs the torch extra: pip install -e ".[torch]"), '
+                           '.safetensors or (big_vision ViTs) .npz')
   parser.add_argument('--out', required=True, help='output directory (gets backbone.npz)')
   args = parser.parse_args(argv)
   try:

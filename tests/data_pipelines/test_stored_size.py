@@ -104,3 +104,20 @@ def test_builds_that_keep_their_crops_train_at_any_size(tiny_builder):
   batch = next(iter(input_pipeline.create_train_dataset(
       tiny_builder, config, item_ids=input_pipeline.train_item_ids(tiny_builder))))
   assert batch['images'].shape == (8, 48, 32, 3)
+
+
+def test_build_help_lists_every_dataset_and_config():
+  # `python -m data_pipelines.build --help` prints the module docstring: the only place a user
+  # sees the configs before a build fails.
+  import importlib
+  import re
+
+  import tensorflow_datasets as tfds
+
+  from data_pipelines import build, datasets
+  listed = dict(re.findall(r'^  (\w+) +(.+)$', build.__doc__, re.M))
+  assert set(listed) == set(datasets.BUILDER_MODULES)
+  for name, module in datasets.BUILDER_MODULES.items():
+    importlib.import_module(module)
+    configs = [config.name for config in tfds.builder_cls(name).BUILDER_CONFIGS]
+    assert re.findall(r'(\w+)(?: \([^)]*\))?(?:, |$)', listed[name]) == configs, name
