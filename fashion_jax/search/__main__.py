@@ -303,8 +303,10 @@ def run_serve(args) -> int:
     raise InputError(f'cannot serve on {args.host}:{args.port}: '
                      f'{e.strerror or type(e).__name__}') from None
   host, port = httpd.server_address[:2]
+  searcher.follow()
   print(f'serving {index.directory} ({len(index)} images, {searcher.num_products} products) '
-        f'on http://{host}:{port}/', flush=True)
+        f'on http://{host}:{port}/; changes to the index are taken up as they are made',
+        flush=True)
   try:
     httpd.serve_forever()
   except KeyboardInterrupt:

@@ -4,6 +4,9 @@ Products, not images, are ranked: a product scores the best similarity of its im
 centroid when the index has them), so several images of one product appear once.
 """
 
+import os
+import sys
+import threading
 import time
 
 import numpy as np
@@ -23,18 +26,62 @@ class Searcher:
 
   def __init__(self, index: search_index.SearchIndex, model, *, use_centroids: bool | None = None,
                max_pixels: int = image_io.DEFAULT_MAX_PIXELS):
-    search_index.check_model(index.meta, model)
-    self.index, self.model, self.max_pixels = index, model, max_pixels
+    self.model, self.max_pixels = model, max_pixels
     self.use_centroids = index.centroids is not None if use_centroids is None else use_centroids
+    self.__dict__.update(self._loaded(index))
+    self._pending, self._pending_lock = None, threading.Lock()
+
+  def _loaded(self, index: search_index.SearchIndex) -> dict:
+    """What searching `index` needs: the index, its backend opened, and each product's rows
+    (for naming the image that matched best)."""
+    search_index.check_model(index.meta, self.model)
     if self.use_centroids and index.centroids is None:
       raise InputError(f'{index.directory}: index has no centroids (build it with --centroids)')
-    self.num_products = len(index.product_ids)
-    self.backend = search_index.open_backend(index, centroids=self.use_centroids)
-    # The rows of each product, for naming the image that matched best.
+    num_products = len(index.product_ids)
     live = np.flatnonzero(index.live)
     order = live[np.argsort(index.row_product[live], kind='stable')]
-    bounds = np.searchsorted(index.row_product[order], np.arange(self.num_products + 1))
-    self._product_rows = [order[bounds[p]:bounds[p + 1]] for p in range(self.num_products)]
+    bounds = np.searchsorted(index.row_product[order], np.arange(num_products + 1))
+    return {'index': index, 'num_products': num_products,
+            'backend': search_index.open_backend(index, centroids=self.use_centroids),
+            '_product_rows': [order[bounds[p]:bounds[p + 1]] for p in range(num_products)]}
+
+  def follow(self, interval: float = 2.0) -> None:
+    """Follows the index's changes (index, update, remove by other commands): a daemon thread
+    looks at index.json every `interval` seconds and loads a new generation beside the one in
+    use, which the next search then takes up, so searches never wait for a load. A generation
+    that cannot be used (built by another model, damaged) is reported on stderr, and the one in
+    use goes on serving."""
+    threading.Thread(target=self._watch, args=(interval,), daemon=True,
+                     name='index-follower').start()
+
+  def _watch(self, interval: float) -> None:
+    directory = self.index.directory
+    path = os.path.join(directory, 'index.json')
+    seen = _stamp(path)
+    while True:
+      time.sleep(interval)
+      stamp = _stamp(path)
+      if stamp == seen or stamp is None:
+        continue
+      seen = stamp
+      try:
+        loaded = self._loaded(search_index.SearchIndex(directory))
+      except (InputError, OSError) as error:
+        print(f'warning: {directory}: the index changed but cannot be loaded, so the previous '
+              f'one goes on serving: {image_io.one_line(error)}', file=sys.stderr, flush=True)
+        continue
+      with self._pending_lock:
+        self._pending = loaded
+      index = loaded['index']
+      print(f'{directory}: loaded generation {index.generation} ({index.num_live} images, '
+            f'{int(index.product_live.sum())} products)', file=sys.stderr, flush=True)
+
+  def _take_up_changes(self) -> None:
+    """Swaps in a generation the follower loaded (in the thread that searches)."""
+    if self._pending is not None:
+      with self._pending_lock:
+        loaded, self._pending = self._pending, None
+      self.__dict__.update(loaded)
 
   def category_number(self, category: str | None) -> int:
     if category is None or category == '':
@@ -59,6 +106,7 @@ class Searcher:
     'image', 'thumb'}, best first."""
     if k < 1:
       raise InputError(f'k must be at least 1, got {k}')
+    self._take_up_changes()
     number = self.category_number(category)
     queries = np.asarray(embeddings, np.float32)
     scores, products = self.backend.search(queries, k, number)
@@ -121,6 +169,15 @@ class Searcher:
     return {'results': answer['results'], 'box': list(box) if box else None,
             'category': category, 'crop_size': [int(crop.shape[1]), int(crop.shape[0])],
             'timing_ms': {'decode': round(1e3 * (decoded - start), 2), **answer['timing_ms']}}
+
+
+def _stamp(path: str):
+  """What changes when index.json is replaced: its inode, time and size (None while missing)."""
+  try:
+    status = os.stat(path)
+  except OSError:
+    return None
+  return status.st_ino, status.st_mtime_ns, status.st_size
 
 
 def result_picture(crop: np.ndarray, results: list[dict], index: search_index.SearchIndex,

@@ -180,6 +180,11 @@ def one_line(e: Exception) -> str:
   return ' '.join(str(e).split()) or type(e).__name__
 
 
+def one_line_error(message: str) -> InputError:
+  """An InputError of `message` on one line: names read from files may hold line breaks."""
+  return InputError(' '.join(message.split()))
+
+
 def thumbnail_bytes(image: np.ndarray, max_side: int = 256) -> bytes:
   """A JPEG of `image` whose longer side is at most `max_side`."""
   picture = Image.fromarray(image)

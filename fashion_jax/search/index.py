@@ -1,22 +1,37 @@
 """The search index: a directory holding a catalogue's embeddings and what they mean.
 
-  index.json        format, model (checkpoint, fingerprint, preprocessing), dtype, counts
-  embeddings.npy    [N, D] float16 or float32 unit vectors, one row per catalogue image
-  items.jsonl       one line per row: image (as given), product_id, category, box, thumb, and
-                    'removed': true once its product was removed
-  thumbs/           a small JPEG of every row's crop: all that the service ever shows
-  centroids.npy     optional [P, D] float32: one unit vector per live product (its images' mean)
-  (backend files)   whatever the search backend named in index.json keeps (none for 'exact')
+  index.json          format, model (checkpoint, fingerprint, preprocessing), dtype, counts,
+                      and the generation's files below by name
+  embeddings-G.npy    [N, D] float16 or float32 unit vectors, one row per catalogue image
+  items-G.jsonl       one line per row: image (as given), product_id, category, box, thumb,
+                      and 'removed': true once its product was removed
+  thumbs/             a small JPEG of every row's crop: all that the service ever shows
+  centroids-G.npy     optional [P, D] float32: one unit vector per live product (its images'
+                      mean)
+  backend-G/          whatever the search backend named in index.json keeps (none for 'exact')
 
 Rows are only ever appended, so adding images never recomputes the old ones; removing a
 product marks its rows and takes them out of the backend, keeping their files.
+
+A change writes the next generation's files beside the current ones, then replaces index.json,
+which names them, in one rename: a crash, a full disk or a kill at any moment leaves the index
+as it was or as it became, never between. The superseded files are deleted after. Commands
+that change an index hold its lock file (`.lock`), so a second writer waits for the first
+instead of overwriting it. Indexes written before generations (embeddings.npy, items.jsonl,
+centroids.npy, the backend's files at the top) are read as they are and converted by their
+next change.
 """
 
 import collections
+import contextlib
+import fcntl
 import json
 import math
 import os
+import re
+import shutil
 import stat
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,17 +51,50 @@ _MAX_META_BYTES = 64 << 20      # index.json: settings and category names
 _MAX_ITEM_BYTES = 1 << 20       # one items.jsonl line: a few paths and names
 
 
+# Files of an index written before generations, by their role in index.json's 'files'.
+_UNVERSIONED = {'embeddings': 'embeddings.npy', 'items': 'items.jsonl',
+                'centroids': 'centroids.npy'}
+_FILE_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]*$')  # a plain name inside the index
+_LOCK_FILE = '.lock'
+
+
 def _atomic_write(path: str, write) -> None:
+  """Writes `path` through a temporary file renamed over it, flushed to disk first, with the
+  permissions a new file gets under the umask (mkstemp's are the owner's alone)."""
   folder = os.path.dirname(path)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-')
   try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     with os.fdopen(fd, 'wb') as f:
       write(f)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+@contextlib.contextmanager
+def writer_lock(index_dir: str):
+  """Held while a command changes `index_dir`: a second writer waits (saying so on stderr)
+  until the first is done, then reads the index as the first left it. The lock goes with the
+  process that holds it, however that ends."""
+  os.makedirs(index_dir, exist_ok=True)
+  with open(os.path.join(index_dir, _LOCK_FILE), 'a+b') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f'{index_dir}: another command is changing this index; waiting for it to finish',
+            file=sys.stderr, flush=True)
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *,
@@ -64,7 +112,14 @@ def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *,
   `replace`, the products of `entries` lose their old images in the same write (an update:
   re-embedded from the new list); the result then also has 'replaced' (old images taken out).
   """
-  os.makedirs(index_dir, exist_ok=True)
+  with writer_lock(index_dir):
+    return _build(index_dir, model, entries, dtype=dtype, centroids=centroids,
+                  max_pixels=max_pixels, progress=progress, backend=backend,
+                  backend_settings=backend_settings, replace=replace)
+
+
+def _build(index_dir, model, entries, *, dtype, centroids, max_pixels, progress, backend,
+           backend_settings, replace) -> dict:
   meta_path = os.path.join(index_dir, _INDEX_FILE)
   existing = None
   if os.path.exists(meta_path):
@@ -187,8 +242,8 @@ def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *,
                        np.asarray([number.get(items[r]['category'], -1) for r in rows], np.int32))
   if len(old_rows):
     search_backend.remove(old_rows)
-  search_backend.save(index_dir)
-  _write(index_dir, meta, items, embeddings)
+  _commit(index_dir, meta, items, embeddings, search_backend,
+          existing.meta if existing else None, embeddings_changed=bool(new_items))
   result = {'added': len(new_items), 'skipped': len(entries) - len(new),
             'count': sum(not item.get('removed') for item in items)}
   return {**result, 'replaced': len(old_rows)} if replace else result
@@ -215,20 +270,71 @@ def _read_crop(entry: catalogue.CatalogueEntry, max_pixels: int) -> np.ndarray:
   return image_io.crop(image, entry['box'], name=entry['image'])
 
 
-def _write(index_dir: str, meta: dict, items: list[dict], embeddings: np.ndarray) -> None:
-  """Embeddings, items, centroids (when the index keeps them) and index.json, each atomically;
-  index.json last, with the counts of the live (not removed) rows."""
-  _atomic_write(os.path.join(index_dir, 'embeddings.npy'), lambda f: np.save(f, embeddings))
-  _atomic_write(os.path.join(index_dir, 'items.jsonl'), lambda f: f.write(
+def _commit(index_dir: str, meta: dict, items: list[dict], embeddings: np.ndarray,
+            search_backend: backends.Backend, previous: dict | None, *,
+            embeddings_changed: bool = True) -> None:
+  """Writes the next generation: its embeddings (unless unchanged), items, centroids (when the
+  index keeps them) and backend files under new names, then index.json naming them and the
+  counts of the live (not removed) rows, then deletes what no generation names."""
+  generation = (previous or {}).get('generation', 0) + 1
+  files = {}
+  kept = _files(previous) if previous and not embeddings_changed else {}
+  if 'embeddings' in kept:
+    files['embeddings'] = kept['embeddings']
+  else:
+    files['embeddings'] = f'embeddings-{generation}.npy'
+    _atomic_write(os.path.join(index_dir, files['embeddings']), lambda f: np.save(f, embeddings))
+  files['items'] = f'items-{generation}.jsonl'
+  _atomic_write(os.path.join(index_dir, files['items']), lambda f: f.write(
       ''.join(json.dumps(item) + '\n' for item in items).encode()))
   live = [row for row, item in enumerate(items) if not item.get('removed')]
   if meta['centroids']:
     centroids = product_centroids(embeddings, items)
-    _atomic_write(os.path.join(index_dir, 'centroids.npy'), lambda f: np.save(f, centroids))
-  meta = {**meta, 'count': len(live), 'rows': len(items),
-          'products': len({items[row]['product_id'] for row in live})}
+    files['centroids'] = f'centroids-{generation}.npy'
+    _atomic_write(os.path.join(index_dir, files['centroids']), lambda f: np.save(f, centroids))
+  backend_dir = os.path.join(index_dir, f'backend-{generation}')
+  shutil.rmtree(backend_dir, ignore_errors=True)  # a crashed write's
+  os.makedirs(backend_dir)
+  search_backend.save(backend_dir)
+  if os.listdir(backend_dir):
+    files['backend'] = os.path.basename(backend_dir)
+  else:
+    os.rmdir(backend_dir)
+  meta = {**meta, 'generation': generation, 'files': files, 'count': len(live),
+          'rows': len(items), 'products': len({items[row]['product_id'] for row in live})}
   _atomic_write(os.path.join(index_dir, _INDEX_FILE),
                 lambda f: f.write(json.dumps(meta, indent=2).encode()))
+  _remove_unnamed(index_dir, files)
+
+
+def _files(meta: dict) -> dict:
+  """The files of the generation `meta` describes, by role; an index written before
+  generations has the fixed names (and its backend's files at the top, no 'backend')."""
+  if 'files' in meta:
+    return dict(meta['files'])
+  return {role: name for role, name in _UNVERSIONED.items()
+          if role != 'centroids' or meta.get('centroids')}
+
+
+def _remove_unnamed(index_dir: str, files: dict) -> None:
+  """Deletes the files of earlier generations (and of writes that crashed before their
+  commit): a reader that mapped them keeps them until it is done. Best effort: whatever is
+  left is deleted by the next change."""
+  named = set(files.values())
+  old_backend = {'faiss.index', 'faiss_rows.npz'}  # before generations, at the top
+  for name in os.listdir(index_dir):
+    generated = re.match(r'^(embeddings|items|centroids|backend)-\d+(\.npy|\.jsonl)?$', name)
+    if name in named or not (generated or name in _UNVERSIONED.values() or name in old_backend
+                             or name.startswith('.tmp-')):
+      continue
+    path = os.path.join(index_dir, name)
+    try:
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.unlink(path)
+    except OSError:
+      pass
 
 
 def product_numbers(items: list[dict]) -> tuple[list[str], np.ndarray]:
@@ -254,6 +360,11 @@ def remove_products(index_dir: str, product_ids: list[str]) -> dict:
   """Takes every image of `product_ids` out of the index and its backend; returns
   {'removed' (images), 'products', 'count' (images left)}. An id that is not in the index
   stops everything before any change."""
+  with writer_lock(index_dir):
+    return _remove_products(index_dir, product_ids)
+
+
+def _remove_products(index_dir: str, product_ids: list[str]) -> dict:
   index = SearchIndex(index_dir)
   wanted = list(dict.fromkeys(str(p) for p in product_ids))
   if not wanted:
@@ -271,9 +382,9 @@ def remove_products(index_dir: str, product_ids: list[str]) -> dict:
            for row, item in enumerate(index.items)]
   rows = np.asarray(rows, np.int64)
   search_backend = open_backend(index)
-  _write(index_dir, index.meta, items, index.embeddings)
   search_backend.remove(rows)
-  search_backend.save(index_dir)
+  _commit(index_dir, index.meta, items, index.embeddings, search_backend, index.meta,
+          embeddings_changed=False)
   return {'removed': len(rows), 'products': len(wanted),
           'count': int(sum(not item.get('removed') for item in items))}
 
@@ -298,7 +409,8 @@ def check_model(meta: dict, model) -> None:
     here = {**defaults, **model.preprocessing}
     differing = [f'{key} {built.get(key)!r} in the index, {value!r} here'
                  for key, value in here.items() if built.get(key) != value]
-    raise InputError(
+    # One line, whatever the recorded names hold.
+    raise image_io.one_line_error(
         f"index was built by another model ({meta['model']['workdir']} step "
         f"{meta['model']['step']}, fingerprint {meta['model']['fingerprint'][:12]}), not "
         f'{model.workdir} step {model.step} ({model.fingerprint[:12]})' +
@@ -312,20 +424,22 @@ class SearchIndex:
     self.directory = os.path.abspath(index_dir)
     if not os.path.lexists(os.path.join(self.directory, _INDEX_FILE)):
       raise InputError(f'{index_dir}: not a search index (no {_INDEX_FILE})')
-    self.meta = _check_meta(_read_json(index_dir, _INDEX_FILE, _MAX_META_BYTES), index_dir)
-    # Memory-mapped: a catalogue's vectors are read as searched, not all at start.
-    self.embeddings = _load_array(index_dir, 'embeddings.npy', self.meta['dtype'],
-                                  self.meta['dim'])
-    text = image_io.read_text(_regular_file(index_dir, 'items.jsonl'),
-                              (len(self.embeddings) + 1) * _MAX_ITEM_BYTES)
-    self.items = []
-    for number, line in enumerate(text.split('\n'), start=1):
-      if line.strip():
-        self.items.append(_check_item(_parse_json(line, index_dir, f'items.jsonl line {number}'),
-                                      index_dir, number))
-    if len(self.items) != len(self.embeddings):
-      raise InputError(f'{index_dir}: {len(self.items)} items but {len(self.embeddings)} '
-                       f'embeddings (damaged index)')
+    # A change committed while this reads may delete the files the index.json read first
+    # names: then the new index.json names the new ones.
+    for attempt in range(3):
+      self.meta = _check_meta(_read_json(index_dir, _INDEX_FILE, _MAX_META_BYTES), index_dir)
+      self.files = _files(self.meta)
+      try:
+        self._read_files(index_dir)
+        break
+      except InputError:
+        current = _read_json(index_dir, _INDEX_FILE, _MAX_META_BYTES)
+        if attempt == 2 or not isinstance(current, dict) or current.get(
+            'generation') == self.meta.get('generation'):
+          raise
+    # The backend's files: its generation's folder (the top, before generations).
+    self.backend_directory = os.path.join(self.directory, self.files.get('backend', ''))
+    self.generation = int(self.meta.get('generation', 0))
     self.categories = list(self.meta['categories'])
     # Live rows: those of products not removed. A removed row keeps its number and files.
     self.live = np.asarray([not item.get('removed') for item in self.items], bool)
@@ -340,13 +454,32 @@ class SearchIndex:
     order = np.lexsort((np.arange(len(self.items)), ~self.live, self.row_product))
     first = order[np.searchsorted(self.row_product[order], np.arange(len(self.product_ids)))]
     self.product_category = self.row_category[first]
+    if self.centroids is not None and len(self.centroids) != len(self.product_ids):
+      raise InputError(f'{index_dir}: {len(self.centroids)} centroids but '
+                       f'{len(self.product_ids)} products (damaged index)')
+
+  def _read_files(self, index_dir: str) -> None:
+    """The embeddings (memory-mapped: a catalogue's vectors are read as searched, not all at
+    start), the items and the centroids that index.json names."""
+    self.embeddings = _load_array(index_dir, self.files['embeddings'], self.meta['dtype'],
+                                  self.meta['dim'])
+    name = self.files['items']
+    text = image_io.read_text(_regular_file(index_dir, name),
+                              (len(self.embeddings) + 1) * _MAX_ITEM_BYTES)
+    self.items = []
+    for number, line in enumerate(text.split('\n'), start=1):
+      if line.strip():
+        self.items.append(_check_item(_parse_json(line, index_dir, f'{name} line {number}'),
+                                      index_dir, number))
+    if len(self.items) != len(self.embeddings):
+      raise InputError(f'{index_dir}: {len(self.items)} items but {len(self.embeddings)} '
+                       f'embeddings (damaged index)')
     self.centroids = None
     if self.meta['centroids']:
-      self.centroids = np.array(_load_array(index_dir, 'centroids.npy', 'float32',
+      if 'centroids' not in self.files:
+        raise InputError(f'{index_dir}: {_INDEX_FILE} names no centroids file (damaged index)')
+      self.centroids = np.array(_load_array(index_dir, self.files['centroids'], 'float32',
                                             self.meta['dim']))
-      if len(self.centroids) != len(self.product_ids):
-        raise InputError(f'{index_dir}: {len(self.centroids)} centroids but '
-                         f'{len(self.product_ids)} products (damaged index)')
 
   def __len__(self) -> int:
     return len(self.items)
@@ -364,7 +497,8 @@ class SearchIndex:
 _META_FIELDS = {'format': int, 'dtype': str, 'dim': int, 'centroids': bool, 'categories': list,
                 'model': dict}
 _MODEL_FIELDS = {'workdir': str, 'step': int, 'fingerprint': str, 'backbone': str}
-_OPTIONAL_META_FIELDS = {'backend': str, 'backend_settings': dict}
+_OPTIONAL_META_FIELDS = {'backend': str, 'backend_settings': dict, 'generation': int,
+                         'files': dict}
 _ITEM_FIELDS = {'image': str, 'product_id': str, 'category': str, 'thumb': str}
 
 
@@ -397,6 +531,11 @@ def _check_meta(meta, index_dir: str) -> dict:
     wrong.append('categories (not all strings)')
   if not wrong and not isinstance(meta['model'].get('preprocessing', {}), dict):
     wrong.append('model.preprocessing (not a dict)')
+  if not wrong and 'files' in meta:
+    files = meta['files']
+    if not {'embeddings', 'items'} <= set(files) or not all(
+        isinstance(name, str) and _FILE_NAME.match(name) for name in files.values()):
+      wrong.append('files (not plain names of the embeddings and items)')
   if wrong:
     raise InputError(f"{index_dir}: {_INDEX_FILE} has bad fields: {', '.join(wrong)} "
                      '(damaged index)')

@@ -62,7 +62,7 @@ class FakeIndex:
   """What `open` reads of a `search.index.SearchIndex`, whose product `removed` was removed."""
 
   def __init__(self, directory, catalogue, name, settings, removed):
-    self.directory = str(directory)
+    self.directory = self.backend_directory = str(directory)
     self.meta = {'backend': name, 'backend_settings': settings}
     self.embeddings, self.row_product = catalogue.embeddings, catalogue.row_product
     self.row_category, self.product_category = catalogue.row_category, catalogue.product_category

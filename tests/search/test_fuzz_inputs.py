@@ -31,6 +31,7 @@ from fashion_jax.search import catalogue as search_catalogue
 from fashion_jax.search import index as search_index
 from fashion_jax.search.__main__ import main
 from fashion_jax.search.images import InputError
+from index_files import index_file
 
 _FORMATS = ('PNG', 'JPEG', 'QOI', 'WEBP', 'GIF', 'BMP', 'TIFF')
 
@@ -250,17 +251,17 @@ def _damage(path, how: str) -> None:
       f.write(how.lstrip('+'))
 
 
-_INDEX_CASES = {
+_INDEX_CASES = {  # (file, or its role in index.json's 'files'; damage; words of the error)
     'index_json_corrupt': ('index.json', '{"format": 1, "mod', 'not valid JSON'),
     'index_json_missing': ('index.json', 'missing', 'not a search index'),
     'index_json_a_list': ('index.json', '[1, 2]', 'not a JSON object'),
-    'embeddings_missing': ('embeddings.npy', 'missing', 'embeddings.npy cannot be read'),
-    'embeddings_truncated': ('embeddings.npy', 'truncated', 'embeddings.npy cannot be read'),
-    'items_missing': ('items.jsonl', 'missing', 'items.jsonl cannot be read'),
-    'items_bad_line': ('items.jsonl', '+{"image": oops\n', 'is not valid JSON'),
-    'items_one_too_many': ('items.jsonl', '+{"image": "a", "product_id": "p", "category": "", '
+    'embeddings_missing': ('embeddings', 'missing', '{} cannot be read'),
+    'embeddings_truncated': ('embeddings', 'truncated', '{} cannot be read'),
+    'items_missing': ('items', 'missing', '{} cannot be read'),
+    'items_bad_line': ('items', '+{"image": oops\n', 'is not valid JSON'),
+    'items_one_too_many': ('items', '+{"image": "a", "product_id": "p", "category": "", '
                            '"box": null, "thumb": "t"}\n', 'damaged index'),
-    'items_wrong_type': ('items.jsonl', '+[1]\n', 'not a JSON object'),
+    'items_wrong_type': ('items', '+[1]\n', 'not a JSON object'),
 }
 
 
@@ -269,6 +270,9 @@ def test_damaged_index_is_one_line_exit_2(index_dir, catalogue, tmp_path, capfd,
   name, how, words = _INDEX_CASES[case]
   damaged = tmp_path / 'index'
   shutil.copytree(index_dir, damaged)
+  if '.' not in name:
+    name = index_file(damaged, name)
+  words = words.format(name)
   _damage(damaged / name, how)
   with pytest.raises(InputError, match=re.escape(words)) as error:
     search_index.SearchIndex(str(damaged))
@@ -281,7 +285,8 @@ def test_damaged_index_is_one_line_exit_2(index_dir, catalogue, tmp_path, capfd,
 
 @pytest.mark.parametrize('field, value, words', [
     ('dtype', 'float64', 'dtype'), ('dim', 3, 'float32 [N, 3]'), ('categories', 'dress', 'list'),
-    ('model', {'workdir': 'w'}, 'model.step (missing)'), ('centroids', True, 'centroids.npy'),
+    ('model', {'workdir': 'w'}, 'model.step (missing)'),
+    ('centroids', True, 'names no centroids file'),
     ('format', 2, 'format 2 is not 1')])
 def test_index_json_fields_are_checked(index_dir, tmp_path, field, value, words):
   damaged = tmp_path / 'index'
@@ -418,20 +423,20 @@ def test_fuzz_index_loader(index_dir, model, tmp_path):
   rng = np.random.default_rng(4)
   copy = tmp_path / 'index'
   shutil.copytree(index_dir, copy)
-  originals = {name: (copy / name).read_bytes()
-               for name in ('index.json', 'items.jsonl', 'embeddings.npy')}
+  names = ('index.json', index_file(copy, 'items'), index_file(copy, 'embeddings'))
+  originals = {name: (copy / name).read_bytes() for name in names}
   loaded = 0
   for case in range(240):
-    name = ('index.json', 'items.jsonl', 'embeddings.npy')[case % 3]
+    name = names[case % 3]
     data = originals[name]
     if name == 'index.json' and rng.integers(2):
       data = json.dumps(_mutate_json(rng, json.loads(data))).encode()
-    elif name == 'items.jsonl' and rng.integers(2):
+    elif name == names[1] and rng.integers(2):
       lines = data.decode().splitlines()
       line = rng.integers(len(lines))
       lines[line] = json.dumps(_mutate_json(rng, json.loads(lines[line])))
       data = ('\n'.join(lines) + '\n').encode()
-    elif name == 'embeddings.npy' and rng.integers(2):  # the header, where sizes are declared
+    elif name == names[2] and rng.integers(2):  # the header, where sizes are declared
       data = _mutate(rng, data[:128]) + data[128:]
     else:
       data = _mutate(rng, data)

@@ -10,6 +10,7 @@ import pytest
 from fashion_jax.search import engine
 from fashion_jax.search import index as search_index
 from fashion_jax.search.__main__ import main
+from index_files import items_text
 
 
 @pytest.fixture
@@ -48,13 +49,13 @@ def test_a_removed_product_is_never_returned_again(index_copy, model, catalogue,
 
 
 def test_removing_unknown_products_changes_nothing(index_copy, tmp_path, capsys):
-  before = open(os.path.join(index_copy, 'items.jsonl')).read()
+  before = items_text(index_copy)
   ids = tmp_path / 'ids.txt'
   ids.write_text('sku-2\nsku-99\n')
   assert main(['remove', '--index', index_copy, '--products-file', str(ids)]) == 2
   err = capsys.readouterr().err.strip()
   assert err == f"error: {index_copy}: not in the index: 'sku-99' (nothing removed)", err
-  assert open(os.path.join(index_copy, 'items.jsonl')).read() == before
+  assert items_text(index_copy) == before
   assert main(['remove', '--index', index_copy]) == 2
   assert 'name the products' in capsys.readouterr().err
 
@@ -113,3 +114,136 @@ def test_every_backend_through_the_command_line(backend, index_dir, model, catal
     answer = searcher.answer(f.read(), box=(16, 0, 64, 48), category='shoe', k=10)
   assert {r['category'] for r in answer['results']} == {'shoe'}
   assert answer['results'][0]['product_id'] == 'sku-5'
+
+
+class _Killed(BaseException):
+  """Stands for the process dying: nothing catches a BaseException that is not an Exception."""
+
+
+def _state(path, model, catalogue):
+  """What an index holds, as a reader sees it: its rows and their embeddings, and the products
+  a search returns for two photos."""
+  index = search_index.SearchIndex(path)
+  searcher = engine.Searcher(index, model)
+  found = []
+  for product in (0, 5):
+    with open(_photo(catalogue, product), 'rb') as f:
+      found.append([(r['product_id'], round(r['score'], 5))
+                    for r in searcher.answer(f.read(), k=6)['results']])
+  return ([(i['product_id'], i.get('removed', False)) for i in index.items],
+          index.embeddings.tobytes(), found)
+
+
+@pytest.mark.parametrize('backend', ['exact', 'faiss'])
+def test_a_change_killed_at_any_write_leaves_the_old_or_the_new_index(
+    tmp_path, model, catalogue, monkeypatch, backend):
+  # Every file replacement a change makes (the index's, and the backend's own) is in turn the
+  # moment the process dies: the index then reads whole, as it was or as it became, and the
+  # same command again completes it. Then the files left are those of one generation.
+  if backend == 'faiss':
+    pytest.importorskip('faiss')
+  base = tmp_path / 'base'
+  assert main(['index', '--workdir', model.workdir, '--index', str(base), '--catalogue',
+               catalogue['csv_first'], '--centroids', '--backend', backend]) == 0
+  changes = {
+      'add': lambda path: search_index.build(path, model, _entries(catalogue['csv_rest']),
+                                             progress=False),
+      'update': lambda path: search_index.build(path, model, _entries(catalogue['csv_first'])[:2],
+                                                progress=False, replace=True),
+      'remove': lambda path: search_index.remove_products(path, ['sku-1']),
+  }
+  replace = os.replace
+  for name, change in changes.items():
+    done = tmp_path / f'{name}_done'
+    shutil.copytree(base, done)
+    change(str(done))
+    before, after = _state(base, model, catalogue), _state(done, model, catalogue)
+    assert before != after
+    for kill_at in range(1, 20):
+      path = tmp_path / f'{name}_{kill_at}'
+      shutil.copytree(base, path)
+      calls = []
+
+      def dying_replace(source, target, kill_at=kill_at, calls=calls):
+        calls.append(target)
+        if len(calls) == kill_at:
+          raise _Killed
+        return replace(source, target)
+
+      monkeypatch.setattr(os, 'replace', dying_replace)
+      try:
+        change(str(path))
+        finished = True
+      except _Killed:
+        finished = False
+      finally:
+        monkeypatch.setattr(os, 'replace', replace)
+      state = _state(path, model, catalogue)
+      assert state in (before, after), (name, kill_at, calls[-1])
+      if state == before:
+        change(str(path))  # the same command again
+      assert _state(path, model, catalogue) == after, (name, kill_at)
+      generation = search_index.SearchIndex(str(path)).files
+      left = {n for n in os.listdir(path) if n not in ('index.json', 'thumbs', '.lock')}
+      assert left == set(generation.values()), (name, kill_at, left)
+      shutil.rmtree(path)
+      if finished:
+        break
+    assert not finished or kill_at > 3, 'the change made fewer replacements than expected'
+
+
+def _entries(csv_path):
+  from fashion_jax.search import catalogue as search_catalogue
+  return search_catalogue.read_catalogue(csv_path, os.path.dirname(csv_path))
+
+
+def test_a_second_writer_waits_for_the_first_and_both_changes_are_kept(
+    index_copy, model, catalogue, capfd):
+  import threading
+  other = threading.Thread(target=search_index.remove_products, args=(index_copy, ['sku-1']))
+  with search_index.writer_lock(index_copy):
+    other.start()
+    other.join(timeout=1.0)
+    assert other.is_alive()  # waiting: the index is unchanged while the first writer holds it
+    assert 'another command is changing this index; waiting' in capfd.readouterr().err
+    assert search_index.SearchIndex(index_copy).num_live == 12
+  # This writer, started while the other runs or waits, goes after it.
+  search_index.build(index_copy, model, _entries(catalogue['csv_rest']), progress=False,
+                     replace=True)
+  other.join(timeout=60)
+  assert not other.is_alive()
+  index = search_index.SearchIndex(index_copy)
+  # The update replaced sku-4 and sku-5's images; then sku-1 went: 12 + 4 new - 4 old - 2.
+  assert index.num_live == 10 and 'sku-1' not in {
+      item['product_id'] for item in index.items if not item.get('removed')}
+
+
+def test_a_following_searcher_takes_up_changes_made_by_other_commands(index_copy, model,
+                                                                      catalogue, capfd):
+  import time
+  searcher = engine.Searcher(search_index.SearchIndex(index_copy), model)
+  searcher.follow(interval=0.05)
+
+  def top(product):
+    with open(_photo(catalogue, product), 'rb') as f:
+      return [r['product_id'] for r in searcher.answer(f.read(), k=6)['results']]
+
+  def eventually(condition):
+    deadline = time.monotonic() + 30
+    while not condition():
+      assert time.monotonic() < deadline, 'the change was not taken up'
+      time.sleep(0.05)
+
+  assert top(1)[0] == 'sku-1'
+  assert main(['remove', '--index', index_copy, '--products', 'sku-1']) == 0
+  eventually(lambda: 'sku-1' not in top(1))
+  assert searcher.index.num_live == 10
+  assert 'loaded generation' in capfd.readouterr().err
+  # A change that cannot be used is reported, and the index in use keeps serving.
+  with open(os.path.join(index_copy, 'index.json')) as f:
+    meta = json.load(f)
+  meta['model']['fingerprint'] = 'another model'
+  with open(os.path.join(index_copy, 'index.json'), 'w') as f:
+    json.dump(meta, f)
+  eventually(lambda: 'cannot be loaded' in capfd.readouterr().err)
+  assert top(2)[0] == 'sku-2' and searcher.index.num_live == 10

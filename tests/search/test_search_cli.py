@@ -11,6 +11,7 @@ from PIL import Image
 from fashion_jax.search import images as image_io
 from fashion_jax.search import index as search_index
 from fashion_jax.search.__main__ import main
+from index_files import index_file, items_text
 
 
 def _crop(catalogue, row):
@@ -46,7 +47,7 @@ def test_adding_images_keeps_old_rows_and_skips_known_ones(tmp_path, workdir, ca
   assert first.embeddings.dtype == np.float16 and len(first) == 8
   # Old rows are not recomputed: poison them and check they survive an add.
   poisoned = np.full_like(first.embeddings, 0.25)
-  np.save(os.path.join(path, 'embeddings.npy'), poisoned)
+  np.save(os.path.join(path, index_file(path, 'embeddings')), poisoned)
   capsys.readouterr()
   assert main(['index', '--workdir', workdir, '--index', path, '--catalogue',
                catalogue['csv_rest'], '--centroids']) == 0
@@ -250,7 +251,7 @@ def test_images_read_side_by_side_index_in_order(workdir, model, tmp_path, make_
       ('broken_b.png', 'sku-y', 'shoe')] + more[9:]
   _write_csv(tmp_path / 'damaged.csv', damaged)
   monkeypatch.setattr(search_index, '_readers', lambda: 4)
-  before = (tmp_path / 'four' / 'items.jsonl').read_bytes()
+  before = items_text(tmp_path / 'four')
   capfd.readouterr()
   assert main(['index', '--workdir', workdir, '--catalogue', str(tmp_path / 'damaged.csv'),
                '--index', str(tmp_path / 'four')]) == 2
@@ -258,5 +259,5 @@ def test_images_read_side_by_side_index_in_order(workdir, model, tmp_path, make_
   # The progress bar is erased (\r), leaving the one line.
   assert err.count('\n') == 1 and err.rsplit('\r', 1)[-1].startswith('error: '), err
   assert 'broken_a.jpg' in err and 'broken_b' not in err, err
-  assert (tmp_path / 'four' / 'items.jsonl').read_bytes() == before
+  assert items_text(tmp_path / 'four') == before
   assert len(search_index.SearchIndex(str(tmp_path / 'four')).items) == 30

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from fashion_jax.search.__main__ import main
+from index_files import items_text
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -177,14 +178,14 @@ def test_bad_catalogue_image_leaves_the_index_untouched(tmp_path, workdir, catal
   path = str(tmp_path / 'index')
   assert main(['index', '--workdir', workdir, '--index', path, '--catalogue',
                catalogue['csv_rest']]) == 0
-  before = open(os.path.join(path, 'items.jsonl')).read()
+  before = items_text(path)
   bad = tmp_path / 'bad.csv'
   (tmp_path / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(20))
   bad.write_text('image,product_id,category\n'
                  f"{os.path.join(catalogue['dir'], 'p0_0.png')},sku-0,dress\nbroken.png,sku-9,shoe\n")
   assert main(['index', '--workdir', workdir, '--index', path, '--catalogue', str(bad)]) == 2
   assert 'broken.png' in capsys.readouterr().err
-  assert open(os.path.join(path, 'items.jsonl')).read() == before
+  assert items_text(path) == before
 
 
 def test_command_line_exit_status_and_one_line(index_dir, tmp_path):

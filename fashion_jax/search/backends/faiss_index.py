@@ -159,7 +159,7 @@ class FaissBackend(Backend):
   def open(cls, index, *, centroids):
     settings = index.meta.get('backend_settings') or {}
     if not centroids:
-      return cls.load(index.directory, settings)
+      return cls.load(index.backend_directory, settings)
     # One row per product is small: an exact scan in memory, whatever the images use.
     products = np.flatnonzero(index.product_live)
     backend = cls(index.centroids.shape[1], np.float32, {'factory': 'Flat'})
