@@ -117,6 +117,10 @@ class Searcher:
     for score, product in zip(scores, products):
       if product < 0 or not np.isfinite(score):
         break
+      if product >= self.num_products or not len(self._product_rows[product]):
+        # A shared backend (a Qdrant collection) ahead of, or behind, this generation of the
+        # index: a change another process is making. What the index does not list is skipped.
+        continue
       rows = self._product_rows[product]
       # The product's image that is closest to the query (the one that scored, without
       # centroids).

@@ -247,3 +247,18 @@ def test_a_following_searcher_takes_up_changes_made_by_other_commands(index_copy
     json.dump(meta, f)
   eventually(lambda: 'cannot be loaded' in capfd.readouterr().err)
   assert top(2)[0] == 'sku-2' and searcher.index.num_live == 10
+
+
+def test_products_a_shared_backend_holds_beyond_the_index_are_skipped(index_copy, model,
+                                                                     catalogue):
+  # A Qdrant collection is changed by its writer before the writer commits the index that
+  # lists the change: until then a reader's backend may return products its index does not
+  # list (yet), or no longer lists live rows of. Those are skipped, not an error.
+  import numpy as np
+  searcher = engine.Searcher(search_index.SearchIndex(index_copy), model)
+  with open(_photo(catalogue, 1), 'rb') as f:
+    embedding = model.embed_crops([searcher.crop_of(f.read())])
+  searcher._product_rows[1] = np.zeros(0, np.int64)  # sku-1 no longer live in the index
+  searcher.num_products -= 1                          # and sku-5 not in it yet
+  found = [r['product_id'] for r in searcher.search_embeddings(embedding, k=6)[0]]
+  assert found and 'sku-1' not in found and 'sku-5' not in found
