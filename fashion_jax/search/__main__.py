@@ -9,6 +9,7 @@ Bad input ends the command with one line on stderr and exit status 2.
 """
 
 import argparse
+import errno
 import functools
 import json
 import os
@@ -326,6 +327,10 @@ def run_export(args) -> int:
   return 0
 
 
+# A disk's refusals that a file object reports without the file's name (f.write).
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+
+
 def _dataset_errors() -> tuple[type[Exception], ...]:
   """A TFDS catalogue's errors, where one was read: data_pipelines imports TensorFlow, which
   the other commands neither need nor import."""
@@ -348,10 +353,11 @@ def main(argv=None) -> int:
     # One line even when a file or product name brings a line break of its own.
     print(f'error: {image_io.one_line(e)}', file=sys.stderr)
     return 2
-  except OSError as e:  # an output path that is a file, or cannot be written
-    if e.filename is None:
+  except OSError as e:  # an output path that is a file, or cannot be written; a full disk
+    if e.filename is None and e.errno not in _DISK_ERRORS:
       raise
-    print(f"error: {' '.join(console.path_error(e).split())}", file=sys.stderr)
+    line = console.path_error(e) if e.filename else f'writing failed: {e.strerror}'
+    print(f"error: {' '.join(line.split())}", file=sys.stderr)
     return 2
 
 

@@ -202,7 +202,11 @@ def result_picture(crop: np.ndarray, results: list[dict], index: search_index.Se
 
   paste(Image.fromarray(crop), 0, ['query'], 'blue')
   for rank, result in enumerate(results, start=1):
-    with Image.open(index.thumb_path(result['row'])) as thumb:
-      paste(thumb.convert('RGB'), rank, [f"{rank}. {result['product_id']}"[:20],
-                                         f"{result['score']:.3f}"], 'gray')
+    try:
+      with Image.open(index.thumb_path(result['row'])) as thumb:
+        picture = thumb.convert('RGB')
+    except (OSError, InputError):  # a thumbnail missing or damaged: the result stays, greyed
+      picture = Image.new('RGB', (tile, tile), (200, 200, 200))
+    paste(picture, rank, [f"{rank}. {result['product_id']}"[:20], f"{result['score']:.3f}"],
+          'gray')
   return canvas

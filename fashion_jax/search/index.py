@@ -192,7 +192,7 @@ def _build(index_dir, model, entries, *, dtype, centroids, max_pixels, progress,
         ahead.append(pool.submit(read, number + len(ahead)))
       try:
         crop, ready = ahead.popleft().result()
-      except InputError:
+      except BaseException:
         bar.leave = False  # erased, so the error is the one line a failed run leaves on stderr
         bar.close()
         raise

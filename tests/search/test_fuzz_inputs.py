@@ -605,3 +605,70 @@ def test_faiss_settings_are_checked_before_any_image_is_read(workdir, catalogue,
                                      '--catalogue', catalogue['csv_first'], '--backend', 'faiss',
                                      *settings])
   assert not (new / 'thumbs').exists() and not (new / 'index.json').exists()
+
+
+@pytest.fixture(scope='module')
+def faiss_index_dir(workdir, catalogue, tmp_path_factory):
+  pytest.importorskip('faiss')
+  path = str(tmp_path_factory.mktemp('faiss') / 'index')
+  assert main(['index', '--workdir', workdir, '--index', path, '--catalogue',
+               catalogue['csv_first'], '--backend', 'faiss']) == 0
+  return path
+
+
+@pytest.mark.parametrize('name, how', [
+    ('faiss.index', 'truncated'), ('faiss.index', ''), ('faiss.index', 'zeros'),
+    ('faiss_rows.npz', 'truncated'), ('faiss_rows.npz', ''), ('faiss_rows.npz', 'flipped')])
+def test_damaged_faiss_files_are_one_line_exit_2(faiss_index_dir, catalogue, tmp_path, capfd,
+                                                 name, how):
+  damaged = tmp_path / 'index'
+  shutil.copytree(faiss_index_dir, damaged)
+  path = damaged / index_file(damaged, 'backend') / name
+  data = path.read_bytes()
+  if how in ('zeros', 'flipped'):
+    middle = len(data) // 2
+    data = data[:middle] + (bytes(64) if how == 'zeros' else bytes(
+        b ^ 0xFF for b in data[middle:middle + 64])) + data[middle + 64:]
+    if how == 'zeros':
+      data = bytes(len(data))
+  path.write_bytes(data if how else b'')
+  if how == 'truncated':
+    _damage(path, 'truncated')
+  photo = os.path.join(catalogue['dir'], 'p0_0.png')
+  for command in (['query', '--index', str(damaged), photo, '--out', str(tmp_path / 'out')],
+                  ['remove', '--index', str(damaged), '--products', 'sku-0']):
+    line = _cli_error(capfd, command)
+    assert f'{name} cannot be read' in line or 'do not agree' in line, line
+
+
+def test_a_damaged_thumbnail_leaves_the_query_and_its_picture(index_dir, catalogue, tmp_path,
+                                                             capfd):
+  copy = tmp_path / 'index'
+  shutil.copytree(index_dir, copy)
+  for thumb in (copy / 'thumbs').iterdir():
+    thumb.write_bytes(bytes(100))
+  out = tmp_path / 'out'
+  assert main(['query', '--index', str(copy), os.path.join(catalogue['dir'], 'p0_0.png'),
+               '--out', str(out)]) == 0
+  with open(out / 'results.json') as f:
+    assert json.load(f)['queries'][0]['results'][0]['product_id'] == 'sku-0'
+
+
+def test_a_full_disk_while_indexing_is_one_line_and_leaves_the_index(index_dir, workdir,
+                                                                     catalogue, tmp_path, capfd,
+                                                                     monkeypatch):
+  import errno
+  copy = tmp_path / 'index'
+  shutil.copytree(index_dir, copy)
+  before = (copy / 'index.json').read_text()
+
+  def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(image_io, 'thumbnail_bytes', no_space)
+  (tmp_path / 'more.csv').write_text(
+      'image,product_id\n' + os.path.join(catalogue['dir'], 'p0_1.jpg') + ',sku-new\n')
+  line = _cli_error(capfd, ['index', '--workdir', workdir, '--index', str(copy), '--catalogue',
+                            str(tmp_path / 'more.csv')])
+  assert line.strip() == 'error: writing failed: No space left on device', line
+  assert (copy / 'index.json').read_text() == before

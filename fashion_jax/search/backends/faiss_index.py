@@ -88,6 +88,12 @@ def _collapse(scores, rows, row_product, k):
   return scores[first], products[first]
 
 
+def _reason(error: Exception) -> str:
+  """An error's message in one line; FAISS's last line says why, after its C++ location."""
+  lines = str(error).strip().splitlines()
+  return (lines[-1].rsplit('Error: ', 1)[-1].strip() if lines else '') or type(error).__name__
+
+
 def _check_names(settings: dict) -> None:
   unknown = sorted(set(settings) - set(SETTINGS))
   if unknown:
@@ -175,13 +181,21 @@ class FaissBackend(Backend):
     if not os.path.exists(os.path.join(directory, ROWS_FILE)):
       raise FileNotFoundError(f'{directory}: no FAISS index ({ROWS_FILE}): index the catalogue '
                               'again with this backend')
-    with np.load(os.path.join(directory, ROWS_FILE)) as saved:
-      mapped_lists = str(saved['kind']) == 'ivf'  # an IVF holding its ids: lists mmap
-      product, category, held = saved['product'], saved['category'], saved['held']
+    try:
+      with np.load(os.path.join(directory, ROWS_FILE), allow_pickle=False) as saved:
+        mapped_lists = str(saved['kind']) == 'ivf'  # an IVF holding its ids: lists mmap
+        product, category, held = saved['product'], saved['category'], saved['held']
+    except Exception as error:  # noqa: BLE001 (zipfile, EOF, key and value errors)
+      raise ValueError(f'{ROWS_FILE} cannot be read ({_reason(error)}) (damaged index)') from None
     path = os.path.join(directory, INDEX_FILE)
     # FAISS releases without IO_FLAG_MMAP_IFC read flat and HNSW indexes whole.
     flag = faiss.IO_FLAG_MMAP if mapped_lists else getattr(faiss, 'IO_FLAG_MMAP_IFC', 0)
-    index = faiss.read_index(path, flag | faiss.IO_FLAG_READ_ONLY)
+    try:
+      index = faiss.read_index(path, flag | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as error:
+      raise ValueError(f'{INDEX_FILE} cannot be read ({_reason(error)}) (damaged index)') from None
+    if not (len(product) == len(category) == len(held)) or index.d < 1:
+      raise ValueError(f'{ROWS_FILE} and {INDEX_FILE} do not agree (damaged index)')
     backend = cls(index.d, np.float32, settings or {})
     backend._index, backend._mapped = index, path
     backend._kind, backend._refined = _structure(faiss, index)
