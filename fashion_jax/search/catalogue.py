@@ -22,6 +22,9 @@ class CatalogueEntry(dict):
   plus, for entries not read from files, 'data': encoded bytes."""
 
 
+MAX_FIELD_CHARS = 65_536  # of an image path, a product id or a category
+
+
 def read_catalogue(path: str, images_root: str | None = None) -> list[CatalogueEntry]:
   """Rows of a CSV (header: image, product_id[, category][, x, y, w, h]) or a JSON list / JSONL of
   {image, product_id, category, box}. Relative image paths are relative to `images_root`,
@@ -40,6 +43,11 @@ def read_catalogue(path: str, images_root: str | None = None) -> list[CatalogueE
   for number, row in enumerate(rows, start=2 if path.lower().endswith('.csv') else 1):
     if not isinstance(row, dict) or not row.get('image') or row.get('product_id') in (None, ''):
       raise InputError(f'{path}: row {number} needs an image and a product_id')
+    for field in ('image', 'product_id', 'category'):
+      size = len(str(row.get(field) or ''))
+      if size > MAX_FIELD_CHARS:  # an index line must stay readable (index._MAX_ITEM_BYTES)
+        raise InputError(f'{path}: row {number}: {field} is {size:,} characters, more than '
+                         f'{MAX_FIELD_CHARS:,}')
     image = str(row['image'])
     box = row.get('box')
     if isinstance(box, (list, tuple)):

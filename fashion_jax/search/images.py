@@ -2,7 +2,9 @@
 Every failure is an InputError.
 
 Decoding mirrors the evaluation pipeline's `tf.io.decode_image(channels=3)`: the first frame,
-RGB, no EXIF rotation, alpha dropped (not composited). TensorFlow decodes JPEG with libjpeg's
+RGB, alpha dropped (not composited), 16-bit grey by its high byte. One difference: an EXIF
+orientation is applied, so a phone's photo is upright, as the web page shows it and its box is
+drawn (TensorFlow leaves it as stored). TensorFlow decodes JPEG with libjpeg's
 fast integer IDCT and smooth chroma upsampling; PIL only offers the accurate IDCT, which moves
 most pixels of a JPEG by a few grey levels. So JPEGs are decoded with simplejpeg (libjpeg-turbo)
 in TensorFlow's mode when it is installed (the `search` extra), giving the same pixels as the
@@ -30,6 +32,10 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # handler configured Python prints those records on stderr, a second line beside the one-line
 # error. Records still reach any handler the application configures.
 logging.getLogger('PIL').addHandler(logging.NullHandler())
+# The pixel limit is decode's `max_pixels`, checked from the header before anything is decoded,
+# as PIL's own check would be; PIL's fixed one (89 megapixels) would refuse what a larger
+# --max-pixels allows, and with its own words.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class InputError(ValueError):
@@ -60,9 +66,17 @@ def decode(data: bytes, *, name: str = 'image', max_pixels: int = DEFAULT_MAX_PI
                                          fastupsample=False, strict=True)
         else:
           image.load()
-          if image.mode != 'RGB':
-            image = image.convert('RGB')
-          array = np.asarray(image, dtype=np.uint8)
+          if image.mode.startswith('I;16') or image.mode == 'I':
+            # 16-bit grey: its high byte, as TensorFlow decodes it to uint8 (PIL's RGB
+            # conversion clips the values to 255 instead, a white picture).
+            grey = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
+            array = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+          else:
+            array = np.asarray(image if image.mode == 'RGB' else image.convert('RGB'),
+                               dtype=np.uint8)
+        # After decoding: PIL reads a PNG's EXIF by loading the picture, whose errors must
+        # surface above, not be swallowed here.
+        orientation = _orientation(image)
   except InputError:
     raise
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -73,7 +87,28 @@ def decode(data: bytes, *, name: str = 'image', max_pixels: int = DEFAULT_MAX_PI
     # PIL's plugins parse untrusted bytes and fail in their own ways (a truncated QOI raises
     # IndexError, a DDS NotImplementedError): whatever they raise, the bytes are no image.
     raise InputError(f'{name}: truncated or corrupt image ({one_line(e)})') from None
-  return np.ascontiguousarray(array.reshape(height, width, 3))
+  return np.ascontiguousarray(_upright(array.reshape(height, width, 3), orientation))
+
+
+_ORIENTATION = 0x0112  # the EXIF tag
+
+
+def _orientation(image: Image.Image):
+  """The EXIF orientation tag, or 1 (as stored) where there is none or the EXIF is damaged: a
+  photo that decodes is used."""
+  try:
+    return image.getexif().get(_ORIENTATION, 1)
+  except Exception:  # noqa: BLE001 (PIL's EXIF parser meets untrusted bytes)
+    return 1
+
+
+def _upright(array: np.ndarray, orientation) -> np.ndarray:
+  """The image as its EXIF orientation (1-8) says to show it: what a phone, a browser and
+  PIL's ImageOps.exif_transpose show. Other values leave it as stored."""
+  return {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+          5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+          7: lambda a: np.rot90(a, 2).transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}.get(
+              orientation, lambda a: a)(array)
 
 
 def default_max_bytes(max_pixels: int) -> int:
