@@ -13,6 +13,10 @@ import tensorflow as tf
 from PIL import Image
 
 # The format each extension promises; the content decides what the file really is.
+# The largest photo decoded: PIL's default refusal (twice its 89,478,485-pixel warning), kept
+# here so that a process that changes PIL's limit (the search reads by its own) builds alike.
+MAX_PIXELS = 2 * 89_478_485
+
 _EXTENSION_FORMATS = {
     '.jpg': 'JPEG', '.jpeg': 'JPEG', '.jpe': 'JPEG', '.png': 'PNG', '.gif': 'GIF',
     '.bmp': 'BMP', '.webp': 'WEBP', '.tif': 'TIFF', '.tiff': 'TIFF',
@@ -66,6 +70,8 @@ def load_rgb(path: str, faults: FaultCounter) -> Image.Image | None:
       # Palette images with transparency warn; the conversion below handles them.
       warnings.simplefilter('ignore')
       with Image.open(path) as image:
+        if image.width * image.height > MAX_PIXELS:  # checked here, whatever PIL's limit is
+          raise Image.DecompressionBombError(f'{image.width}x{image.height} pixels')
         # load() decodes every byte, so a truncated file fails here and not later in TFDS.
         image.load()
         real_format = image.format

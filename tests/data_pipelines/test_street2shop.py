@@ -450,3 +450,17 @@ def test_tfds_command_line_build_equals_plain_build(built, tmp_path):
   loaded = tfds.load('street2shop', split='gallery', data_dir=str(tmp_path),
                      decoders={'images': {'image': tfds.decode.SkipDecoding()}})
   assert sum(1 for _ in loaded) == len(built_splits.records(builder, 'gallery'))
+
+
+def test_a_photo_over_the_pixel_limit_is_skipped_whatever_pils_limit(tmp_path, monkeypatch):
+  # The builders' own limit: a process where PIL's was lifted (the search's reader lifts it and
+  # checks its own) builds the same dataset.
+  from data_pipelines.street2shop import raw_images
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', None)
+  monkeypatch.setattr(raw_images, 'MAX_PIXELS', 100 * 100)
+  for size, kept in (((100, 100), True), ((101, 100), False)):
+    path = str(tmp_path / f'{size[0]}.png')
+    Image.new('RGB', size).save(path)
+    faults = raw_images.FaultCounter()
+    assert (raw_images.load_rgb(path, faults) is not None) == kept
+    assert faults.get('corrupt_image', 0) == (0 if kept else 1)
