@@ -28,7 +28,17 @@ class Searcher:
                max_pixels: int = image_io.DEFAULT_MAX_PIXELS):
     self.model, self.max_pixels = model, max_pixels
     self.use_centroids = index.centroids is not None if use_centroids is None else use_centroids
-    self.__dict__.update(self._loaded(index))
+    for attempt in range(3):
+      try:
+        self.__dict__.update(self._loaded(index))
+        break
+      except InputError:
+        # A change committed since `index` was read deletes the backend files it names: the
+        # new generation is then read instead.
+        latest = search_index.SearchIndex(index.directory)
+        if attempt == 2 or latest.generation == index.generation:
+          raise
+        index = latest
     self._pending, self._pending_lock = None, threading.Lock()
 
   def _loaded(self, index: search_index.SearchIndex) -> dict:
@@ -67,14 +77,14 @@ class Searcher:
       try:
         loaded = self._loaded(search_index.SearchIndex(directory))
       except (InputError, OSError) as error:
-        print(f'warning: {directory}: the index changed but cannot be loaded, so the previous '
-              f'one goes on serving: {image_io.one_line(error)}', file=sys.stderr, flush=True)
+        _note(f'warning: {directory}: the index changed but cannot be loaded, so the previous '
+              f'one goes on serving: {image_io.one_line(error)}')
         continue
       with self._pending_lock:
         self._pending = loaded
       index = loaded['index']
-      print(f'{directory}: loaded generation {index.generation} ({index.num_live} images, '
-            f'{int(index.product_live.sum())} products)', file=sys.stderr, flush=True)
+      _note(f'{directory}: loaded generation {index.generation} ({index.num_live} images, '
+            f'{int(index.product_live.sum())} products)')
 
   def _take_up_changes(self) -> None:
     """Swaps in a generation the follower loaded (in the thread that searches)."""
@@ -86,10 +96,16 @@ class Searcher:
   def category_number(self, category: str | None) -> int:
     if category is None or category == '':
       return backends.NO_CATEGORY
-    if category not in self.index.categories:
-      known = ', '.join(self.index.categories[:20]) or 'none'
+    categories = self.index.categories
+    pending = self._pending
+    if category not in categories and pending is not None:
+      # A generation loaded but not yet taken up (the search that uses this number takes it
+      # up first; categories are only ever appended, so numbers agree).
+      categories = pending['index'].categories
+    if category not in categories:
+      known = ', '.join(categories[:20]) or 'none'
       raise InputError(f'unknown category {category!r} (this index has: {known})')
-    return self.index.categories.index(category)
+    return categories.index(category)
 
   def warm_up(self) -> None:
     """Compiles the model and the search for a single query, so a first request does not wait."""
@@ -173,6 +189,14 @@ class Searcher:
     return {'results': answer['results'], 'box': list(box) if box else None,
             'category': category, 'crop_size': [int(crop.shape[1]), int(crop.shape[0])],
             'timing_ms': {'decode': round(1e3 * (decoded - start), 2), **answer['timing_ms']}}
+
+
+def _note(line: str) -> None:
+  """A line on stderr for the service's log; the follower goes on if stderr is gone."""
+  try:
+    print(line, file=sys.stderr, flush=True)
+  except (OSError, ValueError):
+    pass
 
 
 def _stamp(path: str):

@@ -84,7 +84,9 @@ def writer_lock(index_dir: str):
   until the first is done, then reads the index as the first left it. The lock goes with the
   process that holds it, however that ends."""
   os.makedirs(index_dir, exist_ok=True)
-  with open(os.path.join(index_dir, _LOCK_FILE), 'a+b') as lock:
+  # Read-only is enough to lock: a .lock another user made still serves.
+  descriptor = os.open(os.path.join(index_dir, _LOCK_FILE), os.O_RDONLY | os.O_CREAT, 0o666)
+  with os.fdopen(descriptor, 'rb') as lock:
     try:
       fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -360,6 +362,7 @@ def remove_products(index_dir: str, product_ids: list[str]) -> dict:
   """Takes every image of `product_ids` out of the index and its backend; returns
   {'removed' (images), 'products', 'count' (images left)}. An id that is not in the index
   stops everything before any change."""
+  SearchIndex(index_dir)  # not an index: refused before the lock file is made
   with writer_lock(index_dir):
     return _remove_products(index_dir, product_ids)
 

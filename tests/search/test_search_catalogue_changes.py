@@ -262,3 +262,22 @@ def test_products_a_shared_backend_holds_beyond_the_index_are_skipped(index_copy
   searcher.num_products -= 1                          # and sku-5 not in it yet
   found = [r['product_id'] for r in searcher.search_embeddings(embedding, k=6)[0]]
   assert found and 'sku-1' not in found and 'sku-5' not in found
+
+
+def test_a_new_category_is_searchable_once_its_generation_is_loaded(index_copy, model,
+                                                                   catalogue, tmp_path):
+  import time
+  searcher = engine.Searcher(search_index.SearchIndex(index_copy), model)
+  searcher.follow(interval=0.05)
+  hats = tmp_path / 'hats.csv'
+  hats.write_text(f"image,product_id,category\n{_photo(catalogue, 2, 1)},sku-hat,hat\n")
+  assert main(['index', '--workdir', model.workdir, '--index', index_copy, '--catalogue',
+               str(hats)]) == 0
+  deadline = time.monotonic() + 30
+  while searcher._pending is None and 'hat' not in searcher.index.categories:
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  # Asked for by a filtered search before any search took the generation up.
+  with open(_photo(catalogue, 2, 1), 'rb') as f:
+    answer = searcher.answer(f.read(), k=3, category='hat')
+  assert [r['product_id'] for r in answer['results']] == ['sku-hat']
