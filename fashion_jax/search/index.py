@@ -323,7 +323,8 @@ def _remove_unnamed(index_dir: str, files: dict) -> None:
   commit): a reader that mapped them keeps them until it is done. Best effort: whatever is
   left is deleted by the next change."""
   named = set(files.values())
-  old_backend = {'faiss.index', 'faiss_rows.npz'}  # before generations, at the top
+  # The FAISS backend's files, at the top before generations.
+  old_backend = {backends.faiss_index.INDEX_FILE, backends.faiss_index.ROWS_FILE}
   for name in os.listdir(index_dir):
     generated = re.match(r'^(embeddings|items|centroids|backend)-\d+(\.npy|\.jsonl)?$', name)
     if name in named or not (generated or name in _UNVERSIONED.values() or name in old_backend
