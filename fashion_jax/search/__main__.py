@@ -359,6 +359,12 @@ def main(argv=None) -> int:
     line = console.path_error(e) if e.filename else f'writing failed: {e.strerror}'
     print(f"error: {' '.join(line.split())}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback
+    changes = args.command in ('index', 'update', 'remove')
+    print('interrupted' + ('; the index is as it was, or as this change made it if it had '
+                           'committed (a change is whole or not at all)' if changes else ''),
+          file=sys.stderr)
+    return 130
 
 
 if __name__ == '__main__':

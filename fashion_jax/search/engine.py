@@ -86,6 +86,14 @@ class Searcher:
       _note(f'{directory}: loaded generation {index.generation} ({index.num_live} images, '
             f'{int(index.product_live.sum())} products)')
 
+  @property
+  def latest_index(self) -> search_index.SearchIndex:
+    """The newest generation loaded: the one in use, or one the follower loaded that the next
+    search takes up (for what the service reports; rows keep their numbers across
+    generations)."""
+    pending = self._pending
+    return self.index if pending is None else pending['index']
+
   def _take_up_changes(self) -> None:
     """Swaps in a generation the follower loaded (in the thread that searches)."""
     if self._pending is not None:

@@ -78,6 +78,15 @@ def _atomic_write(path: str, write) -> None:
     raise
 
 
+def _sync(path: str) -> None:
+  """Flushes a file's data, or a folder's entries (its renames), to the disk."""
+  descriptor = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(descriptor)
+  finally:
+    os.close(descriptor)
+
+
 @contextlib.contextmanager
 def writer_lock(index_dir: str):
   """Held while a command changes `index_dir`: a second writer waits (saying so on stderr)
@@ -300,13 +309,20 @@ def _commit(index_dir: str, meta: dict, items: list[dict], embeddings: np.ndarra
   search_backend.save(backend_dir)
   if os.listdir(backend_dir):
     files['backend'] = os.path.basename(backend_dir)
+    for name in os.listdir(backend_dir):
+      _sync(os.path.join(backend_dir, name))
+    _sync(backend_dir)
   else:
     os.rmdir(backend_dir)
+  # On disk before index.json names them, so that a power cut leaves the old index or the
+  # new one (the thumbnails are not synced: a lost one greys its tile).
+  _sync(index_dir)
   meta = {**meta, 'generation': generation, 'files': files, 'count': len(live),
           'rows': len(items), 'products': len({items[row]['product_id'] for row in live})}
   _atomic_write(os.path.join(index_dir, _INDEX_FILE),
                 lambda f: f.write(json.dumps(meta, indent=2).encode()))
-  _remove_unnamed(index_dir, files)
+  _sync(index_dir)
+  _remove_unnamed(index_dir, files, generation)
 
 
 def _files(meta: dict) -> dict:
@@ -318,15 +334,17 @@ def _files(meta: dict) -> dict:
           if role != 'centroids' or meta.get('centroids')}
 
 
-def _remove_unnamed(index_dir: str, files: dict) -> None:
+def _remove_unnamed(index_dir: str, files: dict, generation: int) -> None:
   """Deletes the files of earlier generations (and of writes that crashed before their
-  commit): a reader that mapped them keeps them until it is done. Best effort: whatever is
-  left is deleted by the next change."""
+  commit, whose generation is at most this one): a reader that mapped them keeps them until
+  it is done. Best effort: whatever is left is deleted by the next change."""
   named = set(files.values())
   # The FAISS backend's files, at the top before generations.
   old_backend = {backends.faiss_index.INDEX_FILE, backends.faiss_index.ROWS_FILE}
   for name in os.listdir(index_dir):
-    generated = re.match(r'^(embeddings|items|centroids|backend)-\d+(\.npy|\.jsonl)?$', name)
+    generated = re.match(r'^(embeddings|items|centroids|backend)-(\d+)(\.npy|\.jsonl)?$', name)
+    if generated and int(generated[2]) > generation:
+      continue  # not one this index wrote (yet): someone else's file
     if name in named or not (generated or name in _UNVERSIONED.values() or name in old_backend
                              or name.startswith('.tmp-')):
       continue

@@ -180,19 +180,21 @@ def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = Tru
 
   @app.get('/api/info')
   def info():
-    return {'images': searcher.index.num_live, 'products': int(searcher.index.product_live.sum()),
-            'categories': searcher.index.categories, 'default_k': settings.default_k,
+    index = searcher.latest_index
+    return {'images': index.num_live, 'products': int(index.product_live.sum()),
+            'categories': index.categories, 'default_k': settings.default_k,
             'max_k': settings.max_k, 'max_upload_bytes': settings.max_upload_bytes,
             'max_pixels': searcher.max_pixels, 'centroids': searcher.use_centroids,
             'backend': searcher.backend.name, 'batching': settings.max_batch > 1,
-            'model': {key: searcher.index.meta['model'][key] for key in ('backbone', 'step')}}
+            'model': {key: index.meta['model'][key] for key in ('backbone', 'step')}}
 
   @app.get('/thumb/{row}', responses={200: {'content': {'image/jpeg': {}}}})
   def thumb(row: int):
-    if not 0 <= row < len(searcher.index):
+    index = searcher.latest_index
+    if not 0 <= row < len(index):
       raise _Refused(404, f'no catalogue row {row}')
     try:
-      path = searcher.index.thumb_path(row)
+      path = index.thumb_path(row)
     except InputError:
       raise _Refused(404, f'no thumbnail for row {row}') from None
     if not os.path.isfile(path):

@@ -318,3 +318,34 @@ def test_faiss_probes_more_lists_until_k_products_qualify():
   assert (products >= 0).all()
   category_of = dict(zip(rows[2], rows[3]))
   assert all(category_of[p] == 1 for p in products.ravel())
+
+
+@pytest.mark.parametrize('batched', [False, True])
+def test_exact_compiles_a_few_sizes_for_a_catalogue_growing_row_by_row(batched):
+  """A served index changes one product at a time: the exact backend pads its rows and products
+  to a few sizes, so it does not compile (and keep) a search for every count, and its answers
+  are a scan's, padding left out."""
+  from fashion_jax.search.backends import exact as exact_module
+  catalogue = Catalogue(seed=1, num_products=1000)
+  backend = backends.get('exact').create(None, DIM, 'float16', {})
+  backend.one_query_per_call = not batched
+  queries = catalogue.queries[:4].astype(np.float16)
+  before = exact_module._best_products._cache_size()
+  first = 2000
+  for count in range(first, first + 40):
+    backend.add(*catalogue.rows(np.arange(first) if count == first else np.asarray([count - 1])))
+    for category in (NO_CATEGORY, 2):
+      scores, products = backend.search(queries, 3, category)
+      rows = np.arange(count)
+      if category >= 0:
+        rows = rows[catalogue.row_category[rows] == category]
+      similarity = queries.astype(np.float32) @ catalogue.embeddings[rows].astype(np.float32).T
+      best = np.full((len(queries), catalogue.row_product.max() + 1), -np.inf, np.float32)
+      np.maximum.at(best.T, catalogue.row_product[rows], similarity.T)
+      want = np.argsort(-best, axis=1, kind='stable')[:, :3]
+      np.testing.assert_array_equal(products, want)
+      np.testing.assert_allclose(scores, np.take_along_axis(best, want, 1), atol=2e-3)
+  compiled = exact_module._best_products._cache_size() - before
+  # 40 row counts, 2000 ... 2039, all round to 2048 rows and one product count; padded only to
+  # the devices' multiple they are 5 sizes, each with its product counts.
+  assert compiled <= 1, compiled

@@ -277,7 +277,30 @@ def test_a_new_category_is_searchable_once_its_generation_is_loaded(index_copy, 
   while searcher._pending is None and 'hat' not in searcher.index.categories:
     assert time.monotonic() < deadline
     time.sleep(0.05)
+  # What the service reports (/api/info, /thumb) is the loaded generation, before any search
+  # takes it up.
+  assert 'hat' in searcher.latest_index.categories
+  assert searcher.latest_index.items[-1]['product_id'] == 'sku-hat'
   # Asked for by a filtered search before any search took the generation up.
   with open(_photo(catalogue, 2, 1), 'rb') as f:
     answer = searcher.answer(f.read(), k=3, category='hat')
   assert [r['product_id'] for r in answer['results']] == ['sku-hat']
+
+
+def test_ctrl_c_while_waiting_for_the_lock_is_one_line_and_changes_nothing(index_copy):
+  import signal
+  import subprocess
+  import sys
+  import time
+  with search_index.writer_lock(index_copy):
+    remove = subprocess.Popen(
+        [sys.executable, '-m', 'fashion_jax.search', 'remove', '--index', index_copy,
+         '--products', 'sku-1'], stderr=subprocess.PIPE, text=True)
+    waiting = remove.stderr.readline()
+    assert 'waiting for it to finish' in waiting, waiting
+    time.sleep(0.2)
+    remove.send_signal(signal.SIGINT)
+    _, err = remove.communicate(timeout=60)
+  assert remove.returncode == 130
+  assert err.startswith('interrupted; the index is as it was') and err.count('\n') == 1, err
+  assert search_index.SearchIndex(index_copy).num_live == 12

@@ -21,6 +21,10 @@ _MIN_KERNEL_K = 100
 _MAX_QUERIES = 256
 # The category of padding rows: matches no filter, and padding rows belong to no product.
 _PADDING_CATEGORY = -2
+# Row and product counts are rounded up to one of 2**_SIZE_STEPS sizes per doubling, so that a
+# catalogue that changes while served compiles its search again only when it crosses one
+# (each compilation stays in memory), for at most 1/_SIZE_STEPS padding.
+_SIZE_STEPS = 4
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'num_products'))
@@ -94,8 +98,8 @@ class ExactBackend(Backend):
     search their share at once; padding rows go to a product that is never reported."""
     if self._device is None:
       devices = jax.local_devices()
-      num_products = int(self._products.max()) + 1 if len(self._products) else 0
-      padding = -len(self._rows) % len(devices)
+      num_products = _rounded(int(self._products.max()) + 1) if len(self._products) else 0
+      padding = _rounded(len(self._rows), multiple=len(devices)) - len(self._rows)
       row_product = np.concatenate([self._products, np.full(padding, num_products, np.int32)])
       row_category = np.concatenate([self._categories,
                                      np.full(padding, _PADDING_CATEGORY, np.int32)])
@@ -138,6 +142,14 @@ class ExactBackend(Backend):
     scores bounded."""
     step = 1 if self.one_query_per_call else _MAX_QUERIES
     return [(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def _rounded(count: int, multiple: int = 1) -> int:
+  """`count` rounded up to a size of the form m * 2**e with m < 2**(_SIZE_STEPS + 1) (16, 17,
+  ... 31, 32, 34, 36, ... 62, 64, 68, ...), then to a multiple of `multiple`."""
+  step = 1 << max(count.bit_length() - 1 - _SIZE_STEPS, 0)
+  count = -(-count // step) * step
+  return -(-count // multiple) * multiple
 
 
 def _padded(count: int) -> int:
