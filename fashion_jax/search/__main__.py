@@ -4,8 +4,10 @@
   python -m fashion_jax.search query  --index runs/demo_index street.jpg [--category dress] [-k 10]
   python -m fashion_jax.search serve  --index runs/demo_index [--port 8080]
   python -m fashion_jax.search export --workdir runs/demo --out runs/demo_export
+  python -m fashion_jax.search verify --index runs/demo_index
 
-Bad input ends the command with one line on stderr and exit status 2.
+Bad input ends the command with one line on stderr and exit status 2; `verify` ends with
+exit status 1 when it finds the index damaged.
 """
 
 import argparse
@@ -93,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
                      help='how long a query waits for others to batch with')
   serve.add_argument('--quiet', action='store_true', help='no access log')
   _model_flags(serve)
+
+  verify = commands.add_parser('verify', help="read a whole index and check it against its "
+                               'record (sizes, sha256, vectors, backend, thumbnails)')
+  verify.add_argument('--index', required=True, help='index directory')
+  verify.add_argument('--quiet', action='store_true', help='only the problems, no progress')
 
   export = commands.add_parser('export', help='StableHLO and TF SavedModel of the embedding')
   export.add_argument('--workdir', required=True, help='training workdir (config.json, '
@@ -317,6 +324,23 @@ def run_serve(args) -> int:
   return 0
 
 
+def run_verify(args) -> int:
+  from fashion_jax.search import verify
+  report = verify.verify(args.index, progress=not args.quiet)
+  if not args.quiet:
+    for line in report.checked:
+      print(f'checked: {line}')
+  for line in report.notes:
+    print(f'note: {image_io.one_line(line)}')
+  for line in report.problems:
+    print(f'problem: {image_io.one_line(line)}', file=sys.stderr)
+  if report.problems:
+    print(f'{args.index}: {len(report.problems)} problem(s): damaged index', file=sys.stderr)
+    return 1
+  print(f'{args.index}: verified, no problems')
+  return 0
+
+
 def run_export(args) -> int:
   from fashion_jax.search import export
   from fashion_jax.search.model import SearchModel
@@ -345,7 +369,8 @@ def main(argv=None) -> int:
                       or bool(getattr(args, 'tfds', None)))
   console.set_verbosity(requested=False)
   command = {'index': run_index, 'update': run_update, 'remove': run_remove,
-             'query': run_query, 'serve': run_serve, 'export': run_export}[args.command]
+             'query': run_query, 'serve': run_serve, 'export': run_export,
+             'verify': run_verify}[args.command]
   try:
     _check_numbers(args)
     return command(args)

@@ -1,7 +1,7 @@
 """The search index: a directory holding a catalogue's embeddings and what they mean.
 
   index.json          format, model (checkpoint, fingerprint, preprocessing), dtype, counts,
-                      and the generation's files below by name
+                      the generation's files below by name, and each one's size and sha256
   embeddings-G.npy    [N, D] float16 or float32 unit vectors, one row per catalogue image
   items-G.jsonl       one line per row: image (as given), product_id, category, box, thumb,
                       and 'removed': true once its product was removed
@@ -25,6 +25,7 @@ next change.
 import collections
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -55,7 +56,10 @@ _MAX_ITEM_BYTES = 1 << 20       # one items.jsonl line: a few paths and names
 _UNVERSIONED = {'embeddings': 'embeddings.npy', 'items': 'items.jsonl',
                 'centroids': 'centroids.npy'}
 _FILE_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]*$')  # a plain name inside the index
+# A generation's file or folder, by its name: (role, generation, suffix).
+GENERATION_FILE = re.compile(r'^(embeddings|items|centroids|backend)-(\d+)(\.npy|\.jsonl)?$')
 _LOCK_FILE = '.lock'
+_DIGEST_BLOCK = 16 << 20
 
 
 def _atomic_write(path: str, write) -> None:
@@ -76,6 +80,16 @@ def _atomic_write(path: str, write) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def digest(path: str) -> dict:
+  """{'bytes', 'sha256'} of a file, read in blocks."""
+  hasher, size = hashlib.sha256(), 0
+  with open(path, 'rb') as f:
+    while block := f.read(_DIGEST_BLOCK):
+      hasher.update(block)
+      size += len(block)
+  return {'bytes': size, 'sha256': hasher.hexdigest()}
 
 
 def _sync(path: str) -> None:
@@ -309,16 +323,29 @@ def _commit(index_dir: str, meta: dict, items: list[dict], embeddings: np.ndarra
   search_backend.save(backend_dir)
   if os.listdir(backend_dir):
     files['backend'] = os.path.basename(backend_dir)
-    for name in os.listdir(backend_dir):
-      _sync(os.path.join(backend_dir, name))
-    _sync(backend_dir)
+    for folder, _, names in os.walk(backend_dir, topdown=False):
+      for name in names:
+        _sync(os.path.join(folder, name))
+      _sync(folder)
   else:
     os.rmdir(backend_dir)
   # On disk before index.json names them, so that a power cut leaves the old index or the
   # new one (the thumbnails are not synced: a lost one greys its tile).
   _sync(index_dir)
-  meta = {**meta, 'generation': generation, 'files': files, 'count': len(live),
-          'rows': len(items), 'products': len({items[row]['product_id'] for row in live})}
+  # What `verify` checks the files against (a file kept from the previous generation keeps
+  # its record).
+  recorded = (previous or {}).get('checksums', {})
+  checksums = {}
+  for role, name in files.items():
+    paths = (sorted(os.path.relpath(os.path.join(folder, inner), index_dir)
+                    for folder, _, inners in os.walk(backend_dir) for inner in inners)
+             if role == 'backend' else [name])
+    for path in paths:
+      checksums[path] = (recorded[path] if kept.get(role) == name and path in recorded
+                         else digest(os.path.join(index_dir, path)))
+  meta = {**meta, 'generation': generation, 'files': files, 'checksums': checksums,
+          'count': len(live), 'rows': len(items),
+          'products': len({items[row]['product_id'] for row in live})}
   _atomic_write(os.path.join(index_dir, _INDEX_FILE),
                 lambda f: f.write(json.dumps(meta, indent=2).encode()))
   _sync(index_dir)
@@ -342,7 +369,7 @@ def _remove_unnamed(index_dir: str, files: dict, generation: int) -> None:
   # The FAISS backend's files, at the top before generations.
   old_backend = {backends.faiss_index.INDEX_FILE, backends.faiss_index.ROWS_FILE}
   for name in os.listdir(index_dir):
-    generated = re.match(r'^(embeddings|items|centroids|backend)-(\d+)(\.npy|\.jsonl)?$', name)
+    generated = GENERATION_FILE.match(name)
     if generated and int(generated[2]) > generation:
       continue  # not one this index wrote (yet): someone else's file
     if name in named or not (generated or name in _UNVERSIONED.values() or name in old_backend
@@ -483,10 +510,11 @@ class SearchIndex:
   def _read_files(self, index_dir: str) -> None:
     """The embeddings (memory-mapped: a catalogue's vectors are read as searched, not all at
     start), the items and the centroids that index.json names."""
+    checksums = self.meta.get('checksums', {})
     self.embeddings = _load_array(index_dir, self.files['embeddings'], self.meta['dtype'],
-                                  self.meta['dim'])
+                                  self.meta['dim'], checksums)
     name = self.files['items']
-    text = image_io.read_text(_regular_file(index_dir, name),
+    text = image_io.read_text(_regular_file(index_dir, name, checksums),
                               (len(self.embeddings) + 1) * _MAX_ITEM_BYTES)
     self.items = []
     for number, line in enumerate(text.split('\n'), start=1):
@@ -501,7 +529,7 @@ class SearchIndex:
       if 'centroids' not in self.files:
         raise InputError(f'{index_dir}: {_INDEX_FILE} names no centroids file (damaged index)')
       self.centroids = np.array(_load_array(index_dir, self.files['centroids'], 'float32',
-                                            self.meta['dim']))
+                                            self.meta['dim'], checksums))
 
   def __len__(self) -> int:
     return len(self.items)
@@ -520,7 +548,7 @@ _META_FIELDS = {'format': int, 'dtype': str, 'dim': int, 'centroids': bool, 'cat
                 'model': dict}
 _MODEL_FIELDS = {'workdir': str, 'step': int, 'fingerprint': str, 'backbone': str}
 _OPTIONAL_META_FIELDS = {'backend': str, 'backend_settings': dict, 'generation': int,
-                         'files': dict}
+                         'files': dict, 'checksums': dict}
 _ITEM_FIELDS = {'image': str, 'product_id': str, 'category': str, 'thumb': str}
 
 
@@ -558,6 +586,10 @@ def _check_meta(meta, index_dir: str) -> dict:
     if not {'embeddings', 'items'} <= set(files) or not all(
         isinstance(name, str) and _FILE_NAME.match(name) for name in files.values()):
       wrong.append('files (not plain names of the embeddings and items)')
+  if not wrong and not all(
+      isinstance(record, dict) and _has_type(record.get('bytes'), int)
+      and isinstance(record.get('sha256'), str) for record in meta.get('checksums', {}).values()):
+    wrong.append('checksums (not a size and a sha256 for each file)')
   if wrong:
     raise InputError(f"{index_dir}: {_INDEX_FILE} has bad fields: {', '.join(wrong)} "
                      '(damaged index)')
@@ -592,23 +624,28 @@ def _read_json(index_dir: str, name: str, max_bytes: int):
                      name)
 
 
-def _regular_file(index_dir: str, name: str) -> str:
-  """The path of the index's file `name`; InputError when it is missing or not a plain file
-  (a FIFO or device would block or never end)."""
+def _regular_file(index_dir: str, name: str, checksums: dict | None = None) -> str:
+  """The path of the index's file `name`; InputError when it is missing, not a plain file
+  (a FIFO or device would block or never end) or not of the size `checksums` records."""
   path = os.path.join(index_dir, name)
   try:
-    mode = os.stat(path).st_mode
+    status = os.stat(path)
   except OSError as e:
     raise InputError(f'{index_dir}: {name} cannot be read ({e.strerror or e}) '
                      '(damaged index)') from None
-  if not stat.S_ISREG(mode):
+  if not stat.S_ISREG(status.st_mode):
     raise InputError(f'{index_dir}: {name} is not a regular file (damaged index)')
+  recorded = (checksums or {}).get(name)
+  if recorded is not None and status.st_size != recorded['bytes']:
+    raise InputError(f"{index_dir}: {name} has {status.st_size} bytes, not the "
+                     f"{recorded['bytes']} {_INDEX_FILE} records (damaged index)")
   return path
 
 
-def _load_array(index_dir: str, name: str, dtype: str, dim: int) -> np.ndarray:
+def _load_array(index_dir: str, name: str, dtype: str, dim: int,
+                checksums: dict | None = None) -> np.ndarray:
   """The index's [N, dim] array `name`, memory-mapped; InputError unless it is one of `dtype`."""
-  path = _regular_file(index_dir, name)
+  path = _regular_file(index_dir, name, checksums)
   try:
     array = np.load(path, mmap_mode='r', allow_pickle=False)
   except Exception as e:  # pylint: disable=broad-except

@@ -10,7 +10,7 @@ import pytest
 from fashion_jax.search import engine
 from fashion_jax.search import index as search_index
 from fashion_jax.search.__main__ import main
-from index_files import items_text
+from index_files import index_file, items_text
 
 
 @pytest.fixture
@@ -108,6 +108,19 @@ def test_every_backend_through_the_command_line(backend, index_dir, model, catal
   assert main(['remove', '--index', path, '--products', 'sku-3']) == 0
   for product in range(6):
     assert 'sku-3' not in _top(path, model, _photo(catalogue, product), k=10)
+  capsys.readouterr()
+  assert main(['verify', '--index', path]) == 0, capsys.readouterr().err
+  if backend != 'exact':  # the others are opened and counted
+    assert f'backend {backend}: opens and holds the 10 live images' in capsys.readouterr().out
+  if backend == 'faiss':  # its index file, flipped, is found by its sha256
+    name = os.path.join(index_file(path, 'backend'), 'faiss.index')
+    with open(os.path.join(path, name), 'r+b') as f:
+      f.seek(-9, os.SEEK_END)
+      last = f.read(1)
+      f.seek(-9, os.SEEK_END)
+      f.write(bytes([last[0] ^ 1]))
+    assert main(['verify', '--index', path, '--quiet']) == 1
+    assert f'problem: {name}: its sha256 is not the one' in capsys.readouterr().err
   searcher = engine.Searcher(search_index.SearchIndex(path), model)
   assert searcher.backend.name == backend
   with open(_photo(catalogue, 5, 1), 'rb') as f:
