@@ -36,6 +36,11 @@ logging.getLogger('PIL').addHandler(logging.NullHandler())
 # as PIL's own check would be; PIL's fixed one (89 megapixels) would refuse what a larger
 # --max-pixels allows, and with its own words.
 Image.MAX_IMAGE_PIXELS = None
+# PIL warns about damage it reads past (bad EXIF, short TIFF strips): phone photos often carry
+# such metadata, and a picture that decodes is used. A filter for PIL's own warnings, set once:
+# warnings.catch_warnings around each decode would race between the service's threads, and
+# could leave every warning of the process silenced.
+warnings.filterwarnings('ignore', module=r'PIL\.')
 
 
 class InputError(ValueError):
@@ -47,39 +52,33 @@ def decode(data: bytes, *, name: str = 'image', max_pixels: int = DEFAULT_MAX_PI
   if not data:
     raise InputError(f'{name}: empty file')
   try:
-    with warnings.catch_warnings():
-      # PIL warns about damage it reads past (bad EXIF, short TIFF strips): phone photos often
-      # carry such metadata, and a picture that decodes is used. But PIL only warns between its
-      # limit and twice it; any bomb warning is an error here.
-      warnings.simplefilter('ignore')
-      warnings.simplefilter('error', Image.DecompressionBombWarning)
-      with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        if width * height > max_pixels:
-          raise InputError(f'{name}: {width}x{height} pixels is over the limit of {max_pixels:,} '
-                           f'pixels')
-        if width < 1 or height < 1:
-          raise InputError(f'{name}: image has no pixels')
-        if simplejpeg is not None and image.format == 'JPEG' and image.mode in ('RGB', 'L'):
-          # strict: a truncated or damaged stream is an error, not a grey-filled picture.
-          array = simplejpeg.decode_jpeg(data, colorspace='RGB', fastdct=True,
-                                         fastupsample=False, strict=True)
+    with Image.open(io.BytesIO(data)) as image:
+      width, height = image.size
+      if width * height > max_pixels:
+        raise InputError(f'{name}: {width}x{height} pixels is over the limit of {max_pixels:,} '
+                         f'pixels')
+      if width < 1 or height < 1:
+        raise InputError(f'{name}: image has no pixels')
+      if simplejpeg is not None and image.format == 'JPEG' and image.mode in ('RGB', 'L'):
+        # strict: a truncated or damaged stream is an error, not a grey-filled picture.
+        array = simplejpeg.decode_jpeg(data, colorspace='RGB', fastdct=True,
+                                       fastupsample=False, strict=True)
+      else:
+        image.load()
+        if image.mode.startswith('I;16') or image.mode == 'I':
+          # 16-bit grey: its high byte, as TensorFlow decodes it to uint8 (PIL's RGB
+          # conversion clips the values to 255 instead, a white picture).
+          grey = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
+          array = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
         else:
-          image.load()
-          if image.mode.startswith('I;16') or image.mode == 'I':
-            # 16-bit grey: its high byte, as TensorFlow decodes it to uint8 (PIL's RGB
-            # conversion clips the values to 255 instead, a white picture).
-            grey = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
-            array = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
-          else:
-            array = np.asarray(image if image.mode == 'RGB' else image.convert('RGB'),
-                               dtype=np.uint8)
-        # After decoding: PIL reads a PNG's EXIF by loading the picture, whose errors must
-        # surface above, not be swallowed here.
-        orientation = _orientation(image)
+          array = np.asarray(image if image.mode == 'RGB' else image.convert('RGB'),
+                             dtype=np.uint8)
+      # After decoding: PIL reads a PNG's EXIF by loading the picture, whose errors must
+      # surface above, not be swallowed here.
+      orientation = _orientation(image)
   except InputError:
     raise
-  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+  except Image.DecompressionBombError as e:
     raise InputError(f'{name}: image is over the pixel limit ({e})') from None
   except Image.UnidentifiedImageError:
     raise InputError(f'{name}: not an image (unrecognised format)') from None

@@ -69,3 +69,41 @@ def test_a_catalogue_field_too_long_for_the_index_is_refused(tmp_path):
   with pytest.raises(image_io.InputError,
                      match=r'row 1: product_id is 3,000,000 characters, more than 65,536$'):
     catalogue.read_catalogue(str(path))
+
+
+@pytest.mark.filterwarnings('ignore:Corrupt EXIF data')  # pytest's filters come before ours
+def test_decoding_in_threads_leaves_the_warning_filters_alone(tmp_path):
+  """The service decodes in many threads: PIL's warnings about damage it reads past (corrupt
+  EXIF here) are silenced by one filter set at import, not by swapping the process's filters
+  around each decode, which races and can leave them changed for the whole process."""
+  import subprocess
+  import sys
+  import threading
+  import warnings
+  picture = Image.new('RGB', (20, 20), (200, 30, 30))
+  corrupt_exif = b'Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff' + b'\x00' * 10
+  data = _encoded(picture, 'JPEG', exif=corrupt_exif)
+  # In a process of its own (pytest puts its own filters first): PIL's warning is not shown,
+  # and others still are.
+  photo = tmp_path / 'photo.jpg'
+  photo.write_bytes(data)
+  shown = subprocess.run(
+      [sys.executable, '-c', 'import sys, warnings; from fashion_jax.search import images; '
+       'images.read(sys.argv[1]); warnings.warn("still heard")', str(photo)],
+      capture_output=True, text=True, check=True).stderr
+  assert 'still heard' in shown and 'EXIF' not in shown, shown
+
+  before = list(warnings.filters)
+  barrier = threading.Barrier(8)
+
+  def decode_many():
+    barrier.wait()
+    for _ in range(300):
+      image_io.decode(data)
+
+  threads = [threading.Thread(target=decode_many) for _ in range(8)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert warnings.filters == before
