@@ -6,6 +6,7 @@
                           -> {'results': [{'product_id', 'category', 'score', 'thumb'}], ...}
   GET  /thumb/<row>       the index's thumbnail of catalogue row <row> (JPEG)
   GET  /healthz           the process is up;  GET /readyz: index and model loaded, compiled
+  GET  /metrics           Prometheus metrics (telemetry.py)
   GET  /docs              the OpenAPI schema, interactive
 
 Every error is JSON {'error': one line} (422 adds 'field'): 400 for a photo that cannot be
@@ -28,11 +29,12 @@ import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from fashion_jax.search import images as image_io
+from fashion_jax.search import telemetry
 from fashion_jax.search.batcher import Batcher, Busy
 from fashion_jax.search.images import InputError
 
@@ -106,9 +108,16 @@ def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = Tru
   # 'coming': searches admitted and not yet handed to the batcher (reading, decoding), which a
   # batch waits for; 'in_flight': all admitted searches.
   state = {'ready': not warm_up, 'in_flight': 0, 'coming': 0}
-  batcher = Batcher(searcher.answer_crops, max_batch=settings.max_batch,
+
+  def answer_batch(requests):
+    if not all(request.get('warm_up') for request in requests):
+      metrics.batch_size.observe(len(requests))
+    return searcher.answer_crops(requests)
+
+  batcher = Batcher(answer_batch, max_batch=settings.max_batch,
                     max_wait_s=settings.max_wait_ms / 1e3, max_queue=settings.max_in_flight,
                     coming=lambda: state['coming'])
+  metrics = telemetry.ServiceMetrics(searcher, state, batcher.pending)
 
   async def lifespan(app):
     if warm_up:
@@ -118,8 +127,8 @@ def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = Tru
         largest, size = min(settings.max_batch, settings.max_in_flight), 1
         while True:
           try:
-            futures = [batcher.submit({'crop': _blank(searcher), 'k': 1, 'category': None})
-                       for _ in range(size)]
+            futures = [batcher.submit({'crop': _blank(searcher), 'k': 1, 'category': None,
+                                       'warm_up': True}) for _ in range(size)]
           except Busy:  # early requests fill the queue: try again once it drains
             await asyncio.sleep(0.05)
             continue
@@ -136,7 +145,8 @@ def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = Tru
 
   app = FastAPI(title='fashion_jax visual search', lifespan=lifespan,
                 description='Street photo in, shop products out (docs/search.md).')
-  app.state.batcher, app.state.settings = batcher, settings
+  app.state.batcher, app.state.settings, app.state.metrics = batcher, settings, metrics
+  app.add_middleware(_Counted, metrics=metrics)
 
   @app.exception_handler(_Refused)
   async def refused(request, error: _Refused):
@@ -178,6 +188,11 @@ def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = Tru
       return _error(503, 'compiling the model; not ready yet')
     return {'status': 'ready'}
 
+  @app.get('/metrics', include_in_schema=False)
+  def prometheus():
+    return Response(metrics.exposition(), media_type=telemetry.CONTENT_TYPE,
+                    headers={'Cache-Control': 'no-store'})
+
   @app.get('/api/info')
   def info():
     index = searcher.latest_index
@@ -217,11 +232,14 @@ def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = Tru
       raise _Refused(503, f'the service is busy ({settings.max_in_flight} searches in '
                           'flight); retry shortly')
     state['in_flight'] += 1
+    start = time.perf_counter()
     try:
-      return await _search(request, box, category or None,
-                           settings.default_k if k is None else k)
+      answer = await _search(request, box, category or None,
+                             settings.default_k if k is None else k)
     finally:
       state['in_flight'] -= 1
+    metrics.searched(time.perf_counter() - start, answer['timing_ms'])
+    return answer
 
   async def _search(request, box_text, category, k):
     state['coming'] += 1
@@ -277,6 +295,33 @@ def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = Tru
     return crop, box, future, {'decode': round(1e3 * (decoded - start), 2)}
 
   return app
+
+
+class _Counted:
+  """ASGI middleware: counts each answered request by its route's pattern and status (500
+  for an exception that escapes the app's handlers)."""
+
+  def __init__(self, app, metrics: telemetry.ServiceMetrics):
+    self.app, self.metrics = app, metrics
+
+  async def __call__(self, scope, receive, send):
+    if scope['type'] != 'http':
+      await self.app(scope, receive, send)
+      return
+    status = 500
+
+    async def send_noting_status(message):
+      nonlocal status
+      if message['type'] == 'http.response.start':
+        status = message['status']
+      await send(message)
+
+    try:
+      await self.app(scope, receive, send_noting_status)
+    finally:
+      # The router names the matched route in the scope; unmatched paths share one label, so
+      # that scanners cannot grow the metrics without bound.
+      self.metrics.answered(getattr(scope.get('route'), 'path', 'other'), status)
 
 
 def _blank(searcher) -> np.ndarray:

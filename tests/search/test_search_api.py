@@ -190,3 +190,40 @@ def test_two_hundred_simultaneous_clients(searcher, catalogue):
         assert answer['results'][0]['product_id'] == 'sku-4'
     status, answer = _search(port, _photo(catalogue, 0), k=2)
     assert status == 200 and answer['results'][0]['product_id'] == 'sku-0'
+
+
+def test_prometheus_metrics_count_what_happened(searcher, catalogue):
+  from prometheus_client.parser import text_string_to_metric_families
+  with _serving(searcher) as (port, _):
+    for _ in range(600):
+      if _call(port, 'GET', '/readyz')[0] == 200:
+        break
+      threading.Event().wait(0.1)
+    for product in (1, 2, 3):
+      assert _search(port, _photo(catalogue, product), k=2)[0] == 200
+    assert _search(port, _photo(catalogue, 1), k=0)[0] == 422
+    assert _call(port, 'GET', '/thumb/2')[0] == 200
+    assert _call(port, 'GET', '/no/such/page')[0] == 404
+    status, content_type, body = _call(port, 'GET', '/metrics')
+  assert status == 200 and content_type.startswith('text/plain')
+  samples = {}
+  for family in text_string_to_metric_families(body.decode()):
+    for sample in family.samples:
+      samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+  def value(name, **labels):
+    return samples[(name, tuple(sorted(labels.items())))]
+
+  assert value('fashion_search_requests_total', route='/api/search', status='200') == 3
+  assert value('fashion_search_requests_total', route='/api/search', status='422') == 1
+  assert value('fashion_search_requests_total', route='/thumb/{row}', status='200') == 1
+  assert value('fashion_search_requests_total', route='other', status='404') == 1
+  assert value('fashion_search_seconds_count') == 3
+  for stage in ('decode', 'resize', 'embed', 'search'):
+    assert value('fashion_search_stage_seconds_count', stage=stage) == 3
+    assert value('fashion_search_stage_seconds_sum', stage=stage) > 0
+  # The searches' own batches, not the start-up compilation's.
+  assert value('fashion_search_batch_size_sum') == 3
+  assert value('fashion_search_ready') == 1 and value('fashion_search_in_flight') == 0
+  assert value('fashion_search_index_images') == searcher.index.num_live
+  assert value('fashion_search_index_generation') == searcher.index.generation
