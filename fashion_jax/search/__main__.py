@@ -386,9 +386,11 @@ def main(argv=None) -> int:
     return 2
   except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback
     changes = args.command in ('index', 'update', 'remove')
+    embeds = args.command in ('index', 'update')
     print('interrupted' + ('; the index is as it was, or as this change made it if it had '
-                           'committed (a change is whole or not at all)' if changes else ''),
-          file=sys.stderr)
+                           'committed (a change is whole or not at all)' if changes else '') +
+          ('; run the same command again to embed only the images not embedded yet' if embeds
+           else ''), file=sys.stderr)
     return 130
 
 

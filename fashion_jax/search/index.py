@@ -9,6 +9,7 @@
   centroids-G.npy     optional [P, D] float32: one unit vector per live product (its images'
                       mean)
   backend-G/          whatever the search backend named in index.json keeps (none for 'exact')
+  .resume/            while a change embeds: what it has embedded so far (resume.py)
 
 Rows are only ever appended, so adding images never recomputes the old ones; removing a
 product marks its rows and takes them out of the backend, keeping their files.
@@ -40,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fashion_jax import preprocessing
-from fashion_jax.search import backends, catalogue
+from fashion_jax.search import backends, catalogue, resume
 from fashion_jax.search import images as image_io
 from fashion_jax.search.images import InputError
 
@@ -191,57 +192,73 @@ def _build(index_dir, model, entries, *, dtype, centroids, max_pixels, progress,
       seen.add(key)
       new.append(entry)
   os.makedirs(os.path.join(index_dir, 'thumbs'), exist_ok=True)
-  new_items, new_embeddings = [], []
+  first_new = len(items)
+  # Vectors an interrupted run embedded (same entry, row and thumbnail) are reused.
+  cache = resume.ResumeCache(index_dir, fingerprint=model.fingerprint, dtype=str(embeddings.dtype),
+                             dim=int(embeddings.shape[1]))
+  keys = [resume.entry_key(entry) for entry in new]
+  vectors = [cache.reusable(key, first_new + number,
+                            os.path.join(index_dir, _thumb(first_new + number)))
+             if len(cache) else None for number, key in enumerate(keys)]
+  to_read = [number for number, vector in enumerate(vectors) if vector is None]
+  if progress and len(to_read) < len(new):
+    print(f'{index_dir}: {len(new) - len(to_read)} of the {len(new)} new images were embedded by '
+          'an interrupted run; embedding the rest', file=sys.stderr, flush=True)
 
   def read(number: int):
     """Reads, crops and thumbnails one new image in a worker thread, and resizes it where that
-    needs no device: (the crop, None) or (None, its model input)."""
+    needs no device: (the crop, None, thumbnail hash) or (None, its model input, hash)."""
     crop = _read_crop(new[number], max_pixels)
-    with open(os.path.join(index_dir, _thumb(len(items) + number)), 'wb') as f:
-      f.write(image_io.thumbnail_bytes(crop))
+    thumbnail = image_io.thumbnail_bytes(crop)
+    with open(os.path.join(index_dir, _thumb(first_new + number)), 'wb') as f:
+      f.write(thumbnail)
     ready = model.prepare_on_host(crop)
     # A box's crop is copied: the view would keep its whole photo alive while it waits.
-    return (np.ascontiguousarray(crop), None) if ready is None else (None, ready)
+    crop = np.ascontiguousarray(crop) if ready is None else None
+    return crop, ready, resume.thumb_hash(thumbnail)
 
   # Decoding, thumbnails and the host resize release the GIL: images are read side by side, a
   # few ahead, and taken in order by this thread, which owns the devices. Where this thread
   # resizes (in JAX), the waiting results are whole crops: then only two are read ahead.
   readers = _readers()
   look_ahead = 2 * readers if model.host_resize else 2
-  ahead, prepared = collections.deque(), []
-  bar = tqdm(total=len(new), desc='indexing', unit='img', disable=not progress)
+  ahead, prepared, waiting = collections.deque(), [], []
+  bar = tqdm(total=len(new), initial=len(new) - len(to_read), desc='indexing', unit='img',
+             disable=not progress)
   pool = ThreadPoolExecutor(max_workers=readers)
   try:
-    for number, entry in enumerate(new):
-      while len(ahead) < look_ahead and number + len(ahead) < len(new):
-        ahead.append(pool.submit(read, number + len(ahead)))
+    for position, number in enumerate(to_read):
+      while len(ahead) < look_ahead and position + len(ahead) < len(to_read):
+        ahead.append(pool.submit(read, to_read[position + len(ahead)]))
       try:
-        crop, ready = ahead.popleft().result()
+        crop, ready, thumb = ahead.popleft().result()
       except BaseException:
         bar.leave = False  # erased, so the error is the one line a failed run leaves on stderr
         bar.close()
         raise
       prepared.append(model.prepare(crop) if ready is None else ready)
-      new_items.append({'image': entry['image'], 'product_id': entry['product_id'],
-                        'category': entry['category'],
-                        'box': list(entry['box']) if entry['box'] else None,
-                        'thumb': _thumb(len(items) + number)})
-      if len(prepared) == _EMBED_CHUNK or number == len(new) - 1:
-        new_embeddings.append(model.embed_prepared(np.stack(prepared)).astype(embeddings.dtype))
+      waiting.append({'key': keys[number], 'row': first_new + number, 'thumb': thumb})
+      if len(prepared) == _EMBED_CHUNK or position == len(to_read) - 1:
+        embedded = model.embed_prepared(np.stack(prepared)).astype(embeddings.dtype)
+        cache.append(waiting, embedded)
+        for record, vector in zip(waiting, embedded):
+          vectors[record['row'] - first_new] = vector
         bar.update(len(prepared))
-        prepared = []
+        prepared, waiting = [], []
   finally:
     # After an error (or Ctrl-C) the reads not yet started are dropped.
     pool.shutdown(wait=True, cancel_futures=True)
   bar.close()
+  new_items = [{'image': entry['image'], 'product_id': entry['product_id'],
+                'category': entry['category'], 'box': list(entry['box']) if entry['box'] else None,
+                'thumb': _thumb(first_new + number)} for number, entry in enumerate(new)]
   # The index files change only now, when every new image has been read and embedded.
-  first_new = len(items)
   old = {row for row, item in enumerate(items)
          if not item.get('removed') and item['product_id'] in replaced}
   items = [dict(item, removed=True) if row in old else item for row, item in enumerate(items)]
   old_rows = np.asarray(sorted(old), np.int64)
   if new_items:
-    embeddings = np.concatenate([embeddings] + new_embeddings)
+    embeddings = np.concatenate([embeddings, np.stack(vectors).astype(embeddings.dtype)])
     items = items + new_items
   # Category numbers never change: new categories are appended (backends store the numbers).
   categories = list(existing.categories) if existing else []
@@ -269,6 +286,7 @@ def _build(index_dir, model, entries, *, dtype, centroids, max_pixels, progress,
     search_backend.remove(old_rows)
   _commit(index_dir, meta, items, embeddings, search_backend,
           existing.meta if existing else None, embeddings_changed=bool(new_items))
+  cache.discard()
   result = {'added': len(new_items), 'skipped': len(entries) - len(new),
             'count': sum(not item.get('removed') for item in items)}
   return {**result, 'replaced': len(old_rows)} if replace else result

@@ -13,7 +13,7 @@ once and reports what is wrong, one line per problem:
   - every live row's thumbnail is there and is a JPEG.
 
 Files that a change left before it committed (it was killed) are listed: the next change
-deletes them.
+deletes them; so are the vectors an interrupted `index` keeps for its next run (resume.py).
 """
 
 import dataclasses
@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fashion_jax.search import index as search_index
+from fashion_jax.search import resume
 from fashion_jax.search.images import InputError
 
 _ROWS_AT_ONCE = 65536  # embeddings checked per block: a few hundred MB at most
@@ -169,6 +170,13 @@ def _note_leftovers(index, report: Report) -> None:
   leftovers = sorted(
       name for name in os.listdir(index.directory) if name not in named and (
           name.startswith('.tmp-') or search_index.GENERATION_FILE.match(name)))
+  cache = os.path.join(index.directory, resume.FOLDER, 'keys.jsonl')
+  if os.path.exists(cache):
+    with open(cache, 'rb') as f:
+      kept = sum(1 for _ in f)
+    report.notes.append(f'{resume.FOLDER}/ keeps {kept} images embedded by an interrupted '
+                        '`index` or `update`; the same command reuses them, and its commit '
+                        'deletes the folder')
   if leftovers:
     report.notes.append(f"{len(leftovers)} files of a change that did not finish or of earlier "
                         f"generations ({', '.join(leftovers[:_NAMED])}"
