@@ -4,6 +4,7 @@
   python -m fashion_jax.search query  --index runs/demo_index street.jpg [--category dress] [-k 10]
   python -m fashion_jax.search serve  --index runs/demo_index [--port 8080]
   python -m fashion_jax.search export --workdir runs/demo --out runs/demo_export
+  python -m fashion_jax.search evaluate --index runs/demo_index labelled_photos.csv
   python -m fashion_jax.search verify --index runs/demo_index
 
 Bad input ends the command with one line on stderr and exit status 2; `verify` ends with
@@ -95,6 +96,21 @@ def _parser() -> argparse.ArgumentParser:
                      help='how long a query waits for others to batch with')
   serve.add_argument('--quiet', action='store_true', help='no access log')
   _model_flags(serve)
+
+  evaluate = commands.add_parser('evaluate', help='how often the index finds the right product '
+                                 'for labelled photos (Acc@n, MRR)')
+  evaluate.add_argument('--index', required=True, help='index directory')
+  evaluate.add_argument('queries', help='CSV with a header: image,product_id[,category]'
+                        '[,x,y,w,h] (paths relative to the CSV)')
+  evaluate.add_argument('-k', type=int, default=50, help='products returned per photo')
+  evaluate.add_argument('--filter-by-category', action='store_true',
+                        help="search each photo within its row's category (as a shop page with "
+                        'a category picker does); otherwise the category only groups figures')
+  evaluate.add_argument('--no-centroids', action='store_true',
+                        help='rank by the best image even when the index has centroids')
+  evaluate.add_argument('--out', help='write evaluation.json (figures and every rank) here')
+  evaluate.add_argument('--quiet', action='store_true', help='no progress bar')
+  _model_flags(evaluate)
 
   verify = commands.add_parser('verify', help="read a whole index and check it against its "
                                'record (sizes, sha256, vectors, backend, thumbnails)')
@@ -324,6 +340,47 @@ def run_serve(args) -> int:
   return 0
 
 
+def run_evaluate(args) -> int:
+  from fashion_jax.search import engine, evaluation
+  from fashion_jax.search import index as search_index
+  root = os.path.dirname(os.path.abspath(args.queries))
+  rows = search_catalogue.read_csv(args.queries, ('image', 'product_id'), optional=('category',))
+  index = search_index.SearchIndex(args.index)
+  queries = []
+  # Every row is checked before the model is loaded: paths, boxes, categories.
+  for number, row in enumerate(rows, start=2):
+    if not row['image'] or not row['product_id']:
+      raise InputError(f'{args.queries}: row {number} has no image or no product_id')
+    category = row.get('category') or None
+    if args.filter_by_category and category and category not in index.categories:
+      raise InputError(f'{args.queries}: row {number}: unknown category {category!r} (this '
+                       f"index has: {', '.join(index.categories[:20]) or 'none'})")
+    path = os.path.join(root, row['image'])
+    if not os.path.isfile(path):
+      raise InputError(f'{args.queries}: row {number}: {path} is not a file')
+    queries.append({'path': path, 'product_id': row['product_id'], 'category': category,
+                    'box': image_io.parse_box(search_catalogue.row_box(row, args.queries,
+                                                                       number))})
+  if not queries:
+    raise InputError(f'{args.queries}: no rows')
+  index, model = _index_and_model(args, index)
+  searcher = engine.Searcher(index, model, use_centroids=False if args.no_centroids else None,
+                             max_pixels=args.max_pixels)
+  result = evaluation.evaluate(searcher, queries, k=args.k,
+                               filter_by_category=args.filter_by_category,
+                               progress=not args.quiet)
+  for line in evaluation.summary(result):
+    print(line)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, 'evaluation.json')
+    with open(path, 'w') as f:
+      json.dump({'index': index.directory, 'queries_file': os.path.abspath(args.queries),
+                 'centroids': searcher.use_centroids, **result}, f, indent=2)
+    print(f'wrote {path}')
+  return 0
+
+
 def run_verify(args) -> int:
   from fashion_jax.search import verify
   report = verify.verify(args.index, progress=not args.quiet)
@@ -370,7 +427,7 @@ def main(argv=None) -> int:
   console.set_verbosity(requested=False)
   command = {'index': run_index, 'update': run_update, 'remove': run_remove,
              'query': run_query, 'serve': run_serve, 'export': run_export,
-             'verify': run_verify}[args.command]
+             'evaluate': run_evaluate, 'verify': run_verify}[args.command]
   try:
     _check_numbers(args)
     return command(args)
