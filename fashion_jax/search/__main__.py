@@ -328,7 +328,9 @@ def run_serve(args) -> int:
                      f'{e.strerror or type(e).__name__}') from None
   host, port = httpd.server_address[:2]
   searcher.follow()
-  print(f'serving {index.directory} ({len(index)} images, {searcher.num_products} products) '
+  index = searcher.index  # live rows: removed products are not served
+  print(f'serving {index.directory} ({index.num_live} images, '
+        f'{int(index.product_live.sum())} products) '
         f'on http://{host}:{port}/; changes to the index are taken up as they are made',
         flush=True)
   try:

@@ -161,7 +161,11 @@ def _build(index_dir, model, entries, *, dtype, centroids, max_pixels, progress,
       raise InputError(f'{index_dir}: the index uses the {recorded!r} backend, not {backend!r} '
                        '(a backend is chosen when an index is created)')
     kept = existing.meta.get('backend_settings', {})
-    for key, value in (backend_settings or {}).items():
+    try:
+      given = backends.get(recorded).settings_for(index_dir, backend_settings or {}, new=False)
+    except ValueError as error:
+      raise InputError(f'{index_dir}: {error}') from None
+    for key, value in given.items():
       if kept.get(key) != value:
         raise InputError(f'{index_dir}: the index was created with {key} {kept.get(key)!r}, not '
                          f'{value!r} (its settings are chosen when it is created)')
@@ -179,6 +183,7 @@ def _build(index_dir, model, entries, *, dtype, centroids, max_pixels, progress,
     raise InputError(str(error)) from None
   if existing is None:  # before any image is read: a mistake here costs no embedding
     try:
+      backend_settings = backend_class.settings_for(index_dir, backend_settings, new=True)
       backend_class.check(model.embedding_dim, len(entries), backend_settings)
     except (ImportError, ValueError) as error:
       raise InputError(f'{index_dir}: {error}') from None

@@ -252,9 +252,11 @@ def test_faiss_check_refuses_exactly_the_factories_too_few_rows_cannot_train(fac
 
 
 def test_unknown_settings_are_refused(tmp_path):
-  for name in ('faiss', 'qdrant'):
-    with pytest.raises(ValueError, match='nprobes'):
-      backends.get(name).create(str(tmp_path), DIM, 'float16', {'nprobes': 4, 'path': ':memory:'})
+  for name in ('exact', 'faiss', 'qdrant'):
+    with pytest.raises(ValueError, match=f"the {name} backend has no setting 'nprobes'"):
+      backends.get(name).settings_for(str(tmp_path), {'nprobes': 4}, new=True)
+  with pytest.raises(ValueError, match='nprobes'):  # FAISS's own check, when made directly
+    backends.get('faiss').create(str(tmp_path), DIM, 'float16', {'nprobes': 4})
 
 
 def test_backends_import_without_their_libraries():

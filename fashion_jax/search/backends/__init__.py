@@ -8,7 +8,7 @@ FAISS and qdrant-client are imported when those backends are made, not here.
 
 from fashion_jax.search.backends import exact  # noqa: F401  (registers 'exact')
 from fashion_jax.search.backends import faiss_index, qdrant_index  # noqa: F401
-from fashion_jax.search.backends.base import (NO_CATEGORY, Backend, backend_names, get,
-                                              register)
+from fashion_jax.search.backends.base import (NO_CATEGORY, Backend, BackendError, backend_names,
+                                              get, register)
 
-__all__ = ['NO_CATEGORY', 'Backend', 'backend_names', 'get', 'register']
+__all__ = ['NO_CATEGORY', 'Backend', 'BackendError', 'backend_names', 'get', 'register']

@@ -14,10 +14,28 @@ import numpy as np
 NO_CATEGORY = -1  # a row without a category, or a search without a category filter
 
 
+class BackendError(ValueError):
+  """A backend's service refused or could not be reached; the message is one line."""
+
+
 class Backend(abc.ABC):
   """Product-level nearest-neighbour search over unit vectors by inner product."""
 
   name: ClassVar[str]
+  settings: ClassVar[tuple[str, ...]] = ()  # the names of its settings
+
+  @classmethod
+  def settings_for(cls, directory: str, settings: dict, *, new: bool) -> dict:
+    """`settings` as index.json records them for the index in `directory`: checked (a
+    one-line ValueError for a name the backend does not take), normalised, and for a `new`
+    index completed with what must not change after. Called before any image is read."""
+    unknown = sorted(set(settings) - set(cls.settings))
+    if unknown:
+      known = ', '.join(cls.settings) or 'none'
+      raise ValueError(f'the {cls.name} backend has no setting {unknown[0]!r} (its settings: '
+                       f'{known})')
+    del directory, new
+    return dict(settings)
 
   @classmethod
   def create(cls, directory: str, dim: int, dtype: str, settings: dict) -> 'Backend':

@@ -115,6 +115,7 @@ class FaissBackend(Backend):
   the search's ID selector skips them."""
 
   name = 'faiss'
+  settings = SETTINGS
 
   def __init__(self, dim: int, dtype, settings: dict):
     _check_names(settings)

@@ -4,23 +4,35 @@ each with its product and category as indexed payload. Needs `pip install qdrant
 Settings: `url` of a Qdrant server or cluster (>= 1.16) with an optional `api_key`, or `path`
 of qdrant-client's embedded storage (':memory:' for none; by default <index>/qdrant), which
 scans every point and commits every written point to disk, so it suits tests and demos;
-`collection`, by default the index directory's name; on a cluster, `shards` and `replicas`
-(Qdrant's shard_number and replication_factor for the collections created). A point's id is its
-row number, and the server holds the data: `save` writes nothing.
+`collection`; on a cluster, `shards` and `replicas` (Qdrant's shard_number and
+replication_factor for the collections created). A point's id is its row number, and the
+server holds the data: `save` writes nothing.
+
+A new index records its collection's name in index.json (by default the index folder's name
+and a hash of its path, so that two indexes never share one by accident), and the collection
+records the index folder it was made for: creating an index never replaces a collection made
+for another. A copied or moved index keeps using its collection.
 """
 
+import contextlib
 import hashlib
 import os
 import re
+import warnings
 
 import numpy as np
 
-from fashion_jax.search.backends.base import NO_CATEGORY, Backend, register
+from fashion_jax.search.backends.base import NO_CATEGORY, Backend, BackendError, register
 
 SETTINGS = ('url', 'api_key', 'path', 'collection', 'shards', 'replicas')
 _UPLOAD_BATCH = 256
+_COLLECTION_NAME = re.compile(r'^[A-Za-z0-9_-]{1,200}$')
 # Embedded storage admits one client per folder and process: backends on one folder share it.
 _EMBEDDED = {}
+# qdrant-client's notices that say nothing to act on: an unreachable server is reported by the
+# error that follows, and embedded storage scans whatever the payload indexes.
+warnings.filterwarnings('ignore', message='Failed to obtain server version')
+warnings.filterwarnings('ignore', message='Payload indexes have no effect in the local Qdrant')
 
 
 def _qdrant():
@@ -32,22 +44,45 @@ def _qdrant():
   return qdrant_client
 
 
+def _where(settings: dict) -> str:
+  return f"qdrant at {settings['url']}" if settings.get('url') else 'qdrant'
+
+
+@contextlib.contextmanager
+def _service(settings: dict):
+  """Qdrant's refusals and unreachable servers as one-line BackendErrors."""
+  exceptions = _qdrant().http.exceptions
+  try:
+    yield
+  except exceptions.ApiException as error:
+    reason = ' '.join(str(error).split())[:300] or type(error).__name__
+    raise BackendError(f'{_where(settings)}: {reason}') from None
+  except RuntimeError as error:  # embedded storage another process holds
+    if 'already accessed' not in str(error):
+      raise
+    raise BackendError(f"{_where(settings)}: {' '.join(str(error).split())} (a running "
+                       "`serve` holds it: stop it, or use a Qdrant server)") from None
+
+
 def _connect(directory: str, settings: dict):
-  """(client, collection name) for an index directory and the backend's settings."""
-  unknown = sorted(set(settings) - set(SETTINGS))
-  if unknown:
-    raise ValueError(f'unknown qdrant settings {unknown}; known: {", ".join(SETTINGS)}')
+  """(client, collection name) for an index directory and the backend's recorded settings.
+  An index recorded before collections were named there uses its folder's name."""
   qdrant_client = _qdrant()
-  name = os.path.basename(os.path.abspath(directory))
-  collection = settings.get('collection') or re.sub(r'[^A-Za-z0-9_-]', '_', name)
+  collection = settings.get('collection') or re.sub(
+      r'[^A-Za-z0-9_-]', '_', os.path.basename(os.path.abspath(directory)))
   if settings.get('url'):
     client = qdrant_client.QdrantClient(url=settings['url'], api_key=settings.get('api_key'))
     return client, collection
   path = settings.get('path') or os.path.join(directory, 'qdrant')
   key = path if path == ':memory:' else os.path.realpath(path)
   if key not in _EMBEDDED:
-    _EMBEDDED[key] = qdrant_client.QdrantClient(path=path)
+    with _service(settings):
+      _EMBEDDED[key] = qdrant_client.QdrantClient(path=path)
   return _EMBEDDED[key], collection
+
+
+def _owner(directory: str) -> str:
+  return os.path.realpath(directory)
 
 
 @register
@@ -55,19 +90,57 @@ class QdrantBackend(Backend):
   """A client and the collection it searches."""
 
   name = 'qdrant'
+  settings = SETTINGS
 
   def __init__(self, client, collection: str, settings: dict | None = None):
     self._models = _qdrant().models
     self._client, self._collection = client, collection
-    self._layout = {key: (settings or {}).get(setting) for key, setting in
+    self._settings = dict(settings or {})
+    self._layout = {key: self._settings.get(setting) for key, setting in
                     (('shard_number', 'shards'), ('replication_factor', 'replicas'))}
 
   @classmethod
+  def settings_for(cls, directory, settings, *, new):
+    """Checks the names and the collection's; `path` made absolute (':memory:' aside). A new
+    index gets its collection's name and, where the storage exists already (a server, a
+    given path), the server is asked whether that collection belongs to another index."""
+    settings = super().settings_for(directory, settings, new=new)
+    if settings.get('url') and settings.get('path'):
+      raise ValueError('give qdrant a url (a server) or a path (embedded storage), not both')
+    if settings.get('path') and settings['path'] != ':memory:':
+      settings['path'] = os.path.abspath(settings['path'])
+    if 'collection' in settings and not _COLLECTION_NAME.match(str(settings['collection'])):
+      raise ValueError(f"qdrant collection name {settings['collection']!r}: use 1-200 letters, "
+                       'digits, _ or -')
+    if new:
+      if 'collection' not in settings:
+        folder = re.sub(r'[^A-Za-z0-9_-]', '_', os.path.basename(_owner(directory)))[:150]
+        digest = hashlib.blake2b(_owner(directory).encode(), digest_size=4).hexdigest()
+        settings['collection'] = f'{folder}-{digest}'
+      if settings.get('url') or settings.get('path'):
+        cls(*_connect(directory, settings), settings)._check_free(directory)
+    return settings
+
+  def _check_free(self, directory: str) -> None:
+    """A BackendError when the collection exists and was made for another index."""
+    with _service(self._settings):
+      if not self._client.collection_exists(self._collection):
+        return
+      metadata = self._client.get_collection(self._collection).config.metadata or {}
+    if metadata.get('index') != _owner(directory):
+      raise BackendError(
+          f'{_where(self._settings)} already has a collection {self._collection!r}, not made '
+          f"for this index ({metadata.get('index') or 'by another program'}): name another "
+          'with --collection, or delete that one')
+
+  @classmethod
   def create(cls, directory, dim, dtype, settings):
-    """A new, empty collection: one of the same name that is already there is replaced."""
+    """A new, empty collection. One of the same name is replaced only when it was made for
+    this index folder (by a run that was killed before its commit)."""
     del dtype  # Qdrant keeps float16 vectors whatever the index holds
     backend = cls(*_connect(directory, settings), settings)
-    backend._make(dim)
+    backend._check_free(directory)
+    backend._make(dim, metadata={'index': _owner(directory)})
     return backend
 
   @classmethod
@@ -76,23 +149,34 @@ class QdrantBackend(Backend):
     live products, made from `index.centroids` when it is missing or holds other centroids."""
     settings = index.meta.get('backend_settings') or {}
     client, collection = _connect(index.directory, settings)
-    if not centroids:
+    with _service(settings):
       if not client.collection_exists(collection):
-        raise ValueError(f'qdrant has no collection {collection!r} for {index.directory}: '
-                         'index the catalogue again with this backend')
-      return cls(client, collection, settings)
-    backend = cls(client, f'{collection}_centroids', settings)
-    vectors = np.ascontiguousarray(index.centroids, np.float32)  # a removed product's are 0
-    digest = hashlib.blake2b(vectors.data, digest_size=16).hexdigest()
-    if (not client.collection_exists(backend._collection) or
-        (client.get_collection(backend._collection).config.metadata or {}).get('centroids')
-        != digest):
-      backend._make(vectors.shape[1], metadata={'centroids': digest})
-      products = np.flatnonzero(index.product_live)
-      backend.add(products, vectors[products], products, index.product_category[products])
+        raise BackendError(f'{_where(settings)} has no collection {collection!r} for '
+                           f'{index.directory}: index the catalogue again with this backend')
+      size, dim = client.get_collection(collection).config.params.vectors.size, \
+          index.embeddings.shape[1]
+      if size != dim:
+        raise BackendError(f'{_where(settings)}: collection {collection!r} holds {size}-dim '
+                           f'vectors, the index {dim} (changed outside this index): index the '
+                           'catalogue again')
+      if not centroids:
+        return cls(client, collection, settings)
+      backend = cls(client, f'{collection}_centroids', settings)
+      vectors = np.ascontiguousarray(index.centroids, np.float32)  # a removed product's are 0
+      digest = hashlib.blake2b(vectors.data, digest_size=16).hexdigest()
+      if (not client.collection_exists(backend._collection) or
+          (client.get_collection(backend._collection).config.metadata or {}).get('centroids')
+          != digest):
+        backend._make(vectors.shape[1], metadata={'centroids': digest})
+        products = np.flatnonzero(index.product_live)
+        backend.add(products, vectors[products], products, index.product_category[products])
     return backend
 
   def _make(self, dim: int, metadata: dict | None = None) -> None:
+    with _service(self._settings):
+      self._make_collection(dim, metadata)
+
+  def _make_collection(self, dim: int, metadata: dict | None) -> None:
     models = self._models
     if self._client.collection_exists(self._collection):
       self._client.delete_collection(self._collection)
@@ -106,17 +190,21 @@ class QdrantBackend(Backend):
                                         field_schema=models.PayloadSchemaType.INTEGER)
 
   def __len__(self) -> int:
-    return self._client.count(self._collection, exact=True).count
+    with _service(self._settings):
+      return self._client.count(self._collection, exact=True).count
 
   def add(self, rows, vectors, products, categories) -> None:
     payload = [{'product': int(p), 'category': int(c)} for p, c in zip(products, categories)]
-    self._client.upload_collection(
-        self._collection, vectors=np.asarray(vectors, np.float32), payload=payload,
-        ids=[int(row) for row in rows], batch_size=_UPLOAD_BATCH, wait=True)
+    with _service(self._settings):
+      self._client.upload_collection(
+          self._collection, vectors=np.asarray(vectors, np.float32), payload=payload,
+          ids=[int(row) for row in rows], batch_size=_UPLOAD_BATCH, wait=True)
 
   def remove(self, rows) -> None:
-    self._client.delete(self._collection, wait=True, points_selector=self._models.PointIdsList(
-        points=[int(row) for row in rows]))
+    with _service(self._settings):
+      self._client.delete(self._collection, wait=True,
+                          points_selector=self._models.PointIdsList(
+                              points=[int(row) for row in rows]))
 
   def search(self, queries, k, category=NO_CATEGORY):
     """Qdrant's grouping search answers products: each group is a product with its best row.
@@ -132,9 +220,10 @@ class QdrantBackend(Backend):
     for number, query in enumerate(np.asarray(queries, np.float32)):
       limit = k + 1
       while True:
-        groups = self._client.query_points_groups(
-            self._collection, group_by='product', query=query.tolist(), query_filter=where,
-            limit=limit, group_size=1, with_payload=False).groups
+        with _service(self._settings):
+          groups = self._client.query_points_groups(
+              self._collection, group_by='product', query=query.tolist(),
+              query_filter=where, limit=limit, group_size=1, with_payload=False).groups
         if len(groups) < limit or groups[-1].hits[0].score < groups[k - 1].hits[0].score:
           break
         limit *= 2
