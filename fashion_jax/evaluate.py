@@ -1,7 +1,7 @@
 """Evaluation: embed query and gallery, run the configured evaluators on them, write the reports.
 
-Writes `<workdir>/eval/`: metrics.json (latest), history.jsonl, cmc.png and the evaluators' tables
-and pictures (ranked_lists.png, per_category.csv / per_category.md, ...; evaluators.py). With
+Writes `<workdir>/eval/`: metrics.json (latest), eval_config.json (the config.eval it was computed
+with), history.jsonl, cmc.png and the evaluators' tables and pictures (ranked_lists.png, per_category.csv / per_category.md, ...; evaluators.py). With
 `eval.dataset` naming another dataset (cross-domain evaluation, e.g. trained on DeepFashion,
 tested on Street2Shop), the query and gallery come from that dataset and the same reports go to
 `<workdir>/eval/<dataset>/`, one folder per evaluation dataset.
@@ -124,6 +124,17 @@ def is_cross_dataset(config) -> bool:
           or (config.eval.data_dir or config.dataset.data_dir) != config.dataset.data_dir)
 
 
+EVAL_CONFIG_FILE = 'eval_config.json'
+
+
+def metrics_settings_match(config, workdir: str) -> bool:
+  """Whether the reports in `workdir` were computed with config.eval as it is now."""
+  path = epath.Path(workdir) / report_folder(config) / EVAL_CONFIG_FILE
+  if not path.exists():
+    return False
+  return json.loads(path.read_text()) == json.loads(config.eval.to_json_best_effort())
+
+
 def report_folder(config) -> str:
   """The reports' folder under the workdir: 'eval', or 'eval/<dataset>' for another dataset."""
   if not is_cross_dataset(config):
@@ -207,6 +218,10 @@ def evaluate(config, *, embed: Callable[[jax.Array], jax.Array], builder, mesh, 
     writer.write_scalars(step, scalars)
   if jax.process_index() == 0:
     pictures = write_reports(metrics, result, os.path.join(workdir, folder))
+    # What the metrics were computed with: a sweep re-evaluates a finished point whose eval
+    # settings changed since (metrics_settings_match).
+    (epath.Path(workdir) / folder / EVAL_CONFIG_FILE).write_text(
+        config.eval.to_json_best_effort(indent=2))
     if writer is not None:
       # 'eval/ranked_lists', 'eval/cmc', 'eval/roc': TensorBoard's Images tab, one per step.
       writer.write_images(step, {f'{folder}/{os.path.splitext(name)[0]}':

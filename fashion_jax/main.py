@@ -132,7 +132,10 @@ def main(argv):
     sys.exit(3)
   except train.Preempted as e:
     print(str(e), file=sys.stderr)
-    sys.exit(128 + 15)  # the conventional status of a process ended by SIGTERM
+    sys.exit(128 + e.signum)  # the conventional status of a process ended by that signal
+  except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+    print('interrupted; the same command resumes from the last checkpoint', file=sys.stderr)
+    sys.exit(128 + 2)
 
 
 if __name__ == '__main__':

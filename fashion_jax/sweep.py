@@ -169,8 +169,9 @@ def commands(points: list[Point], config_file: str, workdir: str, fixed: dict) -
 
 
 def finished_metrics(config, workdir: str, identities: dict | None = None) -> dict | None:
-  """The point's final metrics when it is finished: its last checkpoint is the final step and
-  its metrics.json that step's. Refuses (ValueError) a workdir trained with another config.
+  """The point's final metrics when it is finished: its last checkpoint is the final step, its
+  metrics.json that step's, computed with the point's eval settings. Refuses (ValueError) a
+  workdir trained with another config, or past the point's final step.
 
   `identities` caches the training identities of each dataset, read to count the steps.
   """
@@ -188,6 +189,13 @@ def finished_metrics(config, workdir: str, identities: dict | None = None) -> di
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
   latest = checkpointer.latest_step()
   checkpointer.close()
+  if latest is not None and latest > final_step:
+    # Its metrics would be of a longer training than the point's.
+    raise ValueError(f'{workdir} has trained to step {latest}, past the final step {final_step} '
+                     f'of this point (train.num_epochs {config.train.num_epochs}); use another '
+                     '--workdir')
+  if not evaluate.metrics_settings_match(config, workdir):
+    return None  # evaluated again, from the final checkpoint
   return metrics if metrics.get('step') == final_step == latest else None
 
 
@@ -320,7 +328,10 @@ def main(argv):
     train_cli.exit_with(console.path_error(e))
   except train.Preempted as e:
     print(f'{e}; the same sweep command resumes the sweep', file=sys.stderr)
-    sys.exit(128 + 15)
+    sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # a second Ctrl-C, or one outside a point's training loop
+    print('interrupted; the same sweep command resumes the sweep', file=sys.stderr)
+    sys.exit(128 + 2)
   print(write_tables(results, workdir), end='')
   print(f'wrote {os.path.join(workdir, "sweep.csv")} and sweep.md; compare the points in '
         f"TensorBoard's HParams tab: tensorboard --logdir {workdir}")

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -38,7 +39,11 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; the state was checkpointed and training stopped."""
+  """SIGTERM (or Ctrl-C) arrived; the state was checkpointed and training stopped."""
+
+  def __init__(self, message: str, signum: int = signal.SIGTERM):
+    super().__init__(message)
+    self.signum = int(signum)
 
 
 def _device_batches(iterator, mesh, size: int):
@@ -134,27 +139,35 @@ def setup(config, workdir: str):
               checkpointer=checkpointer)
 
 
-class _SigtermFlag:
-  """Records SIGTERM (the usual preemption notice) so the loop can checkpoint and stop."""
+class _StopSignals:
+  """Records SIGTERM (the usual preemption notice) and a first Ctrl-C (SIGINT), so that the loop
+  checkpoints and stops; a second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.raised = False
-    self._previous = None
+    self.raised = None  # the signal's number, once one arrived
+    self._previous = {}
 
   def __enter__(self):
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {number: signal.signal(number, self._handle) for number in self._SIGNALS}
     except ValueError:  # not the main thread: leave signals to the caller
-      self._previous = None
+      self._previous = {}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.raised = True
+    del frame
+    if signum == signal.SIGINT:
+      if self.raised is not None:
+        raise KeyboardInterrupt
+      print('\ninterrupted: stopping after this step with a checkpoint (Ctrl-C again to stop '
+            'at once, without one)', file=sys.stderr, flush=True)
+    self.raised = signum
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for number, previous in self._previous.items():
+      signal.signal(number, previous)
 
 
 def _plural(count: int, noun: str, plural: str | None = None) -> str:
@@ -227,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates, per config.mode.
 
   Returns the last evaluation's metrics (None when mode is 'train'). Raises Preempted after
-  checkpointing when SIGTERM arrives, NonFiniteLossError when the loss stops being finite.
+  checkpointing when SIGTERM or a first Ctrl-C arrives, NonFiniteLossError when the loss stops being finite.
   Process 0 prints the run's setup, a progress bar and a line per evaluation.
   """
   started = time.monotonic()
@@ -306,14 +319,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       raise NonFiniteLossError(
           f'non-finite loss, gradient or update at step {bad_step}; training stopped, {good}')
 
-  with _SigtermFlag() as sigterm, contextlib.closing(progress):
+  with _StopSignals() as signals, contextlib.closing(progress):
     for step in range(start_step + 1, total_steps + 1):
       images, labels = next(batches)
       state, train_metrics = step_fn(state, images, labels)
       report_progress(step)
       is_last = step == total_steps
       is_log_step = step % config.train.log_every_steps == 0 or is_last
-      stop = sigterm.raised
+      stop = signals.raised is not None
       if jax.process_count() > 1:
         # All processes must stop at the same step, or the next collective hangs; agreeing costs
         # a host synchronisation, so it is done on logging steps only.
@@ -333,8 +346,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         checkpointer.wait()
         checkpointer.close()
         writer.flush()
-        raise Preempted(f'SIGTERM at step {step}: checkpoint saved in {checkpointer.directory}; '
-                        f'run the same command to resume')
+        raise Preempted(f'{signal.Signals(signals.raised).name} at step {step}: checkpoint saved '
+                        f'in {checkpointer.directory}; run the same command to resume',
+                        signum=signals.raised)
       if do_eval and (step % eval_every == 0 or is_last):
         check_finite(state)  # nor evaluated: its reports would replace the last good ones
         with progress.paused():

@@ -149,3 +149,29 @@ def test_cli_mistakes_are_one_line(tmp_path):
                       tmp_path=tmp_path)
   assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
       'error: --config.optim.base_lr is also swept (--sweep optim.base_lr=...); drop one')
+
+
+def test_a_finished_point_is_evaluated_again_for_other_eval_settings_and_refused_past_its_end(
+    tiny_data_dir, tmp_path):
+  c = _config(tiny_data_dir)
+  c.train.num_epochs = 2  # 4 steps
+  points = sweep.grid(c, [sweep.parse_axis(c, 'seed=0')])
+  workdir = str(tmp_path)
+  first = sweep.run(points, workdir)
+  assert 'acc@5' in first[0].metrics
+  history = _history_lines(os.path.join(workdir, points[0].name))
+  # Other eval settings: the finished point is evaluated again, not reported as it was.
+  c.eval.ks = (1, 2)
+  points = sweep.grid(c, [sweep.parse_axis(c, 'seed=0')])
+  second = sweep.run(points, workdir)
+  assert not second[0].skipped and 'acc@2' in second[0].metrics
+  assert 'acc@5' not in second[0].metrics
+  again = _history_lines(os.path.join(workdir, points[0].name))
+  assert again.startswith(history) and len(again.splitlines()) == len(history.splitlines()) + 1
+  assert sweep.run(points, workdir)[0].skipped  # and then it is finished with them
+  # Fewer epochs than it trained: its metrics would be of another training.
+  c.train.num_epochs = 1
+  points = sweep.grid(c, [sweep.parse_axis(c, 'seed=0')])
+  with pytest.raises(ValueError, match=r'has trained to step 4, past the final step 2 of this '
+                                       r'point \(train.num_epochs 1\)'):
+    sweep.run(points, workdir)

@@ -4,6 +4,7 @@
                      b, h and w symbolic; load with jax.export.deserialize(...).call(images)
   saved_model/       TensorFlow SavedModel (jax2tf, native serialization) with the signature
                      serving_default(images uint8 [None, None, None, 3]) -> {'embeddings'}
+Both are lowered for CPU, CUDA, ROCm and TPU (PLATFORMS).
   export.json        model, checkpoint, fingerprint, preprocessing and the signature
 
 Both take a batch of crops of one size: each is resized to the model's input size by
@@ -12,6 +13,7 @@ input.resize_filter say (stretched, or letterboxed on white with its aspect rati
 rounded to uint8, exactly as the search tool does.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -25,9 +27,12 @@ from jax import export as jax_export
 STABLEHLO_FILE = 'embed.stablehlo'
 SAVED_MODEL_DIR = 'saved_model'
 EXPORT_FILE = 'export.json'
+# Lowered for each, whatever this machine has: one export serves on CPU, NVIDIA and AMD GPUs
+# and TPUs (the caller's device picks the lowering).
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
 
-def export_stablehlo(model, *, platforms=('cpu',)) -> jax_export.Exported:
+def export_stablehlo(model, *, platforms=PLATFORMS) -> jax_export.Exported:
   """The embedding function with the weights as constants, batch and image size symbolic."""
   fn = model.embed_with_params_fn()
   weights = model.weights
@@ -46,7 +51,8 @@ def save_saved_model(model, path: str) -> None:
   embed = model.embed_with_params_fn()
   converted = jax2tf.convert(
       lambda flat, images: embed(jax.tree.unflatten(treedef, flat), images),
-      with_gradient=False, polymorphic_shapes=[None, '(b, h, w, 3)'])
+      with_gradient=False, polymorphic_shapes=[None, '(b, h, w, 3)'],
+      native_serialization_platforms=PLATFORMS)
   module = tf.Module()
   module.weights = variables
 
@@ -82,10 +88,17 @@ def export_all(model, out: str, *, saved_model: bool = True) -> list[str]:
   """Writes the model's StableHLO export, its SavedModel unless `saved_model` is False, and
   export.json describing them, into `out` (new, empty, or an earlier export: replaced once the
   new one is complete, so a failed export leaves the earlier one as it was)."""
+  from fashion_jax.search.images import InputError
   _check_out(out)
+  if saved_model and importlib.util.find_spec('tensorflow') is None:
+    raise InputError('the SavedModel needs TensorFlow (pip install -e ".[data]"); '
+                     '--no-saved-model writes the StableHLO export alone')
   parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
+  except OSError as error:  # named by the folder asked for, not the staging one
+    raise InputError(f'cannot export to {out}: {error.strerror or error}') from None
   try:
     exported = export_stablehlo(model)
     with open(os.path.join(staging, STABLEHLO_FILE), 'wb') as f:

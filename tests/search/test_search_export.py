@@ -43,6 +43,8 @@ def test_exports_match_the_checkpoint(workdir, model, make_image, tmp_path, caps
     described = json.load(f)
   assert described['model']['fingerprint'] == model.fingerprint
   assert described['embedding_dim'] == 64
+  # Lowered for every platform, not only this machine's CPU (called on CPU below).
+  assert described['stablehlo']['platforms'] == ['cpu', 'cuda', 'rocm', 'tpu']
   # Two batches of different crop sizes: one export serves any batch and image size.
   batches = {'wide': np.stack([make_image(p, 0, (48, 64)) for p in range(3)]),
              'tall': np.stack([make_image(p, 1, (70, 30)) for p in range(2)])}
@@ -118,3 +120,24 @@ def test_an_export_replaces_an_earlier_one_and_refuses_other_folders(workdir, tm
   assert capsys.readouterr().err == (f'error: cannot export to {mine}: it holds other files '
                                      '(notes.txt); choose a new or empty folder\n')
   assert sorted(p.name for p in mine.iterdir()) == ['notes.txt']
+
+
+def test_a_saved_model_without_tensorflow_is_one_line_before_any_work(workdir, tmp_path, capsys,
+                                                                      monkeypatch):
+  import importlib.util
+  from fashion_jax.search import export
+  found = importlib.util.find_spec
+  monkeypatch.setattr(export.importlib.util, 'find_spec',
+                      lambda name, *args: None if name == 'tensorflow' else found(name, *args))
+  out = tmp_path / 'export'
+  assert main(['export', '--workdir', workdir, '--out', str(out)]) == 2
+  assert capsys.readouterr().err == ('error: the SavedModel needs TensorFlow (pip install -e '
+                                     '".[data]"); --no-saved-model writes the StableHLO export '
+                                     'alone\n')
+  assert not out.exists() and not list(tmp_path.iterdir())
+  # An output folder that cannot be made is named as given, not by the staging folder.
+  assert main(['export', '--workdir', workdir, '--out', '/proc/fashion_jax_export',
+               '--no-saved-model']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: cannot export to /proc/fashion_jax_export: ') and '.export-' \
+      not in err, err
