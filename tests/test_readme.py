@@ -44,6 +44,7 @@ def test_the_commands_found_in_the_readme_in_order():
       (SEARCH, 'data_pipelines.show', 'block', True),
       (SEARCH, 'fashion_jax.search', 'block', True),
       (SEARCH, 'fashion_jax.search', 'block', True),
+      (SEARCH, 'fashion_jax.search', 'block', True),
   ]
   servers = [c.one_line for c in COMMANDS if readme_commands.server_of(c)]
   assert servers == ['tensorboard --logdir runs/demo',
