@@ -262,6 +262,11 @@ def _build(index_dir, model, entries, *, dtype, centroids, max_pixels, progress,
          if not item.get('removed') and item['product_id'] in replaced}
   items = [dict(item, removed=True) if row in old else item for row, item in enumerate(items)]
   old_rows = np.asarray(sorted(old), np.int64)
+  if (existing is not None and not new_items and not len(old_rows)
+      and bool(centroids) == existing.meta['centroids']):
+    cache.discard()  # nothing to change: no new generation
+    result = {'added': 0, 'skipped': len(entries), 'count': existing.num_live}
+    return {**result, 'replaced': 0} if replace else result
   if new_items:
     embeddings = np.concatenate([embeddings, np.stack(vectors).astype(embeddings.dtype)])
     items = items + new_items

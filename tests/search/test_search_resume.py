@@ -137,3 +137,14 @@ def test_verify_notes_the_kept_vectors_of_an_interrupted_addition(monkeypatch, m
   counting = _Counting(model)
   search_index.build(path, counting, _entries(catalogue), progress=False)
   assert counting.embedded == 2 and search_index.SearchIndex(path).num_live == 12
+
+
+def test_a_run_with_nothing_new_writes_no_generation(model, catalogue, tmp_path):
+  path = str(tmp_path / 'index')
+  search_index.build(path, model, _entries(catalogue), progress=False)
+  before = {name: os.stat(os.path.join(path, name)).st_mtime_ns for name in os.listdir(path)}
+  counting = _Counting(model)
+  result = search_index.build(path, counting, _entries(catalogue), progress=False)
+  assert result == {'added': 0, 'skipped': 12, 'count': 12} and counting.embedded == 0
+  after = {name: os.stat(os.path.join(path, name)).st_mtime_ns for name in os.listdir(path)}
+  assert after == before and search_index.SearchIndex(path).generation == 1
