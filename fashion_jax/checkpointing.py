@@ -6,6 +6,7 @@ the newest step that reads whole; training moves the damaged step aside, never d
 """
 
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -29,6 +30,24 @@ class CheckpointDamaged(RuntimeError):
 MOVED = {'centers': ('loss_state', 'center', 'centers')}
 
 
+def _quiet_closed_loop(hook):
+  """sys.unraisablehook without the tracebacks of a damaged checkpoint's reads still in
+  flight: when one array fails to read, Orbax's restore ends and closes its event loop, and
+  TensorStore's other reads then complete into the closed loop ('Event loop is closed',
+  reported from their threads as unraisable). Everything else is reported as before."""
+  def unraisablehook(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == 'Event loop is closed'):
+      return
+    hook(unraisable)
+  unraisablehook.quiets_closed_loop = True
+  return unraisablehook
+
+
+if not getattr(sys.unraisablehook, 'quiets_closed_loop', False):
+  sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+
+
 def absolute(directory: str) -> str:
   """A local path made absolute; a URL (gs://bucket/run) as it is, not a folder named 'gs:'."""
   directory = os.fspath(directory)
@@ -50,6 +69,10 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def steps(self) -> list[int]:
+    """The steps saved, oldest first."""
+    return sorted(self._manager.all_steps())
 
   def save(self, step: int, state) -> None:
     self._manager.save(step, args=ocp.args.StandardSave(state))

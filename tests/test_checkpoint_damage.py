@@ -116,3 +116,40 @@ def test_another_model_is_not_mistaken_for_damage(tmp_path):
     checkpointer.restore(other, set_aside_damaged=True)
   assert checkpointer.latest_step() == 2  # nothing set aside
   checkpointer.close()
+
+
+def test_only_the_closed_event_loop_of_a_failed_restore_is_kept_quiet():
+  """A failed restore's other reads complete into Orbax's closed event loop, each reported as
+  unraisable from TensorStore's threads: those reports are dropped, no other."""
+  import types
+  reported = []
+  hook = checkpointing._quiet_closed_loop(reported.append)
+  for error in (RuntimeError('Event loop is closed'), RuntimeError('something else'),
+                ValueError('Event loop is closed')):
+    hook(types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
+                               err_msg=None, object=None))
+  assert [str(r.exc_value) for r in reported] == ['something else', 'Event loop is closed']
+
+
+def test_search_on_a_damaged_checkpoint_is_one_line(tmp_path):
+  """The real command, twice (the in-flight reads race the error): one line on stderr."""
+  import subprocess
+  import sys
+  import importlib.util
+  here = os.path.dirname(os.path.abspath(__file__))
+  spec = importlib.util.spec_from_file_location('search_fixtures',
+                                                os.path.join(here, 'search', 'conftest.py'))
+  fixtures = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fixtures)
+  workdir = fixtures.write_workdir(str(tmp_path / 'run'))
+  _truncate_data(os.path.join(workdir, 'checkpoints', '3'))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for attempt in range(2):
+    result = subprocess.run(
+        [sys.executable, '-m', 'fashion_jax.search', 'export', '--workdir', workdir, '--out',
+         str(tmp_path / f'export{attempt}'), '--no-saved-model'], cwd=repo, capture_output=True,
+        text=True, timeout=300, env=dict(os.environ, PYTHONPATH=repo))
+    assert result.returncode == 2
+    assert result.stderr.startswith('error: checkpoint step 3 in ') and \
+        result.stderr.count('\n') == 1, result.stderr[:3000]
+    assert '(other steps saved: none; choose one with --step)' in result.stderr

@@ -77,10 +77,20 @@ class SearchModel:
     checkpointer = checkpointing.Checkpointer(os.path.join(self.workdir, 'checkpoints'))
     self.checkpoint_dir = checkpointer.directory
     try:
-      self.step = checkpointer.latest_step() if step is None else step
+      steps = checkpointer.steps()
+      self.step = (steps[-1] if steps else None) if step is None else step
       if self.step is None:
         raise InputError(f'{self.workdir}: no checkpoint in {self.checkpoint_dir}')
-      state = checkpointer.restore(step=self.step)
+      others = ', '.join(str(s) for s in steps if s != self.step) or 'none'
+      if self.step not in steps:
+        raise InputError(f'{self.workdir}: no checkpoint of step {self.step} (saved: {others})')
+      try:
+        state = checkpointer.restore(step=self.step)
+      except checkpointing.CheckpointDamaged as error:
+        # The step is used as asked (or as the newest), never silently another: name the
+        # others, which --step can choose.
+        raise checkpointing.CheckpointDamaged(f'{error} (other steps saved: {others}; choose '
+                                              'one with --step)') from None
     finally:
       checkpointer.close()
     num_classes = int(np.shape(state['params']['classifier']['kernel'])[-1])

@@ -575,8 +575,9 @@ def test_paths_ports_and_checkpoints_the_user_names_are_one_line(index_dir, work
       capfd, ['export', '--workdir', workdir, '--out', str(afile), '--no-saved-model'])
   assert afile.read_text() == 'mine'
   # A checkpoint step the workdir does not have.
-  assert 'step 5' in _cli_error(capfd, ['export', '--workdir', workdir, '--step', '5', '--out',
-                                        str(tmp_path / 'export'), '--no-saved-model'])
+  assert 'no checkpoint of step 5 (saved: ' in _cli_error(
+      capfd, ['export', '--workdir', workdir, '--step', '5', '--out', str(tmp_path / 'export'),
+              '--no-saved-model'])
   # A port another program holds.
   import socket
   with socket.socket() as taken:
