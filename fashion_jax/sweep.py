@@ -207,16 +207,18 @@ class Result:
   error: str = ''
 
 
-def run(points: list[Point], workdir: str) -> list[Result]:
+def run(points: list[Point], workdir: str, results: list[Result] | None = None) -> list[Result]:
   """Trains and evaluates each point in <workdir>/<point name>, skipping the finished ones.
 
   A point whose loss stops being finite is reported and the sweep goes on; any other error
-  (train.Preempted included) stops it, and the same command resumes it.
+  (train.Preempted included) stops it, and the same command resumes it. Each point's result
+  is appended to `results` as it ends (those before an interruption stay there).
   """
   if not jax.config.jax_compilation_cache_dir:
     # One cache for all points: most programs (evaluation, often the step) are the same.
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'xla_cache'))
-  results, identities = [], {}
+  results = [] if results is None else results
+  identities = {}
   for i, point in enumerate(points, 1):
     point_dir = os.path.join(workdir, point.name)
     metrics = finished_metrics(point.config, point_dir, identities)
@@ -287,6 +289,15 @@ def write_tables(results: list[Result], workdir: str) -> str:
   return markdown
 
 
+def _partial_tables(results: list[Result], workdir: str) -> str:
+  """The tables of the points that ended before an interruption; what to say of them."""
+  if not results:
+    return ''
+  write_tables(results, workdir)
+  return (f' (sweep.csv and sweep.md list the {len(results)} of its points that ended before '
+          'the interruption)')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -316,9 +327,10 @@ def main(argv):
                          fixed):
       print(line)
     return
+  results = []
   try:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a bucket's too (gs://...)
-    results = run(points, workdir)
+    run(points, workdir, results)
   except (ValueError, datasets.DatasetMissingError, FileNotFoundError,
           checkpointing.CheckpointDamaged) as e:
     train_cli.exit_with(str(e))
@@ -327,10 +339,12 @@ def main(argv):
       raise
     train_cli.exit_with(console.path_error(e))
   except train.Preempted as e:
-    print(f'{e}; the same sweep command resumes the sweep', file=sys.stderr)
+    print(f'{e}; the same sweep command resumes the sweep{_partial_tables(results, workdir)}',
+          file=sys.stderr)
     sys.exit(128 + e.signum)
   except KeyboardInterrupt:  # a second Ctrl-C, or one outside a point's training loop
-    print('interrupted; the same sweep command resumes the sweep', file=sys.stderr)
+    print(f'interrupted; the same sweep command resumes the sweep'
+          f'{_partial_tables(results, workdir)}', file=sys.stderr)
     sys.exit(128 + 2)
   print(write_tables(results, workdir), end='')
   print(f'wrote {os.path.join(workdir, "sweep.csv")} and sweep.md; compare the points in '

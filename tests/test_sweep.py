@@ -175,3 +175,29 @@ def test_a_finished_point_is_evaluated_again_for_other_eval_settings_and_refused
   with pytest.raises(ValueError, match=r'has trained to step 4, past the final step 2 of this '
                                        r'point \(train.num_epochs 1\)'):
     sweep.run(points, workdir)
+
+
+def test_an_interrupted_sweep_tables_the_points_that_ended(tmp_path, monkeypatch):
+  from fashion_jax import train
+  c = _config()
+  points = sweep.grid(c, [sweep.parse_axis(c, 'seed=0,1,2')])
+  ran = []
+
+  def train_and_evaluate(config, workdir):  # the second point is preempted
+    ran.append(config.seed)
+    if config.seed == 1:
+      raise train.Preempted('SIGTERM at step 1: checkpoint saved', signum=15)
+    return {'step': 2, 'mAP': 0.5, 'acc@1': 0.25}
+
+  monkeypatch.setattr(train, 'train_and_evaluate', train_and_evaluate)
+  results = []
+  with pytest.raises(train.Preempted):
+    sweep.run(points, str(tmp_path), results)
+  assert ran == [0, 1] and [r.point.name for r in results] == [points[0].name]
+  said = sweep._partial_tables(results, str(tmp_path))
+  assert 'list the 1 of its points that ended before the interruption' in said
+  with open(tmp_path / 'sweep.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [(row['seed'], row['mAP'], row['workdir']) for row in rows] == [
+      ('0', '0.5', points[0].name)]
+  assert sweep._partial_tables([], str(tmp_path)) == ''
