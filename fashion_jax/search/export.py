@@ -16,6 +16,7 @@ rounded to uint8, exactly as the search tool does.
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -84,6 +85,23 @@ def _check_out(out: str) -> None:
                      'or empty folder')
 
 
+def _remove_abandoned(parent: str) -> None:
+  """Deletes the staging folders of exports whose process has gone (killed before its
+  cleanup); those of running exports are theirs."""
+  for name in os.listdir(parent):
+    found = re.match(r'^\.export-(\d+)-', name)
+    if not found:
+      continue
+    try:
+      os.kill(int(found[1]), 0)
+      continue  # that export still runs
+    except ProcessLookupError:
+      pass
+    except (OSError, OverflowError):
+      continue  # another user's process, or not a process id: left alone
+    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 def export_all(model, out: str, *, saved_model: bool = True) -> list[str]:
   """Writes the model's StableHLO export, its SavedModel unless `saved_model` is False, and
   export.json describing them, into `out` (new, empty, or an earlier export: replaced once the
@@ -96,7 +114,8 @@ def export_all(model, out: str, *, saved_model: bool = True) -> list[str]:
   parent = os.path.dirname(os.path.abspath(out))
   try:
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
+    _remove_abandoned(parent)
+    staging = tempfile.mkdtemp(prefix=f'.export-{os.getpid()}-', dir=parent)
   except OSError as error:  # named by the folder asked for, not the staging one
     raise InputError(f'cannot export to {out}: {error.strerror or error}') from None
   try:

@@ -111,6 +111,17 @@ def test_an_export_replaces_an_earlier_one_and_refuses_other_folders(workdir, tm
   with open(out / 'export.json') as f:
     assert json.load(f)['saved_model'] is None
   assert not [p for p in tmp_path.iterdir() if p.name.startswith('.export-')]
+  # The staging folder of an export killed before its cleanup goes with the next export there;
+  # that of a running one (this process) stays.
+  import subprocess
+  gone = subprocess.Popen(['true'])
+  gone.wait()
+  (tmp_path / f'.export-{gone.pid}-abc').mkdir()
+  (tmp_path / f'.export-{os.getpid()}-xyz').mkdir()
+  assert main(['export', '--workdir', workdir, '--out', str(out), '--no-saved-model']) == 0
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.export-')) == [
+      f'.export-{os.getpid()}-xyz']
+  (tmp_path / f'.export-{os.getpid()}-xyz').rmdir()
   # A folder of the user's is not written into.
   mine = tmp_path / 'mine'
   mine.mkdir()
