@@ -44,12 +44,19 @@ def test_indexes_of_one_folder_name_keep_their_own_collections_and_copies_work(
   copy = str(tmp_path / 'copy')
   shutil.copytree(first, copy)
   assert _top(copy, catalogue, capsys) == 'sku-2'
+  # An index moved aside keeps its collection when a new one is made at its old path.
+  moved = str(tmp_path / 'moved')
+  os.rename(first, moved)
+  assert _index(workdir, first, catalogue['csv_rest'], '--qdrant-path', storage) == 0
+  assert _top(moved, catalogue, capsys) == 'sku-2' and _top(first, catalogue, capsys, 4) == \
+      'sku-4'
+  capsys.readouterr()
   # Naming another index's collection for a new one is refused before any image is read.
   third = str(tmp_path / 'c')
   assert _index(workdir, third, catalogue['csv_first'], '--qdrant-path', storage,
                 '--collection', collections[0]) == 2
   err = capsys.readouterr().err
-  assert f"already has a collection '{collections[0]}', not made for this index" in err
+  assert f"already has a collection '{collections[0]}' (made for {first})" in err
   assert err.count('\n') == 1 and not os.path.exists(os.path.join(third, 'thumbs'))
 
 

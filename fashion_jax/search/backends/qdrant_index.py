@@ -8,16 +8,17 @@ scans every point and commits every written point to disk, so it suits tests and
 replication_factor for the collections created). A point's id is its row number, and the
 server holds the data: `save` writes nothing.
 
-A new index records its collection's name in index.json (by default the index folder's name
-and a hash of its path, so that two indexes never share one by accident), and the collection
-records the index folder it was made for: creating an index never replaces a collection made
-for another. A copied or moved index keeps using its collection.
+A new index records its collection's name in index.json: by default the index folder's name and
+a random suffix, so that two indexes never share one by accident (not even a new index at the
+path a moved one had). Creating an index never replaces a collection that exists. A copied or
+moved index keeps using its collection; copies then share it.
 """
 
 import contextlib
 import hashlib
 import os
 import re
+import uuid
 import warnings
 
 import numpy as np
@@ -115,31 +116,28 @@ class QdrantBackend(Backend):
     if new:
       if 'collection' not in settings:
         folder = re.sub(r'[^A-Za-z0-9_-]', '_', os.path.basename(_owner(directory)))[:150]
-        digest = hashlib.blake2b(_owner(directory).encode(), digest_size=4).hexdigest()
-        settings['collection'] = f'{folder}-{digest}'
+        settings['collection'] = f'{folder}-{uuid.uuid4().hex[:8]}'
       if settings.get('url') or settings.get('path'):
-        cls(*_connect(directory, settings), settings)._check_free(directory)
+        cls(*_connect(directory, settings), settings)._check_free()
     return settings
 
-  def _check_free(self, directory: str) -> None:
-    """A BackendError when the collection exists and was made for another index."""
+  def _check_free(self) -> None:
+    """A BackendError when the collection exists: a new index never takes one over."""
     with _service(self._settings):
       if not self._client.collection_exists(self._collection):
         return
       metadata = self._client.get_collection(self._collection).config.metadata or {}
-    if metadata.get('index') != _owner(directory):
-      raise BackendError(
-          f'{_where(self._settings)} already has a collection {self._collection!r}, not made '
-          f"for this index ({metadata.get('index') or 'by another program'}): name another "
-          'with --collection, or delete that one')
+    made_for = f"made for {metadata['index']}" if metadata.get('index') else 'not made by an index'
+    raise BackendError(
+        f'{_where(self._settings)} already has a collection {self._collection!r} ({made_for}): '
+        'name another with --collection, or delete that one')
 
   @classmethod
   def create(cls, directory, dim, dtype, settings):
-    """A new, empty collection. One of the same name is replaced only when it was made for
-    this index folder (by a run that was killed before its commit)."""
+    """A new, empty collection, which records the index folder it was made for."""
     del dtype  # Qdrant keeps float16 vectors whatever the index holds
     backend = cls(*_connect(directory, settings), settings)
-    backend._check_free(directory)
+    backend._check_free()
     backend._make(dim, metadata={'index': _owner(directory)})
     return backend
 
