@@ -361,6 +361,7 @@ def run_evaluate(args) -> int:
     if not os.path.isfile(path):
       raise InputError(f'{args.queries}: row {number}: {path} is not a file')
     queries.append({'path': path, 'product_id': row['product_id'], 'category': category,
+                    'row': number,
                     'box': image_io.parse_box(search_catalogue.row_box(row, args.queries,
                                                                        number))})
   if not queries:
@@ -449,9 +450,18 @@ def main(argv=None) -> int:
     print('interrupted' + ('; the index is as it was, or as this change made it if it had '
                            'committed (a change is whole or not at all)' if changes else '') +
           ('; run the same command again to embed only the images not embedded yet' if embeds
-           else ''), file=sys.stderr)
+           else ''), file=sys.stderr, flush=True)
+    if _PROCESS['exit_at_once']:
+      # XLA's threads may be mid-compilation: tearing the interpreter down under them can
+      # crash it. Nothing is left to write (a change commits whole or not at all).
+      sys.stdout.flush()
+      os._exit(130)
     return 130
 
 
+_PROCESS = {'exit_at_once': False}  # run as the program, not called from Python
+
+
 if __name__ == '__main__':
+  _PROCESS['exit_at_once'] = True
   sys.exit(main())

@@ -21,19 +21,29 @@ _CHUNK = 256  # photos decoded and embedded at a time: memory stays bounded
 
 def evaluate(searcher, queries: list[dict], *, k: int, filter_by_category: bool = False,
              progress: bool = True) -> dict:
-  """queries: [{'path', 'box', 'category', 'product_id'}] -> {'overall', 'categories',
-  'queries', 'left_out'}: the figures (`metrics`), and per query its rank (None when the
-  product was not returned) and the products returned first."""
+  """queries: [{'path', 'box', 'category', 'product_id', 'row'}] -> {'overall', 'categories',
+  'queries', 'left_out', 'unusable'}: the figures (`metrics`); per query its rank (None when
+  the product was not returned) and the products returned first; the photos that could not be
+  read or cropped (row, path, error), which are left out of the figures."""
   in_index = set(np.asarray(searcher.latest_index.product_ids)[
       searcher.latest_index.product_live])
-  rows, left_out = [], 0
+  rows, left_out, unusable = [], 0, []
   bar = tqdm(total=len(queries), desc='evaluating', unit='photo', disable=not progress,
              leave=False)
   try:
     for start in range(0, len(queries), _CHUNK):
-      chunk = queries[start:start + _CHUNK]
-      crops = [image_io.crop(image_io.read(q['path'], max_pixels=searcher.max_pixels), q['box'],
-                             name=q['path']) for q in chunk]
+      chunk, crops = [], []
+      for query in queries[start:start + _CHUNK]:
+        try:
+          crops.append(image_io.crop(image_io.read(query['path'], max_pixels=searcher.max_pixels),
+                                     query['box'], name=query['path']))
+          chunk.append(query)
+        except image_io.InputError as error:  # counted and named; the others are measured
+          unusable.append({'row': query.get('row'), 'query': query['path'],
+                           'error': image_io.one_line(error)})
+      bar.update(len(queries[start:start + _CHUNK]) - len(chunk))
+      if not chunk:
+        continue
       embeddings = searcher.model.embed_crops(crops)
       del crops
       groups = {}
@@ -55,8 +65,15 @@ def evaluate(searcher, queries: list[dict], *, k: int, filter_by_category: bool 
       bar.update(len(chunk))
   finally:
     bar.close()
+  if not rows:
+    raise image_io.InputError(f'nothing to measure: of {len(queries)} labelled photos, '
+                              f'{left_out} are of products the index does not hold and '
+                              f'{len(unusable)} could not be used' +
+                              (f" (row {unusable[0]['row']}: {unusable[0]['error']})"
+                               if unusable else ''))
   categories = sorted({row['category'] for row in rows if row['category']})
   return {'k': k, 'filter_by_category': filter_by_category, 'left_out': left_out,
+          'unusable': unusable,
           'overall': metrics([row['rank'] for row in rows], k),
           'categories': {category: metrics([row['rank'] for row in rows
                                             if row['category'] == category], k)
@@ -86,6 +103,9 @@ def summary(result: dict) -> list[str]:
   lines = [f"{overall['queries']} queries, k={result['k']}" +
            (f" ({result['left_out']} left out: their product is not in the index)"
             if result['left_out'] else '') +
+           (f" ({len(result['unusable'])} photos could not be used, the first at row "
+            f"{result['unusable'][0]['row']}: {result['unusable'][0]['error']})"
+            if result['unusable'] else '') +
            (', each searched within its category' if result['filter_by_category'] else ''),
            '  ' + line(overall)]
   for category, figures in result['categories'].items():

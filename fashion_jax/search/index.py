@@ -93,6 +93,12 @@ def digest(path: str) -> dict:
   return {'bytes': size, 'sha256': hasher.hexdigest()}
 
 
+def meta_digest(meta: dict) -> str:
+  """sha256 of index.json's fields but this one, as `verify` checks them."""
+  fields = {key: value for key, value in meta.items() if key != 'meta_sha256'}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def _sync(path: str) -> None:
   """Flushes a file's data, or a folder's entries (its renames), to the disk."""
   descriptor = os.open(path, os.O_RDONLY)
@@ -163,7 +169,8 @@ def _build(index_dir, model, entries, *, dtype, centroids, max_pixels, progress,
     kept = existing.meta.get('backend_settings', {})
     try:
       given = backends.get(recorded).settings_for(index_dir, backend_settings or {}, new=False)
-    except ValueError as error:
+      backends.get(recorded).check_open(existing)  # before any image is read
+    except (ImportError, ValueError) as error:
       raise InputError(f'{index_dir}: {error}') from None
     for key, value in given.items():
       if kept.get(key) != value:
@@ -202,25 +209,32 @@ def _build(index_dir, model, entries, *, dtype, centroids, max_pixels, progress,
   cache = resume.ResumeCache(index_dir, fingerprint=model.fingerprint, dtype=str(embeddings.dtype),
                              dim=int(embeddings.shape[1]))
   keys = [resume.entry_key(entry) for entry in new]
-  vectors = [cache.reusable(key, first_new + number,
-                            os.path.join(index_dir, _thumb(first_new + number)))
-             if len(cache) else None for number, key in enumerate(keys)]
-  to_read = [number for number, vector in enumerate(vectors) if vector is None]
+  reused = [cache.reusable(key, first_new + number,
+                           os.path.join(index_dir, _thumb(first_new + number)),
+                           lambda entry=entry: _entry_bytes(entry, max_pixels))
+            if len(cache) else None for number, (key, entry) in enumerate(zip(keys, new))]
+  # Per new row: its vector and its thumbnail's digest, once known.
+  vectors = [found and found[0] for found in reused]
+  thumbs = [found and found[1] for found in reused]
+  to_read = [number for number, found in enumerate(reused) if found is None]
   if progress and len(to_read) < len(new):
     print(f'{index_dir}: {len(new) - len(to_read)} of the {len(new)} new images were embedded by '
           'an interrupted run; embedding the rest', file=sys.stderr, flush=True)
 
   def read(number: int):
     """Reads, crops and thumbnails one new image in a worker thread, and resizes it where that
-    needs no device: (the crop, None, thumbnail hash) or (None, its model input, hash)."""
-    crop = _read_crop(new[number], max_pixels)
+    needs no device: (the crop or None, its model input or None, the resume cache's record
+    of it)."""
+    data = _entry_bytes(new[number], max_pixels)
+    crop = _read_crop(new[number], max_pixels, data)
     thumbnail = image_io.thumbnail_bytes(crop)
     with open(os.path.join(index_dir, _thumb(first_new + number)), 'wb') as f:
       f.write(thumbnail)
     ready = model.prepare_on_host(crop)
     # A box's crop is copied: the view would keep its whole photo alive while it waits.
     crop = np.ascontiguousarray(crop) if ready is None else None
-    return crop, ready, resume.thumb_hash(thumbnail)
+    return crop, ready, {'key': keys[number], 'content': resume.digest(data),
+                         'row': first_new + number, 'thumb': resume.digest(thumbnail)}
 
   # Decoding, thumbnails and the host resize release the GIL: images are read side by side, a
   # few ahead, and taken in order by this thread, which owns the devices. Where this thread
@@ -235,28 +249,29 @@ def _build(index_dir, model, entries, *, dtype, centroids, max_pixels, progress,
     for position, number in enumerate(to_read):
       while len(ahead) < look_ahead and position + len(ahead) < len(to_read):
         ahead.append(pool.submit(read, to_read[position + len(ahead)]))
-      try:
-        crop, ready, thumb = ahead.popleft().result()
-      except BaseException:
-        bar.leave = False  # erased, so the error is the one line a failed run leaves on stderr
-        bar.close()
-        raise
+      crop, ready, record = ahead.popleft().result()
       prepared.append(model.prepare(crop) if ready is None else ready)
-      waiting.append({'key': keys[number], 'row': first_new + number, 'thumb': thumb})
+      waiting.append(record)
       if len(prepared) == _EMBED_CHUNK or position == len(to_read) - 1:
         embedded = model.embed_prepared(np.stack(prepared)).astype(embeddings.dtype)
         cache.append(waiting, embedded)
         for record, vector in zip(waiting, embedded):
           vectors[record['row'] - first_new] = vector
+          thumbs[record['row'] - first_new] = record['thumb']
         bar.update(len(prepared))
         prepared, waiting = [], []
+  except BaseException:
+    bar.leave = False  # erased, so the error is the one line a failed run leaves on stderr
+    bar.close()
+    raise
   finally:
     # After an error (or Ctrl-C) the reads not yet started are dropped.
     pool.shutdown(wait=True, cancel_futures=True)
   bar.close()
   new_items = [{'image': entry['image'], 'product_id': entry['product_id'],
                 'category': entry['category'], 'box': list(entry['box']) if entry['box'] else None,
-                'thumb': _thumb(first_new + number)} for number, entry in enumerate(new)]
+                'thumb': _thumb(first_new + number), 'thumb_digest': thumbs[number]}
+               for number, entry in enumerate(new)]
   # The index files change only now, when every new image has been read and embedded.
   old = {row for row, item in enumerate(items)
          if not item.get('removed') and item['product_id'] in replaced}
@@ -315,11 +330,15 @@ def _readers() -> int:
   return max(1, min(cores, 16))
 
 
-def _read_crop(entry: catalogue.CatalogueEntry, max_pixels: int) -> np.ndarray:
+def _entry_bytes(entry: catalogue.CatalogueEntry, max_pixels: int) -> bytes:
+  """The encoded image of a catalogue entry: its bytes, or its file's."""
   if 'data' in entry:
-    image = image_io.decode(entry['data'], name=entry['image'], max_pixels=max_pixels)
-  else:
-    image = image_io.read(entry['image'], max_pixels=max_pixels)
+    return entry['data']
+  return image_io.read_file(entry['image'], image_io.default_max_bytes(max_pixels))
+
+
+def _read_crop(entry: catalogue.CatalogueEntry, max_pixels: int, data: bytes) -> np.ndarray:
+  image = image_io.decode(data, name=entry['image'], max_pixels=max_pixels)
   return image_io.crop(image, entry['box'], name=entry['image'])
 
 
@@ -374,6 +393,7 @@ def _commit(index_dir: str, meta: dict, items: list[dict], embeddings: np.ndarra
   meta = {**meta, 'generation': generation, 'files': files, 'checksums': checksums,
           'count': len(live), 'rows': len(items),
           'products': len({items[row]['product_id'] for row in live})}
+  meta['meta_sha256'] = meta_digest(meta)
   _atomic_write(os.path.join(index_dir, _INDEX_FILE),
                 lambda f: f.write(json.dumps(meta, indent=2).encode()))
   _sync(index_dir)
@@ -576,7 +596,7 @@ _META_FIELDS = {'format': int, 'dtype': str, 'dim': int, 'centroids': bool, 'cat
                 'model': dict}
 _MODEL_FIELDS = {'workdir': str, 'step': int, 'fingerprint': str, 'backbone': str}
 _OPTIONAL_META_FIELDS = {'backend': str, 'backend_settings': dict, 'generation': int,
-                         'files': dict, 'checksums': dict}
+                         'files': dict, 'checksums': dict, 'meta_sha256': str}
 _ITEM_FIELDS = {'image': str, 'product_id': str, 'category': str, 'thumb': str}
 
 
@@ -618,6 +638,9 @@ def _check_meta(meta, index_dir: str) -> dict:
       isinstance(record, dict) and _has_type(record.get('bytes'), int)
       and isinstance(record.get('sha256'), str) for record in meta.get('checksums', {}).values()):
     wrong.append('checksums (not a size and a sha256 for each file)')
+  if not wrong and not all(all(_FILE_NAME.match(part) for part in name.split('/'))
+                           for name in meta.get('checksums', {})):
+    wrong.append('checksums (not files inside the index)')
   if wrong:
     raise InputError(f"{index_dir}: {_INDEX_FILE} has bad fields: {', '.join(wrong)} "
                      '(damaged index)')
@@ -626,8 +649,8 @@ def _check_meta(meta, index_dir: str) -> dict:
 
 def _check_item(item, index_dir: str, number: int) -> dict:
   """One items.jsonl row checked for what the code does with it; InputError otherwise."""
-  wrong = (_wrong_fields(item, _ITEM_FIELDS, {'removed': bool}) if isinstance(item, dict)
-           else ['not a JSON object'])
+  wrong = (_wrong_fields(item, _ITEM_FIELDS, {'removed': bool, 'thumb_digest': str})
+           if isinstance(item, dict) else ['not a JSON object'])
   if not wrong:
     box = item.get('box')
     if box is not None and not (isinstance(box, list) and len(box) == 4 and all(

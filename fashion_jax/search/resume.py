@@ -6,12 +6,13 @@ embedded chunk is appended here, in `<index>/.resume/`:
 
   context.json     the model's fingerprint, the dtype and the width of the vectors
   embeddings.bin   the vectors, raw, one row after another
-  keys.jsonl       per row: the catalogue entry (image, box, product and the file's size and
-                   time, or a hash of its bytes), the index row it was given and a hash of the
-                   thumbnail written for it
+  keys.jsonl       per vector: the catalogue entry (image, box, product), a hash of the image's
+                   bytes, the index row it was given, a hash of the thumbnail written for it,
+                   and the vector's place in embeddings.bin with a hash of its bytes
 
-A later run with the same model reuses a vector where the entry, its row and its thumbnail
-are unchanged, and embeds the rest. A successful commit deletes the folder. The writer's lock
+A later run with the same model reuses a vector where the entry, its image's bytes, its row
+and its thumbnail are unchanged, and embeds the rest; a record whose vector does not match its
+hash (a damaged folder) is not used. A successful commit deletes the folder. The writer's lock
 (index.writer_lock) is held throughout, so one run at a time appends.
 """
 
@@ -19,27 +20,21 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 
 import numpy as np
 
 FOLDER = '.resume'
+_FIELDS = {'key': str, 'content': str, 'row': int, 'thumb': str, 'n': int, 'vector': str}
 
 
 def entry_key(entry: dict) -> str:
-  """The entry's identity: its name, box and product, and what says its bytes are the same."""
-  if 'data' in entry:
-    version = hashlib.blake2b(entry['data'], digest_size=16).hexdigest()
-  else:
-    try:
-      status = os.stat(entry['image'])
-      version = [status.st_size, status.st_mtime_ns]
-    except OSError:
-      version = None  # unreadable: never matches, and the read reports it
+  """The entry's identity in the catalogue: its image's name, its box and its product."""
   box = list(entry['box']) if entry['box'] else None
-  return json.dumps([entry['image'], box, entry['product_id'], version])
+  return json.dumps([entry['image'], box, entry['product_id']])
 
 
-def thumb_hash(data: bytes) -> str:
+def digest(data: bytes) -> str:
   return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
@@ -51,72 +46,89 @@ class ResumeCache:
     self.folder = os.path.join(index_dir, FOLDER)
     self._context = {'fingerprint': fingerprint, 'dtype': dtype, 'dim': dim}
     self._dtype, self._dim = np.dtype(dtype), dim
-    self._found = self._load()  # key -> (row, thumbnail hash, vector)
+    self._rows = 0  # vectors in embeddings.bin
+    self._found = self._load()  # key -> (record, vector)
+
+  def _paths(self):
+    return (os.path.join(self.folder, name)
+            for name in ('context.json', 'keys.jsonl', 'embeddings.bin'))
 
   def _load(self) -> dict:
-    keys_path = os.path.join(self.folder, 'keys.jsonl')
-    vectors_path = os.path.join(self.folder, 'embeddings.bin')
+    context_path, keys_path, vectors_path = self._paths()
     records = []
     try:
-      with open(os.path.join(self.folder, 'context.json')) as f:
+      with open(context_path) as f:
         context = json.load(f)
       with open(keys_path, 'rb') as f:
         for line in f:
           try:
             record = json.loads(line)
           except ValueError:
-            break  # a line the interruption cut
-          if not (isinstance(record, dict) and isinstance(record.get('key'), str)
-                  and isinstance(record.get('row'), int) and isinstance(record.get('thumb'), str)):
-            break
-          records.append(record)
+            continue  # a line the interruption cut, or damage: that vector is embedded again
+          if isinstance(record, dict) and all(
+              type(record.get(name)) is kind for name, kind in _FIELDS.items()):
+            records.append(record)
       vectors_bytes = os.path.getsize(vectors_path)
     except (OSError, ValueError):
       context = None
     if context != self._context:  # none, damaged, or another model's: start afresh
       self.discard()
       os.makedirs(self.folder)
-      for name in (keys_path, vectors_path):
-        open(name, 'wb').close()
-      with open(os.path.join(self.folder, 'context.json'), 'w') as f:
+      for path in (keys_path, vectors_path):
+        open(path, 'wb').close()
+      with open(context_path, 'w') as f:
         json.dump(self._context, f)
       return {}
     row_bytes = self._dim * self._dtype.itemsize
-    usable = min(len(records), vectors_bytes // row_bytes)
-    # Both files cut to the rows they agree on, so that this run appends in step.
-    os.truncate(vectors_path, usable * row_bytes)
-    with open(keys_path, 'w') as f:
-      f.writelines(json.dumps(record) + '\n' for record in records[:usable])
-    vectors = np.fromfile(vectors_path, self._dtype).reshape(usable, self._dim)
-    return {record['key']: (record['row'], record['thumb'], vectors[number])
-            for number, record in enumerate(records[:usable])}
+    self._rows = vectors_bytes // row_bytes
+    os.truncate(vectors_path, self._rows * row_bytes)  # a row the interruption cut
+    vectors = np.fromfile(vectors_path, self._dtype).reshape(self._rows, self._dim)
+    found = {}
+    for record in records:
+      if 0 <= record['n'] < self._rows and digest(vectors[record['n']].tobytes()) == \
+          record['vector']:
+        found[record['key']] = (record, vectors[record['n']])
+    with open(keys_path, 'w') as f:  # the records kept, for this run to append to
+      f.writelines(json.dumps(record) + '\n' for record, _ in found.values())
+    return found
 
   def __len__(self) -> int:
     return len(self._found)
 
-  def reusable(self, key: str, row: int, thumb_path: str) -> np.ndarray | None:
-    """The vector embedded for `key` when it was given `row` and the thumbnail there is still
-    the one written for it; None otherwise."""
+  def reusable(self, key: str, row: int, thumb_path: str,
+               read_bytes: Callable[[], bytes]) -> tuple[np.ndarray, str] | None:
+    """(the vector embedded for `key`, its thumbnail's digest) when it was given `row`, the
+    thumbnail there is still the one written for it, and the image's bytes (read_bytes()) are
+    those it was embedded from; None otherwise."""
     found = self._found.get(key)
-    if found is None or found[0] != row:
+    if found is None or found[0]['row'] != row:
       return None
+    record, vector = found
     try:
       with open(thumb_path, 'rb') as f:
-        if thumb_hash(f.read()) != found[1]:
+        if digest(f.read()) != record['thumb']:
           return None
-    except OSError:
+      if digest(read_bytes()) != record['content']:
+        return None
+    except (OSError, ValueError):  # unreadable now: it is read again, and reported there
       return None
-    return found[2]
+    return vector, record['thumb']
 
   def append(self, records: list[dict], vectors: np.ndarray) -> None:
-    """Adds this run's newly embedded rows: records [{'key', 'row', 'thumb'}], vectors [n, D].
-    The vectors are on disk before the keys that name them."""
-    with open(os.path.join(self.folder, 'embeddings.bin'), 'ab') as f:
-      f.write(np.ascontiguousarray(vectors, self._dtype).tobytes())
+    """Adds this run's newly embedded rows: records [{'key', 'content', 'row', 'thumb'}],
+    vectors [n, D]. The vectors are on disk before the keys that name them."""
+    vectors = np.ascontiguousarray(vectors, self._dtype)
+    _, keys_path, vectors_path = self._paths()
+    with open(vectors_path, 'ab') as f:
+      f.write(vectors.tobytes())
       f.flush()
       os.fsync(f.fileno())
-    with open(os.path.join(self.folder, 'keys.jsonl'), 'a') as f:
-      f.writelines(json.dumps(record) + '\n' for record in records)
+    lines = [json.dumps({**record, 'n': self._rows + number,
+                         'vector': digest(vector.tobytes())}) + '\n'
+             for number, (record, vector) in enumerate(zip(records, vectors))]
+    self._rows += len(vectors)
+    with open(keys_path, 'a') as f:
+      f.writelines(lines)
 
   def discard(self) -> None:
     shutil.rmtree(self.folder, ignore_errors=True)

@@ -10,7 +10,8 @@ once and reports what is wrong, one line per problem:
   - the live rows' embeddings, and the live products' centroids, are finite unit vectors;
   - the search backend opens and holds one row per live image (per live product with
     centroids);
-  - every live row's thumbnail is there and is a JPEG.
+  - index.json's own fields match the sha256 it records of them;
+  - every live row's thumbnail is there and is the one written (its item records a digest).
 
 Files that a change left before it committed (it was killed) are listed: the next change
 deletes them; so are the vectors an interrupted `index` keeps for its next run (resume.py).
@@ -18,6 +19,7 @@ deletes them; so are the vectors an interrupted `index` keeps for its next run (
 
 import dataclasses
 import os
+import stat
 
 import numpy as np
 from tqdm import tqdm
@@ -30,6 +32,7 @@ _ROWS_AT_ONCE = 65536  # embeddings checked per block: a few hundred MB at most
 # A stored unit vector's norm is 1 up to float16 rounding (about 1e-3 over 2,048 dims).
 _NORM_TOLERANCE = 1e-2
 _NAMED = 5  # rows named per problem; the rest are counted
+_MAX_THUMB_BYTES = 1 << 20  # a thumbnail is at most 256 px: far below
 
 
 @dataclasses.dataclass
@@ -66,6 +69,12 @@ def verify(index_dir: str, *, progress: bool = True) -> Report:
 
 
 def _check_files(index, report: Report, progress: bool) -> None:
+  if 'meta_sha256' in index.meta:
+    if search_index.meta_digest(index.meta) != index.meta['meta_sha256']:
+      report.problems.append('index.json: its fields are not those its sha256 was computed '
+                             'from (changed since it was written)')
+    else:
+      report.checked.append('index.json matches its recorded sha256')
   checksums = index.meta.get('checksums')
   if not checksums:
     report.notes.append('no sizes and sha256 recorded (an index written before they were); '
@@ -86,6 +95,9 @@ def _check_files(index, report: Report, progress: bool) -> None:
   for name, record in sorted(checksums.items()):
     path = os.path.join(index.directory, name)
     try:
+      if not stat.S_ISREG(os.stat(path).st_mode):
+        report.problems.append(f'{name}: not a regular file')
+        continue
       found = search_index.digest(path)
     except OSError as error:
       report.problems.append(f'{name}: cannot be read ({error.strerror or error})')
@@ -144,23 +156,28 @@ def _check_backend(index, report: Report) -> None:
 
 
 def _check_thumbnails(index, report: Report, progress: bool) -> None:
+  """Each live row's thumbnail against the digest its item records; an item written before
+  the digests were, by a JPEG's first and last bytes."""
   missing, damaged = [], []
   live_rows = np.flatnonzero(index.live)
   for row in tqdm(live_rows, desc='thumbnails', unit='img', disable=not progress,
                   leave=False):
     try:
       with open(index.thumb_path(int(row)), 'rb') as f:
-        start = f.read(3)
+        data = f.read(_MAX_THUMB_BYTES)
     except (OSError, InputError):
       missing.append(int(row))
       continue
-    if start != b'\xff\xd8\xff':  # every JPEG starts so
+    recorded = index.items[row].get('thumb_digest')
+    if (resume.digest(data) != recorded if recorded else
+        not (data.startswith(b'\xff\xd8\xff') and data.endswith(b'\xff\xd9'))):
       damaged.append(int(row))
   if missing:
     report.problems.append(f'thumbnails: {len(missing)} live rows have none ({_some(missing)}); '
                            'their results show a grey tile')
   if damaged:
-    report.problems.append(f'thumbnails: {len(damaged)} are not JPEGs ({_some(damaged)})')
+    report.problems.append(f'thumbnails: {len(damaged)} are not the JPEGs written '
+                           f'({_some(damaged)}); their results show a grey tile')
   if not missing and not damaged:
     report.checked.append(f'thumbnails: all {len(live_rows)} live rows have one')
 

@@ -104,6 +104,11 @@ def test_storage_held_by_another_process_and_a_collection_changed_outside_are_on
     assert main(['query', '--index', index, photo, '--out', str(tmp_path / 'out')]) == 2
     err = capsys.readouterr().err
     assert 'is already accessed by another instance' in err and err.count('\n') == 1, err
+    # Adding to it: refused before any image is read.
+    assert main(['index', '--workdir', workdir, '--index', index, '--catalogue',
+                 catalogue['csv_rest']]) == 2
+    err = capsys.readouterr().err
+    assert 'is already accessed by another instance' in err and 'indexing' not in err, err
   finally:
     holder.stdin.close()
     holder.wait(timeout=60)

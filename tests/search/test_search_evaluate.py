@@ -85,3 +85,29 @@ def test_bad_rows_are_one_line_before_any_photo_is_read(index_dir, catalogue, tm
   path.write_text(f"image,category\n{os.path.join(catalogue['dir'], 'p0_0.png')},dress\n")
   assert main(['evaluate', '--index', index_dir, str(path)]) == 2
   assert 'product_id' in capsys.readouterr().err
+
+
+def test_unusable_photos_are_counted_and_named_and_nothing_to_measure_is_an_error(
+    index_dir, catalogue, tmp_path, capsys):
+  broken = tmp_path / 'broken.jpg'
+  broken.write_bytes(b'\xff\xd8\xff not a whole JPEG')
+  photo = os.path.join(catalogue['dir'], 'p2_1.jpg')
+  path = tmp_path / 'labelled.csv'
+  path.write_text('image,product_id,x,y,w,h\n'
+                  f'{photo},sku-2,,,,\n'
+                  f'{broken},sku-2,,,,\n'
+                  f'{photo},sku-2,500,500,10,10\n')
+  out = tmp_path / 'out'
+  assert main(['evaluate', '--index', index_dir, str(path), '-k', '3', '--quiet', '--out',
+               str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert (f'1 queries, k=3 (2 photos could not be used, the first at row 3: {broken}: '
+          in printed), printed
+  result = json.loads((out / 'evaluation.json').read_text())
+  assert [u['row'] for u in result['unusable']] == [3, 4] and 'outside' in \
+      result['unusable'][1]['error']
+  path.write_text(f'image,product_id\n{photo},sku-99\n{broken},sku-2\n')
+  assert main(['evaluate', '--index', index_dir, str(path), '--quiet']) == 2
+  assert capsys.readouterr().err.startswith(
+      'error: nothing to measure: of 2 labelled photos, 1 are of products the index does not '
+      'hold and 1 could not be used (row 3: ')

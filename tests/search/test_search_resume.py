@@ -148,3 +148,56 @@ def test_a_run_with_nothing_new_writes_no_generation(model, catalogue, tmp_path)
   assert result == {'added': 0, 'skipped': 12, 'count': 12} and counting.embedded == 0
   after = {name: os.stat(os.path.join(path, name)).st_mtime_ns for name in os.listdir(path)}
   assert after == before and search_index.SearchIndex(path).generation == 1
+
+
+def test_an_image_replaced_with_its_size_and_time_kept_is_embedded_again(
+    small_chunks, model, catalogue, tmp_path):
+  """cp -p, tar and rsync -t keep a file's size and time: the bytes decide."""
+  import io
+  import shutil
+  from PIL import Image
+  photos = tmp_path / 'photos'
+  shutil.copytree(catalogue['dir'], photos)
+  entries = [dict(entry, image=str(photos / os.path.basename(entry['image'])))
+             for entry in _entries(catalogue)]
+  path = str(tmp_path / 'index')
+  with pytest.raises(_Interrupted):
+    search_index.build(path, _Counting(model, fail_after=2), entries, progress=False)
+  # Row 0's photo (kept in the cache) replaced by another picture, padded after its end to
+  # the same size, with the same time.
+  first = entries[0]['image']
+  status = os.stat(first)
+  encoded = io.BytesIO()
+  Image.new('RGB', (64, 48), (20, 200, 90)).save(encoded, 'PNG')
+  assert len(encoded.getvalue()) < status.st_size
+  with open(first, 'wb') as f:
+    f.write(encoded.getvalue().ljust(status.st_size, b'\0'))
+  os.utime(first, ns=(status.st_atime_ns, status.st_mtime_ns))
+  counting = _Counting(model)
+  search_index.build(path, counting, entries, progress=False)
+  assert counting.embedded == 4 + 1  # the 4 never embedded, and the replaced one
+  fresh = str(tmp_path / 'fresh')
+  search_index.build(fresh, model, entries, progress=False)
+  np.testing.assert_allclose(search_index.SearchIndex(path).embeddings.astype(np.float32),
+                             search_index.SearchIndex(fresh).embeddings.astype(np.float32),
+                             atol=1e-3)
+
+
+def test_damaged_records_are_embedded_again_and_the_others_still_reused(
+    small_chunks, model, catalogue, whole, tmp_path):
+  path = str(tmp_path / 'index')
+  _interrupted_run(path, model, catalogue)  # 8 vectors kept
+  keys = os.path.join(path, resume.FOLDER, 'keys.jsonl')
+  with open(keys) as f:
+    lines = f.readlines()
+  del lines[2]  # a record lost: the ones after it keep their own vectors
+  lines[4] = lines[4].replace('"vector": "', '"vector": "0')  # a vector's hash that fails
+  with open(keys, 'w') as f:
+    f.writelines(lines)
+  counting = _Counting(model)
+  search_index.build(path, counting, _entries(catalogue), progress=False)
+  assert counting.embedded == 4 + 2
+  index = search_index.SearchIndex(path)
+  assert index.items == whole.items
+  np.testing.assert_allclose(index.embeddings.astype(np.float32),
+                             whole.embeddings.astype(np.float32), atol=1e-3)

@@ -61,14 +61,33 @@ def test_a_flipped_byte_in_the_embeddings_is_found_though_the_index_still_opens(
   assert err.splitlines()[-1] == f'{index_copy}: 2 problem(s): damaged index'
 
 
-def test_thumbnails_missing_or_not_jpegs_are_found(index_copy, capsys):
+def test_thumbnails_missing_or_changed_are_found(index_copy, capsys):
   os.remove(os.path.join(index_copy, 'thumbs', '00000003.jpg'))
   with open(os.path.join(index_copy, 'thumbs', '00000004.jpg'), 'wb') as f:
     f.write(b'not a picture')
+  _flip(os.path.join(index_copy, 'thumbs', '00000007.jpg'), 200)  # inside: still a JPEG
   code, _, err = _verify(index_copy, capsys)
   assert code == 1
   assert 'thumbnails: 1 live rows have none (rows 3)' in err
-  assert 'thumbnails: 1 are not JPEGs (rows 4)' in err
+  assert 'thumbnails: 2 are not the JPEGs written (rows 4, 7)' in err
+
+
+def test_index_json_changed_by_hand_and_names_outside_the_index_are_found(index_copy, tmp_path,
+                                                                          capsys):
+  meta_path = os.path.join(index_copy, 'index.json')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  meta['categories'][0] = meta['categories'][0] + 'x'  # a rename a query would then refuse
+  with open(meta_path, 'w') as f:
+    json.dump(meta, f)
+  code, _, err = _verify(index_copy, capsys)
+  assert code == 1 and 'index.json: its fields are not those its sha256 was computed from' in err
+  for outside in ('/dev/zero', '../outside.npy'):
+    meta['checksums'] = {outside: {'bytes': 1, 'sha256': '0'}}
+    with open(meta_path, 'w') as f:
+      json.dump(meta, f)
+    code, _, err = _verify(index_copy, capsys)
+    assert code == 1 and 'checksums (not files inside the index)' in err, err
 
 
 def test_an_index_without_records_and_a_killed_change_are_notes_not_problems(index_copy,
@@ -76,7 +95,7 @@ def test_an_index_without_records_and_a_killed_change_are_notes_not_problems(ind
   meta_path = os.path.join(index_copy, 'index.json')
   with open(meta_path) as f:
     meta = json.load(f)
-  del meta['checksums']
+  del meta['checksums'], meta['meta_sha256']  # as an index written before them
   with open(meta_path, 'w') as f:
     json.dump(meta, f)
   # What an `index` killed before its commit leaves.

@@ -45,6 +45,13 @@ class Backend(abc.ABC):
     raise NotImplementedError
 
   @classmethod
+  def check_open(cls, index) -> None:
+    """Raises a one-line ValueError when the backend of `index` (an existing index) cannot be
+    reached now: a server down, storage another process holds. Called before a change reads
+    any image (nothing to check by default)."""
+    del index
+
+  @classmethod
   def check(cls, dim: int, rows: int, settings: dict) -> None:
     """Raises a one-line ValueError for `settings` that cannot hold `rows` rows of `dim` dims.
     Called before any image of a new index is read, so that a mistake there costs no

@@ -121,6 +121,15 @@ class QdrantBackend(Backend):
         cls(*_connect(directory, settings), settings)._check_free()
     return settings
 
+  @classmethod
+  def check_open(cls, index):
+    settings = index.meta.get('backend_settings') or {}
+    client, collection = _connect(index.directory, settings)
+    with _service(settings):
+      if not client.collection_exists(collection):
+        raise BackendError(f'{_where(settings)} has no collection {collection!r} for '
+                           f'{index.directory}: index the catalogue again with this backend')
+
   def _check_free(self) -> None:
     """A BackendError when the collection exists: a new index never takes one over."""
     with _service(self._settings):
