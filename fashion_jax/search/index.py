@@ -368,14 +368,16 @@ def _commit(index_dir: str, meta: dict, items: list[dict], embeddings: np.ndarra
   shutil.rmtree(backend_dir, ignore_errors=True)  # a crashed write's
   os.makedirs(backend_dir)
   search_backend.save(backend_dir)
-  if os.listdir(backend_dir):
+  backend_files = []  # relative to the index
+  for folder, _, names in os.walk(backend_dir, topdown=False):
+    for name in names:
+      _sync(os.path.join(folder, name))
+      backend_files.append(os.path.relpath(os.path.join(folder, name), index_dir))
+    _sync(folder)
+  if backend_files:
     files['backend'] = os.path.basename(backend_dir)
-    for folder, _, names in os.walk(backend_dir, topdown=False):
-      for name in names:
-        _sync(os.path.join(folder, name))
-      _sync(folder)
   else:
-    os.rmdir(backend_dir)
+    shutil.rmtree(backend_dir)  # nothing of its own (empty folders at most)
   # On disk before index.json names them, so that a power cut leaves the old index or the
   # new one (the thumbnails are not synced: a lost one greys its tile).
   _sync(index_dir)
@@ -384,10 +386,7 @@ def _commit(index_dir: str, meta: dict, items: list[dict], embeddings: np.ndarra
   recorded = (previous or {}).get('checksums', {})
   checksums = {}
   for role, name in files.items():
-    paths = (sorted(os.path.relpath(os.path.join(folder, inner), index_dir)
-                    for folder, _, inners in os.walk(backend_dir) for inner in inners)
-             if role == 'backend' else [name])
-    for path in paths:
+    for path in sorted(backend_files) if role == 'backend' else [name]:
       checksums[path] = (recorded[path] if kept.get(role) == name and path in recorded
                          else digest(os.path.join(index_dir, path)))
   meta = {**meta, 'generation': generation, 'files': files, 'checksums': checksums,

@@ -82,6 +82,18 @@ def _connect(directory: str, settings: dict):
   return _EMBEDDED[key], collection
 
 
+def _existing(index):
+  """(client, collection, settings) of an existing index; a BackendError when its collection
+  cannot be reached or is gone."""
+  settings = index.meta.get('backend_settings') or {}
+  client, collection = _connect(index.directory, settings)
+  with _service(settings):
+    if not client.collection_exists(collection):
+      raise BackendError(f'{_where(settings)} has no collection {collection!r} for '
+                         f'{index.directory}: index the catalogue again with this backend')
+  return client, collection, settings
+
+
 def _owner(directory: str) -> str:
   return os.path.realpath(directory)
 
@@ -123,12 +135,7 @@ class QdrantBackend(Backend):
 
   @classmethod
   def check_open(cls, index):
-    settings = index.meta.get('backend_settings') or {}
-    client, collection = _connect(index.directory, settings)
-    with _service(settings):
-      if not client.collection_exists(collection):
-        raise BackendError(f'{_where(settings)} has no collection {collection!r} for '
-                           f'{index.directory}: index the catalogue again with this backend')
+    _existing(index)
 
   def _check_free(self) -> None:
     """A BackendError when the collection exists: a new index never takes one over."""
@@ -154,12 +161,8 @@ class QdrantBackend(Backend):
   def open(cls, index, *, centroids):
     """The index's collection; with `centroids` the '<collection>_centroids' collection of the
     live products, made from `index.centroids` when it is missing or holds other centroids."""
-    settings = index.meta.get('backend_settings') or {}
-    client, collection = _connect(index.directory, settings)
+    client, collection, settings = _existing(index)
     with _service(settings):
-      if not client.collection_exists(collection):
-        raise BackendError(f'{_where(settings)} has no collection {collection!r} for '
-                           f'{index.directory}: index the catalogue again with this backend')
       size, dim = client.get_collection(collection).config.params.vectors.size, \
           index.embeddings.shape[1]
       if size != dim:
@@ -180,21 +183,18 @@ class QdrantBackend(Backend):
     return backend
 
   def _make(self, dim: int, metadata: dict | None = None) -> None:
-    with _service(self._settings):
-      self._make_collection(dim, metadata)
-
-  def _make_collection(self, dim: int, metadata: dict | None) -> None:
     models = self._models
-    if self._client.collection_exists(self._collection):
-      self._client.delete_collection(self._collection)
-    self._client.create_collection(
-        self._collection, metadata=metadata,
-        **{key: value for key, value in self._layout.items() if value is not None},
-        vectors_config=models.VectorParams(size=dim, distance=models.Distance.DOT,
-                                           datatype=models.Datatype.FLOAT16))
-    for field in ('product', 'category'):
-      self._client.create_payload_index(self._collection, field,
-                                        field_schema=models.PayloadSchemaType.INTEGER)
+    with _service(self._settings):
+      if self._client.collection_exists(self._collection):
+        self._client.delete_collection(self._collection)
+      self._client.create_collection(
+          self._collection, metadata=metadata,
+          **{key: value for key, value in self._layout.items() if value is not None},
+          vectors_config=models.VectorParams(size=dim, distance=models.Distance.DOT,
+                                             datatype=models.Datatype.FLOAT16))
+      for field in ('product', 'category'):
+        self._client.create_payload_index(self._collection, field,
+                                          field_schema=models.PayloadSchemaType.INTEGER)
 
   def __len__(self) -> int:
     with _service(self._settings):
