@@ -516,7 +516,9 @@ def check_model(meta: dict, model) -> None:
 class SearchIndex:
   """A loaded index directory (read-only)."""
 
-  def __init__(self, index_dir: str):
+  def __init__(self, index_dir: str, *, check_digest: bool = True):
+    """`check_digest`: refuse an index.json whose fields are not those its recorded sha256
+    was computed from (changed by hand or damaged); `verify` reports that itself."""
     self.directory = os.path.abspath(index_dir)
     if not os.path.lexists(os.path.join(self.directory, _INDEX_FILE)):
       raise InputError(f'{index_dir}: not a search index (no {_INDEX_FILE})')
@@ -524,6 +526,10 @@ class SearchIndex:
     # names: then the new index.json names the new ones.
     for attempt in range(3):
       self.meta = _check_meta(_read_json(index_dir, _INDEX_FILE, _MAX_META_BYTES), index_dir)
+      if check_digest and self.meta.get('meta_sha256', meta_digest(self.meta)) != meta_digest(
+          self.meta):
+        raise InputError(f'{index_dir}: {_INDEX_FILE} was changed after it was written (its '
+                         'fields do not match the sha256 it records; damaged index)')
       self.files = _files(self.meta)
       try:
         self._read_files(index_dir)

@@ -276,7 +276,7 @@ def test_damaged_index_is_one_line_exit_2(index_dir, catalogue, tmp_path, capfd,
   shutil.copytree(index_dir, damaged)
   if not recorded:
     meta = json.loads((damaged / 'index.json').read_text())
-    del meta['checksums']
+    del meta['checksums'], meta['meta_sha256']
     (damaged / 'index.json').write_text(json.dumps(meta))
   if '.' not in name:
     name = index_file(damaged, name)
@@ -302,9 +302,28 @@ def test_index_json_fields_are_checked(index_dir, tmp_path, field, value, words)
   damaged = tmp_path / 'index'
   shutil.copytree(index_dir, damaged)
   meta = json.loads((damaged / 'index.json').read_text())
-  (damaged / 'index.json').write_text(json.dumps({**meta, field: value}))
+  meta[field] = value
+  # As a hand edit that also wrote the sha256 of the fields: each field's check names it.
+  meta['meta_sha256'] = search_index.meta_digest(meta)
+  (damaged / 'index.json').write_text(json.dumps(meta))
   with pytest.raises(InputError, match=re.escape(words)):
     search_index.SearchIndex(str(damaged))
+
+
+def test_index_json_changed_after_it_was_written_is_refused_on_load(index_dir, tmp_path, capfd,
+                                                                    catalogue):
+  damaged = tmp_path / 'index'
+  shutil.copytree(index_dir, damaged)
+  meta = json.loads((damaged / 'index.json').read_text())
+  meta['categories'] = [c + 'x' for c in meta['categories']]  # well-typed, but not as written
+  (damaged / 'index.json').write_text(json.dumps(meta))
+  words = 'index.json was changed after it was written'
+  with pytest.raises(InputError, match=re.escape(words)) as error:
+    search_index.SearchIndex(str(damaged))
+  _one_line_error(error.value, 'edited')
+  assert words in _cli_error(capfd, ['query', '--index', str(damaged),
+                                     os.path.join(catalogue['dir'], 'p0_0.png'), '--out',
+                                     str(tmp_path / 'out')])
 
 
 def test_usage_mistakes_are_one_line(index_dir, capfd):
