@@ -300,7 +300,8 @@ def create_app(searcher, settings: Settings = Settings(), *, warm_up: bool = Tru
 
 class _Counted:
   """ASGI middleware: counts each answered request by its route's pattern and status (500
-  for an exception that escapes the app's handlers)."""
+  for an exception that escapes the app's handlers; 499, nginx's "client closed request", for
+  a client that left before its answer, which then reaches no one)."""
 
   def __init__(self, app, metrics: telemetry.ServiceMetrics):
     self.app, self.metrics = app, metrics
@@ -309,20 +310,27 @@ class _Counted:
     if scope['type'] != 'http':
       await self.app(scope, receive, send)
       return
-    status = 500
+    status, started, left = 500, False, False
 
     async def send_noting_status(message):
-      nonlocal status
+      nonlocal status, started
       if message['type'] == 'http.response.start':
-        status = message['status']
+        status, started = message['status'], True
       await send(message)
 
+    async def receive_noting_departure():
+      # A disconnect once the answer has started is how a server says the exchange ended.
+      nonlocal left
+      message = await receive()
+      left = left or (message['type'] == 'http.disconnect' and not started)
+      return message
+
     try:
-      await self.app(scope, receive, send_noting_status)
+      await self.app(scope, receive_noting_departure, send_noting_status)
     finally:
       # The router names the matched route in the scope; unmatched paths share one label, so
       # that scanners cannot grow the metrics without bound.
-      self.metrics.answered(getattr(scope.get('route'), 'path', 'other'), status)
+      self.metrics.answered(getattr(scope.get('route'), 'path', 'other'), 499 if left else status)
 
 
 def _blank(searcher) -> np.ndarray:

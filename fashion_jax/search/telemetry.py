@@ -2,7 +2,8 @@
 
   fashion_search_requests_total{route, status}   requests answered (route: the path pattern,
                                                  e.g. /api/search, /thumb/{row}; 'other' for
-                                                 paths that match none)
+                                                 paths that match none; status 499 for a
+                                                 client that left before its answer)
   fashion_search_seconds                         a successful search, from its arrival to its
                                                  answer (upload, decode, wait, embed, search)
   fashion_search_stage_seconds{stage}            its stages: decode, resize, embed and search

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -204,7 +205,15 @@ def test_prometheus_metrics_count_what_happened(searcher, catalogue):
     assert _search(port, _photo(catalogue, 1), k=0)[0] == 422
     assert _call(port, 'GET', '/thumb/2')[0] == 200
     assert _call(port, 'GET', '/no/such/page')[0] == 404
-    status, content_type, body = _call(port, 'GET', '/metrics')
+    # A client that leaves during its upload: counted as 499, not as the 400 no one receives.
+    with socket.create_connection(('127.0.0.1', port)) as client:
+      client.sendall(b'POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n'
+                     + _photo(catalogue, 1)[:1000])
+    for _ in range(100):
+      status, content_type, body = _call(port, 'GET', '/metrics')
+      if b'status="499"' in body:
+        break
+      threading.Event().wait(0.1)
   assert status == 200 and content_type.startswith('text/plain')
   samples = {}
   for family in text_string_to_metric_families(body.decode()):
@@ -218,6 +227,9 @@ def test_prometheus_metrics_count_what_happened(searcher, catalogue):
   assert value('fashion_search_requests_total', route='/api/search', status='422') == 1
   assert value('fashion_search_requests_total', route='/thumb/{row}', status='200') == 1
   assert value('fashion_search_requests_total', route='other', status='404') == 1
+  assert value('fashion_search_requests_total', route='/api/search', status='499') == 1
+  assert ('fashion_search_requests_total', (('route', '/api/search'), ('status', '400'))) \
+      not in samples
   assert value('fashion_search_seconds_count') == 3
   for stage in ('decode', 'resize', 'embed', 'search'):
     assert value('fashion_search_stage_seconds_count', stage=stage) == 3
