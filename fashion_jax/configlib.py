@@ -77,7 +77,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pretrained = ml_collections.config_dict.placeholder(str)
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.label_smoothing = 0.1
+  # The classification term on f_i: 'cross_entropy' (the paper: a linear classifier), or a
+  # cosine classifier on the same weights with a margin on the true class, 'cosface' or
+  # 'arcface' (docs/method.md section 10), its cosines scaled by id_scale.
+  c.loss.identity = 'cross_entropy'
+  c.loss.id_scale = 30.0
+  c.loss.cosface_margin = 0.35      # subtracted from the true class's cosine
+  c.loss.arcface_margin = 0.5       # radians, added to the true class's angle
+  c.loss.label_smoothing = 0.1      # of the classification term, whichever it is
   # 'triplet', 'quadruplet', 'centroid_triplet' (triplet + centroid triplet loss, docs/method.md
   # section 8) or 'none' (classification only)
   c.loss.metric = 'triplet'
@@ -325,6 +332,10 @@ FIELDS: dict[str, Domain] = {
     'model.attention': Domain(str, choices=vit.ATTENTION),
     'model.pool': Domain(str),
     'model.pretrained': _OPTIONAL_PATH,
+    'loss.identity': Domain(str, choices=lambda: tuple(objective.IDENTITY)),
+    'loss.id_scale': Domain(float, gt=0),
+    'loss.cosface_margin': Domain(float, ge=0, lt=2, why='cosines differ by at most 2'),
+    'loss.arcface_margin': Domain(float, ge=0, lt=math.pi / 2, why='radians, below pi/2'),
     'loss.label_smoothing': Domain(float, ge=0, lt=1),
     'loss.metric': Domain(str, choices=lambda: tuple(objective.METRICS)),
     'loss.triplet_margin': Domain(float, ge=0),

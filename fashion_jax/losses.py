@@ -1,8 +1,11 @@
 """Training losses of the ReID strong baseline (docs/method.md section 3), pure and jittable.
 
-Label-smoothed cross-entropy, batch-hard triplet and quadruplet, center loss, and the centroid
-triplet loss of the follow-up paper (section 8).
+Label-smoothed cross-entropy, batch-hard triplet and quadruplet, center loss, the centroid
+triplet loss of the follow-up paper (section 8), and the margins of the cosine classifiers
+(CosFace, ArcFace; section 10).
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +51,52 @@ def cross_entropy_label_smoothing(
   # sum_i q_i * log p_i splits into the one-hot part and the uniform part.
   per_sample = -(1.0 - epsilon) * true_class - epsilon * jnp.mean(log_probs, axis=-1)
   return jnp.mean(per_sample)
+
+
+def cosface_logits(cosines: jax.Array, labels: jax.Array, scale: float,
+                   margin: float) -> jax.Array:
+  """CosFace's logits (Wang et al., 2018): s * (cos theta_j - m * 1[j == y]).
+
+  Args:
+    cosines: [B, C] float, each feature's cosine with each class's weight vector.
+    labels: [B] int, in [0, C).
+    scale: s, the logits' scale.
+    margin: m, subtracted from the cosine of the true class.
+
+  Returns:
+    [B, C] float32.
+  """
+  cosines = cosines.astype(jnp.float32)
+  true_class = jax.nn.one_hot(labels, cosines.shape[-1], dtype=bool)
+  return scale * jnp.where(true_class, cosines - margin, cosines)
+
+
+def arcface_logits(cosines: jax.Array, labels: jax.Array, scale: float,
+                   margin: float) -> jax.Array:
+  """ArcFace's logits (Deng et al., 2019): s * cos(theta_j + m * 1[j == y]).
+
+  cos(theta + m) falls with the angle only while theta + m <= pi. Past that (theta > pi - m,
+  a feature nearly opposite its class) the true class's cosine becomes cos theta - m sin m
+  instead, as in the ArcFace authors' code: still below the plain cosine and still falling
+  with the angle, so the loss keeps pulling the feature towards its class.
+
+  Args:
+    cosines: [B, C] float, each feature's cosine with each class's weight vector.
+    labels: [B] int, in [0, C).
+    scale: s, the logits' scale.
+    margin: m in radians, added to the angle of the true class, in [0, pi/2).
+
+  Returns:
+    [B, C] float32.
+  """
+  cosines = jnp.clip(cosines.astype(jnp.float32), -1.0, 1.0)
+  # sin theta from cos theta: floored so that its gradient stays finite at cos theta = +-1.
+  sines = jnp.sqrt(jnp.maximum(1.0 - cosines * cosines, 1e-12))
+  shifted = cosines * math.cos(margin) - sines * math.sin(margin)
+  shifted = jnp.where(cosines > math.cos(math.pi - margin), shifted,
+                      cosines - margin * math.sin(margin))
+  true_class = jax.nn.one_hot(labels, cosines.shape[-1], dtype=bool)
+  return scale * jnp.where(true_class, shifted, cosines)
 
 
 def _hardest_positive_and_negative(

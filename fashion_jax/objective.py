@@ -58,8 +58,40 @@ class IdentityLoss(LossTerm):
     super().__init__(weight)
     self.epsilon = epsilon
 
+  def class_scores(self, outputs: ReIDOutput) -> jax.Array:
+    """[B, C]: the classifier's prediction is their argmax (the training accuracy's)."""
+    return outputs.logits
+
   def __call__(self, state, outputs, labels):
     return losses.cross_entropy_label_smoothing(outputs.logits, labels, self.epsilon)
+
+
+class MarginIdentityLoss(IdentityLoss):
+  """Label-smoothed cross-entropy on the cosine classifier's scaled cosines, the true class's
+  lowered by a margin: CosFace or ArcFace (docs/method.md section 10)."""
+
+  def __init__(self, margin_logits: Callable[..., jax.Array], scale: float, margin: float,
+               epsilon: float, weight: float = 1.0):
+    super().__init__(epsilon, weight)
+    self.margin_logits, self.scale, self.margin = margin_logits, scale, margin
+
+  def class_scores(self, outputs):
+    return outputs.cosines
+
+  def __call__(self, state, outputs, labels):
+    logits = self.margin_logits(outputs.cosines, labels, self.scale, self.margin)
+    return losses.cross_entropy_label_smoothing(logits, labels, self.epsilon)
+
+
+# loss.identity -> the classification term: the paper's linear classifier, or the cosine
+# classifier on the same weights with CosFace's or ArcFace's margin. Each keeps the name 'id'.
+IDENTITY: dict[str, Callable[..., IdentityLoss]] = {
+    'cross_entropy': lambda c: IdentityLoss(c.label_smoothing, c.id_weight),
+    'cosface': lambda c: MarginIdentityLoss(losses.cosface_logits, c.id_scale, c.cosface_margin,
+                                            c.label_smoothing, c.id_weight),
+    'arcface': lambda c: MarginIdentityLoss(losses.arcface_logits, c.id_scale, c.arcface_margin,
+                                            c.label_smoothing, c.id_weight),
+}
 
 
 class FeatureLoss(LossTerm):
@@ -146,12 +178,17 @@ def check_metric(name: str) -> None:
 
 
 class Objective:
-  """The configured terms: cross-entropy, the `loss.metric` terms, the center loss, in order."""
+  """The configured terms: the `loss.identity` classification term, the `loss.metric` terms,
+  the center loss, in order."""
 
   def __init__(self, loss_config):
     check_metric(loss_config.metric)
+    if loss_config.identity not in IDENTITY:
+      raise ValueError(f'unknown identity loss {loss_config.identity!r}; choose one of '
+                       f'{", ".join(IDENTITY)}')
+    self.identity = IDENTITY[loss_config.identity](loss_config)
     self.terms: list[LossTerm] = [
-        IdentityLoss(loss_config.label_smoothing, loss_config.id_weight),
+        self.identity,
         *METRICS[loss_config.metric](loss_config),
         CenterLoss(loss_config.center_weight, loss_config.center_lr),
     ]

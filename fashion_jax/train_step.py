@@ -64,7 +64,8 @@ def loss_and_grads(graphdef: nnx.GraphDef, state: TrainState, images: jax.Array,
     out = model(images, train=True, key=key)
     total, metrics = objective(loss_state, out, labels)
     metrics = {'loss': total, **metrics,
-               'accuracy': jnp.mean(jnp.argmax(out.logits, -1) == labels)}
+               'accuracy': jnp.mean(jnp.argmax(objective.identity.class_scores(out), -1)
+                                    == labels)}
     return total, (metrics, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
 
   grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)

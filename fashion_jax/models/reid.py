@@ -22,7 +22,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ReIDOutput(NamedTuple):
   global_feat: jax.Array  # [B, F] f_t, before the BNNeck: metric and center losses
   neck_feat: jax.Array    # [B, F] f_i, after the BNNeck: the embedding
-  logits: jax.Array       # [B, num_classes]: cross-entropy
+  logits: jax.Array       # [B, num_classes] f_i W: cross-entropy
+  # [B, num_classes] cos(f_i, W_j), the same weights as a cosine classifier: CosFace and
+  # ArcFace. Whichever of the two a loss does not read is dropped by the compiler.
+  cosines: jax.Array
 
 
 class ReIDModel(nnx.Module):
@@ -44,7 +47,10 @@ class ReIDModel(nnx.Module):
   def __call__(self, images: jax.Array, *, train: bool,
                key: jax.Array | None = None) -> ReIDOutput:
     global_feat, neck_feat = self.features(images, train=train, key=key)
-    return ReIDOutput(global_feat, neck_feat, self.classifier(neck_feat))
+    weights = self.classifier.kernel[...].astype(jnp.float32)
+    columns = weights / jnp.maximum(jnp.linalg.norm(weights, axis=0, keepdims=True), 1e-12)
+    cosines = unit_rows(neck_feat.astype(jnp.float32)) @ columns
+    return ReIDOutput(global_feat, neck_feat, self.classifier(neck_feat), cosines)
 
   def features(self, images: jax.Array, *, train: bool,
                key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -60,7 +66,12 @@ class ReIDModel(nnx.Module):
   def embed(self, images: jax.Array) -> jax.Array:
     """images [B, H, W, 3] in [0, 255] -> L2-normalised post-BNNeck embeddings [B, F] float32."""
     _, neck_feat = self.features(images, train=False)
-    return neck_feat / jnp.maximum(jnp.linalg.norm(neck_feat, axis=-1, keepdims=True), 1e-12)
+    return unit_rows(neck_feat)
+
+
+def unit_rows(x: jax.Array) -> jax.Array:
+  """Each row divided by its L2 norm (a zero row stays zero)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def normalize_images(images: jax.Array) -> jax.Array:
