@@ -133,10 +133,41 @@ def main(argv):
   except train.Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(128 + e.signum)  # the conventional status of a process ended by that signal
-  except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
-    print('interrupted; the same command resumes from the last checkpoint', file=sys.stderr)
-    sys.exit(128 + 2)
+  except KeyboardInterrupt:  # a Ctrl-C outside the training loop: setup, data, an evaluation
+    print(f'interrupted; {resume_hint(FLAGS.workdir)}', file=sys.stderr, flush=True)
+    stop(128 + 2)
+
+
+def resume_hint(workdir: str) -> str:
+  """What the same command will do after an interruption: resume, or start again."""
+  folder = os.path.join(workdir, 'checkpoints')
+  steps = [int(name) for name in (os.listdir(folder) if os.path.isdir(folder) else ())
+           if name.isdigit()]
+  if not steps:
+    return 'no checkpoint was saved yet, so the same command starts the run again'
+  return f'the same command resumes from the checkpoint of step {max(steps)}'
+
+
+_PROCESS = {'exit_at_once': False}  # run as the program, not called from Python
+
+
+def stop(status: int):
+  """Ends the program with `status`. Run as the program it exits at once: unwinding after a
+  Ctrl-C tears down TensorFlow's input threads, which can hang the process or crash it."""
+  if _PROCESS['exit_at_once']:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  sys.exit(status)
+
+
+def run_as_program(main_function) -> None:
+  """absl's app.run of `main_function` with this module's flag parsing, as a program: an
+  interruption ends the process at once (`stop`, `train.exit_on_second_interrupt`)."""
+  _PROCESS['exit_at_once'] = True
+  train.exit_on_second_interrupt()
+  app.run(main_function, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  run_as_program(main)

@@ -342,10 +342,10 @@ def main(argv):
     print(f'{e}; the same sweep command resumes the sweep{_partial_tables(results, workdir)}',
           file=sys.stderr)
     sys.exit(128 + e.signum)
-  except KeyboardInterrupt:  # a second Ctrl-C, or one outside a point's training loop
+  except KeyboardInterrupt:  # a Ctrl-C outside a point's training loop
     print(f'interrupted; the same sweep command resumes the sweep'
-          f'{_partial_tables(results, workdir)}', file=sys.stderr)
-    sys.exit(128 + 2)
+          f'{_partial_tables(results, workdir)}', file=sys.stderr, flush=True)
+    train_cli.stop(128 + 2)
   print(write_tables(results, workdir), end='')
   print(f'wrote {os.path.join(workdir, "sweep.csv")} and sweep.md; compare the points in '
         f"TensorBoard's HParams tab: tensorboard --logdir {workdir}")
@@ -357,4 +357,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=train_cli.parse_flags)
+  train_cli.run_as_program(main)

@@ -141,9 +141,11 @@ def setup(config, workdir: str):
 
 class _StopSignals:
   """Records SIGTERM (the usual preemption notice) and a first Ctrl-C (SIGINT), so that the loop
-  checkpoints and stops; a second Ctrl-C stops at once (KeyboardInterrupt)."""
+  checkpoints and stops; a second Ctrl-C stops at once: KeyboardInterrupt, or in the
+  command-line programs the end of the process (`exit_on_second_interrupt`)."""
 
   _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  exit_process = False
 
   def __init__(self):
     self.raised = None  # the signal's number, once one arrived
@@ -160,6 +162,10 @@ class _StopSignals:
     del frame
     if signum == signal.SIGINT:
       if self.raised is not None:
+        if self.exit_process:
+          print('\ninterrupted again: stopped without a checkpoint; the same command resumes from '
+                'the last one saved', file=sys.stderr, flush=True)
+          os._exit(128 + signal.SIGINT)
         raise KeyboardInterrupt
       print('\ninterrupted: stopping after this step with a checkpoint (Ctrl-C again to stop '
             'at once, without one)', file=sys.stderr, flush=True)
@@ -168,6 +174,15 @@ class _StopSignals:
   def __exit__(self, *exc):
     for number, previous in self._previous.items():
       signal.signal(number, previous)
+
+
+def exit_on_second_interrupt() -> None:
+  """Makes a second Ctrl-C during training end the process at once, as the command-line
+  programs want. KeyboardInterrupt, raised from the signal handler, lands wherever the main
+  thread is: in a garbage-collection callback it is swallowed and training goes on; while
+  Python tears down TensorFlow's input threads the process can hang or crash. A checkpoint
+  being written then is left unfinished, which a restore never takes."""
+  _StopSignals.exit_process = True
 
 
 def _plural(count: int, noun: str, plural: str | None = None) -> str:

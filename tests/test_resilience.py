@@ -82,8 +82,12 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tiny_data_dir, tmp_path,
   workdir = tmp_path / 'killed'
   env = _env(4, cache_dir)
   rng = np.random.default_rng(0)
-  # Two SIGKILLs at random moments, a SIGTERM (preemption notice) and a Ctrl-C (SIGINT).
-  for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+  # Two SIGKILLs at random moments, a SIGTERM (preemption notice), a Ctrl-C (SIGINT), and two
+  # Ctrl-Cs, which stop at once without a checkpoint. A second Ctrl-C used to raise
+  # KeyboardInterrupt wherever the main thread was: swallowed in a garbage collection callback,
+  # or hanging or crashing the teardown of TensorFlow's input threads.
+  for sig, twice in ((signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGINT, False),
+                     (signal.SIGINT, True), (signal.SIGKILL, False)):
     proc = _start(workdir, overrides, env)
     # Wait for a newer checkpoint (the count stays at keep_checkpoints once full).
     already = max(_saved_steps(workdir), default=0)
@@ -92,12 +96,18 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tiny_data_dir, tmp_path,
       assert time.time() < deadline, 'the run saved no checkpoint in time'
       time.sleep(0.05)
     time.sleep(rng.uniform(0.0, 1.0))  # mid-step or mid-checkpoint-write
-    if proc.poll() is None:
-      proc.send_signal(sig)
+    for _ in range(2 if twice else 1):
+      if proc.poll() is None:
+        proc.send_signal(sig)
+        time.sleep(0.2)
     _, stderr = proc.communicate(timeout=240)
     if sig != signal.SIGKILL and proc.returncode == 128 + sig:  # else it had finished
       last = stderr.strip().splitlines()[-1]
-      assert last.startswith(f'{sig.name} at step ') and 'checkpoint saved' in last, stderr
+      assert 'Traceback' not in stderr, stderr
+      if twice and 'interrupted again' in last:  # else the first had stopped it already
+        assert 'stopped without a checkpoint' in last, stderr
+      else:
+        assert last.startswith(f'{sig.name} at step ') and 'checkpoint saved' in last, stderr
   proc = _start(workdir, overrides, env)
   _, stderr = proc.communicate(timeout=600)
   assert proc.returncode == 0, stderr[-2000:]
@@ -105,6 +115,28 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tiny_data_dir, tmp_path,
   assert int(resumed['step']) == int(straight['step']) == 30
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_ctrl_c_while_starting_ends_the_run_at_once_in_one_line(tiny_data_dir, tmp_path,
+                                                               cache_dir):
+  # Before the training loop (setting up, compiling, evaluating step 0) a Ctrl-C is a
+  # KeyboardInterrupt; the program then exits at once, as unwinding through TensorFlow's input
+  # threads could hang or crash it, and says that nothing was saved yet.
+  workdir = tmp_path / 'run'
+  proc = _start(workdir, {'mode': 'train', 'dataset.data_dir': tiny_data_dir},
+                _env(4, cache_dir))
+  deadline = time.time() + 300
+  while not os.path.exists(workdir / 'config.json'):
+    assert time.time() < deadline and proc.poll() is None, proc.communicate()
+    time.sleep(0.05)
+  for _ in range(2):
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+  _, stderr = proc.communicate(timeout=60)
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert proc.returncode == 130 and 'Traceback' not in stderr, stderr[-3000:]
+  assert lines[-1] == ('interrupted; no checkpoint was saved yet, so the same command starts '
+                       'the run again'), stderr
 
 
 def _free_port() -> int:
