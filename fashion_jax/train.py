@@ -251,6 +251,34 @@ def _remove_empty_folders(root: str) -> None:
       pass
 
 
+# What a workdir holds, besides TensorBoard's event files (events.out.tfevents.*).
+_WORKDIR_ENTRIES = frozenset(('checkpoints', 'config.json', 'eval', 'xla_cache'))
+
+
+def check_workdir_folder(workdir: str) -> None:
+  """A one-line ValueError for a local folder that is something other than a workdir (a
+  search index, a workdir's checkpoints folder, a folder of other files), which training
+  would fill with its own files; a new or empty folder, or a workdir, passes."""
+  if not os.path.isdir(workdir):
+    return
+  names = sorted(name for name in os.listdir(workdir) if not name.startswith('.'))
+  if 'index.json' in names:
+    raise ValueError(f'--workdir {workdir} is a search index, not a training workdir: give a new '
+                     'or empty folder, or a workdir')
+  others = [name for name in names if name not in _WORKDIR_ENTRIES
+            and not name.startswith('events.out.tfevents.')]
+  if not others or 'config.json' in names:
+    return
+  steps = sorted((name for name in others if name.isdigit()), key=int)
+  if steps:
+    parent = os.path.dirname(os.path.normpath(workdir)) or '.'
+    raise ValueError(f"--workdir {workdir} holds checkpoints ({', '.join(steps[-3:])}): it is a "
+                     f"workdir's checkpoints folder; give the workdir, {parent}")
+  more = f' and {len(others) - 1} more' if len(others) > 1 else ''
+  raise ValueError(f'--workdir {workdir} is not a training workdir: it holds {others[0]!r}{more} '
+                   'and no config.json; give a new or empty folder, or a workdir')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates, per config.mode.
 
@@ -261,6 +289,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   started = time.monotonic()
   checkpoints = os.path.join(workdir, 'checkpoints')
   local = '://' not in workdir  # a bucket's checkpoints are looked for by the checkpointer
+  if local:
+    check_workdir_folder(workdir)
   if local and config.mode == 'evaluate' and not (
       os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))):
     raise FileNotFoundError(f'mode=evaluate needs a checkpoint in {checkpoints}')

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -63,6 +65,41 @@ def test_cli_workdir_that_is_a_file_is_one_line(tmp_path):
   result = _cli('--config', 'configs/demo.py', tmp_path=tmp_path)
   assert _one_line(result).startswith(f'error: cannot use {tmp_path / "run"}')
   assert (tmp_path / 'run').read_text() == 'my notes'
+
+
+def test_cli_workdir_that_is_another_kind_of_folder_is_one_line(tmp_path):
+  # A workdir's checkpoints folder given for the workdir: refused before anything is written.
+  steps = tmp_path / 'run' / 'checkpoints'
+  for step in ('400', '500'):
+    (steps / step).mkdir(parents=True)
+  result = _cli('--config', 'configs/demo.py', '--workdir', str(steps), tmp_path=tmp_path)
+  assert _one_line(result) == (f"error: --workdir {steps} holds checkpoints (400, 500): it is a "
+                               f"workdir's checkpoints folder; give the workdir, {steps.parent}")
+  assert sorted(os.listdir(steps)) == ['400', '500']
+
+
+def test_only_new_empty_or_workdir_folders_are_workdirs(tmp_path):
+  from fashion_jax import train
+  index = tmp_path / 'index'
+  index.mkdir()
+  (index / 'index.json').write_text('{}')
+  with pytest.raises(ValueError, match='is a search index, not a training workdir'):
+    train.check_workdir_folder(str(index))
+  shop = tmp_path / 'shop'
+  shop.mkdir()
+  for name in ('a.jpg', 'b.jpg', 'catalogue.csv'):
+    (shop / name).write_text('x')
+  with pytest.raises(ValueError, match=r"it holds 'a.jpg' and 2 more and no config.json"):
+    train.check_workdir_folder(str(shop))
+  # A new folder, an empty one (dot files aside), one a run was stopped in before it wrote
+  # config.json, and a workdir with notes of its own beside config.json.
+  started = tmp_path / 'started'
+  (started / 'xla_cache').mkdir(parents=True)
+  (started / 'events.out.tfevents.1.host.1.v2').write_text('')
+  (started / '.DS_Store').write_text('')
+  (shop / 'config.json').write_text('{}')
+  for folder in (tmp_path / 'new', started, shop):
+    train.check_workdir_folder(str(folder))
 
 
 def test_cli_config_file_that_does_not_load_is_one_line(tmp_path):
