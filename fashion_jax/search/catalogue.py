@@ -76,8 +76,8 @@ def read_csv(path: str, required: tuple[str, ...], optional: tuple[str, ...] = (
   """The rows of a CSV file with a header naming `required` and all or none of the box columns
   x, y, w, h. An empty or binary file, a row with more fields than the header, and a column
   whose name is close to one of the `optional` or box columns the header lacks (a misspelt
-  'categroy') are InputErrors: nothing in the file is silently left out. Other columns (a
-  shop's titles, prices) are ignored."""
+  'categroy') are InputErrors: nothing in the file is silently left out. Column names are
+  matched whatever their case. Other columns (a shop's titles, prices) are ignored."""
   text = image_io.read_text(path, MAX_CATALOGUE_BYTES)
   try:
     reader = csv.DictReader(io.StringIO(text, newline=''))
@@ -86,6 +86,17 @@ def read_csv(path: str, required: tuple[str, ...], optional: tuple[str, ...] = (
     raise InputError(f'{path}: not a valid CSV file ({image_io.one_line(e)})') from None
   if not header:
     raise InputError(f'{path}: the file is empty (no header line)')
+  # The columns this reads are matched whatever their case and surrounding spaces ('Image',
+  # ' product_id' from a spreadsheet).
+  known = {*required, *optional, *_BOX_COLUMNS}
+  renamed = {column: column.strip().lower() for column in header
+             if column.strip().lower() in known and column != column.strip().lower()}
+  if renamed:
+    header = [renamed.get(column, column) for column in header]
+    twice = sorted({column for column in header if header.count(column) > 1} & known)
+    if twice:
+      raise InputError(f'{path}: the header names the column {twice[0]!r} twice')
+    rows = [{renamed.get(key, key): value for key, value in row.items()} for row in rows]
   missing = [column for column in required if column not in header]
   partial_box = 0 < sum(column in header for column in _BOX_COLUMNS) < len(_BOX_COLUMNS)
   if partial_box:
@@ -95,7 +106,7 @@ def read_csv(path: str, required: tuple[str, ...], optional: tuple[str, ...] = (
                      (' (a box needs all of x, y, w, h)' if partial_box else ''))
   absent = [column for column in (*optional, *_BOX_COLUMNS) if column not in header]
   for column in header:
-    close = difflib.get_close_matches(column, absent, n=1, cutoff=0.75)
+    close = difflib.get_close_matches(column.strip().lower(), absent, n=1, cutoff=0.75)
     if close:
       raise InputError(f'{path}: column {column!r} is not one this reads; did you mean '
                        f'{close[0]!r}?')

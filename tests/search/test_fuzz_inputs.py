@@ -215,7 +215,23 @@ _CSV_CASES = {
                                'p0_0.png,sku-0,dress,1,2,30,\n', 'row 2 gives part of a box'),
     'misspelt_column': ('image,product_id,categroy\np0_0.png,sku-0,dress\n',
                         "column 'categroy' is not one this reads; did you mean 'category'?"),
+    'misspelt_in_capitals': ('Image,Product_ID,CATEGROY\np0_0.png,sku-0,dress\n',
+                             "column 'CATEGROY' is not one this reads; did you mean "
+                             "'category'?"),
+    'column_twice': ('image,product_id,Category,category \np0_0.png,sku-0,dress,top\n',
+                     "the header names the column 'category' twice"),
 }
+
+
+def test_csv_columns_are_matched_whatever_their_case(catalogue, tmp_path):
+  path = tmp_path / 'rows.csv'
+  # As a spreadsheet writes it: a byte-order mark, capitals, spaces, CRLF line ends.
+  path.write_bytes('\ufeffImage, Product_ID ,Category,X,Y,W,H,Title\r\n'
+                   'p0_0.png,sku-0,dress,1,2,30,40,Red dress\r\n'.encode())
+  (row,) = search_catalogue.read_catalogue(str(path), catalogue['dir'])
+  assert (row['product_id'], row['category'], tuple(row['box'])) == ('sku-0', 'dress',
+                                                                    (1, 2, 30, 40))
+  assert row['image'] == os.path.join(catalogue['dir'], 'p0_0.png')
 
 
 @pytest.mark.parametrize('case', sorted(_CSV_CASES))
