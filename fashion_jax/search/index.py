@@ -137,13 +137,17 @@ def build(index_dir: str, model, entries: list[catalogue.CatalogueEntry], *,
   """Creates `index_dir` or appends `entries` to it; returns {'added', 'skipped', 'count'}.
 
   Entries already in the index (same image, box and product, not removed) are skipped, not
-  again. The index must come from `model` (same fingerprint). All images are read and checked
-  before any embedding, so a bad file leaves the index untouched. `dtype` (default float16),
+  again. The index must come from `model` (same fingerprint). Missing image files are named
+  before anything is embedded; an image that does not decode stops the run. Either way the
+  index is left untouched (the vectors embedded so far are kept for the next run: resume.py).
+  `dtype` (default float16),
   `backend` (default 'exact') and its settings are chosen when the index is created and kept
   after: asking an existing index for others is an InputError, not silently ignored. With
   `replace`, the products of `entries` lose their old images in the same write (an update:
   re-embedded from the new list); the result then also has 'replaced' (old images taken out).
   """
+  if not os.path.exists(os.path.join(index_dir, _INDEX_FILE)):
+    _check_files(entries)  # before the folder is made
   with writer_lock(index_dir):
     return _build(index_dir, model, entries, dtype=dtype, centroids=centroids,
                   max_pixels=max_pixels, progress=progress, backend=backend,
@@ -203,6 +207,7 @@ def _build(index_dir, model, entries, *, dtype, centroids, max_pixels, progress,
     if key not in seen:
       seen.add(key)
       new.append(entry)
+  _check_files(new)
   os.makedirs(os.path.join(index_dir, 'thumbs'), exist_ok=True)
   first_new = len(items)
   # Vectors an interrupted run embedded (same entry, row and thumbnail) are reused.
@@ -328,6 +333,24 @@ def _readers() -> int:
   except AttributeError:  # not on Linux
     cores = os.cpu_count() or 1
   return max(1, min(cores, 16))
+
+
+def _check_files(entries: list[catalogue.CatalogueEntry]) -> None:
+  """An InputError naming the entries whose image file is missing or not a plain file, before
+  anything is embedded (a damaged image is found when it is decoded)."""
+  bad = []
+  for entry in entries:
+    if 'data' in entry:
+      continue
+    try:
+      if not stat.S_ISREG(os.stat(entry['image']).st_mode):
+        bad.append(f"{entry['image']} (not a file)")
+    except OSError as error:
+      bad.append(f"{entry['image']} ({error.strerror or error})")
+  if bad:
+    named = ', '.join(bad[:3]) + (f' and {len(bad) - 3} more' if len(bad) > 3 else '')
+    raise InputError(' '.join(f'{len(bad)} of the {len(entries)} images to index cannot be read: '
+                              f'{named}; nothing was embedded'.split()))
 
 
 def _entry_bytes(entry: catalogue.CatalogueEntry, max_pixels: int) -> bytes:

@@ -223,6 +223,28 @@ _CSV_CASES = {
 }
 
 
+def test_missing_image_files_are_named_before_anything_is_embedded(index_dir, workdir,
+                                                                   catalogue, tmp_path, capfd):
+  rows = ['image,product_id', 'p0_0.png,sku-0', 'gone_1.png,sku-1', 'p2_0.png,sku-2',
+          'gone_2.png,sku-2']
+  (tmp_path / 'shop.csv').write_text('\n'.join(rows) + '\n')
+  new = tmp_path / 'new'
+  line = _cli_error(capfd, ['index', '--workdir', workdir, '--index', str(new), '--catalogue',
+                            str(tmp_path / 'shop.csv'), '--images-root', catalogue['dir']])
+  gone = os.path.join(catalogue['dir'], 'gone_1.png')
+  assert f'2 of the 4 images to index cannot be read: {gone} (No such file or directory)' in line
+  assert line.rstrip().endswith('nothing was embedded')
+  assert not new.exists()  # no half-made index folder
+  # Adding to an index: only the images not in it yet count, and the index stays as it was.
+  copy = tmp_path / 'copy'
+  shutil.copytree(index_dir, copy)
+  before = (copy / 'index.json').read_text()
+  line = _cli_error(capfd, ['update', '--index', str(copy), '--catalogue',
+                            str(tmp_path / 'shop.csv'), '--images-root', catalogue['dir']])
+  assert '2 of the 4 images to index cannot be read' in line
+  assert (copy / 'index.json').read_text() == before
+
+
 def test_csv_columns_are_matched_whatever_their_case(catalogue, tmp_path):
   path = tmp_path / 'rows.csv'
   # As a spreadsheet writes it: a byte-order mark, capitals, spaces, CRLF line ends.
