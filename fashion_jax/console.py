@@ -135,6 +135,7 @@ class TrainingProgress:
       self._bar = tqdm(total=total_steps, initial=start_step, unit='step', file=self._stream,
                        desc=self._epoch(start_step + 1), dynamic_ncols=True)
     self._since, self._since_step = time.monotonic(), start_step
+    self._first = True
 
   def _epoch(self, step: int) -> str:
     epochs = -(-self._total // self._per_epoch)
@@ -147,6 +148,15 @@ class TrainingProgress:
       if loss is not None:
         self._bar.set_postfix_str(f'loss {loss:.4f}', refresh=False)
       self._bar.update(step - self._bar.n)
+    elif self._enabled and self._first:
+      # The first step of a run compiles it: steps/s and the time left are measured from its
+      # end, or they would count the compilation as if every step took part of it.
+      self._first = False
+      if loss is not None:
+        print(f'step {step}/{self._total}  {self._epoch(step)}  loss {loss:.4f}  (compiled in '
+              f'{tqdm.format_interval(time.monotonic() - self._since)})', file=self._stream,
+              flush=True)
+      self._since, self._since_step = time.monotonic(), step
     elif self._enabled and loss is not None:
       now = time.monotonic()
       rate = (step - self._since_step) / max(now - self._since, 1e-9)

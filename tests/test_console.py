@@ -4,6 +4,7 @@ libraries unless --verbosity asks for it."""
 import io
 import os
 import re
+import time
 import subprocess
 import sys
 
@@ -105,3 +106,17 @@ def test_progress_bar_on_a_terminal_and_lines_elsewhere():
   assert re.fullmatch(r'step 3/6  epoch 1/2  loss 0.5000  [\d.]+ steps/s  ETA \S+\n'
                       r'step 6/6  epoch 2/2  loss 0.5000  [\d.]+ steps/s  ETA 00:00\n',
                       log.getvalue())
+
+
+def test_the_rate_and_time_left_leave_out_the_first_steps_compilation():
+  log = io.StringIO()
+  lines = console.TrainingProgress(total_steps=1001, steps_per_epoch=10, start_step=0, stream=log)
+  time.sleep(0.5)  # the first step, compiling
+  lines.update(1, loss=2.0)
+  for step in range(2, 12):
+    lines.update(step, loss=1.0 if step == 11 else None)
+  first, second = log.getvalue().splitlines()
+  assert re.fullmatch(r'step 1/1001  epoch 1/101  loss 2.0000  \(compiled in 00:00\)', first)
+  # 10 steps at once: far above the 20 steps/s that counting the compilation would give.
+  rate = float(re.search(r'([\d.]+) steps/s', second).group(1))
+  assert rate > 1000, second
