@@ -85,5 +85,10 @@ def main(argv):
   print(f'built {argv[1]} in {builder.data_dir}')
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  with console.help_exits_zero(argv):
+    return app.parse_flags_with_usage(argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -24,6 +24,21 @@ _PROJECT_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspa
                       for package in ('fashion_jax', 'data_pipelines'))
 
 
+_HELP_FLAGS = ('--help', '-help', '-?', '--helpshort', '--helpfull', '--helpxml')
+
+
+@contextlib.contextmanager
+def help_exits_zero(argv: list[str]):
+  """Around absl's flag parsing: absl ends --help with status 1, as for an error; asking for
+  help succeeds (status 0)."""
+  try:
+    yield
+  except SystemExit as e:
+    if e.code == 1 and any(arg.split('=', 1)[0] in _HELP_FLAGS for arg in argv[1:]):
+      sys.exit(0)
+    raise
+
+
 def verbosity_requested(argv: list[str]) -> bool:
   """Whether the command line sets absl's --verbosity (-v), as absl spells it."""
   return any(re.match(r'-{1,2}(v|verbosity)(=|$)', arg) for arg in argv[1:])

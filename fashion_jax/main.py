@@ -79,7 +79,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   if file is not None and not os.path.isfile(file):
     exit_with(f'config file {file!r} does not exist')
   try:
-    return FLAGS(argv)
+    with console.help_exits_zero(argv):
+      return FLAGS(argv)
   except flags.Error as e:
     # absl's own answer is "FATAL Flags parsing error", a hint about --helpshort and exit
     # status 1; a value of the wrong type (--config.train.batch_size=abc) is a bad value like

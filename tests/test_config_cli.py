@@ -130,3 +130,9 @@ def test_config_arguments_are_found_in_every_spelling_absl_takes():
   assert main._config_arguments(['-config=b.py:x', '--config.input.image_size', '(32, 32)']) == (
       'b.py:x', ['input.image_size'])
   assert main._config_arguments(['--workdir', 'w', '--config']) == (None, [])
+
+
+def test_help_is_status_0(tmp_path):
+  # absl ends --help with status 1, as for an error.
+  result = _cli('--help', tmp_path=tmp_path)
+  assert result.returncode == 0 and '--workdir' in result.stdout, result.stderr[-2000:]
