@@ -4,8 +4,11 @@ Procedurally generated datasets are prepared on first use; real ones must be bui
 from their own download, and a missing one fails with a message saying how.
 """
 
+import contextlib
 import importlib
+import io
 import os
+import sys
 
 import tensorflow_datasets as tfds
 
@@ -83,13 +86,26 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
     raise DatasetMissingError(f'unknown dataset {name!r}: no TFDS builder has this name') from e
   if not builder.is_prepared():
     if base in _GENERATED:
-      builder.download_and_prepare()
+      _generate(name, builder)
     else:
       raise DatasetMissingError(
           f'dataset {name!r} ({_RAW_DATASETS.get(base, "a real dataset")}) is not built in '
           f'{builder.data_dir}: download it yourself, then `{build_command(base, data_dir)}` '
           f'(docs/datasets.md)')
   return builder
+
+
+def _generate(name: str, builder: tfds.core.DatasetBuilder) -> None:
+  """Writes a generated dataset, saying so in one line: TFDS's own account ("Downloading and
+  preparing dataset Unknown size ...", a bar per split and shard) reads as a download."""
+  print(f'{name}: generating the dataset (once) into {builder.data_dir}', file=sys.stderr,
+        flush=True)
+  tfds.disable_progress_bar()
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare()
+  finally:
+    tfds.enable_progress_bar()
 
 
 def decoders() -> dict:
