@@ -5,6 +5,7 @@
 
 import collections
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -296,12 +297,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     raise FileNotFoundError(f'mode=evaluate needs a checkpoint in {checkpoints}')
   created = local and not os.path.exists(workdir)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a bucket's too (gs://...)
+  with contextlib.ExitStack() as stack:
+    if local and jax.process_index() == 0:
+      stack.enter_context(_workdir_lock(workdir))
+    try:
+      s = setup(config, workdir)
+    except Exception:
+      if created:  # a refused config or dataset leaves no empty workdir behind
+        _remove_empty_folders(workdir)
+      raise
+    return _run(config, workdir, s, started)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+  """Held while a run uses a local workdir: a second run there is refused in one line (both
+  would write its checkpoints, config.json and reports, each taking the other's for its own).
+  The lock is on the folder itself, so it leaves no file, and goes with the process."""
+  descriptor = os.open(workdir, os.O_RDONLY)
   try:
-    s = setup(config, workdir)
-  except Exception:
-    if created:  # a refused config or dataset leaves no empty workdir behind
-      _remove_empty_folders(workdir)
-    raise
+    try:
+      fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise ValueError(f'--workdir {workdir} is in use by another run (training or evaluating '
+                       'there now): wait for it to end, or give another workdir') from None
+    yield
+  finally:
+    os.close(descriptor)
+
+
+def _run(config, workdir: str, s: dict, started: float) -> dict | None:
+  """train_and_evaluate once set up."""
   state, mesh, checkpointer = s['state'], s['mesh'], s['checkpointer']
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)

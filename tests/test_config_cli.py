@@ -136,3 +136,20 @@ def test_help_is_status_0(tmp_path):
   # absl ends --help with status 1, as for an error.
   result = _cli('--help', tmp_path=tmp_path)
   assert result.returncode == 0 and '--workdir' in result.stdout, result.stderr[-2000:]
+
+
+def test_a_workdir_in_use_by_another_run_is_refused(tmp_path):
+  import fcntl
+
+  import tiny_config
+  from fashion_jax import train
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  other = os.open(workdir, os.O_RDONLY)  # as a run training there holds it
+  try:
+    fcntl.flock(other, fcntl.LOCK_EX)
+    with pytest.raises(ValueError, match=r'is in use by another run .*give another workdir'):
+      train.train_and_evaluate(tiny_config.get_config(), str(workdir))
+  finally:
+    os.close(other)
+  assert os.listdir(workdir) == []
