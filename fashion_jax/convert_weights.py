@@ -24,6 +24,7 @@ from flax import nnx
 
 from fashion_jax.models import build_backbone, get_backbone, vit_checkpoints
 from fashion_jax.models.pretrained import (MAX_WEIGHTS_BYTES, mismatch_problems,
+                                           non_finite_problem,
                                            save_backbone_weights, variables)
 
 
@@ -232,6 +233,9 @@ def convert_state_dict(arch: str, tensors: Mapping[str, np.ndarray], *,
   problems = mismatch_problems(unknown, missing, misshaped)
   if problems:
     raise ConversionError(f'{source} does not match {arch}: ' + '; '.join(problems))
+  non_finite = non_finite_problem(converted)
+  if non_finite:
+    raise ConversionError(f'{source}: {non_finite}')
   return converted, dropped
 
 

@@ -47,6 +47,20 @@ def mismatch_problems(unknown: list[str], missing: list[str], misshaped: list[st
           (('unknown', unknown), ('missing', missing), ('mis-shaped', misshaped)) if names]
 
 
+def non_finite_problem(tensors: Mapping[str, np.ndarray]) -> str | None:
+  """A clause naming the tensors holding NaN or inf (a damaged or diverged checkpoint), or
+  None when all values are finite."""
+  bad = [f'{key} ({int(np.size(value) - np.isfinite(value).sum())} values)'
+         for key, value in sorted(tensors.items())
+         if np.issubdtype(np.asarray(value).dtype, np.floating)
+         and not np.isfinite(value).all()]
+  if not bad:
+    return None
+  more = len(bad) - SHOWN_TENSORS
+  return ('NaN or inf in tensors: ' + ', '.join(bad[:SHOWN_TENSORS])
+          + (f' and {more} more' if more > 0 else '') + ' (a damaged or diverged checkpoint)')
+
+
 def weights_path(path: str) -> str:
   """A directory written by convert_weights, or the .npz file itself."""
   return os.path.join(path, WEIGHTS_FILE) if os.path.isdir(path) else path
@@ -110,6 +124,7 @@ def load_pretrained(model: nnx.Module, path: str, *, arch: str | None = None) ->
                if tuple(tensors[k].shape) != tuple(targets[k].shape)]
   problems = mismatch_problems(sorted(set(tensors) - set(targets)),
                                sorted(set(targets) - set(tensors)), misshaped)
+  problems += [problem for problem in [non_finite_problem(tensors)] if problem]
   if problems:
     raise ValueError(f'cannot load {weights_path(path)} ({file_arch}) into the model: '
                      + '; '.join(problems))

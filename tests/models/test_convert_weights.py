@@ -103,6 +103,26 @@ def test_conversion_names_every_bad_tensor():
       in message
 
 
+def test_weights_holding_nan_or_inf_are_refused_naming_the_tensors(tmp_path):
+  # A diverged or damaged checkpoint: converted, it gave all-NaN embeddings whose evaluation
+  # still printed a plausible mAP, then a non-finite loss that did not blame the weights.
+  tensors = _torch_state_dict(ARCH)
+  tensors['conv1.weight'][0, 0, 0, :2] = np.nan
+  tensors['layer2.0.bn1.BN.running_var'][3] = np.inf
+  with pytest.raises(convert_weights.ConversionError) as e:
+    convert_weights.convert_state_dict(ARCH, tensors, source='r18.pth')
+  assert str(e.value) == ('r18.pth: NaN or inf in tensors: conv1.kernel (2 values), '
+                          'layer2.0.bn1.BN.var (1 values) (a damaged or diverged checkpoint)')
+  # A weights file written by hand, or before this check, is refused when loaded.
+  converted, _ = convert_weights.convert_state_dict(ARCH, _torch_state_dict(ARCH))
+  converted['conv1.kernel'][0, 0, 0, 0] = np.nan
+  path = save_backbone_weights(str(tmp_path), ARCH, converted)
+  config = ml_collections.ConfigDict({'backbone': ARCH, 'last_stride': 1, 'width': 64,
+                                      'dtype': 'float32'})
+  with pytest.raises(ValueError, match=r'NaN or inf in tensors: conv1.kernel \(1 values\)'):
+    load_pretrained(build_model(config, num_classes=3), path, arch=ARCH)
+
+
 def test_wrong_architecture_fails_naming_tensors():
   # Plain ResNet-18 weights lack IBN-a's split bn1: the conversion must not half-load them.
   with pytest.raises(convert_weights.ConversionError,
