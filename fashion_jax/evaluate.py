@@ -203,7 +203,18 @@ def evaluate(config, *, embed: Callable[[jax.Array], jax.Array], builder, mesh, 
   """
   builder = eval_builder(config, builder)
   data = eval_data(embed, builder, config, mesh)
+  for which, rows in (('query', data.query), ('gallery', data.gallery)):
+    bad = int(np.sum(~np.isfinite(rows.embeddings).all(axis=1)))
+    if bad:
+      raise ValueError(f'{bad} of the {len(rows.embeddings)} {which} embeddings at step {step} '
+                       "are not finite: the model's weights hold NaN or inf")
   result = evaluators.run_evaluators(data, evaluators.from_config(config.eval))
+  if not result.metrics.get('num_queries'):
+    raise ValueError(
+        f'none of the {len(data.query.item_id)} queries has its product in the gallery, so '
+        f'there is nothing to score (dataset.query_split {config.dataset.query_split!r}, '
+        f'dataset.gallery_split {config.dataset.gallery_split!r}, eval.query_domain '
+        f'{config.eval.query_domain!r}, eval.gallery_domain {config.eval.gallery_domain!r})')
   metrics = {'step': step, 'num_gallery': len(data.gallery.item_id), **result.metrics}
   folder = report_folder(config)
   if is_cross_dataset(config):

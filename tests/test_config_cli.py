@@ -153,3 +153,35 @@ def test_a_workdir_in_use_by_another_run_is_refused(tmp_path):
   finally:
     os.close(other)
   assert os.listdir(workdir) == []
+
+
+def test_an_evaluation_with_nothing_to_score_is_an_error_not_nan(tiny_data_dir, tmp_path):
+  # Queries taken from the gallery split: each query's only match is itself, left out, so
+  # every query is skipped; the metrics were NaN with exit status 0.
+  import tiny_config
+  from fashion_jax import train
+  config = tiny_config.get_config()
+  config.dataset.data_dir = tiny_data_dir
+  config.dataset.query_split = 'gallery'
+  config.train.num_epochs = 0
+  with pytest.raises(ValueError, match=r"none of the \d+ queries has its product in the gallery.*"
+                                       r"dataset.query_split 'gallery'"):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_non_finite_embeddings_are_an_error_not_a_score(tiny_builder, tmp_path):
+  import jax.numpy as jnp
+
+  import tiny_config
+  from fashion_jax import evaluate
+  from fashion_jax import train_step as ts
+  config = tiny_config.get_config()
+
+  def embed(images):  # as a model whose weights hold NaN
+    return jnp.full((images.shape[0], 8), jnp.nan)
+
+  with pytest.raises(ValueError, match=r'^\d+ of the \d+ query embeddings at step 3 are not '
+                                       r"finite: the model's weights hold NaN or inf$"):
+    evaluate.evaluate(config, embed=embed, builder=tiny_builder, mesh=ts.make_mesh(),
+                      workdir=str(tmp_path), step=3)
+  assert not os.listdir(tmp_path)  # no report written
