@@ -318,7 +318,8 @@ FIELDS: dict[str, Domain] = {
     'input.erasing_prob': _PROBABILITY,
     'input.erasing_area': Domain(tuple, length=2, item=_PROBABILITY, increasing=True,
                                  why='fractions of the image area'),
-    'input.erasing_aspect': Domain(float, gt=0, le=1, why='aspect ratios in [a, 1 / a]'),
+    'input.erasing_aspect': Domain(float, ge=0.01, le=1,
+                                    why='aspect ratios in [a, 1 / a]'),
     'input.augment_on_device': Domain(bool),
     'input.shuffle_buffer': _POSITIVE_INT,
     'input.num_shards': Domain(int, gt=0, nullable=True),
@@ -466,6 +467,14 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
       vit.patch_grid(backbone.arch['spec'], *config.input.image_size)
     except ValueError as e:
       raise ValueError(f'input.image_size: {e} for {config.model.backbone}') from None
+  optim_config = config.optim
+  if (optim_config.schedule == 'cosine' and optim_config.final_lr_factor == 0
+      and optim_config.cosine_epochs < config.train.num_epochs):
+    raise ValueError(
+        f'optim.cosine_epochs {optim_config.cosine_epochs} is less than train.num_epochs '
+        f'{config.train.num_epochs}: with optim.final_lr_factor 0 the last '
+        f'{config.train.num_epochs - optim_config.cosine_epochs} epochs would train at a '
+        f'learning rate of 0; set --config.optim.cosine_epochs={config.train.num_epochs}')
   k, batch = config.train.k, config.train.batch_size
   if batch % k:
     raise ValueError(f'train.batch_size {batch} is not a multiple of train.k {k}')

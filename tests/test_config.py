@@ -30,11 +30,19 @@ def _tiny(data_dir):
     ('input.image_size', (40, 32), 'input.image_size must be a tuple of 2 integers, each positive '
                                    'and a multiple of 16 (height, width), got (40, 32)'),
     ('mode', 'fit', "mode 'fit' is not one of train_and_evaluate, train, evaluate"),
+    # A cosine to 0 that ends before training does: the rest would train at a rate of 0.
+    ('optim', {'schedule': 'cosine', 'cosine_epochs': 20},
+     'optim.cosine_epochs 20 is less than train.num_epochs 120: with optim.final_lr_factor 0 the '
+     'last 100 epochs would train at a learning rate of 0; set --config.optim.cosine_epochs=120'),
+    ('input', {'erasing_aspect': 1e-20}, 'input.erasing_aspect'),
 ])
 def test_invalid_config_is_rejected_with_its_reason(field, value, message, tmp_path):
   config = _tiny(str(tmp_path / 'tfds'))
-  section, _, key = field.rpartition('.')
-  (config[section] if section else config)[key] = value
+  if isinstance(value, dict):  # several fields of a section
+    config[field].update(value)
+  else:
+    section, _, key = field.rpartition('.')
+    (config[section] if section else config)[key] = value
   with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   # Rejected before the dataset was generated or any state was created.
