@@ -70,6 +70,13 @@ def build(name: str, manual_dir: str | None, data_dir: str | None = None,
     # The builders name the part of the raw download that is missing or malformed; a traceback
     # adds nothing.
     raise SystemExit(f'error: {e}') from None
+  except AssertionError as e:
+    # TFDS's own checks while writing: a split that came out empty, two records with one key.
+    text = ' '.join(str(e).split())
+    if 'No examples were yielded' in text:
+      text = (f'{text[:200]}: the raw download gives this split no usable record (see its '
+              'build report, docs/datasets.md)')
+    raise SystemExit(f'error: {name}: {text[:400]}') from None
   return builder
 
 

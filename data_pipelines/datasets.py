@@ -61,6 +61,8 @@ def make_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBui
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise
+  except AssertionError as e:  # TFDS asserts a version it does not have ('name:9.9.9')
+    raise DatasetMissingError(f'dataset {name!r}: ' + ' '.join(str(e).split())[:300]) from None
   except ValueError:
     config = name.split(':')[0].split('/')[1] if '/' in name else None
     known = tfds.builder_cls(base).BUILDER_CONFIGS if base in BUILDER_MODULES else None

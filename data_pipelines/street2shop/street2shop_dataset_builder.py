@@ -126,6 +126,9 @@ def _record_ids(record, faults: raw_images.FaultCounter) -> tuple[int | None, in
   if photo is None or product is None:
     faults['record_malformed'] += 1
     return None, None
+  if product >= ITEM_ID_STRIDE:  # its item id would be another category's product's
+    faults['product_id_too_large'] += 1
+    return None, None
   return photo, product
 
 

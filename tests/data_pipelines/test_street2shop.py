@@ -52,6 +52,8 @@ TRAIN_BAGS = [
 TEST_BAGS = [
     {'photo': 6, 'product': 20, 'bbox': _box(5, 5, 50, 50)},
     {'photo': 7, 'product': 21, 'bbox': _box(0, 0, 80, 60)},  # product 21 has no shop photo
+    # Its item id would be belts' product 5's (category x 10^7 + product): dropped.
+    {'photo': 7, 'product': 10000005, 'bbox': _box(0, 0, 80, 60)},
 ]
 RETRIEVAL_BAGS = [
     {'photo': 100001, 'product': 10},  # a PNG named .jpg
@@ -217,7 +219,7 @@ def test_fault_counts(built):
       'wrong_extension': 1, 'converted_CMYK': 1, 'converted_L': 1, 'converted_P': 1,
       'train_item_single_image': 2, 'train_item_without_images': 2,
       'train_item_without_shop_image': 1,
-      'gallery_item_without_images': 1,
+      'gallery_item_without_images': 1, 'product_id_too_large': 1,
   }
   assert builder.info.metadata['build_report'] == expected
   with open(os.path.join(builder.data_dir, s2s.REPORT_FILE)) as f:
@@ -237,6 +239,19 @@ def test_bad_manual_dir_fails_in_one_line(tmp_path):
   (raw / 'meta' / 'json' / 'train_pairs_bags.json').write_text('[]')
   with pytest.raises(FileNotFoundError, match='lacks 32 of the 33 annotation files'):
     builder.download_and_prepare(download_config=config)
+
+
+def test_a_split_left_empty_is_one_line(tmp_path):
+  # Every test pair's box unusable: the query split has no record, which TFDS asserts on.
+  raw = tmp_path / 'raw'
+  write_raw_tree(str(raw))
+  (raw / 'meta' / 'json' / 'test_pairs_bags.json').write_text(
+      json.dumps([{'photo': 6, 'product': 20, 'bbox': _box(5, 5, 0, 0)}]))
+  with pytest.raises(SystemExit) as stopped:
+    build.build('street2shop', str(raw), str(tmp_path / 'tfds'))
+  message = str(stopped.value)
+  assert message.startswith('error: street2shop: ') and '\n' not in message, message
+  assert 'no usable record' in message, message
 
 
 def test_registry_loads_built_and_refuses_unbuilt(built, tmp_path):
