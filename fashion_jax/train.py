@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import jax
@@ -83,9 +84,22 @@ def check_workdir_config(config, workdir: str) -> None:
   the behaviour the run had.
   """
   path = epath.Path(workdir) / 'config.json'
-  if not path.exists() or config.train.get('allow_config_change', False):
+  if config.train.get('allow_config_change', False):
     return
-  saved = _flatten(json.loads(path.read_text()))
+  if not path.exists():
+    raise ValueError(f'{workdir} holds checkpoints but no config.json, the record of the config '
+                     'they were trained with: restore it, or resume with '
+                     '--config.train.allow_config_change=True to record this one')
+  try:
+    saved = json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f'{path} is damaged ({e}); it records the config these checkpoints were '
+                     'trained with: restore it, or resume with '
+                     '--config.train.allow_config_change=True to write it again') from None
+  if not isinstance(saved, dict):
+    raise ValueError(f'{path} is damaged (not a JSON object); restore it, or resume with '
+                     '--config.train.allow_config_change=True to write it again')
+  saved = _flatten(saved)
   current = _flatten(json.loads(config.to_json_best_effort()))
   defaults = _flatten(json.loads(configlib.base_config().to_json_best_effort()))
   differing = sorted(
@@ -302,11 +316,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
       stack.enter_context(_workdir_lock(workdir))
     try:
       s = setup(config, workdir)
+      if local and jax.process_index() == 0:
+        _check_writable(workdir)
     except Exception:
       if created:  # a refused config or dataset leaves no empty workdir behind
         _remove_empty_folders(workdir)
       raise
     return _run(config, workdir, s, started)
+
+
+def _check_writable(workdir: str) -> None:
+  """An OSError naming the folder when the workdir or its checkpoints folder cannot take a new
+  file (read-only, a file where the folder goes): found before training, not at the first
+  checkpoint or report."""
+  for folder in (workdir, os.path.join(workdir, 'checkpoints')):
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+      pass
 
 
 @contextlib.contextmanager

@@ -101,6 +101,18 @@ def test_batch_device_and_process_layout_is_checked(overrides, devices, processe
     configlib.validate_config(config, num_devices=devices, num_processes=processes)
 
 
+def test_a_workdir_whose_config_record_is_damaged_or_gone_is_refused(tmp_path):
+  config = configlib.base_config()
+  with pytest.raises(ValueError, match=r'holds checkpoints but no config.json.*'
+                                       r'allow_config_change=True to record this one'):
+    train.check_workdir_config(config, str(tmp_path))
+  (tmp_path / 'config.json').write_text('{"train": {"batch_si')
+  with pytest.raises(ValueError, match=r'config.json is damaged \(.*\); it records the config'):
+    train.check_workdir_config(config, str(tmp_path))
+  config.train.allow_config_change = True  # the way out each message names
+  train.check_workdir_config(config, str(tmp_path))
+
+
 def test_workdir_config_check_accepts_fields_added_since_at_their_default(tmp_path):
   """A config.json written before a field existed resumes when that field keeps its default
   (the behaviour the run had); any other value, or any other difference, is refused."""
