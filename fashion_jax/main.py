@@ -14,6 +14,7 @@ the libraries' INFO records (absl, orbax, TensorFlow, clu, jax), --verbosity=1 t
 
 import os
 import re
+import signal
 import sys
 
 from fashion_jax import console
@@ -162,11 +163,22 @@ def stop(status: int):
   sys.exit(status)
 
 
-def run_as_program(main_function) -> None:
+def run_as_program(main_function, hint=resume_hint) -> None:
   """absl's app.run of `main_function` with this module's flag parsing, as a program: an
-  interruption ends the process at once (`stop`, `train.exit_on_second_interrupt`)."""
+  interruption ends the process at once (`stop`, `train.exit_on_second_interrupt`); so does a
+  SIGTERM outside the training loop (which checkpoints and stops on it), with a line saying
+  what the same command will do: hint(workdir)."""
+
+  def terminated(signum, frame):
+    del frame
+    workdir = FLAGS.workdir if FLAGS.is_parsed() else None
+    print(f'{signal.Signals(signum).name}; ' + (hint(workdir) if workdir else 'stopped'),
+          file=sys.stderr, flush=True)
+    stop(128 + signum)
+
   _PROCESS['exit_at_once'] = True
   train.exit_on_second_interrupt()
+  signal.signal(signal.SIGTERM, terminated)
   app.run(main_function, flags_parser=parse_flags)
 
 

@@ -357,4 +357,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  train_cli.run_as_program(main)
+  train_cli.run_as_program(main, hint=lambda workdir: 'the same sweep command resumes the sweep')
