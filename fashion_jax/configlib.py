@@ -84,7 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.id_scale = 30.0
   c.loss.cosface_margin = 0.35      # subtracted from the true class's cosine
   c.loss.arcface_margin = 0.5       # radians, added to the true class's angle
-  c.loss.label_smoothing = 0.1      # of the classification term, whichever it is
+  # Of the classification term, whichever it is; 0 suits the margins (docs/method.md section 10).
+  c.loss.label_smoothing = 0.1
   # 'triplet', 'quadruplet', 'centroid_triplet' (triplet + centroid triplet loss, docs/method.md
   # section 8) or 'none' (classification only)
   c.loss.metric = 'triplet'
