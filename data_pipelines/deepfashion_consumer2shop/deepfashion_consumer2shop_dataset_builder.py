@@ -99,9 +99,12 @@ def read_items(path: str, faults: raw_images.FaultCounter) -> dict[str, _Item]:
   """item_id -> its status and images, from the consumer/shop pair rows.
 
   Rules: malformed rows are skipped (`pair_row_malformed`); an item listed under several
-  statuses keeps its first (`item_status_conflict`), as items are disjoint across splits.
+  statuses keeps its first (`item_status_conflict`), as items are disjoint across splits; an
+  image listed under a second item stays with its first (`image_in_two_items`, once per
+  image and item): in both, it would be a right and a wrong answer at once, or cross from
+  training into the test.
   """
-  items = {}
+  items, owner, counted = {}, {}, set()
   for tokens in _data_rows(path, 'partition'):
     if len(tokens) != 4 or tokens[3] not in ('train', 'val', 'test'):
       faults['pair_row_malformed'] += 1
@@ -110,8 +113,12 @@ def read_items(path: str, faults: raw_images.FaultCounter) -> dict[str, _Item]:
     entry = items.setdefault(item, _Item(status, os.path.dirname(os.path.dirname(consumer))))
     if entry.status != status:
       faults['item_status_conflict'] += 1
-    entry.images.setdefault(consumer, 'street')
-    entry.images.setdefault(shop, 'shop')
+    for image, domain in ((consumer, 'street'), (shop, 'shop')):
+      if owner.setdefault(image, item) != item:
+        faults['image_in_two_items'] += (image, item) not in counted
+        counted.add((image, item))
+        continue
+      entry.images.setdefault(image, domain)
   return items
 
 

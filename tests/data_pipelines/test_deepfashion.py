@@ -309,3 +309,24 @@ def test_beam_build_equals_plain_build(built, tmp_path):
   import beam_check
   builder, _ = built
   beam_check.build_on_beam_and_compare(builder, 'deepfashion_consumer2shop', str(tmp_path))
+
+
+def test_an_image_under_two_items_stays_with_its_first(tmp_path):
+  # A shop photo of a training item named again under a test item, and a query photo named as
+  # a gallery photo of another item: each would be a right and a wrong answer at once.
+  rows = ['img/A/id_00000001/comsumer_01.jpg img/A/id_00000001/shop_01.jpg id_00000001 train',
+          'img/A/id_00000006/comsumer_01.jpg img/A/id_00000001/shop_01.jpg id_00000006 test',
+          'img/A/id_00000006/comsumer_01.jpg img/A/id_00000006/shop_01.jpg id_00000006 test',
+          'img/A/id_00000005/comsumer_01.jpg img/A/id_00000005/shop_01.jpg id_00000005 test',
+          'img/A/id_00000007/comsumer_01.jpg img/A/id_00000005/comsumer_01.jpg id_00000007 test']
+  path = tmp_path / 'list_eval_partition.txt'
+  path.write_text(f'{len(rows)}\nimage_pair_name_1 image_pair_name_2 item_id evaluation_status\n'
+                  + '\n'.join(rows) + '\n')
+  faults = raw_images.FaultCounter()
+  items = c2s.read_items(str(path), faults)
+  images = {item: sorted(entry.images.items()) for item, entry in items.items()}
+  assert images['id_00000006'] == [('img/A/id_00000006/comsumer_01.jpg', 'street'),
+                                   ('img/A/id_00000006/shop_01.jpg', 'shop')]
+  assert images['id_00000007'] == [('img/A/id_00000007/comsumer_01.jpg', 'street')]
+  assert ('img/A/id_00000005/comsumer_01.jpg', 'street') in images['id_00000005']
+  assert dict(faults) == {'image_in_two_items': 2}
