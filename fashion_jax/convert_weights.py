@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from fashion_jax.models import build_backbone, get_backbone, vit_checkpoints
-from fashion_jax.models.pretrained import (MAX_WEIGHTS_BYTES, mismatch_problems,
+from fashion_jax.models.pretrained import (ARCH_KEY, MAX_WEIGHTS_BYTES, WEIGHTS_FILE,
+                                           mismatch_problems,
                                            non_finite_problem,
                                            save_backbone_weights, variables)
 
@@ -184,6 +185,9 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     except Exception as e:  # pylint: disable=broad-except
       raise ConversionError(f'{path}: damaged or not an .npz archive ({_one_line(e)[:300]})') \
           from None
+  if ARCH_KEY in arrays:
+    raise ConversionError(f'{path} is already converted ({arrays[ARCH_KEY]} weights): give it to '
+                          'training as --config.model.pretrained, not to convert_weights')
   for key, value in arrays.items():
     if value.dtype.kind != 'f':
       raise ConversionError(f'{path}: {key[:100]!r} holds {value.dtype}, not floating point '
@@ -192,6 +196,9 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def read_checkpoint(path: str) -> dict[str, np.ndarray]:
+  if os.path.isdir(path):
+    raise ConversionError(f'{path} is a folder: give the checkpoint file in it (.pth, '
+                          '.safetensors or .npz)')
   if path.endswith('.safetensors'):
     return read_safetensors(path)
   return read_npz(path) if path.endswith('.npz') else read_torch(path)
@@ -241,6 +248,9 @@ def convert_state_dict(arch: str, tensors: Mapping[str, np.ndarray], *,
 
 def convert(arch: str, src: str, out: str) -> str:
   """Converts `src` for backbone `arch` into `out`/backbone.npz; returns that path."""
+  if os.path.exists(os.path.join(out, WEIGHTS_FILE)):
+    raise ConversionError(f'{out} already holds {WEIGHTS_FILE}: give a new --out folder, or '
+                          'delete that file first')
   converted, dropped = convert_state_dict(arch, read_checkpoint(src), source=src)
   os.makedirs(out, exist_ok=True)
   path = save_backbone_weights(out, arch, converted)

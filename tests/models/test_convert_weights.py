@@ -277,3 +277,23 @@ def test_damaged_backbone_weights_are_one_line_value_errors(tmp_path):
     with pytest.raises(ValueError) as error:
       read_backbone_weights(path)
     assert words in str(error.value) and '\n' not in str(error.value)
+
+
+def test_a_folder_a_converted_file_and_an_existing_output_are_one_line(tmp_path, capsys):
+  tensors = _torch_state_dict(ARCH)
+  src = tmp_path / 'r18.safetensors'
+  _write_safetensors(src, tensors, {'bn1.num_batches_tracked': 'I64'})
+  out = tmp_path / 'out'
+  assert convert_weights.main(['--arch', ARCH, '--src', str(src), '--out', str(out)]) == 0
+  capsys.readouterr()
+  before = (out / 'backbone.npz').read_bytes()
+  for source, destination, words in (
+      (tmp_path, tmp_path / 'new', 'is a folder: give the checkpoint file in it'),
+      (out / 'backbone.npz', tmp_path / 'new', f'is already converted ({ARCH} weights): give it '
+                                               'to training as --config.model.pretrained'),
+      (src, out, f'{out} already holds backbone.npz: give a new --out folder')):
+    assert convert_weights.main(['--arch', ARCH, '--src', str(source), '--out',
+                                 str(destination)]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and words in err, err
+  assert (out / 'backbone.npz').read_bytes() == before and not (tmp_path / 'new').exists()
