@@ -109,10 +109,25 @@ def _domain_filter(split: Embeddings, name: str, names: list[str] | None,
   """The rows of `split` whose domain is `name` ('' keeps every row)."""
   if not name:
     return split
-  if names is None or name not in names:
+  _check_domain(name, names, which)
+  return split.select(split.domain == names.index(name))
+
+
+def _check_domain(name: str, names: list[str] | None, which: str) -> None:
+  if name and (names is None or name not in names):
     raise ValueError(f'eval.{which}_domain {name!r} is not a domain of this dataset '
                      f'({names})')
-  return split.select(split.domain == names.index(name))
+
+
+def check_eval_settings(config, builder) -> None:
+  """Raises ValueError for eval settings the dataset evaluated on cannot take (a domain it does
+  not have), before training: at the first evaluation it would cost the steps since the last
+  checkpoint."""
+  if config.mode == 'train':
+    return
+  names = _label_names(eval_builder(config, builder), 'images', 'domain')
+  for which in ('query', 'gallery'):
+    _check_domain(config.eval[f'{which}_domain'], names, which)
 
 
 def is_cross_dataset(config) -> bool:

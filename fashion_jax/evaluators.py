@@ -115,6 +115,10 @@ def check_config(e: ml_collections.ConfigDict) -> None:
   if 'retrieval' not in listed:
     raise ValueError("eval.evaluators must list 'retrieval': its mAP and Acc@k are the "
                      'top-level metrics that the console and TensorBoard show')
+  if e.get('rerank_k2', 1) > e.get('rerank_k1', 0) + 1:
+    raise ValueError(f'eval.rerank_k2 {e.rerank_k2} is more than eval.rerank_k1 + 1 = '
+                     f'{e.rerank_k1 + 1}: the query expansion averages each point over its k2 '
+                     'nearest, taken from its k1 + 1 nearest (docs/method.md section 6)')
 
 
 def from_config(e: ml_collections.ConfigDict) -> list[Evaluator]:

@@ -144,14 +144,20 @@ def check_points(points: list[Point], *, num_devices: int | None) -> None:
 
   Without `num_devices` (commands for another machine) only each field's own domain is checked.
   """
+  builders = {}
   for point in points:
     try:
       if num_devices is None:
         configlib.check_fields(point.config)
-      else:
-        configlib.validate_config(point.config, num_devices=num_devices,
-                                  num_processes=jax.process_count())
-    except ValueError as e:
+        continue
+      configlib.validate_config(point.config, num_devices=num_devices,
+                                num_processes=jax.process_count())
+      # The dataset each point trains and evaluates on, as training would find it.
+      dataset = (point.config.dataset.name, point.config.dataset.data_dir)
+      if dataset not in builders:
+        builders[dataset] = datasets.get_builder(*dataset)
+      evaluate.check_eval_settings(point.config, builders[dataset])
+    except (ValueError, datasets.DatasetMissingError) as e:
       raise ValueError(f'{point.name}: {e}') from None
 
 

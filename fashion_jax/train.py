@@ -136,6 +136,7 @@ def setup(config, workdir: str):
   if checkpointer.latest_step() is not None:
     check_workdir_config(config, workdir)
   builder = datasets.get_builder(config.dataset.name, config.dataset.data_dir)
+  evaluate.check_eval_settings(config, builder)
   item_ids = input_pipeline.train_item_ids(builder, config.dataset.train_split)
   steps_per_epoch = epoch_steps(config, len(item_ids))
   model = build_model(config.model, len(item_ids), seed=config.seed)

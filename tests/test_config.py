@@ -271,3 +271,14 @@ def test_a_data_dir_under_a_file_is_one_line(tmp_path):
     assert str(error.value) == (f'data_dir {str(data_dir)!r} is not a directory: '
                                 f'{tmp_path / "file"} is a file')
   assert not (tmp_path / 'file' / 'tfds').exists()
+
+
+def test_eval_settings_the_dataset_cannot_take_are_refused_before_training(tiny_data_dir,
+                                                                          tmp_path):
+  # They failed at the first evaluation, after the steps since the last checkpoint.
+  config = _tiny(tiny_data_dir)
+  config.eval.query_domain = 'catwalk'
+  with pytest.raises(ValueError, match="eval.query_domain 'catwalk' is not a domain of this "
+                                       r"dataset \(\['street', 'shop'\]\)"):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()

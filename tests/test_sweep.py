@@ -4,6 +4,7 @@ the table of final metrics; mistakes on the command line are one line (exit 2)."
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -201,3 +202,17 @@ def test_an_interrupted_sweep_tables_the_points_that_ended(tmp_path, monkeypatch
   assert [(row['seed'], row['mAP'], row['workdir']) for row in rows] == [
       ('0', '0.5', points[0].name)]
   assert sweep._partial_tables([], str(tmp_path)) == ''
+
+
+@pytest.mark.parametrize('spec, words', [
+    ('dataset.name=fashion_synth/tiny,nope', "unknown dataset 'nope'"),
+    ('eval.query_domain=street,foo', "eval.query_domain 'foo' is not a domain of this dataset"),
+    ('eval.rerank_k2=6,30', 'eval.rerank_k2 30 is more than eval.rerank_k1 + 1 = 21'),
+])
+def test_points_whose_dataset_or_eval_settings_cannot_run_are_refused_before_any_trains(
+    tiny_data_dir, spec, words):
+  config = _config(tiny_data_dir)
+  points = sweep.grid(config, [sweep.parse_axis(config, spec)])
+  with pytest.raises(ValueError, match=re.escape(words)) as error:
+    sweep.check_points(points, num_devices=4)
+  assert str(error.value).startswith(points[1].name + ': ')

@@ -260,7 +260,8 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
       points, num_points, k, block=block, mesh=mesh,
       precision=knn_precision or ('float32' if cpu else 'bfloat16'), progress=progress)
   if k < k2:
-    raise ValueError(f'k2={k2} exceeds the {k} neighbour lists of N points')
+    raise ValueError(f'k2={k2} exceeds the {k} neighbours each point has (k1 = {k1}, '
+                     f'N = {num_points} points)')
   row_max = np.maximum(row_max, np.finfo(np.float32).tiny)
   # After each stage its temporaries go back to the OS, so that the next stage's do not come
   # on top of them (host_memory).
