@@ -139,7 +139,8 @@ def plan_splits(meta: str, faults: raw_images.FaultCounter) -> _Plan:
   crops of test_pairs products; gallery: retrieval shop photos of every product of the category
   that is not a train product (test products and distractors). Exact duplicate annotations
   are kept once (`duplicate_annotation`); records without a valid photo or product id are
-  dropped (`record_malformed`).
+  dropped (`record_malformed`); a product in both pairs files is kept and counted
+  (`product_in_train_and_test`).
   """
   splits = {'train': {}, 'query': {}, 'gallery': {}}
   for cat, name in enumerate(CATEGORIES):
@@ -163,6 +164,9 @@ def plan_splits(meta: str, faults: raw_images.FaultCounter) -> _Plan:
       return items
 
     train, test = street('train_pairs'), street('test_pairs')
+    # Kept as the protocol has them; evaluation skips their queries (their shop photos are
+    # training images, not gallery ones).
+    faults['product_in_train_and_test'] += len(train.keys() & test.keys())
     shop, seen = {}, set()
     for record in _read_json(os.path.join(meta, f'retrieval_{name}.json')):
       photo, product = _record_ids(record, faults)

@@ -15,6 +15,7 @@ from PIL import Image
 
 import built_splits
 from data_pipelines import build, datasets
+from data_pipelines.street2shop import raw_images
 from data_pipelines.street2shop import street2shop_dataset_builder as s2s
 
 BAGS, TOPS = s2s.CATEGORIES.index('bags'), s2s.CATEGORIES.index('tops')
@@ -470,7 +471,7 @@ def test_tfds_command_line_build_equals_plain_build(built, tmp_path):
 def test_a_photo_over_the_pixel_limit_is_skipped_whatever_pils_limit(tmp_path, monkeypatch):
   # The builders' own limit: a process where PIL's was lifted (the search's reader lifts it and
   # checks its own) builds the same dataset.
-  from data_pipelines.street2shop import raw_images
+
   monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', None)
   monkeypatch.setattr(raw_images, 'MAX_PIXELS', 100 * 100)
   for size, kept in (((100, 100), True), ((101, 100), False)):
@@ -479,3 +480,21 @@ def test_a_photo_over_the_pixel_limit_is_skipped_whatever_pils_limit(tmp_path, m
     faults = raw_images.FaultCounter()
     assert (raw_images.load_rgb(path, faults) is not None) == kept
     assert faults.get('corrupt_image', 0) == (0 if kept else 1)
+
+
+def test_a_product_in_both_pairs_files_is_kept_and_counted(tmp_path):
+  meta = tmp_path / 'json'
+  meta.mkdir()
+  files = {'train_pairs_bags': [{'photo': 1, 'product': 10, 'bbox': _box(0, 0, 9, 9)}],
+           'test_pairs_bags': [{'photo': 2, 'product': 10, 'bbox': _box(0, 0, 9, 9)},
+                               {'photo': 3, 'product': 20, 'bbox': _box(0, 0, 9, 9)}],
+           'retrieval_bags': [{'photo': 100001, 'product': 10}, {'photo': 100002, 'product': 20}]}
+  for category in s2s.CATEGORIES:
+    for kind in ('train_pairs', 'test_pairs', 'retrieval'):
+      (meta / f'{kind}_{category}.json').write_text(json.dumps(files.get(f'{kind}_{category}',
+                                                                         [])))
+  faults = raw_images.FaultCounter()
+  plan = s2s.plan_splits(str(meta), faults)
+  assert faults.report() == {'product_in_train_and_test': 1}
+  assert set(plan.splits['query']) == {(BAGS, 10), (BAGS, 20)}
+  assert set(plan.splits['gallery']) == {(BAGS, 20)}
