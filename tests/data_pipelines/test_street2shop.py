@@ -471,7 +471,6 @@ def test_tfds_command_line_build_equals_plain_build(built, tmp_path):
 def test_a_photo_over_the_pixel_limit_is_skipped_whatever_pils_limit(tmp_path, monkeypatch):
   # The builders' own limit: a process where PIL's was lifted (the search's reader lifts it and
   # checks its own) builds the same dataset.
-
   monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', None)
   monkeypatch.setattr(raw_images, 'MAX_PIXELS', 100 * 100)
   for size, kept in (((100, 100), True), ((101, 100), False)):
