@@ -332,8 +332,11 @@ def _check_writable(workdir: str) -> None:
   checkpoint or report."""
   for folder in (workdir, os.path.join(workdir, 'checkpoints')):
     os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-      pass
+    try:
+      with tempfile.TemporaryFile(dir=folder):
+        pass
+    except OSError as e:  # named by the folder, not by the probe's random file name
+      raise OSError(e.errno, e.strerror, folder) from None
 
 
 @contextlib.contextmanager
