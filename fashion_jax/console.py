@@ -24,6 +24,12 @@ _PROJECT_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspa
                       for package in ('fashion_jax', 'data_pipelines'))
 
 
+def transient_bars() -> bool:
+  """Whether bars that are erased when done (embedding, metrics) are drawn: on a terminal only.
+  In a log file their carriage-return refreshes would leave one long garbled line."""
+  return sys.stderr.isatty()
+
+
 _HELP_FLAGS = ('--help', '-help', '-?', '--helpshort', '--helpfull', '--helpxml')
 
 

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from data_pipelines import datasets, input_pipeline
-from fashion_jax import evaluators
+from fashion_jax import console, evaluators
 from fashion_jax import train_step as ts
 from fashion_jax import visualize
 from fashion_jax.evaluators import Embeddings, EvalData, EvalResult
@@ -49,7 +49,8 @@ def embed_split(embed: Callable[[jax.Array], jax.Array], builder, split: str, co
   empty = {'images': np.zeros((0, height, width, 3), np.uint8),
            **{key: np.zeros((0,), np.int64) for key in _META_KEYS}}
   outputs, seen = [], 0
-  bar = tqdm(desc=f'embedding {split}', unit='img', disable=process > 0, leave=False)
+  bar = tqdm(desc=f'embedding {split}', unit='img', leave=False,
+             disable=process > 0 or not console.transient_bars())
   while True:
     batch = next(iterator, empty)
     count = len(batch['images'])

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from fashion_jax import visualize
+from fashion_jax import console, visualize
 from fashion_jax.retrieval import centroids as retrieval_centroids
 from fashion_jax.retrieval import metrics as retrieval_metrics
 from fashion_jax.retrieval import query_expansion as retrieval_qe
@@ -155,7 +155,7 @@ class _Bars:
   def __call__(self, stage: str, done: int, total: int) -> None:
     if stage not in self.bars:
       self.bars[stage] = tqdm(total=total, desc=f'{self.prefix}: {stage}', leave=False,
-                              disable=jax.process_index() > 0)
+                              disable=jax.process_index() > 0 or not console.transient_bars())
     self.bars[stage].update(done - self.bars[stage].n)
 
   def close(self) -> None:
