@@ -344,7 +344,7 @@ def _check_files(entries: list[catalogue.CatalogueEntry]) -> None:
       continue
     try:
       if not stat.S_ISREG(os.stat(entry['image']).st_mode):
-        bad.append(f"{entry['image']} (not a file)")
+        bad.append(f"{entry['image']} (not a regular file)")
     except OSError as error:
       bad.append(f"{entry['image']} ({error.strerror or error})")
   if bad:

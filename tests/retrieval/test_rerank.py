@@ -40,6 +40,13 @@ def test_matches_float16_dense_rerank_to_1e3():
 
 def test_metrics_and_top_k_on_reranked_distances_match_dense():
   data = reference.clustered(4, num_queries=30, gallery_size=90, num_ids=12, num_cams=2)
+  # The copies of a gallery row take its id here. Their re-ranked distances tie exactly in
+  # float64, but float32 arithmetic sharded over the devices rounds two rows at different
+  # places differently, so either may come first (on an AMD EPYC the copy of another id came
+  # first for one query); within one id the order leaves every metric unchanged.
+  _, first = np.unique(data['gallery_emb'], axis=0, return_inverse=True)
+  data['gallery_ids'] = data['gallery_ids'][np.unique(first.ravel(), return_index=True)[1]][
+      first.ravel()]
   dense = reference.k_reciprocal(data['query_emb'], data['gallery_emb'], 20, 6, 0.3,
                                  dtype=np.float64)
   reranked = rerank.k_reciprocal_rerank(data['query_emb'], data['gallery_emb'])
@@ -51,7 +58,10 @@ def test_metrics_and_top_k_on_reranked_distances_match_dense():
   assert plain['mAP'] != pytest.approx(result['mAP'], abs=1e-3)
   indices, distances = metrics.rank_gallery(data['query_emb'], data['gallery_emb'], 10,
                                             rerank=reranked, gallery_chunk_size=16)
-  np.testing.assert_array_equal(indices, np.argsort(dense, axis=1, kind='stable')[:, :10])
+  # Each query's ten nearest, whichever of two tied copies comes first.
+  assert all(len(set(row)) == 10 for row in indices.tolist())
+  np.testing.assert_allclose(np.take_along_axis(dense, indices, axis=1),
+                             np.sort(dense, axis=1)[:, :10], atol=1e-5)
   np.testing.assert_allclose(distances, np.sort(dense, axis=1)[:, :10], atol=1e-5)
 
 
