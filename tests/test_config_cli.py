@@ -67,19 +67,18 @@ def test_cli_workdir_that_is_a_file_is_one_line(tmp_path):
   assert (tmp_path / 'run').read_text() == 'my notes'
 
 
-def test_cli_workdir_that_is_another_kind_of_folder_is_one_line(tmp_path):
+def test_only_new_empty_or_workdir_folders_are_workdirs(tmp_path):
+  import tiny_config
+  from fashion_jax import train
   # A workdir's checkpoints folder given for the workdir: refused before anything is written.
   steps = tmp_path / 'run' / 'checkpoints'
   for step in ('400', '500'):
     (steps / step).mkdir(parents=True)
-  result = _cli('--config', 'configs/demo.py', '--workdir', str(steps), tmp_path=tmp_path)
-  assert _one_line(result) == (f"error: --workdir {steps} holds checkpoints (400, 500): it is a "
-                               f"workdir's checkpoints folder; give the workdir, {steps.parent}")
+  with pytest.raises(ValueError) as error:
+    train.train_and_evaluate(tiny_config.get_config(), str(steps))
+  assert str(error.value) == (f"--workdir {steps} holds checkpoints (400, 500): it is a "
+                              f"workdir's checkpoints folder; give the workdir, {steps.parent}")
   assert sorted(os.listdir(steps)) == ['400', '500']
-
-
-def test_only_new_empty_or_workdir_folders_are_workdirs(tmp_path):
-  from fashion_jax import train
   index = tmp_path / 'index'
   index.mkdir()
   (index / 'index.json').write_text('{}')

@@ -117,11 +117,10 @@ def test_the_id_term_is_the_margin_loss_on_the_models_own_cosines(identity):
   np.testing.assert_allclose(values['id_loss'], expected, rtol=1e-4)
 
 
-@pytest.mark.parametrize('identity', ['arcface', 'cosface'])
-def test_the_step_trains_the_cosine_classifier(identity):
+def test_the_step_trains_the_cosine_classifier():
   # 30 steps on one fixed batch: the margin loss falls and the classifier learns the batch
-  # (accuracy by the cosines); the linear and cosine classifiers share one set of weights.
-  config = _config(identity)
+  # (accuracy by the cosines). CosFace differs only in its logits, checked above.
+  config = _config('arcface')
   model = build_model(config.model, NUM_CLASSES, seed=0)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=10)
   graphdef, state = ts.create_train_state(model, tx, NUM_CLASSES, loss_config=config.loss)

@@ -82,12 +82,13 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tiny_data_dir, tmp_path,
   workdir = tmp_path / 'killed'
   env = _env(4, cache_dir)
   rng = np.random.default_rng(0)
-  # Two SIGKILLs at random moments, a SIGTERM (preemption notice), a Ctrl-C (SIGINT), and two
-  # Ctrl-Cs, which stop at once without a checkpoint. A second Ctrl-C used to raise
+  # Two SIGKILLs at random moments, a SIGTERM (preemption notice), and two Ctrl-Cs (SIGINT):
+  # the first checkpoints and stops like SIGTERM, the second, unless the first had stopped the
+  # run already, stops it at once without a checkpoint. A second Ctrl-C used to raise
   # KeyboardInterrupt wherever the main thread was: swallowed in a garbage collection callback,
   # or hanging or crashing the teardown of TensorFlow's input threads.
-  for sig, twice in ((signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGINT, False),
-                     (signal.SIGINT, True), (signal.SIGKILL, False)):
+  for sig, twice in ((signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGINT, True),
+                     (signal.SIGKILL, False)):
     proc = _start(workdir, overrides, env)
     # Wait for a newer checkpoint (the count stays at keep_checkpoints once full).
     already = max(_saved_steps(workdir), default=0)
