@@ -14,9 +14,13 @@ one lax.cond.) With FASHION_JAX_TRAIN_BACKBONES=all, all 23 backbones passed on 
 at once: ResNet-10/18/34 5-19 s, ResNet-50 19-25 s, ResNet-101 72-97 s, ResNet-152 165-186 s,
 SE-ResNeXt-50 75 s, SE-ResNeXt-101 212 s, EfficientNet-B2 97 s, EfficientNet-B4 203 s,
 OSNet-AIN 116 s. The suite trains one backbone of each kind that fits its time budget: basic
-blocks with IBN-b, bottlenecks with IBN-a (the paper's model), OSNet-AIN (its second model) and
-EfficientNet (depthwise convolutions, squeeze-excitation, stochastic-depth-ready blocks);
+blocks with IBN-b, bottlenecks with IBN-a (the paper's model) and OSNet-AIN (its second model);
 FASHION_JAX_TRAIN_BACKBONES=all (or a comma-separated list of names) trains any others.
+EfficientNet-B2 (depthwise convolutions, squeeze-excitation, stochastic depth) left the suite
+on 2026-12-01: on a 2-core AMD EPYC without AVX-512 it took 163 s and OSNet-AIN 246 s (beside
+other tests), which took the suite past its 15 minutes; its forward pass is still checked
+against the PyTorch reference (test_torch_reference.py) and its stochastic depth in
+test_stochastic_depth.py.
 Compiling without XLA's backend optimisations and fusion emitters shortens the compile and
 changes only rounding.
 """
@@ -38,7 +42,7 @@ from fashion_jax.models import backbone_names, build_model, get_backbone
 STEPS = 2
 # Basic blocks with IBN-b (InstanceNorm stem, IN after the residual sum); IBN-a's layer trains
 # in the end-to-end tests (tests/tiny_config.py: ResNet10-IBN-a).
-IN_SUITE = ('resnet18_ibn_b', 'resnet50_ibn_a', 'osnet_ain_x1_0', 'efficientnet_b2')
+IN_SUITE = ('resnet18_ibn_b', 'resnet50_ibn_a', 'osnet_ain_x1_0')
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_cpu_use_fusion_emitters': False}
 
 
