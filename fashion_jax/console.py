@@ -30,6 +30,64 @@ def transient_bars() -> bool:
   return sys.stderr.isatty()
 
 
+class _LogProgress:
+  """A lasting progress bar's counterpart in a log file: a line at most every `every` seconds,
+  and a last one when it closes, unless it closes after a failure (then the error is the last
+  line); no carriage-return refreshes."""
+
+  def __init__(self, *, total: int, initial: int = 0, desc: str = '', unit: str = 'it',
+               every: float = 30.0):
+    self.total, self.n, self.desc, self.unit = total, initial, desc, unit
+    self.leave = True
+    self._initial, self._every = initial, every
+    self._start = self._last = time.monotonic()
+    self._closed = False
+
+  def _line(self, *, final: bool) -> None:
+    elapsed = time.monotonic() - self._start
+    rate = (self.n - self._initial) / max(elapsed, 1e-9)
+    done = f'{self.desc}: {self.n:,}/{self.total:,} {self.unit}'
+    if final:
+      text = f'{done} in {tqdm.format_interval(elapsed)} ({rate:,.1f} {self.unit}/s)'
+    else:
+      left = tqdm.format_interval((self.total - self.n) / rate) if rate > 0 else '?'
+      text = (f'{done} ({100 * self.n // max(self.total, 1)}%)  {rate:,.1f} {self.unit}/s  '
+              f'ETA {left}')
+    print(text, file=sys.stderr, flush=True)
+
+  def update(self, n: int = 1) -> None:
+    self.n += n
+    if time.monotonic() - self._last >= self._every and self.n < self.total:
+      self._last = time.monotonic()
+      self._line(final=False)
+
+  def close(self) -> None:
+    if not self._closed and self.leave:
+      self._line(final=True)
+    self._closed = True
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, error_type, *_):
+    if error_type is not None:
+      self.leave = False
+    self.close()
+
+
+def bar(*, leave: bool = True, enabled: bool = True, log_every_s: float = 30.0, **kwargs):
+  """A progress bar on stderr: tqdm's, drawn in place, on a terminal. Elsewhere (a log file, a
+  scheduler's output) a transient bar (`leave=False`) is not drawn, and a lasting one writes a
+  line at most every `log_every_s` seconds and one when done."""
+  if enabled and transient_bars():
+    return tqdm(leave=leave, file=sys.stderr, dynamic_ncols=True, **kwargs)
+  if enabled and leave:
+    return _LogProgress(total=kwargs['total'], initial=kwargs.get('initial', 0),
+                        desc=kwargs.get('desc', ''), unit=kwargs.get('unit', 'it'),
+                        every=log_every_s)
+  return tqdm(disable=True, **kwargs)
+
+
 _HELP_FLAGS = ('--help', '-help', '-?', '--helpshort', '--helpfull', '--helpxml')
 
 

@@ -15,7 +15,6 @@ import jax
 import numpy as np
 from absl import logging
 from etils import epath
-from tqdm import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -49,8 +48,7 @@ def embed_split(embed: Callable[[jax.Array], jax.Array], builder, split: str, co
   empty = {'images': np.zeros((0, height, width, 3), np.uint8),
            **{key: np.zeros((0,), np.int64) for key in _META_KEYS}}
   outputs, seen = [], 0
-  bar = tqdm(desc=f'embedding {split}', unit='img', leave=False,
-             disable=process > 0 or not console.transient_bars())
+  bar = console.bar(desc=f'embedding {split}', unit='img', leave=False, enabled=process == 0)
   while True:
     batch = next(iterator, empty)
     count = len(batch['images'])

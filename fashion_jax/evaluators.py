@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from fashion_jax import console, visualize
 from fashion_jax.retrieval import centroids as retrieval_centroids
@@ -154,8 +153,8 @@ class _Bars:
 
   def __call__(self, stage: str, done: int, total: int) -> None:
     if stage not in self.bars:
-      self.bars[stage] = tqdm(total=total, desc=f'{self.prefix}: {stage}', leave=False,
-                              disable=jax.process_index() > 0 or not console.transient_bars())
+      self.bars[stage] = console.bar(total=total, desc=f'{self.prefix}: {stage}', leave=False,
+                                    enabled=jax.process_index() == 0)
     self.bars[stage].update(done - self.bars[stage].n)
 
   def close(self) -> None:

@@ -4,9 +4,11 @@ libraries unless --verbosity asks for it."""
 import io
 import os
 import re
-import time
 import subprocess
 import sys
+import time
+
+import pytest
 
 from fashion_jax import console
 
@@ -106,6 +108,49 @@ def test_progress_bar_on_a_terminal_and_lines_elsewhere():
   assert re.fullmatch(r'step 3/6  epoch 1/2  loss 0.5000  [\d.]+ steps/s  ETA \S+\n'
                       r'step 6/6  epoch 2/2  loss 0.5000  [\d.]+ steps/s  ETA 00:00\n',
                       log.getvalue())
+
+
+def test_other_bars_refresh_in_place_on_a_terminal_and_write_lines_to_a_log(monkeypatch):
+  # A log file used to get every refresh of `search index`'s bar, joined by carriage returns
+  # into one long line, and the transient bars of `search evaluate` and `verify` as well.
+  terminal = _Terminal()
+  monkeypatch.setattr('sys.stderr', terminal)
+  with console.bar(total=4, desc='indexing', unit='img', mininterval=0) as lasting:
+    lasting.update(2)
+  with console.bar(total=4, desc='checksums', leave=False, mininterval=0) as transient:
+    transient.update(2)
+  assert '\r' in terminal.getvalue() and 'indexing:  50%' in terminal.getvalue()
+  assert 'checksums:  50%' in terminal.getvalue()
+
+  log = io.StringIO()
+  monkeypatch.setattr('sys.stderr', log)
+  with console.bar(total=4, desc='indexing', unit='img', initial=1, log_every_s=0) as lasting:
+    for _ in range(3):
+      lasting.update(1)
+  with console.bar(total=4, desc='checksums', leave=False) as transient:
+    transient.update(4)
+  with console.bar(total=4, desc='hidden', enabled=False) as hidden:
+    hidden.update(4)
+  lines = log.getvalue().splitlines()
+  assert '\r' not in log.getvalue() and len(lines) == 3, lines
+  assert re.fullmatch(r'indexing: 2/4 img \(50%\)  [\d,.]+ img/s  ETA \S+', lines[0])
+  assert re.fullmatch(r'indexing: 3/4 img \(75%\)  [\d,.]+ img/s  ETA \S+', lines[1])
+  assert re.fullmatch(r'indexing: 4/4 img in 00:00 \([\d,.]+ img/s\)', lines[2])
+
+  log = io.StringIO()
+  monkeypatch.setattr('sys.stderr', log)
+  with console.bar(total=1000, desc='indexing', unit='img') as lasting:  # every 30 s at most
+    for _ in range(1000):
+      lasting.update(1)
+  assert log.getvalue().startswith('indexing: 1,000/1,000 img in ') and log.getvalue().count(
+      '\n') == 1
+  log = io.StringIO()
+  monkeypatch.setattr('sys.stderr', log)
+  with pytest.raises(OSError):  # a failed run's last line is its error: no summary
+    with console.bar(total=10, desc='indexing', unit='img') as lasting:
+      lasting.update(5)
+      raise OSError('disk full')
+  assert log.getvalue() == ''
 
 
 def test_the_rate_and_time_left_leave_out_the_first_steps_compilation():

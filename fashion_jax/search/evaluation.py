@@ -11,8 +11,8 @@ product is in the index: Acc@n (the share with the right product in the first n)
 """
 
 import numpy as np
-from tqdm import tqdm
 
+from fashion_jax import console
 from fashion_jax.search import images as image_io
 
 _CUTOFFS = (1, 5, 10, 20, 50, 100)
@@ -28,8 +28,8 @@ def evaluate(searcher, queries: list[dict], *, k: int, filter_by_category: bool 
   in_index = set(np.asarray(searcher.latest_index.product_ids)[
       searcher.latest_index.product_live])
   rows, left_out, unusable = [], 0, []
-  bar = tqdm(total=len(queries), desc='evaluating', unit='photo', disable=not progress,
-             leave=False)
+  bar = console.bar(total=len(queries), desc='evaluating', unit='photo', enabled=progress,
+                    leave=False)
   try:
     for start in range(0, len(queries), _CHUNK):
       chunk, crops = [], []

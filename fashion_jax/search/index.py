@@ -38,9 +38,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from tqdm import tqdm
 
-from fashion_jax import preprocessing
+from fashion_jax import console, preprocessing
 from fashion_jax.search import backends, catalogue, resume
 from fashion_jax.search import images as image_io
 from fashion_jax.search.images import InputError
@@ -247,8 +246,8 @@ def _build(index_dir, model, entries, *, dtype, centroids, max_pixels, progress,
   readers = _readers()
   look_ahead = 2 * readers if model.host_resize else 2
   ahead, prepared, waiting = collections.deque(), [], []
-  bar = tqdm(total=len(new), initial=len(new) - len(to_read), desc='indexing', unit='img',
-             disable=not progress)
+  bar = console.bar(total=len(new), initial=len(new) - len(to_read), desc='indexing', unit='img',
+                    enabled=progress)
   pool = ThreadPoolExecutor(max_workers=readers)
   try:
     for position, number in enumerate(to_read):

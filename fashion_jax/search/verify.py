@@ -22,8 +22,8 @@ import os
 import stat
 
 import numpy as np
-from tqdm import tqdm
 
+from fashion_jax import console
 from fashion_jax.search import index as search_index
 from fashion_jax.search import resume
 from fashion_jax.search.images import InputError
@@ -89,8 +89,8 @@ def _check_files(index, report: Report, progress: bool) -> None:
   for name in sorted(set(named) - set(checksums)):
     report.problems.append(f'{name}: a file in the generation that index.json has no record of')
   total = sum(record['bytes'] for record in checksums.values())
-  bar = tqdm(total=total, desc='checksums', unit='B', unit_scale=True, disable=not progress,
-             leave=False)
+  bar = console.bar(total=total, desc='checksums', unit='B', unit_scale=True, enabled=progress,
+                    leave=False)
   good = 0
   for name, record in sorted(checksums.items()):
     path = os.path.join(index.directory, name)
@@ -122,8 +122,8 @@ def _check_vectors(vectors: np.ndarray, live: np.ndarray, what: str, unit: str,
   """Live rows of `vectors` are finite and of length 1."""
   bad_rows = []
   blocks = range(0, len(vectors), _ROWS_AT_ONCE)
-  for start in tqdm(blocks, desc=what, unit='block', disable=not progress or len(blocks) < 2,
-                    leave=False):
+  for start in console.bar(iterable=blocks, desc=what, unit='block',
+                           enabled=progress and len(blocks) >= 2, leave=False):
     block = np.asarray(vectors[start:start + _ROWS_AT_ONCE], np.float32)
     with np.errstate(over='ignore', invalid='ignore'):
       norms = np.linalg.norm(block, axis=1)
@@ -160,8 +160,8 @@ def _check_thumbnails(index, report: Report, progress: bool) -> None:
   the digests were, by a JPEG's first and last bytes."""
   missing, damaged = [], []
   live_rows = np.flatnonzero(index.live)
-  for row in tqdm(live_rows, desc='thumbnails', unit='img', disable=not progress,
-                  leave=False):
+  for row in console.bar(iterable=live_rows, desc='thumbnails', unit='img', enabled=progress,
+                         leave=False):
     try:
       with open(index.thumb_path(int(row)), 'rb') as f:
         data = f.read(_MAX_THUMB_BYTES)
