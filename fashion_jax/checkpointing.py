@@ -5,7 +5,10 @@ afterwards (a file deleted or truncated) is reported in one line and restoring f
 the newest step that reads whole; training moves the damaged step aside, never deletes it.
 """
 
+import contextlib
+import errno
 import os
+import re
 import sys
 
 import jax
@@ -23,6 +26,11 @@ class CheckpointMismatch(ValueError):
 
 class CheckpointDamaged(RuntimeError):
   """No listed step of the checkpoint directory could be read."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (a full disk, a folder that became read-only); the steps
+  saved before it are whole."""
 
 
 # Arrays whose place in the state moved: old top-level name -> path in today's state. A
@@ -61,11 +69,15 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3):
     self.directory = absolute(directory)
+    # A save that failed part-way (a full disk, a killed process) leaves a temporary folder,
+    # never listed as a step; the next manager deletes it and frees its space.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=True)
+                                           enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)
     # A registered handler lets a new manager read metadata before any save or restore.
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=ocp.StandardCheckpointHandler())
+    self._writing = None  # the step of the save that may still be in flight
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -75,7 +87,32 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state) -> None:
-    self._manager.save(step, args=ocp.args.StandardSave(state))
+    """Starts writing `step` in the background. Raises CheckpointWriteError if this save, or
+    the one still in flight before it, cannot be written."""
+    self.wait()  # as Orbax would, but then a failure names the step it was writing
+    self._writing = step
+    with self._writes():
+      self._manager.save(step, args=ocp.args.StandardSave(state))
+
+  @contextlib.contextmanager
+  def _writes(self):
+    """Around the Orbax calls that finish a save: its failure, raised from Orbax's threads with
+    TensorStore's many-line message, becomes one CheckpointWriteError naming the step, the
+    cause and the newest step that is whole."""
+    try:
+      yield
+    except Exception as error:  # noqa: BLE001 (whatever Orbax or TensorStore raise)
+      step, self._writing = self._writing, None
+      try:
+        self._manager.reload()
+        whole = self._manager.latest_step()
+      except Exception:  # noqa: BLE001 (the folder itself may be gone)
+        whole = None
+      kept = (f'the newest whole checkpoint is step {whole}, which the same command resumes'
+              if whole is not None else 'no checkpoint was saved')
+      which = f'step {step}' if step is not None else 'a step'
+      raise CheckpointWriteError(f'cannot write the checkpoint of {which} in {self.directory}: '
+                                 f'{_write_cause(error)}; {kept}') from None
 
   def restore(self, like=None, step: int | None = None, *, set_aside_damaged: bool = False):
     """Restores `step`, or by default the newest step that reads whole.
@@ -184,10 +221,27 @@ class Checkpointer:
                                f'model (another architecture or class count?): {shown}')
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in flight; CheckpointWriteError if it failed."""
+    with self._writes():
+      self._manager.wait_until_finished()
+    self._writing = None
 
   def close(self) -> None:
-    self._manager.close()
+    with self._writes():
+      self._manager.close()
+
+
+def _write_cause(error: BaseException) -> str:
+  """The operating system's reason for a failed write where the message has one (TensorStore
+  quotes it as os_error_code='28'), else the error's first line."""
+  if isinstance(error, OSError) and error.errno:
+    return os.strerror(error.errno)
+  if code := re.search(r"os_error_code='?(\d+)", str(error)):
+    return os.strerror(int(code.group(1)))
+  for number in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+    if os.strerror(number) in str(error):
+      return os.strerror(number)
+  return _summary(error)
 
 
 def _summary(error: Exception) -> str:

@@ -9,6 +9,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 
 from absl import flags
 from absl import logging as absl_logging
@@ -154,13 +155,33 @@ def _native_info_dropped():
       sys.stderr.flush()
 
 
+_ORBAX = f'{os.sep}orbax{os.sep}'
+
+
+def _failed_orbax_save(record: logging.LogRecord) -> bool:
+  """A traceback of a failed background save, logged by each Orbax thread it passed through,
+  and by asyncio for each of its writes that failed alike ('Task exception was never
+  retrieved'): the save's caller gets the error, which the program reports in one line."""
+  if _ORBAX in record.pathname:
+    return bool(record.exc_info)
+  if record.name != 'asyncio' or 'exception was never retrieved' not in record.getMessage():
+    return False
+  if 'orbax' in record.getMessage():  # the coroutine's file, the checkpoint's folder
+    return True
+  trace = record.exc_info[2] if record.exc_info else None
+  return any(_ORBAX in frame.filename for frame, _ in traceback.walk_tb(trace))
+
+
 class _LibraryNoise(logging.Filter):
-  """Drops two kinds of libraries' warnings: that an API they call is deprecated (TFDS's
-  `TensorInfo.dtype`, TensorFlow's map_fn `dtype`), notes to their developers that nobody
-  running this can act on; and TFDS's "Variant folder ... has no dataset_info.json" for a
-  dataset not built, which our own error then names with the command that builds it."""
+  """Drops Orbax's tracebacks of a failed save (its caller reports it), and two kinds of
+  libraries' warnings: that an API they call is deprecated (TFDS's `TensorInfo.dtype`,
+  TensorFlow's map_fn `dtype`), notes to their developers that nobody running this can act on;
+  and TFDS's "Variant folder ... has no dataset_info.json" for a dataset not built, which our
+  own error then names with the command that builds it."""
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and _failed_orbax_save(record):
+      return False
     if record.levelno != logging.WARNING or record.pathname.startswith(_PROJECT_DIRS):
       return True
     message = record.getMessage()

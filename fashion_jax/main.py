@@ -125,6 +125,11 @@ def main(argv):
           checkpointing.CheckpointDamaged) as e:
     # Config and data problems are the user's to fix: one line, no traceback.
     exit_with(str(e))
+  except checkpointing.CheckpointWriteError as e:
+    # At once: the failed save's writes still pending would each print a traceback as the
+    # interpreter tears them down.
+    print(f'error: {e}', file=sys.stderr)
+    stop(2)
   except OSError as e:  # a workdir that is a file, or cannot be written
     if e.filename is None:
       raise

@@ -340,6 +340,9 @@ def main(argv):
   except (ValueError, datasets.DatasetMissingError, FileNotFoundError,
           checkpointing.CheckpointDamaged) as e:
     train_cli.exit_with(str(e))
+  except checkpointing.CheckpointWriteError as e:  # at once, as fashion_jax.main does
+    print(f'error: {e}', file=sys.stderr)
+    train_cli.stop(2)
   except OSError as e:  # a workdir that is a file, or cannot be written
     if e.filename is None:
       raise

@@ -48,9 +48,9 @@ def _env(devices: int, cache_dir: str) -> dict:
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
 
 
-def _start(workdir, overrides: dict, env: dict, *extra) -> subprocess.Popen:
+def _start(workdir, overrides: dict, env: dict, *extra, prefix=()) -> subprocess.Popen:
   return subprocess.Popen(
-      [sys.executable, '-m', 'fashion_jax.main', '--config', 'tests/tiny_config.py',
+      [*prefix, sys.executable, '-m', 'fashion_jax.main', '--config', 'tests/tiny_config.py',
        '--workdir', str(workdir), *_cli_args(overrides), *extra],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -218,6 +218,40 @@ def test_a_nonfinite_update_is_neither_evaluated_nor_saved(tiny_data_dir, tmp_pa
     evaluated = [json.loads(line)['step'] for line in f]
   assert evaluated == [0]  # the untrained model's baseline only
   assert _saved_steps(workdir) == []
+
+
+def _files_up_to(kilobytes: int) -> tuple[str, ...]:
+  """A command prefix: the files the command writes stop growing at that size (a write past it
+  fails with EFBIG, as one on a full disk fails with ENOSPC). SIGXFSZ, which would kill it, is
+  ignored, and an ignored signal stays ignored across exec."""
+  return ('bash', '-c', f'trap "" XFSZ; ulimit -f {kilobytes}; exec "$@"', 'bash')
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_next_run_resumes(
+    tiny_data_dir, tmp_path, cache_dir):
+  # A full disk used to end the run with Orbax's tracebacks, four times over, and a last line of
+  # TensorStore's message; the failed save's temporary folder stayed, taking the space.
+  workdir = tmp_path / 'run'
+  overrides = {'mode': 'train', 'dataset.data_dir': tiny_data_dir}
+  train.train_and_evaluate(_config(tiny_data_dir, {**overrides, 'train.num_epochs': 1}),
+                           str(workdir))
+  # The tiny model's checkpoint has a file of about 390 kB.
+  proc = _start(workdir, {**overrides, 'train.num_epochs': 2}, _env(4, cache_dir),
+                prefix=_files_up_to(200))
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 2, stderr
+  assert stderr.splitlines()[-1] == (
+      f'error: cannot write the checkpoint of step 4 in {workdir}/checkpoints: File too large; '
+      'the newest whole checkpoint is step 2, which the same command resumes'), stderr
+  assert 'Traceback' not in stderr and 'orbax' not in stderr, stderr
+  assert _saved_steps(workdir) == [2]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4.orbax-checkpoint-tmp']
+  # The next run's manager deletes the failed save's folder (in a thread of its own).
+  checkpointing.Checkpointer(workdir / 'checkpoints')
+  deadline = time.time() + 30
+  while len(os.listdir(workdir / 'checkpoints')) > 1 and time.time() < deadline:
+    time.sleep(0.05)
+  assert os.listdir(workdir / 'checkpoints') == ['2']
 
 
 def test_workdir_of_another_config_is_refused(tiny_data_dir, tmp_path):
