@@ -87,6 +87,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     # status 1; a value of the wrong type (--config.train.batch_size=abc) is a bad value like
     # any other.
     text = str(e)
+    if missing := re.search(r'Flag --(\w+) must have a value other than None', text):
+      name = missing.group(1)
+      exit_with(f'--{name} is required: {FLAGS[name].help[0].lower()}{FLAGS[name].help[1:]}')
     if 'Traceback (most recent call last)' in text:  # ml_collections quotes the config's own
       head = text.split('Error whilst parsing config file', 1)[0].rstrip(': ')
       text = f'{head}: {text.strip().splitlines()[-1].strip()}'

@@ -52,6 +52,11 @@ def test_cli_missing_config_file_is_named(tmp_path):
   assert _one_line(result) == "error: config file 'configs/no_such.py' does not exist"
 
 
+def test_cli_missing_required_flag_is_one_line_saying_what_it_is(tmp_path):
+  result = _cli('--config.train.k=2', tmp_path=tmp_path)  # absl: "flag --config=None: Flag ..."
+  assert _one_line(result) == 'error: --config is required: experiment config file.'
+
+
 def test_cli_values_outside_their_domains_are_one_line(tmp_path):
   result = _cli('--config', 'tests/tiny_config.py', '--config.model.dtype=float8',
                 "--config.input.image_size=(320,)", tmp_path=tmp_path)
