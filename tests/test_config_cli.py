@@ -53,7 +53,7 @@ def test_cli_missing_config_file_is_named(tmp_path):
 
 
 def test_cli_missing_required_flag_is_one_line_saying_what_it_is(tmp_path):
-  result = _cli('--config.train.k=2', tmp_path=tmp_path)  # absl: "flag --config=None: Flag ..."
+  result = _cli(tmp_path=tmp_path)  # absl: "flag --config=None: Flag --config must have a ..."
   assert _one_line(result) == 'error: --config is required: experiment config file.'
 
 
