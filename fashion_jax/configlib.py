@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.chunk_size = ml_collections.config_dict.placeholder(int)
   c.eval.gallery_chunk_size = 2048  # gallery items per block; memory ~ chunk x block
   c.eval.dtype = 'float32'          # embeddings for retrieval: float32, bfloat16 or float16
+  # Test-time flip: each image embedded as the normalised sum of f_i of the image and of its
+  # mirror image (twice the embedding cost); the paper does not. The search tool follows it.
+  c.eval.flip = False
   c.eval.query_domain = ''          # domain filter by name, e.g. 'street'; '' keeps all
   c.eval.gallery_domain = ''        # e.g. 'shop'
   # Evaluators run, in order (registered names, evaluators.EVALUATORS); each switch below that is
@@ -374,6 +377,7 @@ FIELDS: dict[str, Domain] = {
     'eval.chunk_size': Domain(int, gt=0, nullable=True),
     'eval.gallery_chunk_size': _POSITIVE_INT,
     'eval.dtype': Domain(str, choices=DTYPES),
+    'eval.flip': Domain(bool),
     'eval.query_domain': Domain(str),
     'eval.gallery_domain': Domain(str),
     # Which names are registered, listed once and with 'retrieval': evaluators.check_config.

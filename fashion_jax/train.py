@@ -361,7 +361,7 @@ def _run(config, workdir: str, s: dict, started: float) -> dict | None:
   state, mesh, checkpointer = s['state'], s['mesh'], s['checkpointer']
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  embed_fn = ts.make_embed_fn(s['graphdef'], mesh)
+  embed_fn = ts.make_embed_fn(s['graphdef'], mesh, flip=config.eval.flip)
   do_eval = config.mode in ('train_and_evaluate', 'evaluate')
 
   def say(line: str):

@@ -183,8 +183,9 @@ def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def make_embed_fn(graphdef: nnx.GraphDef, mesh: Mesh):
-  """Returns embed(params, batch_stats, images [B, H, W, 3]) -> [B, F] unit vectors, jitted.
+def make_embed_fn(graphdef: nnx.GraphDef, mesh: Mesh, *, flip: bool = False):
+  """Returns embed(params, batch_stats, images [B, H, W, 3]) -> [B, F] unit vectors, jitted;
+  with `flip`, the test-time flip's (ReIDModel.embed).
 
   Images are sharded along the batch over `mesh`; the model runs in inference mode, so the
   compiler partitions it without collectives.
@@ -194,6 +195,6 @@ def make_embed_fn(graphdef: nnx.GraphDef, mesh: Mesh):
   @functools.partial(jax.jit, out_shardings=batch_sharding)
   def embed(params, batch_stats, images):
     model = nnx.merge(graphdef, params, batch_stats)
-    return model.embed(images)
+    return model.embed(images, flip=flip)
 
   return embed

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -75,3 +76,16 @@ def test_evaluate_mode_restores_the_checkpoint(trained, tmp_path):
   with pytest.raises(FileNotFoundError, match='mode=evaluate needs a checkpoint'):
     train.train_and_evaluate(config, str(tmp_path / 'empty'))
   assert not (tmp_path / 'empty').exists()  # refused before anything is written there
+
+
+def test_evaluation_with_the_test_time_flip(trained, tmp_path):
+  workdir = tmp_path / 'copy'
+  shutil.copytree(trained['straight'], workdir)
+  config = _config(trained['data_dir'], 3)
+  config.mode = 'evaluate'
+  config.eval.flip = True
+  flipped = train.train_and_evaluate(config, str(workdir))
+  assert flipped['step'] == trained['reference']['step']
+  assert flipped['mAP'] != trained['reference']['mAP']
+  with open(workdir / 'eval' / 'eval_config.json') as f:
+    assert json.load(f)['flip'] is True

@@ -63,9 +63,15 @@ class ReIDModel(nnx.Module):
     global_feat = self.pool(features)
     return global_feat, self.bottleneck(global_feat, train=train)
 
-  def embed(self, images: jax.Array) -> jax.Array:
-    """images [B, H, W, 3] in [0, 255] -> L2-normalised post-BNNeck embeddings [B, F] float32."""
+  def embed(self, images: jax.Array, *, flip: bool = False) -> jax.Array:
+    """images [B, H, W, 3] in [0, 255] -> L2-normalised post-BNNeck embeddings [B, F] float32.
+
+    With `flip` (test-time flip), f_i of the image plus f_i of its mirror image, normalised: the
+    same embedding for an image and its mirror image.
+    """
     _, neck_feat = self.features(images, train=False)
+    if flip:
+      neck_feat = neck_feat + self.features(images[:, :, ::-1], train=False)[1]
     return unit_rows(neck_feat)
 
 

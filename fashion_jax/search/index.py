@@ -521,8 +521,8 @@ def check_model(meta: dict, model) -> None:
   if meta['model']['fingerprint'] != model.fingerprint:
     # Name the preprocessing settings that differ (e.g. resize 'stretch' vs 'letterbox'): the
     # same weights with other preprocessing give other embeddings.
-    # The resize filter is only recorded when not the default.
-    defaults = {'filter': preprocessing.DEFAULT_RESIZE_FILTER}
+    # The resize filter is only recorded when not the default, the test-time flip when on.
+    defaults = {'filter': preprocessing.DEFAULT_RESIZE_FILTER, 'flip': False}
     built = {**defaults, **meta['model'].get('preprocessing', {})}
     here = {**defaults, **model.preprocessing}
     differing = [f'{key} {built.get(key)!r} in the index, {value!r} here'

@@ -70,6 +70,8 @@ class SearchModel:
       self.resize_mode, self.resize_filter = resize_settings(self.config.input)
     except ValueError as error:
       raise InputError(f'{os.path.join(self.workdir, "config.json")}: {error}') from None
+    # The test-time flip the model was evaluated with (eval.flip); absent in older workdirs.
+    self.flip = self.config.get('eval', {}).get('flip', False) is True
     # Whether prepare resizes on the host (the compiled kernel) rather than in JAX.
     self.host_resize = host_resize_applies(self.resize_filter)
     if not epath.Path(self.workdir, 'checkpoints').is_dir():
@@ -109,7 +111,7 @@ class SearchModel:
     self.fingerprint = self._fingerprint()
     self.batch_size = batch_size
     self.mesh = ts.make_mesh()
-    self._embed = ts.make_embed_fn(self.graphdef, self.mesh)
+    self._embed = ts.make_embed_fn(self.graphdef, self.mesh, flip=self.flip)
     replicated = NamedSharding(self.mesh, P())
     self._device_params = jax.device_put((self.params, self.batch_stats), replicated)
     self._batch_sharding = NamedSharding(self.mesh, P(ts.DATA_AXIS))
@@ -123,6 +125,8 @@ class SearchModel:
     # preprocess alike, so they share the fingerprint.
     if self.resize_filter != DEFAULT_RESIZE_FILTER:
       settings['filter'] = self.resize_filter
+    if self.flip:  # likewise recorded only when on
+      settings['flip'] = True
     return settings
 
   def describe(self) -> dict:
@@ -196,11 +200,12 @@ class SearchModel:
     """fn((params, batch_stats), images uint8 [B, h, w, 3]) -> [B, F] float32 unit vectors:
     preprocessing and model in one function (what the exports hold)."""
     graphdef, image_size = self.graphdef, self.image_size
-    resize_mode, resize_filter = self.resize_mode, self.resize_filter
+    resize_mode, resize_filter, flip = self.resize_mode, self.resize_filter, self.flip
 
     def embed_raw(weights, images):
       model = nnx.merge(graphdef, *weights)
-      return model.embed(resize_images(images, image_size, resize_mode, resize_filter))
+      return model.embed(resize_images(images, image_size, resize_mode, resize_filter),
+                         flip=flip)
 
     return embed_raw
 
