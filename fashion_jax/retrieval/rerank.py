@@ -273,10 +273,12 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
   rows = np.arange(-(-num_points // unit) * unit, dtype=np.int32)
   # Padding rows have empty lists, so every stage leaves them empty.
   table = search.pad_rows(neighbours.astype(np.int32), unit, -1)
+  # A k1 of N or more takes every point, as the reference's slices [:k1 + 1] do: the sets are
+  # sized by the neighbours there are (k - 1), not by k1.
   half = knn.map_rows(_reciprocal, mesh, _ROW_UNIT, (rows,), (table,),
-                      k=int(np.around(k1 / 2.0)))
+                      k=min(int(np.around(k1 / 2.0)), k - 1))
   expanded, counts = knn.map_rows(_expanded_sets, mesh, _chunk(k * k * 64, budget), (rows,),
-                                  (table, half), k1=k1)
+                                  (table, half), k1=k - 1)
   (expanded,) = _trimmed([expanded], counts)
   del half
   host_memory.release()
