@@ -94,7 +94,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       head = text.split('Error whilst parsing config file', 1)[0].rstrip(': ')
       text = f'{head}: {text.strip().splitlines()[-1].strip()}'
     exit_with(' '.join(text.split()))
-  except (AttributeError, KeyError, IndexError, SyntaxError, ImportError, TypeError):
+  except Exception:  # noqa: BLE001 (an override naming no field, or the config file's own error)
     # ml_collections looks every override up in the loaded config. Load it again (only here, so
     # a config runs once in a good command) to name the field and the closest one it has, or
     # to say why the file itself does not load.

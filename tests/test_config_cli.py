@@ -116,6 +116,11 @@ def test_cli_config_file_that_does_not_load_is_one_line(tmp_path):
   result = _cli('--config', str(tmp_path / 'broken.py'), tmp_path=tmp_path)
   assert _one_line(result) == (f"error: config file '{tmp_path / 'broken.py'}' is not valid "
                                'Python: invalid syntax at line 1')
+  # Any error of the file's own (a name undefined, its own raise) used to be a traceback.
+  (tmp_path / 'typo.py').write_text('def get_config():\n  return demo\n')
+  result = _cli('--config', str(tmp_path / 'typo.py'), tmp_path=tmp_path)
+  assert _one_line(result) == (f"error: config file '{tmp_path / 'typo.py'}' does not load: "
+                               "NameError: name 'demo' is not defined")
 
 
 def test_cli_values_of_the_wrong_type_are_one_line(tmp_path):
