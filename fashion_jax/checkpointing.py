@@ -135,7 +135,7 @@ class Checkpointer:
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    damaged = []
+    damaged, causes = [], []
     for candidate in steps:
       try:
         restored = self._restore_step(like, candidate)
@@ -143,17 +143,22 @@ class Checkpointer:
         raise
       except Exception as error:  # noqa: BLE001
         damaged.append(candidate)
-        logging.warning('checkpoint step %d in %s is damaged (%s); trying the previous one',
-                        candidate, self.directory, _summary(error))
+        causes.append(_summary(error))
+        # The console's line is the one below; the cause of each is in the log.
+        logging.info('checkpoint step %d in %s is damaged (%s); trying the previous one',
+                     candidate, self.directory, causes[-1])
         continue
       if damaged:
         print(f'warning: checkpoint step(s) {", ".join(map(str, damaged))} in {self.directory} '
-              f'damaged; restored step {candidate}', flush=True)
+              f'damaged; restored step {candidate}'
+              + (f' (moved to {DAMAGED_DIR}/ beside it)' if set_aside_damaged else ''),
+              flush=True)
         if set_aside_damaged:
           self._set_aside(damaged)
       return restored
     raise CheckpointDamaged(f'every checkpoint in {self.directory} is damaged (steps '
-                            f'{", ".join(map(str, damaged))}); nothing restored')
+                            f'{", ".join(map(str, damaged))}; the newest: {causes[0]}); nothing '
+                            'restored')
 
   def _set_aside(self, steps) -> None:
     # epath: in a bucket (gs://...) too, where a rename is a copy and a delete.
@@ -167,7 +172,7 @@ class Checkpointer:
           copies += 1
           destination = target / f'{step}.{copies}'
         (directory / str(step)).rename(destination)
-        logging.warning('moved damaged checkpoint step %d to %s', step, destination)
+        logging.info('moved damaged checkpoint step %d to %s', step, destination)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('checkpoint damaged steps set aside')
     self._manager.reload()

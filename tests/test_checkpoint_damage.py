@@ -1,6 +1,7 @@
 """A damaged newest checkpoint: reported in one line, the previous complete step restored and
 the damaged one set aside (not deleted); never a silent start from step 0."""
 
+import logging
 import os
 
 import numpy as np
@@ -57,7 +58,7 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize('damage', sorted(DAMAGE))
-def test_a_damaged_newest_step_falls_back_to_the_previous_one(tmp_path, capsys, damage):
+def test_a_damaged_newest_step_falls_back_to_the_previous_one(tmp_path, capsys, caplog, damage):
   directory = str(tmp_path / 'checkpoints')
   _saved(directory).close()
   DAMAGE[damage](os.path.join(directory, '3'))
@@ -68,7 +69,11 @@ def test_a_damaged_newest_step_falls_back_to_the_previous_one(tmp_path, capsys, 
   np.testing.assert_array_equal(restored['params']['dense']['kernel'],
                                 _state(2)['params']['dense']['kernel'])
   out = capsys.readouterr().out.strip().splitlines()
-  assert out == [f'warning: checkpoint step(s) 3 in {directory} damaged; restored step 2'], out
+  assert out == [f'warning: checkpoint step(s) 3 in {directory} damaged; restored step 2 '
+                 '(moved to damaged_checkpoints/ beside it)'], out
+  # That line is the console's only one: the cause and the move are logged at INFO.
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+              and r.pathname == checkpointing.__file__], caplog.records
   # Set aside, not deleted; the step number is free again for the resumed run.
   assert os.path.isdir(tmp_path / checkpointing.DAMAGED_DIR / '3')
   assert checkpointer.latest_step() == 2
@@ -101,7 +106,7 @@ def test_an_explicit_damaged_step_and_an_all_damaged_directory_are_one_line(tmp_
     checkpointer.restore(_state(0), step=2)
   assert '\n' not in str(error.value) and len(str(error.value)) < 600
   with pytest.raises(checkpointing.CheckpointDamaged,
-                     match=r'every checkpoint in .* is damaged \(steps 2, 1\); nothing restored'):
+                     match=r'every checkpoint in .* is damaged \(steps 2, 1; the newest: \w+'):
     checkpointer.restore(_state(0))
   checkpointer.close()
 
