@@ -33,6 +33,7 @@ from ml_collections.config_flags import config_flags, config_path, tuple_parser 
 from data_pipelines import datasets, input_pipeline  # noqa: E402
 from fashion_jax import checkpointing, configlib, evaluate, train  # noqa: E402
 from fashion_jax import main as train_cli  # noqa: E402  (--config, --workdir, their parsing)
+from fashion_jax.models import pretrained  # noqa: E402
 
 FLAGS = flags.FLAGS
 for _name in ('config', 'workdir'):  # defined by fashion_jax.main; --help lists them with ours
@@ -157,7 +158,9 @@ def check_points(points: list[Point], *, num_devices: int | None) -> None:
       if dataset not in builders:
         builders[dataset] = datasets.get_builder(*dataset)
       evaluate.check_eval_settings(point.config, builders[dataset])
-    except (ValueError, datasets.DatasetMissingError) as e:
+      if point.config.model.pretrained:  # only found missing when the point starts, else
+        pretrained.check_weights_file(point.config.model.pretrained)
+    except (ValueError, FileNotFoundError, datasets.DatasetMissingError) as e:
       raise ValueError(f'{point.name}: {e}') from None
 
 
@@ -295,13 +298,13 @@ def write_tables(results: list[Result], workdir: str) -> str:
   return markdown
 
 
-def _partial_tables(results: list[Result], workdir: str) -> str:
-  """The tables of the points that ended before an interruption; what to say of them."""
+def _partial_tables(results: list[Result], workdir: str, before: str = 'the interruption') -> str:
+  """The tables of the points that ended before an interruption or error; what to say of them."""
   if not results:
     return ''
   write_tables(results, workdir)
   return (f' (sweep.csv and sweep.md list the {len(results)} of its points that ended before '
-          'the interruption)')
+          f'{before})')
 
 
 def main(argv):
@@ -339,14 +342,14 @@ def main(argv):
     run(points, workdir, results)
   except (ValueError, datasets.DatasetMissingError, FileNotFoundError,
           checkpointing.CheckpointDamaged) as e:
-    train_cli.exit_with(str(e))
+    train_cli.exit_with(f'{e}{_partial_tables(results, workdir, "the error")}')
   except checkpointing.CheckpointWriteError as e:  # at once, as fashion_jax.main does
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {e}{_partial_tables(results, workdir, "the error")}', file=sys.stderr)
     train_cli.stop(2)
   except OSError as e:  # a workdir that is a file, or cannot be written
     if e.filename is None:
       raise
-    train_cli.exit_with(console.path_error(e))
+    train_cli.exit_with(f'{console.path_error(e)}{_partial_tables(results, workdir, "the error")}')
   except train.Preempted as e:
     print(f'{e}; the same sweep command resumes the sweep{_partial_tables(results, workdir)}',
           file=sys.stderr)

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import tiny_config
@@ -150,6 +151,17 @@ def test_cli_mistakes_are_one_line(tmp_path):
                       tmp_path=tmp_path)
   assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
       'error: --config.optim.base_lr is also swept (--sweep optim.base_lr=...); drop one')
+
+
+def test_weights_a_point_names_are_checked_before_any_point_trains(tiny_data_dir, tmp_path):
+  # A missing file used to stop the sweep at that point, after the points before it trained.
+  c = _config(tiny_data_dir)
+  weights = tmp_path / 'weights.npz'
+  weights.write_bytes(b'')  # checked for existence and kind here; read when the point trains
+  points = sweep.grid(c, [sweep.parse_axis(c, f'model.pretrained={weights},{tmp_path}/none')])
+  with pytest.raises(ValueError, match=r'^model.pretrained=.*none: no converted weights at '):
+    sweep.check_points(points, num_devices=jax.device_count())
+  sweep.check_points(points[:1], num_devices=jax.device_count())
 
 
 def test_a_finished_point_is_evaluated_again_for_other_eval_settings_and_refused_past_its_end(

@@ -77,8 +77,9 @@ def save_backbone_weights(path: str, arch: str, tensors: Mapping[str, np.ndarray
   return path
 
 
-def read_backbone_weights(path: str) -> tuple[str, dict[str, np.ndarray]]:
-  """-> (architecture name, dotted Flax path -> array). Never unpickles."""
+def check_weights_file(path: str) -> str:
+  """The weights file `path` names (weights_path), if it can be read as one, without reading
+  it: FileNotFoundError or ValueError, one line, otherwise."""
   path = weights_path(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f'no converted weights at {path} (see docs/models.md to create them)')
@@ -87,6 +88,12 @@ def read_backbone_weights(path: str) -> tuple[str, dict[str, np.ndarray]]:
   if os.path.getsize(path) > MAX_WEIGHTS_BYTES:
     raise ValueError(f'{path}: {os.path.getsize(path):,} bytes is over the limit of '
                      f'{MAX_WEIGHTS_BYTES:,} bytes for backbone weights')
+  return path
+
+
+def read_backbone_weights(path: str) -> tuple[str, dict[str, np.ndarray]]:
+  """-> (architecture name, dotted Flax path -> array). Never unpickles."""
+  path = check_weights_file(path)
   try:
     data = np.load(path, allow_pickle=False)
     if isinstance(data, np.lib.npyio.NpzFile):
