@@ -164,6 +164,19 @@ def check_points(points: list[Point], *, num_devices: int | None) -> None:
       raise ValueError(f'{point.name}: {e}') from None
 
 
+def check_sweep_folder(workdir: str) -> None:
+  """A one-line ValueError for a local folder that is a training workdir or a search index:
+  the sweep would put its points' workdirs and its tables inside it."""
+  if '://' in workdir or not os.path.isdir(workdir):
+    return
+  names = set(os.listdir(workdir))
+  what = ('a search index' if 'index.json' in names else
+          'a training workdir' if names & {'config.json', 'checkpoints'} else None)
+  if what:
+    raise ValueError(f"--workdir {workdir} is {what}, not a sweep's folder: give a new or empty "
+                     "folder, or a sweep's, where each point trains in a workdir of its own")
+
+
 def commands(points: list[Point], config_file: str, workdir: str, fixed: dict) -> list[str]:
   """One `python -m fashion_jax.main` command per point; `fixed`: the overrides of every point."""
   lines = []
@@ -328,6 +341,7 @@ def main(argv):
       raise ValueError(f'--config.{both[0]} is also swept (--sweep {both[0]}=...); drop one')
     points = grid(config, axes)
     check_points(points, num_devices=None if FLAGS.print_commands else jax.device_count())
+    check_sweep_folder(workdir)
   except ValueError as e:
     train_cli.exit_with(str(e))
   if FLAGS.print_commands:

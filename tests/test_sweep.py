@@ -164,6 +164,19 @@ def test_weights_a_point_names_are_checked_before_any_point_trains(tiny_data_dir
   sweep.check_points(points[:1], num_devices=jax.device_count())
 
 
+def test_a_training_workdir_or_a_search_index_is_not_a_sweeps_folder(tmp_path):
+  # The sweep used to fill a training workdir given by mistake with its points' workdirs.
+  for marker, what in (('config.json', 'a training workdir'), ('index.json', 'a search index')):
+    folder = tmp_path / marker
+    folder.mkdir()
+    (folder / marker).write_text('{}')
+    with pytest.raises(ValueError, match=f"is {what}, not a sweep's folder"):
+      sweep.check_sweep_folder(str(folder))
+  sweep.check_sweep_folder(str(tmp_path / 'new'))
+  (tmp_path / 'sweep' / 'seed=0').mkdir(parents=True)  # a sweep's own folder
+  sweep.check_sweep_folder(str(tmp_path / 'sweep'))
+
+
 def test_a_finished_point_is_evaluated_again_for_other_eval_settings_and_refused_past_its_end(
     tiny_data_dir, tmp_path):
   c = _config(tiny_data_dir)
