@@ -139,6 +139,7 @@ def is_cross_dataset(config) -> bool:
 
 
 EVAL_CONFIG_FILE = 'eval_config.json'
+REPORTS_FILE = 'reports.json'  # the tables and pictures of the last evaluation
 
 
 def metrics_settings_match(config, workdir: str) -> bool:
@@ -204,6 +205,15 @@ def write_reports(metrics: dict, result: EvalResult, out_dir: str) -> dict:
   for name, picture in pictures.items():
     with (out / name).open('wb') as f:
       picture.save(f, format=os.path.splitext(name)[1].lstrip('.') or 'png')
+  # Tables and pictures of evaluators that ran before but not now (per_category.csv after
+  # eval.per_category was switched off) would sit beside metrics that no longer describe them.
+  written = sorted({*result.tables, *pictures})
+  listed = out / REPORTS_FILE
+  before = json.loads(listed.read_text()) if listed.exists() else []
+  for name in set(before) - set(written):
+    if name == os.path.basename(name):  # a file name of this folder, as written
+      (out / name).unlink(missing_ok=True)
+  listed.write_text(json.dumps(written))
   return pictures
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import tiny_config
 from fashion_jax import configlib, evaluate, evaluators
@@ -122,3 +123,19 @@ def test_ranked_lists_show_the_last_ranking_scored():
       data, evaluators.Retrieval(config.eval, rerank=rerank).rank(data), config.eval))
   np.testing.assert_array_equal(drawn, picture(True))
   assert not np.array_equal(drawn, picture(False))
+
+
+def test_reports_of_evaluators_that_no_longer_run_are_removed(tmp_path):
+  # A per-category table left from an evaluation with eval.per_category on used to stay beside
+  # metrics.json after it was switched off.
+  curve = {'unconstrained': np.linspace(0.2, 1.0, 5)}
+  blank = lambda: Image.new('RGB', (8, 8))
+  first = evaluators.EvalResult(curves=curve, tables={'per_category.csv': 'a,b\r\n'},
+                                pictures={'roc.png': blank, 'ranked_lists.png': blank})
+  evaluate.write_reports({'step': 1}, first, str(tmp_path))
+  (tmp_path / 'notes.txt').write_text('mine')  # not a report: kept
+  second = evaluators.EvalResult(curves=curve, pictures={'ranked_lists.png': blank})
+  evaluate.write_reports({'step': 2}, second, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ['cmc.png', 'history.jsonl', 'metrics.json',
+                                          'notes.txt', 'ranked_lists.png', 'reports.json']
+  assert len((tmp_path / 'history.jsonl').read_text().splitlines()) == 2
