@@ -167,7 +167,12 @@ def check_points(points: list[Point], *, num_devices: int | None) -> None:
 def check_sweep_folder(workdir: str) -> None:
   """A one-line ValueError for a local folder that is a training workdir or a search index:
   the sweep would put its points' workdirs and its tables inside it."""
-  if '://' in workdir or not os.path.isdir(workdir):
+  if '://' in workdir:
+    return
+  if os.path.lexists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'--workdir {workdir} is a file, not a folder: give a new or empty folder, '
+                     "or a sweep's")
+  if not os.path.isdir(workdir):
     return
   names = set(os.listdir(workdir))
   what = ('a search index' if 'index.json' in names else

@@ -275,6 +275,9 @@ def check_workdir_folder(workdir: str) -> None:
   """A one-line ValueError for a local folder that is something other than a workdir (a
   search index, a workdir's checkpoints folder, a folder of other files), which training
   would fill with its own files; a new or empty folder, or a workdir, passes."""
+  if os.path.lexists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'--workdir {workdir} is a file, not a folder: give a new or empty folder, '
+                     'or a workdir')
   if not os.path.isdir(workdir):
     return
   names = sorted(name for name in os.listdir(workdir) if not name.startswith('.'))

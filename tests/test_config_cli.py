@@ -68,7 +68,8 @@ def test_cli_values_outside_their_domains_are_one_line(tmp_path):
 def test_cli_workdir_that_is_a_file_is_one_line(tmp_path):
   (tmp_path / 'run').write_text('my notes')
   result = _cli('--config', 'configs/demo.py', tmp_path=tmp_path)
-  assert _one_line(result).startswith(f'error: cannot use {tmp_path / "run"}')
+  assert _one_line(result) == (f'error: --workdir {tmp_path / "run"} is a file, not a folder: '
+                               'give a new or empty folder, or a workdir')
   assert (tmp_path / 'run').read_text() == 'my notes'
 
 

@@ -173,6 +173,8 @@ def test_a_training_workdir_or_a_search_index_is_not_a_sweeps_folder(tmp_path):
     with pytest.raises(ValueError, match=f"is {what}, not a sweep's folder"):
       sweep.check_sweep_folder(str(folder))
   sweep.check_sweep_folder(str(tmp_path / 'new'))
+  with pytest.raises(ValueError, match='is a file, not a folder'):
+    sweep.check_sweep_folder(str(tmp_path / 'config.json' / 'config.json'))
   (tmp_path / 'sweep' / 'seed=0').mkdir(parents=True)  # a sweep's own folder
   sweep.check_sweep_folder(str(tmp_path / 'sweep'))
 
