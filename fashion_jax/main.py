@@ -66,6 +66,13 @@ def _config_arguments(argv: list[str]) -> tuple[str | None, list[str]]:
   return path, names
 
 
+def unexpected_arguments(argv: list[str]) -> str:
+  """What absl leaves after the flags: words that are not options (absl's own answer is the
+  whole usage text, exit status 1)."""
+  return (f'unexpected arguments: {" ".join(argv[1:])} (options are --name=value; --help lists '
+          'them)')
+
+
 def exit_with(message: str):
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
@@ -114,7 +121,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    exit_with(unexpected_arguments(argv))
   console.set_verbosity()
   if FLAGS.distributed:
     _initialize_distributed()

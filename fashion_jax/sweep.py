@@ -26,7 +26,7 @@ if __name__ == '__main__':
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from etils import epath  # noqa: E402
 from ml_collections.config_flags import config_flags, config_path, tuple_parser  # noqa: E402
 
@@ -327,7 +327,7 @@ def _partial_tables(results: list[Result], workdir: str, before: str = 'the inte
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    train_cli.exit_with(train_cli.unexpected_arguments(argv))
   console.set_verbosity()
   if FLAGS.distributed or FLAGS.mode:
     train_cli.exit_with('a sweep trains and evaluates its points here, one after the other; '

@@ -57,6 +57,12 @@ def test_cli_missing_required_flag_is_one_line_saying_what_it_is(tmp_path):
   assert _one_line(result) == 'error: --config is required: experiment config file.'
 
 
+def test_cli_stray_word_is_one_line(tmp_path):
+  result = _cli('--config', 'configs/demo.py', 'extra', tmp_path=tmp_path)  # absl: the usage
+  assert _one_line(result) == ('error: unexpected arguments: extra (options are --name=value; '
+                               '--help lists them)')
+
+
 def test_cli_values_outside_their_domains_are_one_line(tmp_path):
   result = _cli('--config', 'tests/tiny_config.py', '--config.model.dtype=float8',
                 "--config.input.image_size=(320,)", tmp_path=tmp_path)
