@@ -133,8 +133,10 @@ def main(argv):
     train.train_and_evaluate(config, FLAGS.workdir)
   except (ValueError, DatasetMissingError, FileNotFoundError,
           checkpointing.CheckpointDamaged) as e:
-    # Config and data problems are the user's to fix: one line, no traceback.
-    exit_with(str(e))
+    # Config and data problems are the user's to fix: one line, no traceback. The operating
+    # system's own (a folder that cannot be made) reads "[Errno 2] ...": named like the others.
+    raw = isinstance(e, FileNotFoundError) and e.filename is not None and e.strerror
+    exit_with(console.path_error(e) if raw else str(e))
   except checkpointing.CheckpointWriteError as e:
     # At once: the failed save's writes still pending would each print a traceback as the
     # interpreter tears them down.

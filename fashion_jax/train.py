@@ -306,6 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   Process 0 prints the run's setup, a progress bar and a line per evaluation.
   """
   started = time.monotonic()
+  if not str(workdir).strip():
+    raise ValueError('--workdir is empty: give the folder for checkpoints, logs and reports')
   checkpoints = os.path.join(workdir, 'checkpoints')
   local = '://' not in workdir  # a bucket's checkpoints are looked for by the checkpointer
   if local:

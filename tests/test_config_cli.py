@@ -79,6 +79,16 @@ def test_cli_workdir_that_is_a_file_is_one_line(tmp_path):
   assert (tmp_path / 'run').read_text() == 'my notes'
 
 
+def test_cli_workdir_empty_or_impossible_is_one_line(tmp_path):
+  result = _cli('--config', 'configs/demo.py', '--workdir', '', tmp_path=tmp_path)
+  assert _one_line(result) == ('error: --workdir is empty: give the folder for checkpoints, logs '
+                               'and reports')
+  (tmp_path / 'file').write_text('')  # no folder can be made under a file
+  result = _cli('--config', 'configs/demo.py', '--workdir', str(tmp_path / 'file' / 'run'),
+                tmp_path=tmp_path)
+  assert _one_line(result).startswith(f'error: cannot use {tmp_path / "file" / "run"}: ')
+
+
 def test_only_new_empty_or_workdir_folders_are_workdirs(tmp_path):
   import tiny_config
   from fashion_jax import train
