@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 from flax import nnx
 
+from fashion_jax import console
 from fashion_jax.models import build_backbone, get_backbone, vit_checkpoints
 from fashion_jax.models.pretrained import (ARCH_KEY, MAX_WEIGHTS_BYTES, WEIGHTS_FILE,
                                            mismatch_problems,
@@ -276,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
   try:
     convert(args.arch, args.src, args.out)
   except (ValueError, ImportError, OSError) as e:
-    print(f'error: {_one_line(e)}', file=sys.stderr)
+    # The operating system's own errors name their file in the project's words.
+    raw = isinstance(e, OSError) and e.filename is not None and e.strerror
+    print(f'error: {console.path_error(e) if raw else _one_line(e)}', file=sys.stderr)
     return 2
   return 0
 

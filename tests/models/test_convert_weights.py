@@ -145,6 +145,11 @@ def test_cli_reports_one_line_error(tmp_path, capsys):
   assert convert_weights.main(['--arch', 'resnet51', '--src', str(tmp_path / 'bad.safetensors'),
                                '--out', str(tmp_path / 'out')]) == 2
   assert "unknown backbone 'resnet51'" in capsys.readouterr().err
+  # The operating system's errors in the same words as elsewhere, not "[Errno 2] ...".
+  assert convert_weights.main(['--arch', ARCH, '--src', str(tmp_path / 'none.pth'),
+                               '--out', str(tmp_path / 'out')]) == 2
+  assert capsys.readouterr().err == (f'error: cannot use {tmp_path / "none.pth"}: No such file '
+                                     'or directory\n')
 
 
 def test_pth_without_torch_says_how_to_install(monkeypatch, tmp_path):
