@@ -140,7 +140,7 @@ def setup(config, workdir: str):
   item_ids = input_pipeline.train_item_ids(builder, config.dataset.train_split)
   steps_per_epoch = epoch_steps(config, len(item_ids))
   model = build_model(config.model, len(item_ids), seed=config.seed)
-  load_pretrained_from_config(model, config.model)
+  weights = load_pretrained_from_config(model, config.model)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch)
   graphdef, state = ts.create_train_state(model, tx, len(item_ids), loss_config=config.loss,
                                          seed=config.seed)
@@ -150,7 +150,7 @@ def setup(config, workdir: str):
     state = checkpointer.restore(state, set_aside_damaged=True)
     logging.info('restored checkpoint at step %d from %s', int(state['step']),
                  checkpointer.directory)
-  return dict(builder=builder, item_ids=item_ids, steps_per_epoch=steps_per_epoch,
+  return dict(builder=builder, item_ids=item_ids, steps_per_epoch=steps_per_epoch, weights=weights,
               tx=tx, schedule=schedule, graphdef=graphdef, state=state, mesh=mesh,
               checkpointer=checkpointer)
 
@@ -236,6 +236,11 @@ def _setup_lines(config, s: dict, workdir: str, start_step: int, total_steps: in
     if start_step:
       steps += f'; resuming at step {start_step}'
     lines.append(steps)
+  if s.get('weights') is not None and not start_step:  # resumed: the checkpoint's own
+    report = s['weights']
+    lines.append(f'{report.arch} weights from {config.model.pretrained}: '
+                 f'{_plural(len(report.loaded), "backbone tensor")} loaded; '
+                 f'{_plural(len(report.not_loaded), "tensor")} of the head start fresh')
   lines.append(f'workdir {workdir}: checkpoints, {evaluate.report_folder(config)}/ reports; '
                f'tensorboard --logdir {workdir}')
   return lines

@@ -165,3 +165,23 @@ def test_the_rate_and_time_left_leave_out_the_first_steps_compilation():
   # 10 steps at once: far above the 20 steps/s that counting the compilation would give.
   rate = float(re.search(r'([\d.]+) steps/s', second).group(1))
   assert rate > 1000, second
+
+
+def test_setup_says_which_weights_a_new_run_starts_from(tiny_builder, tmp_path):
+  # They used to be named only in the INFO log, which the console leaves out.
+  import tiny_config
+  from fashion_jax import train
+  from fashion_jax.models.pretrained import LoadReport
+  config = tiny_config.get_config()
+  config.mode = 'train'
+  config.model.pretrained = 'weights/r10'
+  report = LoadReport('resnet10_ibn_a', ['backbone.conv1.kernel'] * 40,
+                      ['bottleneck.scale', 'classifier.kernel'])
+  s = {'builder': tiny_builder, 'item_ids': list(range(16)), 'steps_per_epoch': 2,
+       'weights': report}
+  lines = train._setup_lines(config, s, str(tmp_path), 0, 4)
+  assert lines[-2] == ('resnet10_ibn_a weights from weights/r10: 40 backbone tensors loaded; 2 '
+                       'tensors of the head start fresh')
+  # Resumed, the checkpoint's weights replace them: no such line.
+  assert not any('weights from' in line for line in train._setup_lines(config, s, str(tmp_path),
+                                                                        2, 4))
