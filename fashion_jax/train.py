@@ -241,8 +241,8 @@ def _setup_lines(config, s: dict, workdir: str, start_step: int, total_steps: in
     lines.append(f'{report.arch} weights from {config.model.pretrained}: '
                  f'{_plural(len(report.loaded), "backbone tensor")} loaded; '
                  f'{_plural(len(report.not_loaded), "tensor")} of the head start fresh')
-  lines.append(f'workdir {workdir}: checkpoints, {evaluate.report_folder(config)}/ reports; '
-               f'tensorboard --logdir {workdir}')
+  reports = '' if config.mode == 'train' else f', {evaluate.report_folder(config)}/ reports'
+  lines.append(f'workdir {workdir}: checkpoints{reports}; tensorboard --logdir {workdir}')
   return lines
 
 

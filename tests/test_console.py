@@ -182,6 +182,7 @@ def test_setup_says_which_weights_a_new_run_starts_from(tiny_builder, tmp_path):
   lines = train._setup_lines(config, s, str(tmp_path), 0, 4)
   assert lines[-2] == ('resnet10_ibn_a weights from weights/r10: 40 backbone tensors loaded; 2 '
                        'tensors of the head start fresh')
+  assert lines[-1] == f'workdir {tmp_path}: checkpoints; tensorboard --logdir {tmp_path}'
   # Resumed, the checkpoint's weights replace them: no such line.
   assert not any('weights from' in line for line in train._setup_lines(config, s, str(tmp_path),
                                                                         2, 4))
