@@ -452,6 +452,20 @@ def check_field_name(config: ml_collections.ConfigDict, name: str) -> None:
     raise ValueError(f'the config has no field {name}{hint}') from None
 
 
+def unknown_fields(config: ml_collections.ConfigDict) -> list[str]:
+  """One line for each field of `config` that no part of the project reads (a config file's
+  misspelling, `c.train.num_epoch = 1`), naming the closest field. Not an error: an evaluator
+  of one's own may read options of its own from config.eval."""
+  lines = []
+  for name in field_paths(config):
+    if name not in FIELDS:
+      close = difflib.get_close_matches(name, list(FIELDS), n=1)
+      hint = f' (did you mean {close[0]}?)' if close else ''
+      lines.append(f'config field {name} is none of the project\'s{hint}; only an evaluator of '
+                   'your own would read it')
+  return lines
+
+
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
                     num_processes: int = 1) -> None:
   """Raises ValueError with a one-line message for a config that cannot run. No compilation.

@@ -127,6 +127,9 @@ def setup(config, workdir: str):
   """
   configlib.validate_config(config, num_devices=jax.device_count(),
                             num_processes=jax.process_count())
+  if jax.process_index() == 0:
+    for line in configlib.unknown_fields(config):
+      print(f'warning: {line}', file=sys.stderr, flush=True)
   if not jax.config.jax_compilation_cache_dir:
     # A resumed run (after preemption, say) loads its compiled programs instead of recompiling;
     # JAX_COMPILATION_CACHE_DIR shares one cache between runs instead.

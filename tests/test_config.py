@@ -282,3 +282,16 @@ def test_eval_settings_the_dataset_cannot_take_are_refused_before_training(tiny_
                                        r"dataset \(\['street', 'shop'\]\)"):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+def test_fields_nothing_reads_are_named_with_the_closest_field():
+  # A config file's misspelling used to pass without a word (overrides were already checked).
+  config = configlib.base_config()
+  assert configlib.unknown_fields(config) == []
+  config.train.num_epoch = 1
+  config.eval.my_evaluators_option = 3
+  assert sorted(configlib.unknown_fields(config)) == [
+      "config field eval.my_evaluators_option is none of the project's (did you mean "
+      'eval.evaluators?); only an evaluator of your own would read it',
+      "config field train.num_epoch is none of the project's (did you mean train.num_epochs?); "
+      'only an evaluator of your own would read it']
