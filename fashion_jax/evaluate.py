@@ -195,8 +195,12 @@ def write_reports(metrics: dict, result: EvalResult, out_dir: str) -> dict:
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / 'metrics.json').write_text(json.dumps(metrics, indent=2))
-  with (out / 'history.jsonl').open('a') as f:
-    f.write(json.dumps(metrics) + '\n')
+  line = json.dumps(metrics)
+  history = out / 'history.jsonl'
+  # A finished run evaluated again with the same settings gives the same line: kept once.
+  if not (history.exists() and line in history.read_text().splitlines()):
+    with history.open('a') as f:
+      f.write(line + '\n')
   for name, text in result.tables.items():
     with (out / name).open('wb') as f:  # bytes: csv's \r\n kept as written
       f.write(text.encode())

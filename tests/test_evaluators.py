@@ -139,3 +139,13 @@ def test_reports_of_evaluators_that_no_longer_run_are_removed(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['cmc.png', 'history.jsonl', 'metrics.json',
                                           'notes.txt', 'ranked_lists.png', 'reports.json']
   assert len((tmp_path / 'history.jsonl').read_text().splitlines()) == 2
+
+
+def test_history_keeps_an_evaluation_repeated_with_the_same_result_once(tmp_path):
+  # A finished run run again re-evaluates its last step: the same line twice told nothing.
+  result = evaluators.EvalResult(curves={'unconstrained': np.linspace(0.2, 1.0, 5)})
+  for metrics in ({'step': 4, 'mAP': 0.5}, {'step': 4, 'mAP': 0.5}, {'step': 4, 'mAP': 0.6},
+                  {'step': 6, 'mAP': 0.5}):
+    evaluate.write_reports(metrics, result, str(tmp_path))
+  lines = [json.loads(line) for line in (tmp_path / 'history.jsonl').read_text().splitlines()]
+  assert lines == [{'step': 4, 'mAP': 0.5}, {'step': 4, 'mAP': 0.6}, {'step': 6, 'mAP': 0.5}]

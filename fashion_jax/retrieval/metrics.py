@@ -187,6 +187,8 @@ def per_query_metrics(query_emb, gallery_emb, query_ids, gallery_ids, query_cams
     if q is not None and (np.shape(q) != (num_queries,) or np.shape(g) != (gallery_size,)):
       raise ValueError(f'query_{name} {np.shape(q)} and gallery_{name} {np.shape(g)} must be '
                        f'[Q={num_queries}] and [G={gallery_size}]')
+  search.check_finite(query_emb, 'query')
+  search.check_finite(gallery_emb, 'gallery')
   if rerank is not None and rerank.scale.shape != (num_queries,):
     raise ValueError(f'rerank holds {rerank.scale.shape[0]} queries, not {num_queries}')
   query_ids, gallery_ids = _codes(query_ids, gallery_ids, num_queries, gallery_size)

@@ -249,6 +249,8 @@ def k_reciprocal_rerank(query_emb, gallery_emb, k1: int = 20, k2: int = 6, lam: 
                      f'Q={len(query_emb)}, G={len(gallery_emb)}')
   if k1 < 1 or k2 < 1 or not 0.0 <= lam <= 1.0:
     raise ValueError(f'need k1 >= 1, k2 >= 1 and 0 <= lam <= 1, got {k1}, {k2}, {lam}')
+  search.check_finite(query_emb, 'query')
+  search.check_finite(gallery_emb, 'gallery')
   report = progress or (lambda *args: None)
   num_queries, num_points = len(query_emb), len(query_emb) + len(gallery_emb)
   mesh = search.gallery_mesh(devices)

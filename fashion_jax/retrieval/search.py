@@ -46,6 +46,25 @@ class Reranked(NamedTuple):
     return Reranked(self.scale[rows], self.jaccard_index[rows], self.jaccard[rows], self.lam)
 
 
+@jax.jit
+def _count_not_finite(x: jax.Array) -> jax.Array:
+  return jnp.sum(~jnp.isfinite(x).all(axis=1))
+
+
+def check_finite(embeddings, which: str, rows_per_check: int = 65536) -> None:
+  """Raises ValueError when rows of `embeddings` [N, D] hold NaN or inf, which every distance
+  then is: ranked by them, such rows would give metrics that mean nothing. Checked in blocks of
+  `rows_per_check` rows, so the host holds no [N, D] temporary."""
+  if isinstance(embeddings, jax.Array):
+    bad = int(_count_not_finite(embeddings))
+  else:
+    bad = sum(int(np.count_nonzero(~np.isfinite(embeddings[i:i + rows_per_check]).all(axis=1)))
+              for i in range(0, len(embeddings), rows_per_check))
+  if bad:
+    raise ValueError(f'{bad} of the {len(embeddings)} {which} embeddings are not finite (NaN or '
+                     'inf); the model that made them has non-finite weights or inputs')
+
+
 def gallery_mesh(devices=None) -> jax.sharding.Mesh:
   """These devices (default: all local devices) on the GALLERY_AXIS mesh axis."""
   return jax.sharding.Mesh(np.array(jax.local_devices() if devices is None else list(devices)),

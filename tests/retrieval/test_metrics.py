@@ -210,6 +210,10 @@ def test_low_precision_embeddings_rank_like_their_float32_values():
     (dict(gallery_emb=np.zeros((5, 3), np.float32)), 'must be'),
     (dict(query_ids=np.array([7])), r'query_ids \(1,\)'),
     (dict(query_groups=np.array([0, 0])), 'together'),
+    # NaN rows used to be ranked last or first and scored as if the embeddings meant something.
+    (dict(query_emb=np.array([[0, 0], [np.nan, 1]], np.float32)), '1 of the 2 query embeddings'),
+    (dict(gallery_emb=np.where(HAND_GALLERY > 4, np.inf, HAND_GALLERY)),
+     '1 of the 5 gallery embeddings are not finite'),
 ])
 def test_bad_inputs_raise_one_line_errors(change, message):
   arguments = dict(query_emb=np.zeros((2, 2), np.float32), gallery_emb=HAND_GALLERY,

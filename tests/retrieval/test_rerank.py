@@ -103,3 +103,7 @@ def test_rejects_bad_parameters():
     rerank.k_reciprocal_rerank(data['query_emb'], data['gallery_emb'], k1=0)
   with pytest.raises(ValueError, match='must be'):
     rerank.k_reciprocal_rerank(data['query_emb'], data['gallery_emb'][:, :3])
+  broken = data['gallery_emb'].copy()
+  broken[[2, 4], 1] = np.nan
+  with pytest.raises(ValueError, match='2 of the .* gallery embeddings are not finite'):
+    rerank.k_reciprocal_rerank(data['query_emb'], broken)
