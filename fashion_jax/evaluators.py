@@ -353,7 +353,8 @@ class Verification:
 
 
 def category_tables(metrics: dict, ks: Sequence[int]) -> dict[str, str]:
-  """per_category.csv and per_category.md: one row per category, then the average."""
+  """per_category.csv (fractions) and per_category.md (percent): one row per category, then the
+  average."""
   columns = ['mAP', 'mINP'] + [f'acc@{k}' for k in ks]
   rows = [(name, row) for name, row in metrics['per_category'].items()]
   rows.append(('average over categories', metrics['category_average']))
@@ -362,7 +363,9 @@ def category_tables(metrics: dict, ks: Sequence[int]) -> dict[str, str]:
   out.writerow(['category'] + columns + ['num_queries'])
   for name, row in rows:
     out.writerow([name] + [f'{row[c]:.4f}' for c in columns] + [row.get('num_queries', '')])
-  lines = ['| category | ' + ' | '.join(columns) + ' | queries |',
+  # The Markdown table is for reading, in percent as papers print them; the CSV keeps the
+  # fractions of metrics.json.
+  lines = ['| category | ' + ' | '.join(f'{c} %' for c in columns) + ' | queries |',
            '|---' * (len(columns) + 2) + '|']
   for name, row in rows:
     cells = [f'{100 * row[c]:.1f}' for c in columns] + [str(row.get('num_queries', ''))]

@@ -57,6 +57,11 @@ def test_score_with_every_switch(splits, tmp_path):
   evaluate.write_reports(scores, result, str(tmp_path))
   table = (tmp_path / 'per_category.md').read_text().splitlines()
   assert len(table) == 2 + 3 + 1 and table[-1].startswith('| average over categories |')
+  # Percent in the Markdown, whose header says so; fractions in the CSV, as in metrics.json.
+  assert table[0].startswith('| category | mAP % | mINP % | acc@1 % |')
+  average = scores['category_average']['mAP']
+  assert table[-1].split(' | ')[1] == f'{100 * average:.1f}'
+  assert f'{average:.4f}' in (tmp_path / 'per_category.csv').read_text().splitlines()[-1]
   assert (tmp_path / 'per_category.csv').read_text().count('\n') == 5
   assert Image.open(tmp_path / 'cmc.png').size == (640, 420)
 
