@@ -452,6 +452,16 @@ def check_field_name(config: ml_collections.ConfigDict, name: str) -> None:
     raise ValueError(f'the config has no field {name}{hint}') from None
 
 
+def set_none(config: ml_collections.ConfigDict, name: str) -> None:
+  """Sets field `name` to None, as `--config.<name>=None` asks (ml_collections alone reads the
+  word as a string, 'None', or refuses it for a number). Raises a one-line ValueError for a field
+  the config lacks or one that may not be None."""
+  check_field_name(config, name)
+  if name in FIELDS and (problem := FIELDS[name].problem(name, None)):
+    raise ValueError(problem)
+  config_path.set_value(name, config, None)
+
+
 def unknown_fields(config: ml_collections.ConfigDict) -> list[str]:
   """One line for each field of `config` that no part of the project reads (a config file's
   misspelling, `c.train.num_epoch = 1`), naming the closest field. Not an error: an evaluator

@@ -66,6 +66,27 @@ def _config_arguments(argv: list[str]) -> tuple[str | None, list[str]]:
   return path, names
 
 
+# The fields `--config.<field>=None` set to None, in the order given (the sweep repeats them).
+NONE_OVERRIDES: list[str] = []
+
+
+def _none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """argv without the overrides `--config.<field>=None` and `--config.<field> None`, and their
+  fields: ml_collections would read the word as the string 'None', or refuse it for a number."""
+  kept, fields, i = [], [], 0
+  while i < len(argv):
+    match = re.fullmatch(r'-{1,2}config\.([^=]+)(?:=(.*))?', argv[i], re.DOTALL)
+    if match and match.group(2) == 'None':
+      fields.append(match.group(1))
+    elif match and match.group(2) is None and argv[i + 1:i + 2] == ['None']:
+      fields.append(match.group(1))
+      i += 1
+    else:
+      kept.append(argv[i])
+    i += 1
+  return kept, fields
+
+
 def unexpected_arguments(argv: list[str]) -> str:
   """What absl leaves after the flags: words that are not options (absl's own answer is the
   whole usage text, exit status 1)."""
@@ -80,12 +101,25 @@ def exit_with(message: str):
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with the config mistakes ml_collections reports as a traceback in one line
-  (exit status 2): a config file that does not exist, an override naming no field of the config.
+  (exit status 2): a config file that does not exist, an override naming no field of the config;
+  and `--config.<field>=None`, which sets a field that may be None (model.pretrained) to None.
   """
   path, names = _config_arguments(argv[1:])
   file = path and path.split(':', 1)[0]  # after a colon: get_config's argument
   if file is not None and not os.path.isfile(file):
     exit_with(f'config file {file!r} does not exist')
+  argv, nones = _none_overrides(argv)
+  rest = _parse(argv, path, file, names)
+  try:
+    for name in nones:
+      configlib.set_none(FLAGS.config, name)
+  except ValueError as e:  # a field the config lacks, or one that has no None
+    exit_with(str(e))
+  NONE_OVERRIDES[:] = nones
+  return rest
+
+
+def _parse(argv, path, file, names):
   try:
     with console.help_exits_zero(argv):
       return FLAGS(argv)

@@ -86,7 +86,8 @@ def split_values(text: str) -> list[str]:
 
 
 def parse_axis(config: ml_collections.ConfigDict, spec: str) -> Axis:
-  """'optim.base_lr=1e-3,2e-3' -> Axis, each value parsed as `--config.optim.base_lr=` would be.
+  """'optim.base_lr=1e-3,2e-3' -> Axis, each value parsed as `--config.optim.base_lr=` would be
+  (None too, for a field that may be None: 'train.steps_per_epoch=None,100').
 
   Raises a one-line ValueError for a field the config lacks or a value its type refuses.
   """
@@ -103,6 +104,11 @@ def parse_axis(config: ml_collections.ConfigDict, spec: str) -> Axis:
   parser, kind_name = _PARSERS[kind]
   values = []
   for value in texts:
+    if value == 'None':  # as on the command line (configlib.set_none)
+      if field in configlib.FIELDS and (problem := configlib.FIELDS[field].problem(field, None)):
+        raise ValueError(f'--sweep {problem}')
+      values.append(None)
+      continue
     try:
       values.append(parser.parse(value))
     except (ValueError, SyntaxError):
@@ -325,6 +331,13 @@ def _partial_tables(results: list[Result], workdir: str, before: str = 'the inte
           f'{before})')
 
 
+def _fixed_overrides() -> dict:
+  """The command line's `--config.<field>=<value>` overrides, which every point shares."""
+  fixed = config_flags.get_override_values(FLAGS['config'])
+  fixed.update(dict.fromkeys(train_cli.NONE_OVERRIDES))
+  return fixed
+
+
 def main(argv):
   if len(argv) > 1:
     train_cli.exit_with(train_cli.unexpected_arguments(argv))
@@ -340,7 +353,7 @@ def main(argv):
       raise ValueError(f'mode {config.mode!r}: a sweep compares final evaluations, it needs '
                        f"mode 'train_and_evaluate'")
     axes = [parse_axis(config, spec) for spec in FLAGS.sweep]
-    fixed = config_flags.get_override_values(FLAGS['config'])
+    fixed = _fixed_overrides()
     both = [axis.field for axis in axes if axis.field in fixed]
     if both:  # the sweep's values would replace the fixed one without a word
       raise ValueError(f'--config.{both[0]} is also swept (--sweep {both[0]}=...); drop one')
@@ -350,7 +363,7 @@ def main(argv):
   except ValueError as e:
     train_cli.exit_with(str(e))
   if FLAGS.print_commands:
-    fixed = config_flags.get_override_values(FLAGS['config'])
+    fixed = _fixed_overrides()
     for line in commands(points, config_flags.get_config_filename(FLAGS['config']), workdir,
                          fixed):
       print(line)

@@ -158,6 +158,22 @@ def test_config_arguments_are_found_in_every_spelling_absl_takes():
   assert main._config_arguments(['--workdir', 'w', '--config']) == (None, [])
 
 
+def test_none_overrides_are_taken_out_of_what_ml_collections_parses():
+  from fashion_jax import main
+  assert main._none_overrides(
+      ['prog', '--config.model.pretrained=None', '--config.train.k', 'None', '--config.x=None2',
+       '--workdir', 'None', '--config.eval.chunk_size']) == (
+      ['prog', '--config.x=None2', '--workdir', 'None', '--config.eval.chunk_size'],
+      ['model.pretrained', 'train.k'])
+
+
+def test_cli_none_is_refused_for_fields_that_have_no_none(tmp_path):
+  result = _cli('--config', 'configs/demo.py', '--config.train.k=None', tmp_path=tmp_path)
+  assert _one_line(result) == 'error: train.k must be an integer, got None'
+  result = _cli('--config', 'configs/demo.py', '--config.train.kk=None', tmp_path=tmp_path)
+  assert _one_line(result) == 'error: the config has no field train.kk; did you mean train.k?'
+
+
 def test_help_is_status_0(tmp_path):
   # absl ends --help with status 1, as for an error.
   result = _cli('--help', tmp_path=tmp_path)

@@ -138,6 +138,19 @@ def test_print_commands_gives_one_training_command_per_point(tmp_path):
   assert not workdir.exists()
 
 
+def test_fields_that_may_be_none_are_swept_and_fixed_to_none(tmp_path):
+  # ml_collections alone reads None as the string 'None', or refuses it for an integer field.
+  result = _sweep_cli('--sweep', 'train.steps_per_epoch=None,3', '--config.model.pretrained',
+                      'None', '--print_commands', tmp_path=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [line.split(' --config.', 1)[1] for line in result.stdout.splitlines()] == [
+      'model.pretrained=None --config.train.steps_per_epoch=None',
+      'model.pretrained=None --config.train.steps_per_epoch=3']
+  result = _sweep_cli('--sweep', 'optim.base_lr=None,1e-3', tmp_path=tmp_path)
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: --sweep optim.base_lr must be a finite number, got None')
+
+
 def test_cli_mistakes_are_one_line(tmp_path):
   result = _sweep_cli('--sweep', 'optim.base_lr=1e-3', '--sweep', 'loss.metric=triplet,tripplet',
                       tmp_path=tmp_path)
