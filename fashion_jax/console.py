@@ -105,8 +105,15 @@ def help_exits_zero(argv: list[str]):
 
 
 def verbosity_requested(argv: list[str]) -> bool:
-  """Whether the command line sets absl's --verbosity (-v), as absl spells it."""
-  return any(re.match(r'-{1,2}(v|verbosity)(=|$)', arg) for arg in argv[1:])
+  """Whether the command line asks for the libraries' logs: absl's --verbosity (-v), as absl
+  spells it, at 0 (INFO) or more. A value absl refuses (--verbosity=abc) is its error to report,
+  without TensorFlow's start-up lines before it; a negative one asks for fewer lines."""
+  for i, arg in enumerate(argv[1:], start=1):
+    if match := re.match(r'-{1,2}(?:v|verbosity)(=|$)', arg):
+      value = arg[match.end():] if match.group(1) else next(iter(argv[i + 1:]), '')
+      if re.fullmatch(r'\s*\d+\s*', value):
+        return True
+  return False
 
 
 def quiet_start(argv: list[str] = (), *, tensorflow: bool = True) -> None:

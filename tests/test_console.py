@@ -85,6 +85,10 @@ def test_verbosity_is_found_in_every_spelling_absl_takes():
   assert console.verbosity_requested(['main', '--v=1'])
   assert not console.verbosity_requested(['main', '--config.eval.verification_fprs=(1e-3,)'])
   assert not console.verbosity_requested(['main', '--workdir=-v'])
+  # absl refuses these itself, or they ask for fewer lines: TensorFlow's start-up lines stay off.
+  assert not console.verbosity_requested(['main', '--verbosity=abc'])
+  assert not console.verbosity_requested(['main', '--verbosity=-1'])
+  assert not console.verbosity_requested(['main', '-v'])
 
 
 class _Terminal(io.StringIO):
